@@ -1,0 +1,51 @@
+//! The tensor bus: everything that crosses a process boundary in forkless.
+//!
+//! - [`manifest`]: the immutable description of one generation of weights (tensors, arenas)
+//!   and its validation, which every receiver runs before trusting a single offset;
+//! - [`codec`]: the one place that knows the byte encoding (bincode 2.0.1);
+//! - [`wire`]: the messages of the bus protocol and the version handshake;
+//! - [`channel`]: length-prefixed frames over a Unix stream socket, with file descriptors
+//!   travelling as `SCM_RIGHTS` beside the frame that names them;
+//! - [`host`]: the `host` memory kind, one sealed memfd per arena, mapped read-only by readers.
+//!
+//! `unsafe` in this crate is limited to mapping memory ([`host`]); every block says why it holds.
+//!
+//! ```
+//! use forkless_bus::manifest::{Dtype, Manifest, TensorEntry};
+//! use forkless_bus::host::ArenaWriter;
+//!
+//! let mut layout = forkless_bus::manifest::LayoutBuilder::default();
+//! let offset = layout.push("bias", Dtype::F32, vec![4]);
+//! let (arena, tensors) = layout.finish();
+//! let writer = ArenaWriter::create("doc", arena.size).unwrap();
+//! writer.write_at(offset, bytemuck::cast_slice(&[1.0f32, 2.0, 3.0, 4.0])).unwrap();
+//! let sealed = writer.seal().unwrap();
+//! let manifest = Manifest { generation: 1, source: "doc".into(), arenas: vec![arena], tensors };
+//! manifest.validate().unwrap();
+//! let map = forkless_bus::host::ArenaMap::map(sealed.read_only_fd().unwrap(), manifest.arenas[0].size).unwrap();
+//! let bias: &[f32] = bytemuck::cast_slice(&map.bytes()[offset as usize..][..16]);
+//! assert_eq!(bias, &[1.0, 2.0, 3.0, 4.0]);
+//! ```
+
+pub mod channel;
+pub mod codec;
+pub mod host;
+pub mod manifest;
+pub mod wire;
+
+pub use channel::BusStream;
+pub use manifest::{Dtype, Manifest, TensorEntry};
+pub use wire::{Message, Role};
+
+/// Environment variable through which a child learns the bus socket's path.
+pub const ENV_BUS: &str = "FORKLESS_BUS";
+/// Environment variable naming the child's role (`owner` or `worker`).
+pub const ENV_ROLE: &str = "FORKLESS_ROLE";
+/// Environment variable with the worker's index (0..N-1).
+pub const ENV_INDEX: &str = "FORKLESS_INDEX";
+/// Environment variable with the supervisor's pid; children compare it with `getppid()`.
+pub const ENV_SUPERVISOR_PID: &str = "FORKLESS_SUPERVISOR_PID";
+/// Environment variable with the model (safetensors) path.
+pub const ENV_MODEL: &str = "FORKLESS_MODEL";
+/// Environment variable with the sharing mode: `shared` (default) or `none`.
+pub const ENV_SHARING: &str = "FORKLESS_SHARING";

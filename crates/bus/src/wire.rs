@@ -1,0 +1,124 @@
+//! The bus protocol: the messages exchanged between the supervisor and its children.
+//!
+//! A connection starts with [`Message::Hello`] from the child (magic, protocol version, role,
+//! pid). The supervisor answers [`Message::Welcome`] or [`Message::Refused`] and closes. After
+//! that:
+//!
+//! ```text
+//! owner  → Publish{manifest} + one fd per arena   ← Published{generation}
+//! worker → Attach                                 ← Generation{manifest} + one read-only fd per arena
+//! worker → Ready{generation, attach_us}
+//! ```
+//!
+//! Which messages carry descriptors, and how many, is decided here by [`Message::fd_count`], so
+//! a frame that arrives with a different number of fds is refused rather than guessed at.
+//!
+//! ```
+//! use forkless_bus::wire::{Message, Role};
+//! let hello = Message::hello(Role::Worker, 42);
+//! assert_eq!(hello.fd_count(), 0);
+//! assert!(hello.check_hello().is_ok());
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+
+/// Bump when a message changes shape; peers with another version are refused at the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// First bytes of every hello, so a stray client is recognised at once.
+pub const MAGIC: [u8; 8] = *b"FRKLSBUS";
+
+/// What a child is to the supervisor.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Owner,
+    Worker,
+}
+
+/// One frame's payload.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Message {
+    Hello { magic: [u8; 8], version: u32, role: Role, pid: u32 },
+    Welcome { version: u32 },
+    Refused { reason: String },
+    /// Owner → supervisor: a new generation; carries one fd per arena.
+    Publish { manifest: Manifest },
+    /// Supervisor → owner: the generation number assigned to what was published.
+    Published { generation: u64 },
+    /// Worker → supervisor: send me the current generation (waits until one exists).
+    Attach,
+    /// Supervisor → worker: the current generation; carries one read-only fd per arena.
+    Generation { manifest: Manifest },
+    /// Worker → supervisor: mapped, verified, warmed up, listening.
+    Ready { generation: u64, attach_us: u64 },
+}
+
+/// Why a hello was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("the first message was not a hello")]
+    NotHello,
+    #[error("bad magic: this peer does not speak the forkless bus")]
+    BadMagic,
+    #[error("protocol version {theirs} is not {PROTOCOL_VERSION}: rebuild the child against this forkless")]
+    Version { theirs: u32 },
+}
+
+impl Message {
+    /// The hello a child of `role` opens its connection with.
+    pub fn hello(role: Role, pid: u32) -> Message {
+        Message::Hello { magic: MAGIC, version: PROTOCOL_VERSION, role, pid }
+    }
+
+    /// Checks magic and version of a hello; returns the role and pid it claims.
+    pub fn check_hello(&self) -> Result<(Role, u32), HandshakeError> {
+        match self {
+            Message::Hello { magic, .. } if *magic != MAGIC => Err(HandshakeError::BadMagic),
+            Message::Hello { version, .. } if *version != PROTOCOL_VERSION => {
+                Err(HandshakeError::Version { theirs: *version })
+            }
+            Message::Hello { role, pid, .. } => Ok((*role, *pid)),
+            _ => Err(HandshakeError::NotHello),
+        }
+    }
+
+    /// Number of file descriptors that travel with this message.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Message::Publish { manifest } | Message::Generation { manifest } => {
+                manifest.arenas.len()
+            }
+            _ => 0,
+        }
+    }
+
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::Refused { .. } => "refused",
+            Message::Publish { .. } => "publish",
+            Message::Published { .. } => "published",
+            Message::Attach => "attach",
+            Message::Generation { .. } => "generation",
+            Message::Ready { .. } => "ready",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_checks_magic_and_version() {
+        assert_eq!(Message::hello(Role::Owner, 7).check_hello(), Ok((Role::Owner, 7)));
+        let bad_magic = Message::Hello { magic: *b"HTTP/1.1", version: 1, role: Role::Owner, pid: 1 };
+        assert_eq!(bad_magic.check_hello(), Err(HandshakeError::BadMagic));
+        let bad_version = Message::Hello { magic: MAGIC, version: 99, role: Role::Owner, pid: 1 };
+        assert_eq!(bad_version.check_hello(), Err(HandshakeError::Version { theirs: 99 }));
+        assert_eq!(Message::Attach.check_hello(), Err(HandshakeError::NotHello));
+    }
+}
