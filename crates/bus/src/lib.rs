@@ -28,6 +28,7 @@
 //! ```
 
 pub mod channel;
+pub mod child;
 pub mod codec;
 pub mod host;
 pub mod manifest;
