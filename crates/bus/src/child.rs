@@ -14,6 +14,11 @@ use rustix::process::{getppid, set_parent_process_death_signal, Pid, Signal};
 
 use crate::ENV_SUPERVISOR_PID;
 
+/// Exit status of a child that must not be restarted because restarting cannot help (a missing
+/// or corrupt weights file, a broken configuration): sysexits' `EX_CONFIG`. The supervisor
+/// stops and reports the child's last stderr lines instead of restarting it.
+pub const EXIT_FATAL: i32 = 78;
+
 /// Why a child could not tie itself to its supervisor.
 #[derive(Debug, thiserror::Error)]
 pub enum OrphanError {

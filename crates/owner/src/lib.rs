@@ -23,8 +23,7 @@ use forkless_bus::host::{ArenaWriter, SealedArena};
 use forkless_bus::{BusStream, Manifest, Message, Role};
 use model_file::{LoadError, ModelFile};
 
-/// Exit status of an owner that must not be restarted (sysexits' `EX_CONFIG`).
-pub const EXIT_FATAL: i32 = 78;
+pub use forkless_bus::child::EXIT_FATAL;
 
 /// Why the owner stopped.
 #[derive(Debug, thiserror::Error)]

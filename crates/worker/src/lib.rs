@@ -1,1 +1,249 @@
-//! placeholder
+//! The worker side of forkless, as a library any service can embed.
+//!
+//! A worker is a process the supervisor `exec`s with the bus socket, its index and (systemd
+//! convention, `LISTEN_FDS`) an already-bound listening socket in its environment.
+//! [`Worker::from_env`] ties the process to the supervisor (`PR_SET_PDEATHSIG`), attaches the
+//! current generation of weights read-only, and arms SIGTERM/SIGINT handling. The service then
+//! takes the inherited listener, warms up, calls [`Worker::ready`], and serves until
+//! [`Worker::shutdown_token`] fires: stop accepting, finish in-flight requests, exit.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut worker = forkless_worker::Worker::from_env().await?;
+//! let generation = worker.generation();
+//! let weight: &[f32] = generation.tensor::<f32>("weight")?;
+//! let listener = forkless_worker::inherited_listener()?;
+//! // ... build the service around `weight`, warm it up ...
+//! worker.ready().await?;
+//! let stop = worker.shutdown_token();
+//! stop.cancelled().await; // axum: serve(listener, app).with_graceful_shutdown(stop.cancelled_owned())
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod generation;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forkless_bus::channel::{RecvError, SendError};
+use forkless_bus::host::{ArenaMap, MapError};
+use forkless_bus::manifest::ManifestError;
+use forkless_bus::{BusStream, Manifest, Message, Role};
+use forkless_owner::model_file::{LoadError, ModelFile};
+use tokio_util::sync::CancellationToken;
+
+pub use generation::{Element, Generation, ViewError};
+
+/// Why a worker could not attach.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{0} is not set: workers are started by `supervisor run`, which sets it")]
+    Env(&'static str),
+    #[error(transparent)]
+    Orphan(#[from] forkless_bus::child::OrphanError),
+    #[error("cannot connect to the supervisor's bus at {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("bus: {0}")]
+    Send(#[from] SendError),
+    #[error("bus: {0}")]
+    Recv(#[from] RecvError),
+    #[error("supervisor refused this worker: {0}")]
+    Refused(String),
+    #[error("supervisor sent {0} where a generation was expected")]
+    Unexpected(&'static str),
+    #[error("received an invalid manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("cannot map arena {arena}: {source}")]
+    Map { arena: u32, source: MapError },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+impl AttachError {
+    /// True when restarting the worker would fail the same way (exit with
+    /// [`forkless_bus::child::EXIT_FATAL`] so the supervisor reports instead of restarting).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, AttachError::Env(_) | AttachError::Load(_) | AttachError::Manifest(_))
+    }
+}
+
+pub use forkless_bus::child::EXIT_FATAL;
+
+/// Why the inherited listener is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("no listening socket was inherited (LISTEN_FDS unset or 0): start this worker with `supervisor run`")]
+    Missing,
+    #[error("inherited fd 3 is not a TCP listener: {0}")]
+    NotTcp(std::io::Error),
+}
+
+/// Why readiness could not be reported.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadyError {
+    #[error("ready() was already called")]
+    AlreadyReady,
+    #[error("bus: {0}")]
+    Send(#[from] SendError),
+}
+
+/// An attached worker.
+#[derive(Debug)]
+pub struct Worker {
+    bus: Option<BusStream>,
+    generation: Arc<Generation>,
+    index: u32,
+    attach_time: Duration,
+    shutdown: CancellationToken,
+}
+
+fn env(name: &'static str) -> Result<String, AttachError> {
+    std::env::var(name).map_err(|_| AttachError::Env(name))
+}
+
+impl Worker {
+    /// Attaches to the supervisor named in the environment and maps the current generation.
+    pub async fn from_env() -> Result<Self, AttachError> {
+        forkless_bus::child::die_with_supervisor()?;
+        let bus_path = PathBuf::from(env(forkless_bus::ENV_BUS)?);
+        let index = env(forkless_bus::ENV_INDEX)?.parse().map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
+        let private_model = match std::env::var(forkless_bus::ENV_SHARING).as_deref() {
+            Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
+            _ => None,
+        };
+        let started = Instant::now();
+        let mut bus = handshake(&bus_path).await?;
+        let generation = match private_model {
+            Some(path) => load_private_copy(&path)?,
+            None => attach_shared(&mut bus).await?,
+        };
+        let attach_time = started.elapsed();
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        tracing::debug!(index, generation = generation.number(), ?attach_time, "attached");
+        Ok(Worker { bus: Some(bus), generation: Arc::new(generation), index, attach_time, shutdown })
+    }
+
+    /// The generation this worker serves.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.generation.clone()
+    }
+
+    /// This worker's index among its siblings (0..N-1).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Time from connecting to the bus to having the generation mapped and verified.
+    pub fn attach_time(&self) -> Duration {
+        self.attach_time
+    }
+
+    /// Cancelled on SIGTERM/SIGINT or when the supervisor goes away: stop accepting, drain, exit.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Tells the supervisor this worker has warmed up and holds its listener. Call once.
+    pub async fn ready(&mut self) -> Result<(), ReadyError> {
+        let mut bus = self.bus.take().ok_or(ReadyError::AlreadyReady)?;
+        let attach_us = self.attach_time.as_micros() as u64;
+        bus.send(&Message::Ready { generation: self.generation.number(), attach_us }, &[]).await?;
+        tokio::spawn(watch_supervisor(bus, self.shutdown.clone()));
+        Ok(())
+    }
+}
+
+async fn handshake(path: &Path) -> Result<BusStream, AttachError> {
+    let mut bus = BusStream::connect(path)
+        .await
+        .map_err(|source| AttachError::Connect { path: path.into(), source })?;
+    bus.send(&Message::hello(Role::Worker, std::process::id()), &[]).await?;
+    match bus.recv().await?.0 {
+        Message::Welcome { .. } => Ok(bus),
+        Message::Refused { reason } => Err(AttachError::Refused(reason)),
+        other => Err(AttachError::Unexpected(other.kind())),
+    }
+}
+
+async fn attach_shared(bus: &mut BusStream) -> Result<Generation, AttachError> {
+    bus.send(&Message::Attach, &[]).await?;
+    match bus.recv().await? {
+        (Message::Generation { manifest }, fds) => map_generation(manifest, fds),
+        (Message::Refused { reason }, _) => Err(AttachError::Refused(reason)),
+        (other, _) => Err(AttachError::Unexpected(other.kind())),
+    }
+}
+
+/// Validates the manifest, then maps each arena's fd after checking it is sealed and sized.
+fn map_generation(manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Generation, AttachError> {
+    manifest.validate()?;
+    let arenas = manifest
+        .arenas
+        .iter()
+        .zip(fds)
+        .map(|(arena, fd)| ArenaMap::map(fd, arena.size).map_err(|source| AttachError::Map { arena: arena.id, source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Generation::new(manifest, arenas))
+}
+
+/// The `sharing = none` baseline: this process reads its own copy of the weights.
+fn load_private_copy(path: &Path) -> Result<Generation, AttachError> {
+    let file = ModelFile::open(path)?;
+    let (arena, tensors) = file.layout();
+    let mut copied = Ok(());
+    let map = ArenaMap::private(arena.size, |bytes| {
+        copied = file.copy_into(&tensors, |offset, chunk| {
+            bytes[offset as usize..][..chunk.len()].copy_from_slice(chunk);
+            Ok(())
+        });
+    })
+    .map_err(|source| AttachError::Map { arena: 0, source })?;
+    copied?;
+    let manifest = Manifest { generation: 0, source: path.display().to_string(), arenas: vec![arena], tensors };
+    manifest.validate()?;
+    Ok(Generation::new(manifest, vec![map]))
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install SIGTERM/SIGINT handlers; stopping");
+            shutdown.cancel();
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+            _ = shutdown.cancelled() => {}
+        }
+        shutdown.cancel();
+    });
+}
+
+/// After ready, the bus stays open; its closing means the supervisor is gone.
+async fn watch_supervisor(mut bus: BusStream, shutdown: CancellationToken) {
+    tokio::select! {
+        result = bus.recv() => {
+            match result {
+                Err(RecvError::Closed) => tracing::warn!("supervisor closed the bus: draining"),
+                Err(e) => tracing::warn!("bus error: {e}: draining"),
+                Ok((msg, _)) => tracing::warn!("unexpected {} from the supervisor: draining", msg.kind()),
+            }
+            shutdown.cancel();
+        }
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// The listening socket the supervisor bound and passed as fd 3 (`LISTEN_FDS`), ready for tokio.
+pub fn inherited_listener() -> Result<tokio::net::TcpListener, ListenerError> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let listener = fds.take_tcp_listener(0).map_err(ListenerError::NotTcp)?.ok_or(ListenerError::Missing)?;
+    listener.set_nonblocking(true).map_err(ListenerError::NotTcp)?;
+    tokio::net::TcpListener::from_std(listener).map_err(ListenerError::NotTcp)
+}

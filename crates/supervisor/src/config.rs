@@ -1,0 +1,251 @@
+//! `config.toml`: one [`Config`] struct, unknown keys rejected, relative paths resolved
+//! against the config file's folder, every error naming the file and the key.
+//!
+//! ```
+//! let text = r#"
+//! [model]
+//! path = "weights.safetensors"
+//! [workers]
+//! command = ["linear-worker"]
+//! count = 2
+//! listen = ["127.0.0.1:0"]
+//! "#;
+//! let config = forkless_supervisor::config::Config::parse(text, "/srv/demo/config.toml".as_ref()).unwrap();
+//! assert_eq!(config.model.path, std::path::Path::new("/srv/demo/weights.safetensors"));
+//! assert_eq!(config.workers.count, 2);
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: `{key}` {problem}")]
+    Invalid { path: PathBuf, key: &'static str, problem: String },
+}
+
+/// The whole configuration of one supervisor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub supervisor: SupervisorConfig,
+    pub model: ModelConfig,
+    pub workers: WorkersConfig,
+    #[serde(default)]
+    pub restart: RestartConfig,
+    /// The file this was read from (not a TOML key).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// Private (0700) folder for the bus socket; default `$XDG_RUNTIME_DIR` or the temp dir.
+    pub runtime_dir: Option<PathBuf>,
+    /// Seconds a stopping child gets between SIGTERM and SIGKILL.
+    pub graceful_timeout_s: f64,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig { runtime_dir: None, graceful_timeout_s: 30.0 }
+    }
+}
+
+/// How workers get their weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharing {
+    /// One owner loads the weights once; every worker maps the same arena read-only.
+    #[default]
+    Shared,
+    /// No owner; every worker loads its own private copy (the "no --preload" baseline).
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The safetensors file.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub sharing: Sharing,
+    /// Command run (once, before anything else) when `path` does not exist; it must create
+    /// the file, whose path it finds in `FORKLESS_MODEL`.
+    #[serde(default)]
+    pub make_if_missing: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Program and arguments. A bare program name is looked up beside the `supervisor`
+    /// executable first, then in `PATH`; a relative path is relative to the config file.
+    pub command: Vec<String>,
+    #[serde(default = "default_count")]
+    pub count: u32,
+    /// Addresses the supervisor binds and hands to every worker (fds 3.., `LISTEN_FDS`).
+    pub listen: Vec<String>,
+    #[serde(default = "default_backlog")]
+    pub backlog: i32,
+    /// Extra environment for workers.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_count() -> u32 {
+    1
+}
+fn default_backlog() -> i32 {
+    1024
+}
+
+/// Backoff between restarts of a child that keeps dying.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// A child that ran this long is healthy again: its next restart starts from the initial backoff.
+    pub reset_after_s: f64,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig { backoff_initial_ms: 100, backoff_max_ms: 5_000, reset_after_s: 10.0 }
+    }
+}
+
+/// Largest worker count accepted (a typo guard, not a resource limit).
+pub const MAX_WORKERS: u32 = 1024;
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        config.source = path.into();
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.model.path = base.join(&config.model.path);
+        config.supervisor.runtime_dir = config.supervisor.runtime_dir.map(|d| base.join(d));
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { path: self.source.clone(), key, problem: problem.into() }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers.command.first().is_none_or(|p| p.is_empty()) {
+            return Err(self.invalid("workers.command", "must name a program, e.g. [\"linear-worker\"]"));
+        }
+        if self.workers.count == 0 || self.workers.count > MAX_WORKERS {
+            return Err(self.invalid("workers.count", format!("must be between 1 and {MAX_WORKERS}")));
+        }
+        if self.workers.listen.is_empty() {
+            return Err(self.invalid("workers.listen", "needs at least one address, e.g. [\"127.0.0.1:8080\"]"));
+        }
+        for addr in &self.workers.listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.invalid("workers.listen", format!("{addr:?} is not an IP:port address")));
+            }
+        }
+        if !(self.supervisor.graceful_timeout_s.is_finite() && self.supervisor.graceful_timeout_s >= 0.0) {
+            return Err(self.invalid("supervisor.graceful_timeout_s", "must be a number of seconds >= 0"));
+        }
+        if !(self.restart.reset_after_s.is_finite() && self.restart.reset_after_s >= 0.0) {
+            return Err(self.invalid("restart.reset_after_s", "must be a number of seconds >= 0"));
+        }
+        if self.restart.backoff_initial_ms > self.restart.backoff_max_ms {
+            return Err(self.invalid("restart.backoff_initial_ms", "must not exceed restart.backoff_max_ms"));
+        }
+        if self.model.make_if_missing.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(self.invalid("model.make_if_missing", "must name a program or be left out"));
+        }
+        Ok(())
+    }
+
+    /// The folder relative program paths are resolved against.
+    pub fn base_dir(&self) -> &Path {
+        self.source.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// Resolves a program named in the config: a bare name is looked up beside the running
+/// executable (so `target/release/supervisor` finds `target/release/linear-worker`), then in
+/// `PATH`; a relative path is taken relative to `base`.
+pub fn resolve_program(program: &str, base: &Path) -> PathBuf {
+    if program.contains('/') {
+        return base.join(program);
+    }
+    let beside_us = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(program)));
+    match beside_us {
+        Some(path) if path.is_file() => path,
+        _ => PathBuf::from(program),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "[model]\npath = \"m.safetensors\"\n[workers]\ncommand = [\"w\"]\nlisten = [\"127.0.0.1:0\"]\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/forkless/config.toml"))
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.workers.count, 1);
+        assert_eq!(c.model.sharing, Sharing::Shared);
+        assert_eq!(c.model.path, Path::new("/etc/forkless/m.safetensors"));
+        assert_eq!(c.restart.backoff_initial_ms, 100);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = parse(&format!("{GOOD}colour = \"blue\"\n")).unwrap_err().to_string();
+        assert!(err.contains("config.toml") && err.contains("colour") && err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = parse(&GOOD.replace("[\"w\"]", "\"w\"")).unwrap_err().to_string();
+        assert!(err.contains("command") && err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = parse(&format!("{GOOD}count = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("workers.count"), "{err}");
+        let err = parse(&GOOD.replace("127.0.0.1:0", "localhost")).unwrap_err().to_string();
+        assert!(err.contains("workers.listen"), "{err}");
+        let err = parse(&GOOD.replace("path = \"m.safetensors\"", "path = \"m\"\nsharing = \"some\"")).unwrap_err();
+        assert!(err.to_string().contains("sharing"), "{err}");
+    }
+
+    #[test]
+    fn relative_program_paths_resolve_against_the_config() {
+        assert_eq!(resolve_program("./bin/w", Path::new("/srv")), Path::new("/srv/./bin/w"));
+        assert_eq!(resolve_program("surely-not-beside-the-test-binary", Path::new("/srv")), Path::new("surely-not-beside-the-test-binary"));
+    }
+}

@@ -1,0 +1,137 @@
+//! Starting children: always a fresh `exec`, always from one long-lived thread.
+//!
+//! `PR_SET_PDEATHSIG`, which every child arms to die with the supervisor, fires when the
+//! *thread* that forked it exits. Tokio's blocking pool retires idle threads, and runtime
+//! workers are not ours to pin, so every spawn goes through [`Spawner`]: a dedicated thread,
+//! fed by a channel, replying on a oneshot, that lives as long as the supervisor.
+//!
+//! Between fork and exec only std's own steps and `command-fds`' `dup2` (async-signal-safe,
+//! no allocation) run: listening sockets land at fixed fds 3.. for `LISTEN_FDS`.
+//! Each child gets its own process group, so a stop signal reaches anything it started.
+//!
+//! ```no_run
+//! # async fn f() -> std::io::Result<()> {
+//! use forkless_supervisor::spawn::{ChildSpec, Spawner};
+//! let spawner = Spawner::start(tokio::runtime::Handle::current());
+//! let child = spawner.spawn(ChildSpec::new("/bin/true".into())).await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use command_fds::{CommandFdExt, FdMapping};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+/// First fd number of inherited listeners (systemd's `SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: i32 = 3;
+
+/// Everything needed to start one child.
+#[derive(Debug)]
+pub struct ChildSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Sockets placed at fds 3, 4, ... in the child.
+    pub listeners: Vec<OwnedFd>,
+    /// Recorded in the [`PidTable`] right after the fork, before the child can connect.
+    pub label: Option<(PidTable, ChildLabel)>,
+}
+
+impl ChildSpec {
+    pub fn new(program: PathBuf) -> Self {
+        ChildSpec { program, args: Vec::new(), env: Vec::new(), listeners: Vec::new(), label: None }
+    }
+}
+
+/// What a child is, as the bus server needs to know it from a pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChildLabel {
+    pub role: forkless_bus::Role,
+    pub index: u32,
+}
+
+/// Live children by pid: the bus hands memory only to pids found here.
+#[derive(Debug, Clone, Default)]
+pub struct PidTable(Arc<Mutex<HashMap<u32, ChildLabel>>>);
+
+impl PidTable {
+    pub fn insert(&self, pid: u32, label: ChildLabel) {
+        self.0.lock().expect("pid table poisoned").insert(pid, label);
+    }
+    pub fn remove(&self, pid: u32) {
+        self.0.lock().expect("pid table poisoned").remove(&pid);
+    }
+    pub fn get(&self, pid: u32) -> Option<ChildLabel> {
+        self.0.lock().expect("pid table poisoned").get(&pid).copied()
+    }
+}
+
+type Request = (ChildSpec, oneshot::Sender<std::io::Result<Child>>);
+
+/// Handle to the spawning thread; the thread ends when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    requests: std::sync::mpsc::Sender<Request>,
+}
+
+impl Spawner {
+    /// Starts the spawning thread; children's I/O and exit are driven by `runtime`.
+    pub fn start(runtime: tokio::runtime::Handle) -> Spawner {
+        let (requests, inbox) = std::sync::mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("forkless-spawner".into())
+            .spawn(move || {
+                let _runtime = runtime.enter();
+                for (spec, reply) in inbox {
+                    let _ = reply.send(spawn_now(spec));
+                }
+            })
+            .expect("cannot start the spawner thread");
+        Spawner { requests }
+    }
+
+    /// Starts a child on the spawning thread.
+    pub async fn spawn(&self, spec: ChildSpec) -> std::io::Result<Child> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || std::io::Error::other("spawner thread is gone");
+        self.requests.send((spec, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    if !spec.listeners.is_empty() {
+        command.env("LISTEN_FDS", spec.listeners.len().to_string());
+        let mappings = spec
+            .listeners
+            .into_iter()
+            .zip(LISTEN_FDS_START..)
+            .map(|(parent_fd, child_fd)| FdMapping { parent_fd, child_fd })
+            .collect();
+        command.fd_mappings(mappings).map_err(std::io::Error::other)?;
+    }
+    let child = command.spawn().map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display()))
+    })?;
+    if let (Some((table, label)), Some(pid)) = (spec.label, child.id()) {
+        table.insert(pid, label);
+    }
+    Ok(child)
+}

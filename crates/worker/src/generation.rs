@@ -1,0 +1,89 @@
+//! An attached generation: its manifest and its arenas' bytes, with typed read-only views.
+//!
+//! The views borrow from the [`Generation`], which a service holds in an `Arc` for as long as a
+//! request uses it; so a request never sees two generations, and the memory stays mapped for
+//! exactly as long as some request or the worker itself refers to it.
+//!
+//! ```no_run
+//! # fn f(generation: &forkless_worker::Generation) -> Result<(), forkless_worker::ViewError> {
+//! let weight: &[f32] = generation.tensor::<f32>("weight")?;
+//! let shape = generation.shape("weight")?;
+//! assert_eq!(weight.len() as u64, shape.iter().product::<u64>());
+//! # Ok(()) }
+//! ```
+
+use forkless_bus::host::ArenaMap;
+use forkless_bus::{Dtype, Manifest, TensorEntry};
+
+/// Element types a tensor may be viewed as.
+pub trait Element: bytemuck::Pod {
+    const DTYPE: Dtype;
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),* $(,)?) => { $(impl Element for $t { const DTYPE: Dtype = Dtype::$d; })* };
+}
+element!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, i16 => I16, i8 => I8, u8 => U8);
+
+/// Why a view could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ViewError {
+    #[error("generation {generation} has no tensor named {name:?}")]
+    NoSuchTensor { generation: u64, name: String },
+    #[error("tensor {name:?} is {actual:?}, not {requested:?}")]
+    WrongDtype { name: String, actual: Dtype, requested: Dtype },
+}
+
+/// Read-only weights of one generation, mapped into this process.
+#[derive(Debug)]
+pub struct Generation {
+    manifest: Manifest,
+    arenas: Vec<ArenaMap>,
+}
+
+impl Generation {
+    /// Pairs a validated manifest with its mapped arenas (same order, same sizes).
+    pub(crate) fn new(manifest: Manifest, arenas: Vec<ArenaMap>) -> Self {
+        debug_assert_eq!(manifest.arenas.len(), arenas.len());
+        Generation { manifest, arenas }
+    }
+
+    pub fn number(&self) -> u64 {
+        self.manifest.generation
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry, ViewError> {
+        self.manifest.tensor(name).ok_or_else(|| ViewError::NoSuchTensor {
+            generation: self.manifest.generation,
+            name: name.into(),
+        })
+    }
+
+    /// The raw bytes of a tensor.
+    pub fn bytes(&self, name: &str) -> Result<&[u8], ViewError> {
+        let t = self.entry(name)?;
+        // In bounds: the manifest was validated against the arena sizes, which the mapping
+        // checked against the real fd sizes.
+        Ok(&self.arenas[t.arena as usize].bytes()[t.offset as usize..][..t.len as usize])
+    }
+
+    /// A tensor as a slice of `T`, row-major.
+    pub fn tensor<T: Element>(&self, name: &str) -> Result<&[T], ViewError> {
+        let t = self.entry(name)?;
+        if t.dtype != T::DTYPE {
+            return Err(ViewError::WrongDtype { name: name.into(), actual: t.dtype, requested: T::DTYPE });
+        }
+        // Cannot fail: offsets are TENSOR_ALIGN-aligned in page-aligned mappings, and the
+        // length is a multiple of the element size (both checked by Manifest::validate).
+        Ok(bytemuck::cast_slice(self.bytes(name)?))
+    }
+
+    /// A tensor's shape.
+    pub fn shape(&self, name: &str) -> Result<&[u64], ViewError> {
+        Ok(&self.entry(name)?.shape)
+    }
+}

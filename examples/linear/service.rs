@@ -1,0 +1,122 @@
+//! The HTTP service around [`Linear`]: attach, warm up, report ready, serve, drain.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use forkless_worker::{Worker, EXIT_FATAL};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{input_from_seed, Linear};
+
+/// Body of `POST /infer`: exactly one of the two fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferRequest {
+    seed: Option<u64>,
+    x: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InferResponse {
+    y_sum: f64,
+    y_head: Vec<f32>,
+    generation: u64,
+    worker: u32,
+}
+
+struct AppState {
+    model: Linear,
+    pid: u32,
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let request: InferRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return bad_request(format!("invalid JSON body: {e}")),
+    };
+    let inputs = state.model.inputs;
+    let x = match (request.seed, request.x) {
+        (Some(seed), None) => input_from_seed(seed, inputs),
+        (None, Some(x)) if x.len() == inputs => x,
+        (None, Some(x)) => return bad_request(format!("x has {} elements; this model takes {inputs}", x.len())),
+        _ => return bad_request("give exactly one of {\"seed\": u64} or {\"x\": [f32]}".into()),
+    };
+    let worker = state.clone();
+    // The matrix-vector product is CPU-bound: keep it off the async threads.
+    let y = match tokio::task::spawn_blocking(move || worker.model.forward(&x)).await {
+        Ok(y) => y,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {e}")).into_response(),
+    };
+    Json(InferResponse {
+        y_sum: y.iter().map(|&v| v as f64).sum(),
+        y_head: y.iter().take(8).copied().collect(),
+        generation: state.model.generation(),
+        worker: state.pid,
+    })
+    .into_response()
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "generation": state.model.generation(),
+        "worker": state.pid,
+        "model": { "in": state.model.inputs, "out": state.model.outputs },
+    }))
+}
+
+pub fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
+    runtime.block_on(serve())
+}
+
+fn fail(message: impl std::fmt::Display, fatal: bool) -> ExitCode {
+    tracing::error!("{message}");
+    ExitCode::from(if fatal { EXIT_FATAL as u8 } else { 1 })
+}
+
+async fn serve() -> ExitCode {
+    let mut worker = match Worker::from_env().await {
+        Ok(worker) => worker,
+        Err(e) => return fail(format!("cannot attach: {e}"), e.is_fatal()),
+    };
+    let model = match Linear::new(worker.generation()) {
+        Ok(model) => model,
+        Err(e) => return fail(format!("weights do not hold a linear layer: {e}"), true),
+    };
+    let listener = match forkless_worker::inherited_listener() {
+        Ok(listener) => listener,
+        Err(e) => return fail(e, true),
+    };
+    // Warm-up: one pass touches every weight page, so the first request is not the slow one.
+    let warm = model.clone();
+    let _ = tokio::task::spawn_blocking(move || warm.forward(&input_from_seed(0, warm.inputs))).await;
+    let state = Arc::new(AppState { model, pid: std::process::id() });
+    let app = Router::new().route("/infer", post(infer)).route("/healthz", get(healthz)).with_state(state);
+    if let Err(e) = worker.ready().await {
+        return fail(format!("cannot report ready: {e}"), false);
+    }
+    tracing::info!(attach_us = worker.attach_time().as_micros() as u64, "serving generation {}", worker.generation().number());
+    let stop = worker.shutdown_token();
+    match axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+        Ok(()) => {
+            tracing::info!("drained; exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("server error: {e}"), false),
+    }
+}
