@@ -1,1 +1,9 @@
+//! End-to-end tests: each starts the real `supervisor` binary, which execs the real owner and
+//! `linear-worker` processes, and checks what a user would see.
 
+mod util;
+
+mod failures;
+mod lifecycle;
+mod serving;
+mod sharing;

@@ -1,54 +1,10 @@
-//! The seed's model, `y = W x + b` with `W: [out, in]`, its deterministic weights and inputs,
-//! and the forward pass on the host.
-//!
-//! Every random number comes from SplitMix64 (`state += 0x9E3779B97F4A7C15`, then the usual
-//! two multiply-xorshift rounds), mapped to a float in [-1, 1) from its top 24 bits, so every
-//! value is exact in f32 and any language can reproduce it:
-//! - weights (seed S): `W[o][i] = u() / sqrt(in)` row by row, then `b[o] = u() / 10`, all from
-//!   one stream seeded with S;
-//! - input of a request `{"seed": n}`: `x[i] = u()` from a stream seeded with n.
+//! The seed's model, `y = W x + b` with `W: [out, in]`, served from an attached generation.
 
 use std::sync::Arc;
 
 use forkless_worker::Generation;
 
-/// SplitMix64: tiny, fast, and the same in every language.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1), exactly representable in f32.
-    pub fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32) / (1u32 << 23) as f32 - 1.0
-    }
-}
-
-/// The input vector of a `{"seed": n}` request.
-pub fn input_from_seed(seed: u64, len: usize) -> Vec<f32> {
-    let mut rng = SplitMix64::new(seed);
-    (0..len).map(|_| rng.uniform()).collect()
-}
-
-/// Deterministic weights: `(W, b)` for the given shape and seed.
-pub fn make_weights(inputs: usize, outputs: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
-    let mut rng = SplitMix64::new(seed);
-    let scale = 1.0 / (inputs as f32).sqrt();
-    let w = (0..inputs * outputs).map(|_| rng.uniform() * scale).collect();
-    let b = (0..outputs).map(|_| rng.uniform() / 10.0).collect();
-    (w, b)
-}
+use crate::seeded::linear_forward;
 
 /// Why a generation does not hold a linear layer.
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +30,11 @@ impl Linear {
         generation.tensor::<f32>("weight")?;
         generation.tensor::<f32>("bias")?;
         match (weight.as_slice(), bias.as_slice()) {
-            ([out, inp], [b]) if out == b => {
-                Ok(Linear { inputs: *inp as usize, outputs: *out as usize, generation: generation.clone() })
-            }
+            ([out, inp], [b]) if out == b => Ok(Linear {
+                inputs: *inp as usize,
+                outputs: *out as usize,
+                generation: generation.clone(),
+            }),
             _ => Err(ModelError::Shape { weight, bias }),
         }
     }
@@ -88,50 +46,14 @@ impl Linear {
     /// `y = W x + b`. `x.len()` must equal `inputs`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         assert_eq!(x.len(), self.inputs, "caller checks the input length");
-        let w = self.generation.tensor::<f32>("weight").expect("checked in new");
-        let b = self.generation.tensor::<f32>("bias").expect("checked in new");
-        w.chunks_exact(self.inputs).zip(b).map(|(row, bias)| dot(row, x) + bias).collect()
-    }
-}
-
-/// Dot product with eight independent accumulators, so the compiler vectorises it; the
-/// summation order is fixed, so every worker returns bit-identical answers.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for k in 0..8 {
-            acc[k] += ca[k] * cb[k];
-        }
-    }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splitmix_matches_the_reference_sequence() {
-        // First outputs of SplitMix64 seeded with 0 (as in the reference C implementation).
-        let mut rng = SplitMix64::new(0);
-        assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-    }
-
-    #[test]
-    fn uniform_is_in_range() {
-        let mut rng = SplitMix64::new(7);
-        assert!((0..10_000).map(|_| rng.uniform()).all(|u| (-1.0..1.0).contains(&u)));
-    }
-
-    #[test]
-    fn dot_matches_naive_sum_closely() {
-        let a = input_from_seed(1, 1001);
-        let b = input_from_seed(2, 1001);
-        let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - naive).abs() < 1e-3);
+        let w = self
+            .generation
+            .tensor::<f32>("weight")
+            .expect("checked in new");
+        let b = self
+            .generation
+            .tensor::<f32>("bias")
+            .expect("checked in new");
+        linear_forward(w, b, x)
     }
 }

@@ -12,7 +12,8 @@ use axum::{Json, Router};
 use forkless_worker::{Worker, EXIT_FATAL};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{input_from_seed, Linear};
+use crate::model::Linear;
+use crate::seeded::input_from_seed;
 
 /// Body of `POST /infer`: exactly one of the two fields.
 #[derive(Debug, Deserialize)]
@@ -36,7 +37,11 @@ struct AppState {
 }
 
 fn bad_request(message: String) -> Response {
-    (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": message }))).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
 }
 
 async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -48,14 +53,25 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let x = match (request.seed, request.x) {
         (Some(seed), None) => input_from_seed(seed, inputs),
         (None, Some(x)) if x.len() == inputs => x,
-        (None, Some(x)) => return bad_request(format!("x has {} elements; this model takes {inputs}", x.len())),
+        (None, Some(x)) => {
+            return bad_request(format!(
+                "x has {} elements; this model takes {inputs}",
+                x.len()
+            ))
+        }
         _ => return bad_request("give exactly one of {\"seed\": u64} or {\"x\": [f32]}".into()),
     };
     let worker = state.clone();
     // The matrix-vector product is CPU-bound: keep it off the async threads.
     let y = match tokio::task::spawn_blocking(move || worker.model.forward(&x)).await {
         Ok(y) => y,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {e}")).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("inference failed: {e}"),
+            )
+                .into_response()
+        }
     };
     Json(InferResponse {
         y_sum: y.iter().map(|&v| v as f64).sum(),
@@ -104,15 +120,29 @@ async fn serve() -> ExitCode {
     };
     // Warm-up: one pass touches every weight page, so the first request is not the slow one.
     let warm = model.clone();
-    let _ = tokio::task::spawn_blocking(move || warm.forward(&input_from_seed(0, warm.inputs))).await;
-    let state = Arc::new(AppState { model, pid: std::process::id() });
-    let app = Router::new().route("/infer", post(infer)).route("/healthz", get(healthz)).with_state(state);
+    let _ =
+        tokio::task::spawn_blocking(move || warm.forward(&input_from_seed(0, warm.inputs))).await;
+    let state = Arc::new(AppState {
+        model,
+        pid: std::process::id(),
+    });
+    let app = Router::new()
+        .route("/infer", post(infer))
+        .route("/healthz", get(healthz))
+        .with_state(state);
     if let Err(e) = worker.ready().await {
         return fail(format!("cannot report ready: {e}"), false);
     }
-    tracing::info!(attach_us = worker.attach_time().as_micros() as u64, "serving generation {}", worker.generation().number());
+    tracing::info!(
+        attach_us = worker.attach_time().as_micros() as u64,
+        "serving generation {}",
+        worker.generation().number()
+    );
     let stop = worker.shutdown_token();
-    match axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+    match axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
         Ok(()) => {
             tracing::info!("drained; exiting");
             ExitCode::SUCCESS

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use forkless_supervisor::logging::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "supervisor", version, about = "One copy of a model's weights, many worker processes, every crash repaired.")]
+#[command(
+    name = "supervisor",
+    version,
+    about = "One copy of a model's weights, many worker processes, every crash repaired."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,7 +72,11 @@ fn owner() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            let code = if e.is_fatal() { forkless_owner::EXIT_FATAL } else { 1 };
+            let code = if e.is_fatal() {
+                forkless_owner::EXIT_FATAL
+            } else {
+                1
+            };
             ExitCode::from(code as u8)
         }
     }

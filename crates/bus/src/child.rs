@@ -36,7 +36,8 @@ pub fn die_with_supervisor() -> Result<(), OrphanError> {
         .ok()
         .and_then(|v| v.parse().ok())
         .ok_or(OrphanError::NotSupervised)?;
-    set_parent_process_death_signal(Some(Signal::KILL)).map_err(|e| OrphanError::Prctl(e.into()))?;
+    set_parent_process_death_signal(Some(Signal::KILL))
+        .map_err(|e| OrphanError::Prctl(e.into()))?;
     let actual = getppid().map(Pid::as_raw_nonzero).map(|p| p.get());
     if actual != Some(expected) {
         return Err(OrphanError::Orphaned { expected, actual });

@@ -39,19 +39,37 @@ pub enum Role {
 /// One frame's payload.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Message {
-    Hello { magic: [u8; 8], version: u32, role: Role, pid: u32 },
-    Welcome { version: u32 },
-    Refused { reason: String },
+    Hello {
+        magic: [u8; 8],
+        version: u32,
+        role: Role,
+        pid: u32,
+    },
+    Welcome {
+        version: u32,
+    },
+    Refused {
+        reason: String,
+    },
     /// Owner → supervisor: a new generation; carries one fd per arena.
-    Publish { manifest: Manifest },
+    Publish {
+        manifest: Manifest,
+    },
     /// Supervisor → owner: the generation number assigned to what was published.
-    Published { generation: u64 },
+    Published {
+        generation: u64,
+    },
     /// Worker → supervisor: send me the current generation (waits until one exists).
     Attach,
     /// Supervisor → worker: the current generation; carries one read-only fd per arena.
-    Generation { manifest: Manifest },
+    Generation {
+        manifest: Manifest,
+    },
     /// Worker → supervisor: mapped, verified, warmed up, listening.
-    Ready { generation: u64, attach_us: u64 },
+    Ready {
+        generation: u64,
+        attach_us: u64,
+    },
 }
 
 /// Why a hello was not accepted.
@@ -68,7 +86,12 @@ pub enum HandshakeError {
 impl Message {
     /// The hello a child of `role` opens its connection with.
     pub fn hello(role: Role, pid: u32) -> Message {
-        Message::Hello { magic: MAGIC, version: PROTOCOL_VERSION, role, pid }
+        Message::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            role,
+            pid,
+        }
     }
 
     /// Checks magic and version of a hello; returns the role and pid it claims.
@@ -114,11 +137,27 @@ mod tests {
 
     #[test]
     fn handshake_checks_magic_and_version() {
-        assert_eq!(Message::hello(Role::Owner, 7).check_hello(), Ok((Role::Owner, 7)));
-        let bad_magic = Message::Hello { magic: *b"HTTP/1.1", version: 1, role: Role::Owner, pid: 1 };
+        assert_eq!(
+            Message::hello(Role::Owner, 7).check_hello(),
+            Ok((Role::Owner, 7))
+        );
+        let bad_magic = Message::Hello {
+            magic: *b"HTTP/1.1",
+            version: 1,
+            role: Role::Owner,
+            pid: 1,
+        };
         assert_eq!(bad_magic.check_hello(), Err(HandshakeError::BadMagic));
-        let bad_version = Message::Hello { magic: MAGIC, version: 99, role: Role::Owner, pid: 1 };
-        assert_eq!(bad_version.check_hello(), Err(HandshakeError::Version { theirs: 99 }));
+        let bad_version = Message::Hello {
+            magic: MAGIC,
+            version: 99,
+            role: Role::Owner,
+            pid: 1,
+        };
+        assert_eq!(
+            bad_version.check_hello(),
+            Err(HandshakeError::Version { theirs: 99 })
+        );
         assert_eq!(Message::Attach.check_hello(), Err(HandshakeError::NotHello));
     }
 }

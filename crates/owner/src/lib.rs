@@ -35,7 +35,10 @@ pub enum OwnerError {
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
     #[error("bus connection to the supervisor at {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bus: {0}")]
     Send(#[from] forkless_bus::channel::SendError),
     #[error("bus: {0}")]
@@ -58,7 +61,10 @@ impl OwnerError {
 pub fn load_host_arena(path: &Path) -> Result<(Manifest, SealedArena), OwnerError> {
     let file = ModelFile::open(path)?;
     let (arena_desc, tensors) = file.layout();
-    let store = |source| LoadError::Store { path: path.into(), source };
+    let store = |source| LoadError::Store {
+        path: path.into(),
+        source,
+    };
     let writer = ArenaWriter::create("forkless-arena", arena_desc.size).map_err(store)?;
     file.copy_into(&tensors, |offset, bytes| writer.write_at(offset, bytes))?;
     let arena = writer.seal().map_err(store)?;
@@ -83,8 +89,12 @@ pub async fn run() -> Result<(), OwnerError> {
     let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
     let mut bus = BusStream::connect(&bus_path)
         .await
-        .map_err(|source| OwnerError::Connect { path: bus_path.clone(), source })?;
-    bus.send(&Message::hello(Role::Owner, std::process::id()), &[]).await?;
+        .map_err(|source| OwnerError::Connect {
+            path: bus_path.clone(),
+            source,
+        })?;
+    bus.send(&Message::hello(Role::Owner, std::process::id()), &[])
+        .await?;
     match bus.recv().await?.0 {
         Message::Welcome { .. } => {}
         Message::Refused { reason } => return Err(OwnerError::Refused(reason)),
@@ -93,7 +103,13 @@ pub async fn run() -> Result<(), OwnerError> {
     let started = Instant::now();
     let (manifest, arena) = load_host_arena(&model)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    bus.send(&Message::Publish { manifest: manifest.clone() }, &[arena.fd().as_fd()]).await?;
+    bus.send(
+        &Message::Publish {
+            manifest: manifest.clone(),
+        },
+        &[arena.fd().as_fd()],
+    )
+    .await?;
     let generation = match bus.recv().await?.0 {
         Message::Published { generation } => generation,
         Message::Refused { reason } => return Err(OwnerError::Refused(reason)),
@@ -112,7 +128,10 @@ pub async fn run() -> Result<(), OwnerError> {
 
 async fn wait_for_stop(bus: &mut BusStream) -> Result<(), OwnerError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| OwnerError::Connect { path: "signal handler".into(), source })?;
+        .map_err(|source| OwnerError::Connect {
+            path: "signal handler".into(),
+            source,
+        })?;
     tokio::select! {
         _ = term.recv() => Ok(()),
         received = bus.recv() => match received {

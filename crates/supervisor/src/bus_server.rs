@@ -100,12 +100,27 @@ impl Connection {
         let label = match self.authenticate().await {
             Ok(label) => label,
             Err(ConnError::Refused(reason)) => {
-                let _ = self.bus.send(&Message::Refused { reason: reason.clone() }, &[]).await;
+                let _ = self
+                    .bus
+                    .send(
+                        &Message::Refused {
+                            reason: reason.clone(),
+                        },
+                        &[],
+                    )
+                    .await;
                 return Err(ConnError::Refused(reason));
             }
             Err(e) => return Err(e),
         };
-        self.bus.send(&Message::Welcome { version: PROTOCOL_VERSION }, &[]).await?;
+        self.bus
+            .send(
+                &Message::Welcome {
+                    version: PROTOCOL_VERSION,
+                },
+                &[],
+            )
+            .await?;
         let result = match label.role {
             Role::Owner => self.serve_owner().await,
             Role::Worker => self.serve_worker(label.index).await,
@@ -121,14 +136,19 @@ impl Connection {
         let cred = self.bus.peer_cred().map_err(ConnError::Cred)?;
         let my_uid = rustix::process::getuid().as_raw();
         if cred.uid() != my_uid {
-            return Err(ConnError::Refused(format!("uid {} is not the supervisor's uid {my_uid}", cred.uid())));
+            return Err(ConnError::Refused(format!(
+                "uid {} is not the supervisor's uid {my_uid}",
+                cred.uid()
+            )));
         }
         let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
         let label = self.lookup(pid).await.ok_or_else(|| {
             ConnError::Refused(format!("pid {pid} is not a child of this supervisor"))
         })?;
         let (hello, _) = self.bus.recv().await?;
-        let (role, claimed_pid) = hello.check_hello().map_err(|e| ConnError::Refused(e.to_string()))?;
+        let (role, claimed_pid) = hello
+            .check_hello()
+            .map_err(|e| ConnError::Refused(e.to_string()))?;
         if role != label.role || claimed_pid != pid {
             return Err(ConnError::Refused(format!(
                 "pid {pid} was started as {:?} but says it is {role:?} pid {claimed_pid}",
@@ -158,26 +178,58 @@ impl Connection {
                     let (source, bytes) = (manifest.source.clone(), manifest.total_bytes());
                     match self.escrow.deposit(manifest, fds) {
                         Ok(generation) => {
-                            self.bus.send(&Message::Published { generation }, &[]).await?;
-                            let _ = self.events.send(Event::Published { generation, source, bytes });
+                            self.bus
+                                .send(&Message::Published { generation }, &[])
+                                .await?;
+                            let _ = self.events.send(Event::Published {
+                                generation,
+                                source,
+                                bytes,
+                            });
                         }
                         Err(e) => return Err(ConnError::Refused(format!("publish refused: {e}"))),
                     }
                 }
-                (other, _) => return Err(ConnError::Refused(format!("owner sent unexpected {}", other.kind()))),
+                (other, _) => {
+                    return Err(ConnError::Refused(format!(
+                        "owner sent unexpected {}",
+                        other.kind()
+                    )))
+                }
             }
         }
     }
 
     async fn serve_worker(&mut self, index: u32) -> Result<(), ConnError> {
-        let pid = self.bus.peer_cred().map_err(ConnError::Cred)?.pid().unwrap_or(0) as u32;
+        let pid = self
+            .bus
+            .peer_cred()
+            .map_err(ConnError::Cred)?
+            .pid()
+            .unwrap_or(0) as u32;
         loop {
             match self.bus.recv().await? {
                 (Message::Attach, _) => self.send_generation().await?,
-                (Message::Ready { generation, attach_us }, _) => {
-                    let _ = self.events.send(Event::WorkerReady { index, pid, generation, attach_us });
+                (
+                    Message::Ready {
+                        generation,
+                        attach_us,
+                    },
+                    _,
+                ) => {
+                    let _ = self.events.send(Event::WorkerReady {
+                        index,
+                        pid,
+                        generation,
+                        attach_us,
+                    });
                 }
-                (other, _) => return Err(ConnError::Refused(format!("worker sent unexpected {}", other.kind()))),
+                (other, _) => {
+                    return Err(ConnError::Refused(format!(
+                        "worker sent unexpected {}",
+                        other.kind()
+                    )))
+                }
             }
         }
     }
@@ -185,9 +237,15 @@ impl Connection {
     /// Sends the current generation with fresh read-only fds (waits if none exists yet).
     async fn send_generation(&mut self) -> Result<(), ConnError> {
         let generation = self.escrow.wait_current().await;
-        let fds = generation.arenas.iter().map(|a| a.read_only_fd()).collect::<Result<Vec<_>, _>>()?;
+        let fds = generation
+            .arenas
+            .iter()
+            .map(|a| a.read_only_fd())
+            .collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        let msg = Message::Generation { manifest: generation.manifest.clone() };
+        let msg = Message::Generation {
+            manifest: generation.manifest.clone(),
+        };
         self.bus.send(&msg, &borrowed).await?;
         Ok(())
     }

@@ -61,7 +61,13 @@ impl Context {
                 let command = &self.config.workers.command;
                 let mut spec = ChildSpec::new(resolve_program(&command[0], self.config.base_dir()));
                 spec.args = command[1..].to_vec();
-                spec.env.extend(self.config.workers.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+                spec.env.extend(
+                    self.config
+                        .workers
+                        .env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone())),
+                );
                 spec.listeners = self.listeners.duplicate()?;
                 spec
             }
@@ -71,11 +77,20 @@ impl Context {
             Sharing::None => "none",
         };
         spec.env.extend([
-            (forkless_bus::ENV_BUS.into(), self.bus_socket.display().to_string()),
+            (
+                forkless_bus::ENV_BUS.into(),
+                self.bus_socket.display().to_string(),
+            ),
             (forkless_bus::ENV_ROLE.into(), role_name(label.role).into()),
             (forkless_bus::ENV_INDEX.into(), label.index.to_string()),
-            (forkless_bus::ENV_SUPERVISOR_PID.into(), std::process::id().to_string()),
-            (forkless_bus::ENV_MODEL.into(), self.config.model.path.display().to_string()),
+            (
+                forkless_bus::ENV_SUPERVISOR_PID.into(),
+                std::process::id().to_string(),
+            ),
+            (
+                forkless_bus::ENV_MODEL.into(),
+                self.config.model.path.display().to_string(),
+            ),
             (forkless_bus::ENV_SHARING.into(), sharing.into()),
         ]);
         spec.label = Some((self.pids.clone(), label));
@@ -106,7 +121,10 @@ pub async fn supervise(ctx: Arc<Context>, label: ChildLabel, stop: CancellationT
         let mut child = match child {
             Ok(child) => child,
             Err(e) => {
-                let _ = ctx.events.send(Event::Fatal(format!("cannot start {name} {}: {e}", label.index)));
+                let _ = ctx.events.send(Event::Fatal(format!(
+                    "cannot start {name} {}: {e}",
+                    label.index
+                )));
                 return;
             }
         };
@@ -121,7 +139,11 @@ pub async fn supervise(ctx: Arc<Context>, label: ChildLabel, stop: CancellationT
         ctx.pids.remove(pid);
         let tail = output.finish().await;
         if stop.is_cancelled() {
-            tracing::info!("{name} {} (pid {pid}) stopped: {}", label.index, describe(&status));
+            tracing::info!(
+                "{name} {} (pid {pid}) stopped: {}",
+                label.index,
+                describe(&status)
+            );
             return;
         }
         let _ = ctx.events.send(Event::Exited { label, pid });
@@ -134,7 +156,11 @@ pub async fn supervise(ctx: Arc<Context>, label: ChildLabel, stop: CancellationT
             return;
         }
         let delay = backoff.after_exit(started.elapsed());
-        tracing::warn!("{name} {} (pid {pid}) {}; restarting in {delay:?}", label.index, describe(&status));
+        tracing::warn!(
+            "{name} {} (pid {pid}) {}; restarting in {delay:?}",
+            label.index,
+            describe(&status)
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => return,
@@ -203,7 +229,10 @@ impl Output {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         let tail = self.tail.lock().expect("tail poisoned");
-        tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+        tail.iter()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

@@ -24,11 +24,18 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {path}: `{key}` {problem}")]
-    Invalid { path: PathBuf, key: &'static str, problem: String },
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
 }
 
 /// The whole configuration of one supervisor.
@@ -57,7 +64,10 @@ pub struct SupervisorConfig {
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
-        SupervisorConfig { runtime_dir: None, graceful_timeout_s: 30.0 }
+        SupervisorConfig {
+            runtime_dir: None,
+            graceful_timeout_s: 30.0,
+        }
     }
 }
 
@@ -121,7 +131,11 @@ pub struct RestartConfig {
 
 impl Default for RestartConfig {
     fn default() -> Self {
-        RestartConfig { backoff_initial_ms: 100, backoff_max_ms: 5_000, reset_after_s: 10.0 }
+        RestartConfig {
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            reset_after_s: 10.0,
+        }
     }
 }
 
@@ -131,15 +145,19 @@ pub const MAX_WORKERS: u32 = 1024;
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses `text` as if read from `path` (relative paths resolve against its folder).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         config.source = path.into();
         let base = path.parent().unwrap_or(Path::new("."));
         config.model.path = base.join(&config.model.path);
@@ -149,35 +167,67 @@ impl Config {
     }
 
     fn invalid(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { path: self.source.clone(), key, problem: problem.into() }
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            key,
+            problem: problem.into(),
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.workers.command.first().is_none_or(|p| p.is_empty()) {
-            return Err(self.invalid("workers.command", "must name a program, e.g. [\"linear-worker\"]"));
+            return Err(self.invalid(
+                "workers.command",
+                "must name a program, e.g. [\"linear-worker\"]",
+            ));
         }
         if self.workers.count == 0 || self.workers.count > MAX_WORKERS {
-            return Err(self.invalid("workers.count", format!("must be between 1 and {MAX_WORKERS}")));
+            return Err(self.invalid(
+                "workers.count",
+                format!("must be between 1 and {MAX_WORKERS}"),
+            ));
         }
         if self.workers.listen.is_empty() {
-            return Err(self.invalid("workers.listen", "needs at least one address, e.g. [\"127.0.0.1:8080\"]"));
+            return Err(self.invalid(
+                "workers.listen",
+                "needs at least one address, e.g. [\"127.0.0.1:8080\"]",
+            ));
         }
         for addr in &self.workers.listen {
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(self.invalid("workers.listen", format!("{addr:?} is not an IP:port address")));
+                return Err(self.invalid(
+                    "workers.listen",
+                    format!("{addr:?} is not an IP:port address"),
+                ));
             }
         }
-        if !(self.supervisor.graceful_timeout_s.is_finite() && self.supervisor.graceful_timeout_s >= 0.0) {
-            return Err(self.invalid("supervisor.graceful_timeout_s", "must be a number of seconds >= 0"));
+        if !(self.supervisor.graceful_timeout_s.is_finite()
+            && self.supervisor.graceful_timeout_s >= 0.0)
+        {
+            return Err(self.invalid(
+                "supervisor.graceful_timeout_s",
+                "must be a number of seconds >= 0",
+            ));
         }
         if !(self.restart.reset_after_s.is_finite() && self.restart.reset_after_s >= 0.0) {
             return Err(self.invalid("restart.reset_after_s", "must be a number of seconds >= 0"));
         }
         if self.restart.backoff_initial_ms > self.restart.backoff_max_ms {
-            return Err(self.invalid("restart.backoff_initial_ms", "must not exceed restart.backoff_max_ms"));
+            return Err(self.invalid(
+                "restart.backoff_initial_ms",
+                "must not exceed restart.backoff_max_ms",
+            ));
         }
-        if self.model.make_if_missing.as_ref().is_some_and(|c| c.is_empty()) {
-            return Err(self.invalid("model.make_if_missing", "must name a program or be left out"));
+        if self
+            .model
+            .make_if_missing
+            .as_ref()
+            .is_some_and(|c| c.is_empty())
+        {
+            return Err(self.invalid(
+                "model.make_if_missing",
+                "must name a program or be left out",
+            ));
         }
         Ok(())
     }
@@ -195,7 +245,9 @@ pub fn resolve_program(program: &str, base: &Path) -> PathBuf {
     if program.contains('/') {
         return base.join(program);
     }
-    let beside_us = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(program)));
+    let beside_us = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(program)));
     match beside_us {
         Some(path) if path.is_file() => path,
         _ => PathBuf::from(program),
@@ -223,29 +275,50 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = parse(&format!("{GOOD}colour = \"blue\"\n")).unwrap_err().to_string();
-        assert!(err.contains("config.toml") && err.contains("colour") && err.contains("line 6"), "{err}");
+        let err = parse(&format!("{GOOD}colour = \"blue\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.toml") && err.contains("colour") && err.contains("line 6"),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let err = parse(&GOOD.replace("[\"w\"]", "\"w\"")).unwrap_err().to_string();
+        let err = parse(&GOOD.replace("[\"w\"]", "\"w\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("command") && err.contains("line 4"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_their_key() {
-        let err = parse(&format!("{GOOD}count = 0\n")).unwrap_err().to_string();
+        let err = parse(&format!("{GOOD}count = 0\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("workers.count"), "{err}");
-        let err = parse(&GOOD.replace("127.0.0.1:0", "localhost")).unwrap_err().to_string();
+        let err = parse(&GOOD.replace("127.0.0.1:0", "localhost"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("workers.listen"), "{err}");
-        let err = parse(&GOOD.replace("path = \"m.safetensors\"", "path = \"m\"\nsharing = \"some\"")).unwrap_err();
+        let err = parse(&GOOD.replace(
+            "path = \"m.safetensors\"",
+            "path = \"m\"\nsharing = \"some\"",
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("sharing"), "{err}");
     }
 
     #[test]
     fn relative_program_paths_resolve_against_the_config() {
-        assert_eq!(resolve_program("./bin/w", Path::new("/srv")), Path::new("/srv/./bin/w"));
-        assert_eq!(resolve_program("surely-not-beside-the-test-binary", Path::new("/srv")), Path::new("surely-not-beside-the-test-binary"));
+        assert_eq!(
+            resolve_program("./bin/w", Path::new("/srv")),
+            Path::new("/srv/./bin/w")
+        );
+        assert_eq!(
+            resolve_program("surely-not-beside-the-test-binary", Path::new("/srv")),
+            Path::new("surely-not-beside-the-test-binary")
+        );
     }
 }

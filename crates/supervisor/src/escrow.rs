@@ -58,7 +58,9 @@ pub struct Escrow {
 
 impl Default for Escrow {
     fn default() -> Self {
-        Escrow { current: watch::Sender::new(None) }
+        Escrow {
+            current: watch::Sender::new(None),
+        }
     }
 }
 
@@ -67,14 +69,20 @@ impl Escrow {
     pub fn deposit(&self, mut manifest: Manifest, fds: Vec<OwnedFd>) -> Result<u64, DepositError> {
         manifest.validate()?;
         if fds.len() != manifest.arenas.len() {
-            return Err(DepositError::FdCount { fds: fds.len(), arenas: manifest.arenas.len() });
+            return Err(DepositError::FdCount {
+                fds: fds.len(),
+                arenas: manifest.arenas.len(),
+            });
         }
         let arenas = manifest
             .arenas
             .iter()
             .zip(fds)
             .map(|(arena, fd)| {
-                SealedArena::adopt(fd, arena.size).map_err(|source| DepositError::Arena { arena: arena.id, source })
+                SealedArena::adopt(fd, arena.size).map_err(|source| DepositError::Arena {
+                    arena: arena.id,
+                    source,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut number = 0;
@@ -94,7 +102,10 @@ impl Escrow {
     /// Waits until a generation exists and returns it.
     pub async fn wait_current(&self) -> Arc<EscrowedGeneration> {
         let mut rx = self.current.subscribe();
-        let current = rx.wait_for(Option::is_some).await.expect("escrow sender lives in self");
+        let current = rx
+            .wait_for(Option::is_some)
+            .await
+            .expect("escrow sender lives in self");
         current.clone().expect("waited for Some")
     }
 }

@@ -11,9 +11,18 @@ use crate::spawn::ChildLabel;
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The owner published a generation, now in escrow.
-    Published { generation: u64, source: String, bytes: u64 },
+    Published {
+        generation: u64,
+        source: String,
+        bytes: u64,
+    },
     /// A worker mapped the generation, warmed up and holds its listener.
-    WorkerReady { index: u32, pid: u32, generation: u64, attach_us: u64 },
+    WorkerReady {
+        index: u32,
+        pid: u32,
+        generation: u64,
+        attach_us: u64,
+    },
     /// A child exited on its own (not asked to stop); its slot restarts it.
     Exited { label: ChildLabel, pid: u32 },
     /// Something restarting cannot fix: stop everything and exit non-zero with this reason.

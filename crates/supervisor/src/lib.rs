@@ -47,7 +47,10 @@ use crate::listeners::Listeners;
 use crate::runtime_dir::RuntimeDir;
 use crate::spawn::{ChildLabel, ChildSpec, PidTable, Spawner};
 
-const OWNER: ChildLabel = ChildLabel { role: Role::Owner, index: 0 };
+const OWNER: ChildLabel = ChildLabel {
+    role: Role::Owner,
+    index: 0,
+};
 
 /// Runs the supervisor until a stop signal (`Ok`) or a fatal failure (`Err` with the reason).
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -56,17 +59,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ensure_model(&config, &spawner).await?;
     let runtime_dir = RuntimeDir::create(config.supervisor.runtime_dir.as_deref())?;
     let listeners = Listeners::bind(&config.workers.listen, config.workers.backlog)?;
-    let addrs: Vec<String> = listeners.local_addrs().iter().map(ToString::to_string).collect();
+    let addrs: Vec<String> = listeners
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let bus_socket = runtime_dir.bus_socket();
     let bus_listener = UnixListener::bind(&bus_socket)
         .with_context(|| format!("cannot create bus socket {}", bus_socket.display()))?;
     tracing::info!(
         workers = config.workers.count,
         sharing = ?config.model.sharing,
-        "forkless supervisor {} listening on {}, bus at {}",
+        addrs = addrs.join(","),
+        bus = %bus_socket.display(),
+        "forkless supervisor {} listening on {}",
         std::process::id(),
         addrs.join(", "),
-        bus_socket.display()
     );
 
     let stop = CancellationToken::new();
@@ -85,13 +93,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let bus_task = tokio::spawn(bus.serve());
     let count = config.workers.count;
     let sharing = config.model.sharing;
-    let ctx = Arc::new(Context { config, spawner, pids, listeners, bus_socket, events });
+    let ctx = Arc::new(Context {
+        config,
+        spawner,
+        pids,
+        listeners,
+        bus_socket,
+        events,
+    });
 
     let owner_stop = CancellationToken::new();
-    let owner_task = (sharing == Sharing::Shared).then(|| tokio::spawn(supervise(ctx.clone(), OWNER, owner_stop.clone())));
+    let owner_task = (sharing == Sharing::Shared)
+        .then(|| tokio::spawn(supervise(ctx.clone(), OWNER, owner_stop.clone())));
     let workers = TaskTracker::new();
     let workers_stop = CancellationToken::new();
-    let mut state = MainLoop { count, started, ready: BTreeSet::new(), announced: false, workers_started: false };
+    let mut state = MainLoop {
+        count,
+        started,
+        ready: BTreeSet::new(),
+        announced: false,
+        workers_started: false,
+    };
     if sharing == Sharing::None {
         state.start_workers(&ctx, &workers, &workers_stop);
     }
@@ -136,13 +158,32 @@ struct MainLoop {
 }
 
 impl MainLoop {
-    fn on_event(&mut self, event: Event, ctx: &Arc<Context>, workers: &TaskTracker, stop: &CancellationToken) {
+    fn on_event(
+        &mut self,
+        event: Event,
+        ctx: &Arc<Context>,
+        workers: &TaskTracker,
+        stop: &CancellationToken,
+    ) {
         match event {
-            Event::Published { generation, source, bytes } => {
-                tracing::info!(generation, bytes, "generation {generation} of {source} is in escrow");
+            Event::Published {
+                generation,
+                source,
+                bytes,
+            } => {
+                tracing::info!(
+                    generation,
+                    bytes,
+                    "generation {generation} of {source} is in escrow"
+                );
                 self.start_workers(ctx, workers, stop);
             }
-            Event::WorkerReady { index, pid, generation, attach_us } => {
+            Event::WorkerReady {
+                index,
+                pid,
+                generation,
+                attach_us,
+            } => {
                 tracing::info!(index, pid, generation, attach_us, "worker {index} ready");
                 self.ready.insert(index);
                 if self.ready.len() == self.count as usize && !self.announced {
@@ -161,13 +202,21 @@ impl MainLoop {
     }
 
     /// Workers start once, after the first generation exists (or at once with sharing = none).
-    fn start_workers(&mut self, ctx: &Arc<Context>, workers: &TaskTracker, stop: &CancellationToken) {
+    fn start_workers(
+        &mut self,
+        ctx: &Arc<Context>,
+        workers: &TaskTracker,
+        stop: &CancellationToken,
+    ) {
         if self.workers_started {
             return;
         }
         self.workers_started = true;
         for index in 0..self.count {
-            let label = ChildLabel { role: Role::Worker, index };
+            let label = ChildLabel {
+                role: Role::Worker,
+                index,
+            };
             workers.spawn(supervise(ctx.clone(), label, stop.clone()));
         }
     }
@@ -187,10 +236,15 @@ async fn ensure_model(config: &Config, spawner: &Spawner) -> anyhow::Result<()> 
             config.source.display()
         );
     };
-    tracing::info!("weights file {} is missing: running {:?}", path.display(), command);
+    tracing::info!(
+        "weights file {} is missing: running {:?}",
+        path.display(),
+        command
+    );
     let mut spec = ChildSpec::new(config::resolve_program(&command[0], config.base_dir()));
     spec.args = command[1..].to_vec();
-    spec.env.push((forkless_bus::ENV_MODEL.into(), path.display().to_string()));
+    spec.env
+        .push((forkless_bus::ENV_MODEL.into(), path.display().to_string()));
     let output = spawner
         .spawn(spec)
         .await

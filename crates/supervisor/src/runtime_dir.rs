@@ -29,12 +29,19 @@ impl RuntimeDir {
     pub fn create(parent: Option<&Path>) -> Result<Self, RuntimeDirError> {
         let parent = parent.map(Path::to_path_buf).unwrap_or_else(default_parent);
         let path = parent.join(format!("forkless-{}", std::process::id()));
-        let err = |source| RuntimeDirError { path: path.clone(), source };
+        let err = |source| RuntimeDirError {
+            path: path.clone(),
+            source,
+        };
         if path.exists() {
             // A previous supervisor with our pid died without cleaning up.
             std::fs::remove_dir_all(&path).map_err(err)?;
         }
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&path).map_err(err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .map_err(err)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
         Ok(RuntimeDir { path })
     }

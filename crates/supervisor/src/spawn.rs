@@ -44,7 +44,13 @@ pub struct ChildSpec {
 
 impl ChildSpec {
     pub fn new(program: PathBuf) -> Self {
-        ChildSpec { program, args: Vec::new(), env: Vec::new(), listeners: Vec::new(), label: None }
+        ChildSpec {
+            program,
+            args: Vec::new(),
+            env: Vec::new(),
+            listeners: Vec::new(),
+            label: None,
+        }
     }
 }
 
@@ -61,13 +67,20 @@ pub struct PidTable(Arc<Mutex<HashMap<u32, ChildLabel>>>);
 
 impl PidTable {
     pub fn insert(&self, pid: u32, label: ChildLabel) {
-        self.0.lock().expect("pid table poisoned").insert(pid, label);
+        self.0
+            .lock()
+            .expect("pid table poisoned")
+            .insert(pid, label);
     }
     pub fn remove(&self, pid: u32) {
         self.0.lock().expect("pid table poisoned").remove(&pid);
     }
     pub fn get(&self, pid: u32) -> Option<ChildLabel> {
-        self.0.lock().expect("pid table poisoned").get(&pid).copied()
+        self.0
+            .lock()
+            .expect("pid table poisoned")
+            .get(&pid)
+            .copied()
     }
 }
 
@@ -123,12 +136,20 @@ fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
             .listeners
             .into_iter()
             .zip(LISTEN_FDS_START..)
-            .map(|(parent_fd, child_fd)| FdMapping { parent_fd, child_fd })
+            .map(|(parent_fd, child_fd)| FdMapping {
+                parent_fd,
+                child_fd,
+            })
             .collect();
-        command.fd_mappings(mappings).map_err(std::io::Error::other)?;
+        command
+            .fd_mappings(mappings)
+            .map_err(std::io::Error::other)?;
     }
     let child = command.spawn().map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot start {}: {e}", spec.program.display()))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot start {}: {e}", spec.program.display()),
+        )
     })?;
     if let (Some((table, label)), Some(pid)) = (spec.label, child.id()) {
         table.insert(pid, label);

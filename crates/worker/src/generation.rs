@@ -31,7 +31,11 @@ pub enum ViewError {
     #[error("generation {generation} has no tensor named {name:?}")]
     NoSuchTensor { generation: u64, name: String },
     #[error("tensor {name:?} is {actual:?}, not {requested:?}")]
-    WrongDtype { name: String, actual: Dtype, requested: Dtype },
+    WrongDtype {
+        name: String,
+        actual: Dtype,
+        requested: Dtype,
+    },
 }
 
 /// Read-only weights of one generation, mapped into this process.
@@ -57,10 +61,12 @@ impl Generation {
     }
 
     fn entry(&self, name: &str) -> Result<&TensorEntry, ViewError> {
-        self.manifest.tensor(name).ok_or_else(|| ViewError::NoSuchTensor {
-            generation: self.manifest.generation,
-            name: name.into(),
-        })
+        self.manifest
+            .tensor(name)
+            .ok_or_else(|| ViewError::NoSuchTensor {
+                generation: self.manifest.generation,
+                name: name.into(),
+            })
     }
 
     /// The raw bytes of a tensor.
@@ -75,7 +81,11 @@ impl Generation {
     pub fn tensor<T: Element>(&self, name: &str) -> Result<&[T], ViewError> {
         let t = self.entry(name)?;
         if t.dtype != T::DTYPE {
-            return Err(ViewError::WrongDtype { name: name.into(), actual: t.dtype, requested: T::DTYPE });
+            return Err(ViewError::WrongDtype {
+                name: name.into(),
+                actual: t.dtype,
+                requested: T::DTYPE,
+            });
         }
         // Cannot fail: offsets are TENSOR_ALIGN-aligned in page-aligned mappings, and the
         // length is a multiple of the element size (both checked by Manifest::validate).

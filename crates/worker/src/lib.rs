@@ -45,7 +45,10 @@ pub enum AttachError {
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
     #[error("cannot connect to the supervisor's bus at {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bus: {0}")]
     Send(#[from] SendError),
     #[error("bus: {0}")]
@@ -66,7 +69,10 @@ impl AttachError {
     /// True when restarting the worker would fail the same way (exit with
     /// [`forkless_bus::child::EXIT_FATAL`] so the supervisor reports instead of restarting).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, AttachError::Env(_) | AttachError::Load(_) | AttachError::Manifest(_))
+        matches!(
+            self,
+            AttachError::Env(_) | AttachError::Load(_) | AttachError::Manifest(_)
+        )
     }
 }
 
@@ -109,7 +115,9 @@ impl Worker {
     pub async fn from_env() -> Result<Self, AttachError> {
         forkless_bus::child::die_with_supervisor()?;
         let bus_path = PathBuf::from(env(forkless_bus::ENV_BUS)?);
-        let index = env(forkless_bus::ENV_INDEX)?.parse().map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
+        let index = env(forkless_bus::ENV_INDEX)?
+            .parse()
+            .map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
         let private_model = match std::env::var(forkless_bus::ENV_SHARING).as_deref() {
             Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
             _ => None,
@@ -123,8 +131,19 @@ impl Worker {
         let attach_time = started.elapsed();
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
-        tracing::debug!(index, generation = generation.number(), ?attach_time, "attached");
-        Ok(Worker { bus: Some(bus), generation: Arc::new(generation), index, attach_time, shutdown })
+        tracing::debug!(
+            index,
+            generation = generation.number(),
+            ?attach_time,
+            "attached"
+        );
+        Ok(Worker {
+            bus: Some(bus),
+            generation: Arc::new(generation),
+            index,
+            attach_time,
+            shutdown,
+        })
     }
 
     /// The generation this worker serves.
@@ -151,7 +170,14 @@ impl Worker {
     pub async fn ready(&mut self) -> Result<(), ReadyError> {
         let mut bus = self.bus.take().ok_or(ReadyError::AlreadyReady)?;
         let attach_us = self.attach_time.as_micros() as u64;
-        bus.send(&Message::Ready { generation: self.generation.number(), attach_us }, &[]).await?;
+        bus.send(
+            &Message::Ready {
+                generation: self.generation.number(),
+                attach_us,
+            },
+            &[],
+        )
+        .await?;
         tokio::spawn(watch_supervisor(bus, self.shutdown.clone()));
         Ok(())
     }
@@ -160,8 +186,12 @@ impl Worker {
 async fn handshake(path: &Path) -> Result<BusStream, AttachError> {
     let mut bus = BusStream::connect(path)
         .await
-        .map_err(|source| AttachError::Connect { path: path.into(), source })?;
-    bus.send(&Message::hello(Role::Worker, std::process::id()), &[]).await?;
+        .map_err(|source| AttachError::Connect {
+            path: path.into(),
+            source,
+        })?;
+    bus.send(&Message::hello(Role::Worker, std::process::id()), &[])
+        .await?;
     match bus.recv().await?.0 {
         Message::Welcome { .. } => Ok(bus),
         Message::Refused { reason } => Err(AttachError::Refused(reason)),
@@ -185,7 +215,12 @@ fn map_generation(manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Generation, A
         .arenas
         .iter()
         .zip(fds)
-        .map(|(arena, fd)| ArenaMap::map(fd, arena.size).map_err(|source| AttachError::Map { arena: arena.id, source }))
+        .map(|(arena, fd)| {
+            ArenaMap::map(fd, arena.size).map_err(|source| AttachError::Map {
+                arena: arena.id,
+                source,
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Generation::new(manifest, arenas))
 }
@@ -203,7 +238,12 @@ fn load_private_copy(path: &Path) -> Result<Generation, AttachError> {
     })
     .map_err(|source| AttachError::Map { arena: 0, source })?;
     copied?;
-    let manifest = Manifest { generation: 0, source: path.display().to_string(), arenas: vec![arena], tensors };
+    let manifest = Manifest {
+        generation: 0,
+        source: path.display().to_string(),
+        arenas: vec![arena],
+        tensors,
+    };
     manifest.validate()?;
     Ok(Generation::new(manifest, vec![map]))
 }
@@ -211,7 +251,10 @@ fn load_private_copy(path: &Path) -> Result<Generation, AttachError> {
 fn spawn_signal_handler(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install SIGTERM/SIGINT handlers; stopping");
             shutdown.cancel();
             return;
@@ -243,7 +286,12 @@ async fn watch_supervisor(mut bus: BusStream, shutdown: CancellationToken) {
 /// The listening socket the supervisor bound and passed as fd 3 (`LISTEN_FDS`), ready for tokio.
 pub fn inherited_listener() -> Result<tokio::net::TcpListener, ListenerError> {
     let mut fds = listenfd::ListenFd::from_env();
-    let listener = fds.take_tcp_listener(0).map_err(ListenerError::NotTcp)?.ok_or(ListenerError::Missing)?;
-    listener.set_nonblocking(true).map_err(ListenerError::NotTcp)?;
+    let listener = fds
+        .take_tcp_listener(0)
+        .map_err(ListenerError::NotTcp)?
+        .ok_or(ListenerError::Missing)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ListenerError::NotTcp)?;
     tokio::net::TcpListener::from_std(listener).map_err(ListenerError::NotTcp)
 }

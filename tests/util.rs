@@ -1,0 +1,353 @@
+//! Test support: each test gets its own temp dir, a small deterministic model, a config, and
+//! a real `supervisor` process whose JSON log lines it can wait on.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[path = "../examples/linear/seeded.rs"]
+pub mod seeded;
+
+/// Failure guard for waits: generous, since tests assert behaviour, not speed.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+/// Model shape used by the tests: W [OUT, IN].
+pub const IN: usize = 256;
+pub const OUT: usize = 1024;
+pub const WEIGHT_SEED: u64 = 42;
+
+pub fn supervisor_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_supervisor"))
+}
+
+pub fn worker_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_linear-worker"))
+}
+
+/// A temp dir holding a model and a config.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> Self {
+        TestDir {
+            dir: tempfile::Builder::new()
+                .prefix("forkless-test")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn model_path(&self) -> PathBuf {
+        self.path().join("weights.safetensors")
+    }
+
+    /// Writes the standard test model with the real `linear-worker make-weights`.
+    pub fn write_model(&self) -> PathBuf {
+        let path = self.model_path();
+        let status = Command::new(worker_exe())
+            .args([
+                "make-weights",
+                "--in",
+                &IN.to_string(),
+                "--out",
+                &OUT.to_string(),
+            ])
+            .args(["--seed", &WEIGHT_SEED.to_string()])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        path
+    }
+
+    /// Writes `config.toml` for `workers` workers on an ephemeral port; `extra` is appended
+    /// to the `[model]` table.
+    pub fn write_config(&self, workers: u32, model_extra: &str) -> PathBuf {
+        let config = format!(
+            "[model]\npath = \"weights.safetensors\"\n{model_extra}\n\
+             [workers]\ncommand = [{:?}]\ncount = {workers}\nlisten = [\"127.0.0.1:0\"]\n\
+             [supervisor]\ngraceful_timeout_s = 5\n\
+             [restart]\nbackoff_initial_ms = 50\n",
+            worker_exe().display().to_string()
+        );
+        let path = self.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        path
+    }
+}
+
+/// A running `supervisor run` with its log lines streamed to the test.
+pub struct Supervisor {
+    pub child: Child,
+    lines: Receiver<Value>,
+    /// Every line seen so far (for failure messages).
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub addr: Option<String>,
+    pub bus: Option<PathBuf>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Supervisor {
+    pub fn start(config: &Path) -> Supervisor {
+        let mut child = Command::new(supervisor_exe())
+            .args(["run", "--log-format", "json"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_writer = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log_writer.lock().unwrap().push(line.clone());
+                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                let _ = tx.send(value);
+            }
+        });
+        Supervisor {
+            child,
+            lines,
+            log,
+            addr: None,
+            bus: None,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a log line whose message contains `needle` and which satisfies `pred`.
+    pub fn wait_for(&mut self, needle: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let message = line
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    if message.contains(needle) && pred(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no log line {needle:?} in time; log:\n{}", self.log_text())
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "supervisor exited before logging {needle:?}; log:\n{}",
+                        self.log_text()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits until the supervisor listens and all `n` workers are ready.
+    pub fn wait_ready(&mut self) -> String {
+        let listening = self.wait_for("listening on", |_| true);
+        self.addr = listening["addrs"].as_str().map(str::to_string);
+        self.bus = listening["bus"].as_str().map(PathBuf::from);
+        self.wait_for("workers ready", |_| true);
+        self.addr.clone().unwrap()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// Waits for the supervisor to exit (failure guard: PATIENCE).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // All of stderr has been read once the reader sees EOF.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "supervisor did not exit; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pids of the supervisor's children with the given `FORKLESS_ROLE`.
+    pub fn children(&self, role: &str) -> Vec<u32> {
+        children_of(self.pid())
+            .into_iter()
+            .filter(|&pid| env_of(pid, "FORKLESS_ROLE").as_deref() == Some(role))
+            .collect()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            send_signal(self.pid(), libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid the test started; no memory is involved.
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Direct children of `pid`, from `/proc/PID/task/*/children`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// One variable of a process's initial environment.
+pub fn env_of(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ.split(|&b| b == 0).find_map(|entry| {
+        let entry = std::str::from_utf8(entry).ok()?;
+        entry
+            .strip_prefix(name)?
+            .strip_prefix('=')
+            .map(str::to_string)
+    })
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` until true (failure guard: PATIENCE).
+pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal HTTP/1.1 client: one request per connection. Returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// `POST /infer {"seed": seed}` → the JSON answer (panics on non-200).
+pub fn infer_seed(addr: &str, seed: u64) -> Value {
+    let (status, body) = http(addr, "POST", "/infer", &format!("{{\"seed\": {seed}}}"));
+    assert_eq!(status, 200, "body: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The answer the service must give for `seed`, computed here from the generator alone.
+pub fn expected_answer(seed: u64) -> (f64, Vec<f32>) {
+    let (w, b) = seeded::make_weights(IN, OUT, WEIGHT_SEED);
+    let y = seeded::linear_forward(&w, &b, &seeded::input_from_seed(seed, IN));
+    (y.iter().map(|&v| v as f64).sum(), y[..8].to_vec())
+}
+
+/// One mapping from `/proc/PID/smaps`.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub perms: String,
+    pub inode: u64,
+    pub path: String,
+    pub size_kb: u64,
+    pub rss_kb: u64,
+    pub pss_kb: u64,
+}
+
+pub fn smaps(pid: u32) -> Vec<Mapping> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut maps: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let is_header = fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'));
+        if is_header && fields.len() >= 5 {
+            maps.push(Mapping {
+                perms: fields[1].into(),
+                inode: fields[4].parse().unwrap_or(0),
+                path: fields.get(5..).map(|p| p.join(" ")).unwrap_or_default(),
+                size_kb: 0,
+                rss_kb: 0,
+                pss_kb: 0,
+            });
+            continue;
+        }
+        let (Some(last), [key, value, ..]) = (maps.last_mut(), fields.as_slice()) else {
+            continue;
+        };
+        let value: u64 = value.parse().unwrap_or(0);
+        match *key {
+            "Size:" => last.size_kb = value,
+            "Rss:" => last.rss_kb = value,
+            "Pss:" => last.pss_kb = value,
+            _ => {}
+        }
+    }
+    maps
+}
