@@ -68,3 +68,26 @@ fn bad_requests_get_400_with_a_message() {
     assert_eq!(status, 200);
     assert!(health.contains("\"status\":\"ok\""), "{health}");
 }
+
+#[test]
+fn every_listen_address_is_served() {
+    let dir = TestDir::new();
+    dir.write_model();
+    let config = dir.write_config_listening(2, "", &["127.0.0.1:0", "127.0.0.1:0"]);
+    let mut sup = Supervisor::start(&config);
+    sup.wait_ready();
+    let addrs: Vec<String> = sup
+        .addr
+        .clone()
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    for addr in addrs {
+        assert_eq!(
+            infer_seed(&addr, 2)["y_sum"].as_f64().unwrap(),
+            expected_answer(2).0
+        );
+    }
+}

@@ -76,9 +76,19 @@ impl TestDir {
     /// Writes `config.toml` for `workers` workers on an ephemeral port; `extra` is appended
     /// to the `[model]` table.
     pub fn write_config(&self, workers: u32, model_extra: &str) -> PathBuf {
+        self.write_config_listening(workers, model_extra, &["127.0.0.1:0"])
+    }
+
+    /// Like [`TestDir::write_config`], with the given `listen` addresses.
+    pub fn write_config_listening(
+        &self,
+        workers: u32,
+        model_extra: &str,
+        listen: &[&str],
+    ) -> PathBuf {
         let config = format!(
             "[model]\npath = \"weights.safetensors\"\n{model_extra}\n\
-             [workers]\ncommand = [{:?}]\ncount = {workers}\nlisten = [\"127.0.0.1:0\"]\n\
+             [workers]\ncommand = [{:?}]\ncount = {workers}\nlisten = {listen:?}\n\
              [supervisor]\ngraceful_timeout_s = 5\n\
              [restart]\nbackoff_initial_ms = 50\n",
             worker_exe().display().to_string()
@@ -173,7 +183,8 @@ impl Supervisor {
         self.addr = listening["addrs"].as_str().map(str::to_string);
         self.bus = listening["bus"].as_str().map(PathBuf::from);
         self.wait_for("workers ready", |_| true);
-        self.addr.clone().unwrap()
+        let addrs = self.addr.clone().unwrap();
+        addrs.split(',').next().unwrap().to_string()
     }
 
     pub fn signal(&self, signal: i32) {

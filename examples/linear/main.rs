@@ -67,7 +67,18 @@ fn make_weights(inputs: usize, outputs: usize, seed: u64, path: Option<PathBuf>)
         ("weight", vec![outputs, inputs], w.as_slice()),
         ("bias", vec![outputs], b.as_slice()),
     ];
-    match forkless_owner::model_file::write_f32_safetensors(&path, &tensors) {
+    // Write beside the target and rename: an interrupted run never leaves a truncated model.
+    let partial = path.with_extension("partial");
+    let written =
+        forkless_owner::model_file::write_f32_safetensors(&partial, &tensors).and_then(|()| {
+            std::fs::rename(&partial, &path).map_err(|source| {
+                forkless_owner::model_file::LoadError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            })
+        });
+    match written {
         Ok(()) => {
             tracing::info!(
                 "wrote {} (in={inputs}, out={outputs}, seed={seed})",

@@ -73,19 +73,20 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    // Paths instead of `use super::*`: this file is also included by harness-less benches,
+    // where the tests vanish and an import would be unused.
 
     #[test]
     fn splitmix_matches_the_reference_sequence() {
         // First outputs of SplitMix64 seeded with 0 (as in the reference C implementation).
-        let mut rng = SplitMix64::new(0);
+        let mut rng = super::SplitMix64::new(0);
         assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
         assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
     }
 
     #[test]
     fn uniform_is_in_range() {
-        let mut rng = SplitMix64::new(7);
+        let mut rng = super::SplitMix64::new(7);
         assert!((0..10_000)
             .map(|_| rng.uniform())
             .all(|u| (-1.0..1.0).contains(&u)));
@@ -93,9 +94,9 @@ mod tests {
 
     #[test]
     fn dot_matches_naive_sum_closely() {
-        let a = input_from_seed(1, 1001);
-        let b = input_from_seed(2, 1001);
+        let a = super::input_from_seed(1, 1001);
+        let b = super::input_from_seed(2, 1001);
         let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        assert!((dot(&a, &b) as f64 - naive).abs() < 1e-3);
+        assert!((super::dot(&a, &b) as f64 - naive).abs() < 1e-3);
     }
 }

@@ -114,8 +114,8 @@ async fn serve() -> ExitCode {
         Ok(model) => model,
         Err(e) => return fail(format!("weights do not hold a linear layer: {e}"), true),
     };
-    let listener = match forkless_worker::inherited_listener() {
-        Ok(listener) => listener,
+    let listeners = match forkless_worker::inherited_listeners() {
+        Ok(listeners) => listeners,
         Err(e) => return fail(e, true),
     };
     // Warm-up: one pass touches every weight page, so the first request is not the slow one.
@@ -134,19 +134,28 @@ async fn serve() -> ExitCode {
         return fail(format!("cannot report ready: {e}"), false);
     }
     tracing::info!(
-        attach_us = worker.attach_time().as_micros() as u64,
+        attach_us = worker.attach_timing().wall_us,
         "serving generation {}",
         worker.generation().number()
     );
+    // One server per inherited listener, all stopping (and draining) on the same token.
     let stop = worker.shutdown_token();
-    match axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        Ok(()) => {
-            tracing::info!("drained; exiting");
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(format!("server error: {e}"), false),
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let serve = axum::serve(listener, app.clone())
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        servers.spawn(async move { serve.await });
     }
+    let mut code = ExitCode::SUCCESS;
+    while let Some(result) = servers.join_next().await {
+        if let Err(e) = result
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            stop.cancel();
+            code = fail(format!("server error: {e}"), false);
+        }
+    }
+    tracing::info!("drained; exiting");
+    code
 }

@@ -108,6 +108,12 @@ impl BusStream {
         }
     }
 
+    /// Wraps a connected std socket (e.g. one end of a socketpair); must be inside a runtime.
+    pub fn from_std(stream: std::os::unix::net::UnixStream) -> io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Self::new(UnixStream::from_std(stream)?))
+    }
+
     /// Connects to a bus socket at `path`.
     pub async fn connect(path: &Path) -> io::Result<Self> {
         Ok(Self::new(UnixStream::connect(path).await?))
@@ -297,9 +303,13 @@ mod tests {
             let msg = Message::Publish {
                 manifest: manifest(),
             };
-            a.send(&Message::Attach, &[]).await.unwrap();
+            a.send(&Message::Published { generation: 5 }, &[])
+                .await
+                .unwrap();
             a.send(&msg, &[file.as_fd()]).await.unwrap();
-            a.send(&Message::Attach, &[]).await.unwrap();
+            a.send(&Message::Published { generation: 5 }, &[])
+                .await
+                .unwrap();
             assert_eq!(b.recv().await.unwrap().1.len(), 0);
             let (got, fds) = b.recv().await.unwrap();
             assert_eq!(got, msg);
@@ -312,7 +322,10 @@ mod tests {
                 flags.contains(rustix::io::FdFlags::CLOEXEC),
                 "received fds are close-on-exec"
             );
-            assert_eq!(b.recv().await.unwrap().0, Message::Attach);
+            assert_eq!(
+                b.recv().await.unwrap().0,
+                Message::Published { generation: 5 }
+            );
         });
     }
 
@@ -368,7 +381,7 @@ mod tests {
             let (a, mut b) = pair();
             let file = tempfile::tempfile().unwrap();
             let frame = {
-                let payload = codec::encode(&Message::Attach).unwrap();
+                let payload = codec::encode(&Message::Published { generation: 5 }).unwrap();
                 let mut f = (payload.len() as u32).to_le_bytes().to_vec();
                 f.extend(payload);
                 f

@@ -6,13 +6,25 @@
 //! we were already re-parented, which `getppid()` reveals, so we compare it with the pid the
 //! supervisor put in our environment.
 //!
+//! Its bus connection a child inherits ready-made: one end of a socketpair at the fd number in
+//! `FORKLESS_BUS_FD`, on which the supervisor has already queued the welcome (and, for a
+//! worker, the generation). [`take_inherited_bus`] claims it exactly once; workers claim their
+//! listening sockets (fds 3.., `LISTEN_FDS`) with [`take_inherited_listeners`].
+//!
 //! ```no_run
+//! # async fn f() {
 //! forkless_bus::child::die_with_supervisor().expect("supervisor is gone");
+//! let bus = forkless_bus::child::take_inherited_bus().expect("inherited bus");
+//! # }
 //! ```
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::process::{getppid, set_parent_process_death_signal, Pid, Signal};
 
-use crate::ENV_SUPERVISOR_PID;
+use crate::channel::BusStream;
+use crate::{ENV_BUS_FD, ENV_SUPERVISOR_PID};
 
 /// Exit status of a child that must not be restarted because restarting cannot help (a missing
 /// or corrupt weights file, a broken configuration): sysexits' `EX_CONFIG`. The supervisor
@@ -26,7 +38,10 @@ pub enum OrphanError {
     NotSupervised,
     #[error("cannot set PR_SET_PDEATHSIG: {0}")]
     Prctl(std::io::Error),
-    #[error("supervisor (pid {expected}) is already gone; parent is now {actual:?}")]
+    #[error(
+        "parent is pid {actual:?}, not the supervisor (pid {expected}): the supervisor is gone, or a \
+         wrapper forked this program (end wrapper scripts with `exec program ...`)"
+    )]
     Orphaned { expected: i32, actual: Option<i32> },
 }
 
@@ -43,4 +58,198 @@ pub fn die_with_supervisor() -> Result<(), OrphanError> {
         return Err(OrphanError::Orphaned { expected, actual });
     }
     Ok(())
+}
+
+/// Why an inherited descriptor cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("{0} is not set: this program must be started by `supervisor run`")]
+    NotSet(&'static str),
+    #[error("{name}={value:?} is not valid here")]
+    BadValue { name: &'static str, value: String },
+    #[error("the inherited {0} was already taken by this process")]
+    AlreadyTaken(&'static str),
+    #[error("inherited fd {fd} is not {expected}: {reason}")]
+    WrongKind {
+        fd: RawFd,
+        expected: &'static str,
+        reason: String,
+    },
+}
+
+static BUS_TAKEN: AtomicBool = AtomicBool::new(false);
+static LISTENERS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of inherited descriptor `fd` once `check` has accepted it (so a number that
+/// names something else is left alone, not closed), and marks it close-on-exec so that our own
+/// children do not inherit it in turn.
+fn claim_inherited_fd(
+    fd: RawFd,
+    expected: &'static str,
+    check: impl FnOnce(BorrowedFd<'_>) -> Result<(), String>,
+) -> Result<OwnedFd, InheritError> {
+    let wrong = |reason: String| InheritError::WrongKind {
+        fd,
+        expected,
+        reason,
+    };
+    // SAFETY: F_GETFD on any number is harmless: it fails with EBADF if nothing is open there.
+    // The borrow ends with this statement.
+    rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) })
+        .map_err(|e| wrong(e.to_string()))?;
+    // SAFETY: `fd` is open (just checked) and stays open while borrowed: nothing in this
+    // process closes descriptors it does not own, and the caller's TAKEN flag ensures no
+    // other claim on this number exists.
+    check(unsafe { BorrowedFd::borrow_raw(fd) }).map_err(wrong)?;
+    // SAFETY: the supervisor placed this descriptor here for us (its number came from our
+    // environment), `check` confirmed it is what we expect, and the caller's TAKEN flag makes
+    // this the only OwnedFd ever created for it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
+        .map_err(|e| wrong(e.to_string()))?;
+    Ok(owned)
+}
+
+fn is_socket(fd: BorrowedFd<'_>) -> Result<(), String> {
+    let mode = rustix::fs::fstat(fd).map_err(|e| e.to_string())?.st_mode;
+    if mode & 0o170000 != 0o140000 {
+        return Err("not a socket".into());
+    }
+    Ok(())
+}
+
+/// Claims the bus socket the supervisor placed at `$FORKLESS_BUS_FD`. Must run inside a tokio
+/// runtime. Succeeds at most once per process. The socket must be one end of a socketpair the
+/// supervisor created (`SO_PEERCRED` names the supervisor's pid), so a grandchild that merely
+/// inherited the variable never adopts an unrelated descriptor.
+pub fn take_inherited_bus() -> Result<BusStream, InheritError> {
+    let text = std::env::var(ENV_BUS_FD).map_err(|_| InheritError::NotSet(ENV_BUS_FD))?;
+    let bad = || InheritError::BadValue {
+        name: ENV_BUS_FD,
+        value: text.clone(),
+    };
+    let fd: RawFd = text.parse().ok().filter(|&fd| fd > 2).ok_or_else(bad)?;
+    let supervisor: i32 = std::env::var(ENV_SUPERVISOR_PID)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or(InheritError::NotSet(ENV_SUPERVISOR_PID))?;
+    if BUS_TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(InheritError::AlreadyTaken("bus socket"));
+    }
+    let owned = claim_inherited_fd(fd, "the supervisor's bus socket", |fd| {
+        is_socket(fd)?;
+        let peer = rustix::net::sockopt::socket_peercred(fd).map_err(|e| e.to_string())?;
+        match peer.pid.as_raw_nonzero().get() {
+            pid if pid == supervisor => Ok(()),
+            pid => Err(format!(
+                "its peer is pid {pid}, not the supervisor (pid {supervisor})"
+            )),
+        }
+    })?;
+    let stream = std::os::unix::net::UnixStream::from(owned);
+    let fd = stream.as_raw_fd();
+    BusStream::from_std(stream).map_err(|e| InheritError::WrongKind {
+        fd,
+        expected: "a socket tokio can register",
+        reason: e.to_string(),
+    })
+}
+
+/// Claims the listening sockets passed under the systemd convention (`LISTEN_FDS` sockets at
+/// fds 3..; `LISTEN_PID`, if set, must be our pid). Succeeds at most once per process.
+///
+/// Why not the `listenfd` crate: it calls `std::env::remove_var`, which is unsound once other
+/// threads run (a tokio runtime's), and workers take their listener inside the runtime. The
+/// variables stay set; the sockets become close-on-exec, so our children do not inherit them.
+pub fn take_inherited_listeners() -> Result<Vec<std::net::TcpListener>, InheritError> {
+    let count = std::env::var("LISTEN_FDS").map_err(|_| InheritError::NotSet("LISTEN_FDS"))?;
+    let count: i32 = count
+        .parse()
+        .ok()
+        .filter(|&n| (1..=64).contains(&n))
+        .ok_or(InheritError::BadValue {
+            name: "LISTEN_FDS",
+            value: count,
+        })?;
+    if let Ok(pid) = std::env::var("LISTEN_PID") {
+        if !pid.is_empty() && pid != std::process::id().to_string() {
+            return Err(InheritError::BadValue {
+                name: "LISTEN_PID",
+                value: pid,
+            });
+        }
+    }
+    if LISTENERS_TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(InheritError::AlreadyTaken("listening sockets"));
+    }
+    (3..3 + count)
+        .map(|fd| {
+            let owned = claim_inherited_fd(fd, "a listening TCP socket", |fd| {
+                is_socket(fd)?;
+                match rustix::net::sockopt::socket_acceptconn(fd) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err("socket is not listening".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })?;
+            Ok(std::net::TcpListener::from(owned))
+        })
+        .collect()
+}
+
+/// Why a child could not open its bus connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Inherit(#[from] InheritError),
+    #[error("cannot connect to the supervisor's bus at {path}: {source}")]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bus: {0}")]
+    Send(#[from] crate::channel::SendError),
+    #[error("bus: {0}")]
+    Recv(#[from] crate::channel::RecvError),
+    #[error("the supervisor refused this {role:?}: {reason}")]
+    Refused { role: crate::Role, reason: String },
+    #[error("the supervisor speaks bus protocol {theirs}, this program {ours}: rebuild it against the same forkless")]
+    Version { theirs: u32, ours: u32 },
+    #[error("the supervisor sent {0} where a welcome was expected")]
+    Unexpected(&'static str),
+}
+
+/// Opens the bus as `role`: the inherited socket (`FORKLESS_BUS_FD`) when there is one, else
+/// the path in `FORKLESS_BUS`; says hello and checks the welcome's protocol version.
+pub async fn connect_to_supervisor(role: crate::Role) -> Result<BusStream, ConnectError> {
+    use crate::wire::{Message, PROTOCOL_VERSION};
+    let mut bus = match (
+        std::env::var_os(ENV_BUS_FD),
+        std::env::var_os(crate::ENV_BUS),
+    ) {
+        (None, Some(path)) => {
+            let path = std::path::PathBuf::from(path);
+            BusStream::connect(&path)
+                .await
+                .map_err(|source| ConnectError::Connect { path, source })?
+        }
+        _ => take_inherited_bus()?,
+    };
+    bus.send(&Message::hello(role, std::process::id()), &[])
+        .await?;
+    match bus.recv().await?.0 {
+        Message::Welcome { version } if version == PROTOCOL_VERSION => Ok(bus),
+        Message::Welcome { version } => Err(ConnectError::Version {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        }),
+        Message::Refused { reason } => Err(ConnectError::Refused { role, reason }),
+        other => Err(ConnectError::Unexpected(other.kind())),
+    }
+}
+
+/// CPU time consumed so far by the calling thread (for attach timing).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }

@@ -40,6 +40,8 @@ pub use wire::{Message, Role};
 
 /// Environment variable through which a child learns the bus socket's path.
 pub const ENV_BUS: &str = "FORKLESS_BUS";
+/// Environment variable with the number of the inherited, already-connected bus fd.
+pub const ENV_BUS_FD: &str = "FORKLESS_BUS_FD";
 /// Environment variable naming the child's role (`owner` or `worker`).
 pub const ENV_ROLE: &str = "FORKLESS_ROLE";
 /// Environment variable with the worker's index (0..N-1).

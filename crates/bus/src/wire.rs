@@ -1,14 +1,18 @@
 //! The bus protocol: the messages exchanged between the supervisor and its children.
 //!
 //! A connection starts with [`Message::Hello`] from the child (magic, protocol version, role,
-//! pid). The supervisor answers [`Message::Welcome`] or [`Message::Refused`] and closes. After
-//! that:
+//! pid). The supervisor sends [`Message::Welcome`] (or [`Message::Refused`] and closes); both
+//! sides check the other's version. After that:
 //!
 //! ```text
-//! owner  → Publish{manifest} + one fd per arena   ← Published{generation}
-//! worker → Attach                                 ← Generation{manifest} + one read-only fd per arena
-//! worker → Ready{generation, attach_us}
+//! owner  → Publish{manifest} + one fd per arena    ← Published{generation}
+//! worker                                           ← Generation{manifest} + one read-only fd per arena (pushed)
+//! worker → Ready{generation, attach timing}
 //! ```
+//!
+//! The supervisor pushes the generation to a worker unasked, right behind the welcome: on the
+//! socket a child inherits, both are already queued when the worker starts, so attaching
+//! waits for nobody.
 //!
 //! Which messages carry descriptors, and how many, is decided here by [`Message::fd_count`], so
 //! a frame that arrives with a different number of fds is refused rather than guessed at.
@@ -59,8 +63,6 @@ pub enum Message {
     Published {
         generation: u64,
     },
-    /// Worker → supervisor: send me the current generation (waits until one exists).
-    Attach,
     /// Supervisor → worker: the current generation; carries one read-only fd per arena.
     Generation {
         manifest: Manifest,
@@ -68,8 +70,17 @@ pub enum Message {
     /// Worker → supervisor: mapped, verified, warmed up, listening.
     Ready {
         generation: u64,
-        attach_us: u64,
+        attach: AttachTiming,
     },
+}
+
+/// How long a worker took to attach its generation (bus handshake, manifest, validation, mmap).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachTiming {
+    /// Wall-clock time, waiting included (on a busy machine, mostly waiting for a CPU).
+    pub wall_us: u64,
+    /// CPU time the attaching thread spent.
+    pub cpu_us: u64,
 }
 
 /// Why a hello was not accepted.
@@ -124,7 +135,6 @@ impl Message {
             Message::Refused { .. } => "refused",
             Message::Publish { .. } => "publish",
             Message::Published { .. } => "published",
-            Message::Attach => "attach",
             Message::Generation { .. } => "generation",
             Message::Ready { .. } => "ready",
         }
@@ -158,6 +168,9 @@ mod tests {
             bad_version.check_hello(),
             Err(HandshakeError::Version { theirs: 99 })
         );
-        assert_eq!(Message::Attach.check_hello(), Err(HandshakeError::NotHello));
+        assert_eq!(
+            Message::Published { generation: 1 }.check_hello(),
+            Err(HandshakeError::NotHello)
+        );
     }
 }

@@ -34,11 +34,10 @@ pub enum OwnerError {
     Env(&'static str),
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
-    #[error("bus connection to the supervisor at {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] forkless_bus::child::ConnectError),
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(std::io::Error),
     #[error("bus: {0}")]
     Send(#[from] forkless_bus::channel::SendError),
     #[error("bus: {0}")]
@@ -52,7 +51,16 @@ pub enum OwnerError {
 impl OwnerError {
     /// True when restarting the owner would fail the same way.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, OwnerError::Load(_) | OwnerError::Env(_))
+        matches!(
+            self,
+            OwnerError::Load(_)
+                | OwnerError::Env(_)
+                | OwnerError::Orphan(_)
+                | OwnerError::Refused(_)
+        ) || matches!(
+            self,
+            OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. })
+        )
     }
 }
 
@@ -85,21 +93,8 @@ fn env(name: &'static str) -> Result<String, OwnerError> {
 /// closes the bus or SIGTERM arrives.
 pub async fn run() -> Result<(), OwnerError> {
     forkless_bus::child::die_with_supervisor()?;
-    let bus_path = PathBuf::from(env(forkless_bus::ENV_BUS)?);
     let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
-    let mut bus = BusStream::connect(&bus_path)
-        .await
-        .map_err(|source| OwnerError::Connect {
-            path: bus_path.clone(),
-            source,
-        })?;
-    bus.send(&Message::hello(Role::Owner, std::process::id()), &[])
-        .await?;
-    match bus.recv().await?.0 {
-        Message::Welcome { .. } => {}
-        Message::Refused { reason } => return Err(OwnerError::Refused(reason)),
-        other => return Err(OwnerError::Unexpected(other.kind())),
-    }
+    let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
     let started = Instant::now();
     let (manifest, arena) = load_host_arena(&model)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -128,10 +123,7 @@ pub async fn run() -> Result<(), OwnerError> {
 
 async fn wait_for_stop(bus: &mut BusStream) -> Result<(), OwnerError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| OwnerError::Connect {
-            path: "signal handler".into(),
-            source,
-        })?;
+        .map_err(OwnerError::Signal)?;
     tokio::select! {
         _ = term.recv() => Ok(()),
         received = bus.recv() => match received {

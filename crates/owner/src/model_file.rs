@@ -132,7 +132,10 @@ impl ModelFile {
         let expected = shape
             .iter()
             .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
-        let (start, end) = (data_start + start, data_start + end);
+        let (start, end) = match (data_start.checked_add(start), data_start.checked_add(end)) {
+            (Some(start), Some(end)) => (start, end),
+            _ => (u64::MAX, u64::MAX),
+        };
         if end < start || Some(end - start) != expected || end > file_len {
             return Err(LoadError::Corrupt {
                 path: path.into(),

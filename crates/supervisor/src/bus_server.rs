@@ -1,9 +1,15 @@
-//! The supervisor's end of the bus: accepts connections on the private socket, checks that
-//! each peer is one of its own children (`SO_PEERCRED`: same uid, pid in the [`PidTable`],
-//! claimed role matching), then serves the owner's publishes and the workers' attaches.
+//! The supervisor's end of the bus.
 //!
-//! A connection that breaks the protocol is logged with its reason and closed; no other
-//! connection notices.
+//! Every child gets its connection ready-made: one end of a socketpair, inherited at a fixed
+//! fd ([`serve_child`] serves the other end), so no one else can reach it and the welcome and
+//! generation are queued before the child runs. The path-based socket in the private runtime
+//! folder ([`BusServer`]) serves any other process, and only after checking it is one of the
+//! supervisor's own children (`SO_PEERCRED`: same uid, pid in the [`PidTable`], claimed role
+//! matching).
+//!
+//! After the handshake: the owner's publishes go into escrow, workers receive the current
+//! generation (pushed) and report readiness. A connection that breaks the protocol is logged
+//! with its reason and closed; no other connection notices.
 //!
 //! ```no_run
 //! # async fn f(server: forkless_supervisor::bus_server::BusServer) {
@@ -12,7 +18,6 @@
 //! ```
 
 use std::os::fd::AsFd;
-use std::time::Duration;
 
 use forkless_bus::channel::{RecvError, SendError};
 use forkless_bus::wire::PROTOCOL_VERSION;
@@ -26,10 +31,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::escrow::Escrow;
 use crate::spawn::{ChildLabel, PidTable};
-
-/// How long a connecting pid may be missing from the pid table (the spawner records it right
-/// after the fork; this only covers that instant).
-const PID_LOOKUP_GRACE: Duration = Duration::from_secs(2);
 
 /// Why one connection ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +47,32 @@ enum ConnError {
     Reopen(#[from] forkless_bus::host::ArenaError),
 }
 
-/// The accept loop and its shared state.
+/// What every bus connection shares.
+#[derive(Debug, Clone)]
+pub struct BusState {
+    pub escrow: Escrow,
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Push the current generation to workers (false with `sharing = "none"`).
+    pub push_generation: bool,
+}
+
+/// Serves a child's inherited connection until it closes.
+pub async fn serve_child(bus: BusStream, label: ChildLabel, state: BusState) {
+    let conn = Connection { bus, state };
+    if let Err(e) = conn.run(Some(label)).await {
+        tracing::warn!(
+            "bus connection of {} {} closed: {e}",
+            crate::children::role_name(label.role),
+            label.index
+        );
+    }
+}
+
+/// The accept loop of the path-based bus socket.
 pub struct BusServer {
     pub listener: UnixListener,
     pub pids: PidTable,
-    pub escrow: Escrow,
-    pub events: mpsc::UnboundedSender<Event>,
+    pub state: BusState,
     pub stop: CancellationToken,
 }
 
@@ -63,20 +84,23 @@ impl BusServer {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
-                    Err(e) => { tracing::warn!("bus accept failed: {e}"); continue; }
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning on the error.
+                        tracing::warn!("bus accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 },
                 _ = self.stop.cancelled() => break,
             };
             let conn = Connection {
                 bus: BusStream::new(stream),
-                pids: self.pids.clone(),
-                escrow: self.escrow.clone(),
-                events: self.events.clone(),
+                state: self.state.clone(),
             };
-            let stop = self.stop.clone();
+            let (stop, pids) = (self.stop.clone(), self.pids.clone());
             tracker.spawn(async move {
                 tokio::select! {
-                    result = conn.run() => if let Err(e) = result {
+                    result = conn.authenticate_and_run(&pids) => if let Err(e) = result {
                         tracing::warn!("bus connection closed: {e}");
                     },
                     _ = stop.cancelled() => {}
@@ -90,15 +114,13 @@ impl BusServer {
 
 struct Connection {
     bus: BusStream,
-    pids: PidTable,
-    escrow: Escrow,
-    events: mpsc::UnboundedSender<Event>,
+    state: BusState,
 }
 
 impl Connection {
-    async fn run(mut self) -> Result<(), ConnError> {
-        let label = match self.authenticate().await {
-            Ok(label) => label,
+    async fn authenticate_and_run(mut self, pids: &PidTable) -> Result<(), ConnError> {
+        match self.authenticate(pids).await {
+            Ok(label) => self.run(Some(label)).await,
             Err(ConnError::Refused(reason)) => {
                 let _ = self
                     .bus
@@ -109,10 +131,16 @@ impl Connection {
                         &[],
                     )
                     .await;
-                return Err(ConnError::Refused(reason));
+                Err(ConnError::Refused(reason))
             }
-            Err(e) => return Err(e),
-        };
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Welcome (and generation) first, so an inherited socket has them queued at once; then
+    /// the child's hello, which must match what it was started as.
+    async fn run(mut self, label: Option<ChildLabel>) -> Result<(), ConnError> {
+        let label = label.expect("connections are labelled before they run");
         self.bus
             .send(
                 &Message::Welcome {
@@ -121,18 +149,52 @@ impl Connection {
                 &[],
             )
             .await?;
-        let result = match label.role {
-            Role::Owner => self.serve_owner().await,
-            Role::Worker => self.serve_worker(label.index).await,
+        if label.role == Role::Worker && self.state.push_generation {
+            self.push_generation().await?;
+        }
+        let result = match self.expect_hello(label).await {
+            Ok(pid) => match label.role {
+                Role::Owner => self.serve_owner().await,
+                Role::Worker => self.serve_worker(label.index, pid).await,
+            },
+            Err(e) => Err(e),
         };
         match result {
             Err(ConnError::Recv(RecvError::Closed)) => Ok(()),
+            Err(ConnError::Refused(reason)) => {
+                // Tell the child why, so it can report it (and not just see a closed socket).
+                let _ = self
+                    .bus
+                    .send(
+                        &Message::Refused {
+                            reason: reason.clone(),
+                        },
+                        &[],
+                    )
+                    .await;
+                Err(ConnError::Refused(reason))
+            }
             other => other,
         }
     }
 
-    /// Credentials first (the kernel's word), then the hello (the peer's word), which must agree.
-    async fn authenticate(&mut self) -> Result<ChildLabel, ConnError> {
+    /// Returns the pid the child reports (for logs; its connection already identifies it).
+    async fn expect_hello(&mut self, label: ChildLabel) -> Result<u32, ConnError> {
+        let (hello, _) = self.bus.recv().await?;
+        let (role, pid) = hello
+            .check_hello()
+            .map_err(|e| ConnError::Refused(e.to_string()))?;
+        if role != label.role {
+            return Err(ConnError::Refused(format!(
+                "started as {:?} but says it is {role:?}",
+                label.role
+            )));
+        }
+        Ok(pid)
+    }
+
+    /// For path-based connections: the kernel's word on who is calling.
+    async fn authenticate(&mut self, pids: &PidTable) -> Result<ChildLabel, ConnError> {
         let cred = self.bus.peer_cred().map_err(ConnError::Cred)?;
         let my_uid = rustix::process::getuid().as_raw();
         if cred.uid() != my_uid {
@@ -142,33 +204,9 @@ impl Connection {
             )));
         }
         let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        let label = self.lookup(pid).await.ok_or_else(|| {
+        pids.get(pid).ok_or_else(|| {
             ConnError::Refused(format!("pid {pid} is not a child of this supervisor"))
-        })?;
-        let (hello, _) = self.bus.recv().await?;
-        let (role, claimed_pid) = hello
-            .check_hello()
-            .map_err(|e| ConnError::Refused(e.to_string()))?;
-        if role != label.role || claimed_pid != pid {
-            return Err(ConnError::Refused(format!(
-                "pid {pid} was started as {:?} but says it is {role:?} pid {claimed_pid}",
-                label.role
-            )));
-        }
-        Ok(label)
-    }
-
-    async fn lookup(&self, pid: u32) -> Option<ChildLabel> {
-        let deadline = tokio::time::Instant::now() + PID_LOOKUP_GRACE;
-        loop {
-            if let Some(label) = self.pids.get(pid) {
-                return Some(label);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        })
     }
 
     async fn serve_owner(&mut self) -> Result<(), ConnError> {
@@ -176,12 +214,12 @@ impl Connection {
             match self.bus.recv().await? {
                 (Message::Publish { manifest }, fds) => {
                     let (source, bytes) = (manifest.source.clone(), manifest.total_bytes());
-                    match self.escrow.deposit(manifest, fds) {
+                    match self.state.escrow.deposit(manifest, fds) {
                         Ok(generation) => {
                             self.bus
                                 .send(&Message::Published { generation }, &[])
                                 .await?;
-                            let _ = self.events.send(Event::Published {
+                            let _ = self.state.events.send(Event::Published {
                                 generation,
                                 source,
                                 bytes,
@@ -200,28 +238,15 @@ impl Connection {
         }
     }
 
-    async fn serve_worker(&mut self, index: u32) -> Result<(), ConnError> {
-        let pid = self
-            .bus
-            .peer_cred()
-            .map_err(ConnError::Cred)?
-            .pid()
-            .unwrap_or(0) as u32;
+    async fn serve_worker(&mut self, index: u32, pid: u32) -> Result<(), ConnError> {
         loop {
             match self.bus.recv().await? {
-                (Message::Attach, _) => self.send_generation().await?,
-                (
-                    Message::Ready {
-                        generation,
-                        attach_us,
-                    },
-                    _,
-                ) => {
-                    let _ = self.events.send(Event::WorkerReady {
+                (Message::Ready { generation, attach }, _) => {
+                    let _ = self.state.events.send(Event::WorkerReady {
                         index,
                         pid,
                         generation,
-                        attach_us,
+                        attach,
                     });
                 }
                 (other, _) => {
@@ -235,8 +260,8 @@ impl Connection {
     }
 
     /// Sends the current generation with fresh read-only fds (waits if none exists yet).
-    async fn send_generation(&mut self) -> Result<(), ConnError> {
-        let generation = self.escrow.wait_current().await;
+    async fn push_generation(&mut self) -> Result<(), ConnError> {
+        let generation = self.state.escrow.wait_current().await;
         let fds = generation
             .arenas
             .iter()

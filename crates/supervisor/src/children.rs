@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus_server::{serve_child, BusState};
 use crate::config::{resolve_program, Config, Sharing};
 use crate::events::Event;
 use crate::listeners::Listeners;
@@ -46,6 +47,7 @@ pub struct Context {
     pub pids: PidTable,
     pub listeners: Listeners,
     pub bus_socket: PathBuf,
+    pub bus: BusState,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -53,7 +55,9 @@ impl Context {
     fn spec(&self, label: ChildLabel) -> std::io::Result<ChildSpec> {
         let mut spec = match label.role {
             Role::Owner => {
-                let mut spec = ChildSpec::new(std::env::current_exe()?);
+                // Not current_exe(): after an in-place upgrade that path names the new binary
+                // (or nothing); /proc/self/exe is always the supervisor that is running.
+                let mut spec = ChildSpec::new(PathBuf::from("/proc/self/exe"));
                 spec.args = vec!["owner".into()];
                 spec
             }
@@ -114,18 +118,26 @@ pub async fn supervise(ctx: Arc<Context>, label: ChildLabel, stop: CancellationT
     let mut backoff = Backoff::new(&ctx.config.restart);
     let name = role_name(label.role);
     while !stop.is_cancelled() {
-        let child = match ctx.spec(label) {
-            Ok(spec) => ctx.spawner.spawn(spec).await,
-            Err(e) => Err(e),
-        };
-        let mut child = match child {
+        let mut child = match start_child(&ctx, label).await {
             Ok(child) => child,
-            Err(e) => {
+            Err(e) if cannot_ever_start(&e) => {
                 let _ = ctx.events.send(Event::Fatal(format!(
                     "cannot start {name} {}: {e}",
                     label.index
                 )));
                 return;
+            }
+            Err(e) => {
+                // EAGAIN, EMFILE, ENOMEM...: a bad moment, not a broken config.
+                let delay = backoff.after_exit(Duration::ZERO);
+                tracing::error!(
+                    "cannot start {name} {}: {e}; retrying in {delay:?}",
+                    label.index
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = stop.cancelled() => return,
+                }
             }
         };
         let pid = child.id().unwrap_or(0);
@@ -137,6 +149,11 @@ pub async fn supervise(ctx: Arc<Context>, label: ChildLabel, stop: CancellationT
             _ = stop.cancelled() => stop_child(&mut child, pid, ctx.grace()).await,
         };
         ctx.pids.remove(pid);
+        if !stop.is_cancelled() {
+            // Whatever the dead child started (its process group) goes with it: no orphans
+            // holding its pipes, its sockets or its memory.
+            signal_group(pid, Signal::KILL);
+        }
         let tail = output.finish().await;
         if stop.is_cancelled() {
             tracing::info!(
@@ -180,6 +197,25 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// A program that is missing, not executable or not a program will not start next time either.
+fn cannot_ever_start(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{InvalidInput, NotFound, PermissionDenied};
+    matches!(e.kind(), NotFound | PermissionDenied | InvalidInput)
+}
+
+/// Spawns a child with a fresh bus socketpair. Serving our end starts first, so the welcome
+/// and the generation are (usually) queued in the socket while the child is still being
+/// exec'd, and its attach waits for nothing. If the spawn fails, the child's end is dropped
+/// and the serving task ends on the closed socket.
+async fn start_child(ctx: &Context, label: ChildLabel) -> std::io::Result<Child> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let mut spec = ctx.spec(label)?;
+    spec.bus = Some(theirs.into());
+    let bus = forkless_bus::BusStream::from_std(ours)?;
+    tokio::spawn(serve_child(bus, label, ctx.bus.clone()));
+    ctx.spawner.spawn(spec).await
+}
+
 /// SIGTERM to the child's process group; SIGKILL if it is still there after `grace`.
 async fn stop_child(child: &mut Child, pid: u32, grace: Duration) -> std::io::Result<ExitStatus> {
     signal_group(pid, Signal::TERM);
@@ -193,7 +229,7 @@ async fn stop_child(child: &mut Child, pid: u32, grace: Duration) -> std::io::Re
     }
 }
 
-fn signal_group(pid: u32, signal: Signal) {
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
     if let Some(pgid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
         // ESRCH means the group is already gone, which is what we wanted.
         let _ = kill_process_group(pgid, signal);

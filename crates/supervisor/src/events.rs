@@ -21,7 +21,7 @@ pub enum Event {
         index: u32,
         pid: u32,
         generation: u64,
-        attach_us: u64,
+        attach: forkless_bus::wire::AttachTiming,
     },
     /// A child exited on its own (not asked to stop); its slot restarts it.
     Exited { label: ChildLabel, pid: u32 },

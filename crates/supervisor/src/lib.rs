@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus_server::BusServer;
+use crate::bus_server::{BusServer, BusState};
 use crate::children::{supervise, Context};
 use crate::config::{Config, Sharing};
 use crate::escrow::Escrow;
@@ -56,7 +56,9 @@ const OWNER: ChildLabel = ChildLabel {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     let spawner = Spawner::start(tokio::runtime::Handle::current());
-    ensure_model(&config, &spawner).await?;
+    let stop = CancellationToken::new();
+    shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
+    ensure_model(&config, &spawner, &stop).await?;
     let runtime_dir = RuntimeDir::create(config.supervisor.runtime_dir.as_deref())?;
     let listeners = Listeners::bind(&config.workers.listen, config.workers.backlog)?;
     let addrs: Vec<String> = listeners
@@ -77,17 +79,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         addrs.join(", "),
     );
 
-    let stop = CancellationToken::new();
-    shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
     let (events, mut inbox) = mpsc::unbounded_channel();
     let escrow = Escrow::default();
     let pids = PidTable::default();
     let bus_stop = CancellationToken::new();
+    let bus_state = BusState {
+        escrow: escrow.clone(),
+        events: events.clone(),
+        push_generation: config.model.sharing == Sharing::Shared,
+    };
     let bus = BusServer {
         listener: bus_listener,
         pids: pids.clone(),
-        escrow: escrow.clone(),
-        events: events.clone(),
+        state: bus_state.clone(),
         stop: bus_stop.clone(),
     };
     let bus_task = tokio::spawn(bus.serve());
@@ -99,6 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pids,
         listeners,
         bus_socket,
+        bus: bus_state,
         events,
     });
 
@@ -182,9 +187,17 @@ impl MainLoop {
                 index,
                 pid,
                 generation,
-                attach_us,
+                attach,
             } => {
-                tracing::info!(index, pid, generation, attach_us, "worker {index} ready");
+                let (attach_us, attach_cpu_us) = (attach.wall_us, attach.cpu_us);
+                tracing::info!(
+                    index,
+                    pid,
+                    generation,
+                    attach_us,
+                    attach_cpu_us,
+                    "worker {index} ready"
+                );
                 self.ready.insert(index);
                 if self.ready.len() == self.count as usize && !self.announced {
                     self.announced = true;
@@ -224,7 +237,11 @@ impl MainLoop {
 
 /// Makes sure the weights file exists before anything starts: a missing file is a clear
 /// error naming it, not a restart loop of owners that cannot load it.
-async fn ensure_model(config: &Config, spawner: &Spawner) -> anyhow::Result<()> {
+async fn ensure_model(
+    config: &Config,
+    spawner: &Spawner,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let path = &config.model.path;
     if path.exists() {
         return Ok(());
@@ -245,19 +262,33 @@ async fn ensure_model(config: &Config, spawner: &Spawner) -> anyhow::Result<()> 
     spec.args = command[1..].to_vec();
     spec.env
         .push((forkless_bus::ENV_MODEL.into(), path.display().to_string()));
-    let output = spawner
+    let mut child = spawner
         .spawn(spec)
         .await
-        .with_context(|| format!("[model] make_if_missing in {}", config.source.display()))?
-        .wait_with_output()
-        .await?;
-    if !output.status.success() || !path.exists() {
+        .with_context(|| format!("[model] make_if_missing in {}", config.source.display()))?;
+    let mut stderr = child.stderr.take().expect("spawned with piped stderr");
+    let collect = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    });
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        _ = stop.cancelled() => {
+            let pid = child.id().unwrap_or(0);
+            children::signal_group(pid, rustix::process::Signal::KILL);
+            let _ = child.wait().await;
+            bail!("stopped while [model] make_if_missing was writing {}", path.display());
+        }
+    };
+    let stderr = collect.await.unwrap_or_default();
+    if !status.success() || !path.exists() {
         bail!(
             "[model] make_if_missing {:?} ({}) did not create {}: {}",
             command,
-            output.status,
+            status,
             path.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
+            stderr.trim()
         );
     }
     Ok(())

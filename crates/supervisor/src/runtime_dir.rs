@@ -7,12 +7,12 @@
 //! assert!(dir.bus_socket().starts_with(base.path()));
 //! ```
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Failure to prepare the runtime folder.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot create private runtime folder {path}: {source} (set [supervisor] runtime_dir to a writable folder)")]
+#[error("cannot create a private runtime folder in {path}: {source} (set [supervisor] runtime_dir to a writable folder)")]
 pub struct RuntimeDirError {
     pub path: PathBuf,
     pub source: std::io::Error,
@@ -21,38 +21,35 @@ pub struct RuntimeDirError {
 /// A 0700 folder owned by this supervisor for its lifetime.
 #[derive(Debug)]
 pub struct RuntimeDir {
-    path: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl RuntimeDir {
-    /// Creates `<parent>/forkless-<pid>`; `parent` defaults to `$XDG_RUNTIME_DIR`, else the temp dir.
+    /// Creates `<parent>/forkless-XXXXXX` (a fresh random name, created exclusively, mode
+    /// 0700, so no other user or earlier supervisor can have planted or shared it); `parent`
+    /// defaults to `$XDG_RUNTIME_DIR`, else the temp dir.
     pub fn create(parent: Option<&Path>) -> Result<Self, RuntimeDirError> {
         let parent = parent.map(Path::to_path_buf).unwrap_or_else(default_parent);
-        let path = parent.join(format!("forkless-{}", std::process::id()));
         let err = |source| RuntimeDirError {
-            path: path.clone(),
+            path: parent.clone(),
             source,
         };
-        if path.exists() {
-            // A previous supervisor with our pid died without cleaning up.
-            std::fs::remove_dir_all(&path).map_err(err)?;
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)
+        std::fs::create_dir_all(&parent).map_err(err)?;
+        let dir = tempfile::Builder::new()
+            .prefix("forkless-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(&parent)
             .map_err(err)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        Ok(RuntimeDir { path })
+        Ok(RuntimeDir { dir })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.dir.path()
     }
 
     /// Where the bus socket lives.
     pub fn bus_socket(&self) -> PathBuf {
-        self.path.join("bus.sock")
+        self.path().join("bus.sock")
     }
 }
 
@@ -61,14 +58,6 @@ fn default_parent() -> PathBuf {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir)
-}
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            tracing::warn!("cannot remove runtime folder {}: {e}", self.path.display());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! fed by a channel, replying on a oneshot, that lives as long as the supervisor.
 //!
 //! Between fork and exec only std's own steps and `command-fds`' `dup2` (async-signal-safe,
-//! no allocation) run: listening sockets land at fixed fds 3.. for `LISTEN_FDS`.
+//! no allocation) run: listening sockets land at fixed fds 3.. for `LISTEN_FDS`, the child's
+//! bus socket right after them (`FORKLESS_BUS_FD`).
 //! Each child gets its own process group, so a stop signal reaches anything it started.
 //!
 //! ```no_run
@@ -38,6 +39,8 @@ pub struct ChildSpec {
     pub env: Vec<(String, String)>,
     /// Sockets placed at fds 3, 4, ... in the child.
     pub listeners: Vec<OwnedFd>,
+    /// The child's end of its bus socketpair, placed right after the listeners.
+    pub bus: Option<OwnedFd>,
     /// Recorded in the [`PidTable`] right after the fork, before the child can connect.
     pub label: Option<(PidTable, ChildLabel)>,
 }
@@ -49,6 +52,7 @@ impl ChildSpec {
             args: Vec::new(),
             env: Vec::new(),
             listeners: Vec::new(),
+            bus: None,
             label: None,
         }
     }
@@ -132,22 +136,36 @@ fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
         .kill_on_drop(false);
     if !spec.listeners.is_empty() {
         command.env("LISTEN_FDS", spec.listeners.len().to_string());
-        let mappings = spec
-            .listeners
-            .into_iter()
-            .zip(LISTEN_FDS_START..)
-            .map(|(parent_fd, child_fd)| FdMapping {
-                parent_fd,
-                child_fd,
-            })
-            .collect();
+    }
+    let bus_fd = LISTEN_FDS_START + spec.listeners.len() as i32;
+    if spec.bus.is_some() {
+        command.env(forkless_bus::ENV_BUS_FD, bus_fd.to_string());
+    }
+    let mappings: Vec<FdMapping> = spec
+        .listeners
+        .into_iter()
+        .chain(spec.bus)
+        .zip(LISTEN_FDS_START..)
+        .map(|(parent_fd, child_fd)| FdMapping {
+            parent_fd,
+            child_fd,
+        })
+        .collect();
+    if !mappings.is_empty() {
         command
             .fd_mappings(mappings)
             .map_err(std::io::Error::other)?;
     }
     let child = command.spawn().map_err(|e| {
+        const ENOEXEC: i32 = 8;
+        // Keep the kind callers decide on (ENOEXEC has none of its own: call it invalid input).
+        let kind = if e.raw_os_error() == Some(ENOEXEC) {
+            std::io::ErrorKind::InvalidInput
+        } else {
+            e.kind()
+        };
         std::io::Error::new(
-            e.kind(),
+            kind,
             format!("cannot start {}: {e}", spec.program.display()),
         )
     })?;

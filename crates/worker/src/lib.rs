@@ -12,7 +12,7 @@
 //! let mut worker = forkless_worker::Worker::from_env().await?;
 //! let generation = worker.generation();
 //! let weight: &[f32] = generation.tensor::<f32>("weight")?;
-//! let listener = forkless_worker::inherited_listener()?;
+//! let listeners = forkless_worker::inherited_listeners()?;
 //! // ... build the service around `weight`, warm it up ...
 //! worker.ready().await?;
 //! let stop = worker.shutdown_token();
@@ -26,7 +26,7 @@ mod generation;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use forkless_bus::channel::{RecvError, SendError};
 use forkless_bus::host::{ArenaMap, MapError};
@@ -35,6 +35,7 @@ use forkless_bus::{BusStream, Manifest, Message, Role};
 use forkless_owner::model_file::{LoadError, ModelFile};
 use tokio_util::sync::CancellationToken;
 
+pub use forkless_bus::wire::AttachTiming;
 pub use generation::{Element, Generation, ViewError};
 
 /// Why a worker could not attach.
@@ -44,11 +45,8 @@ pub enum AttachError {
     Env(&'static str),
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
-    #[error("cannot connect to the supervisor's bus at {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] forkless_bus::child::ConnectError),
     #[error("bus: {0}")]
     Send(#[from] SendError),
     #[error("bus: {0}")]
@@ -71,7 +69,10 @@ impl AttachError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            AttachError::Env(_) | AttachError::Load(_) | AttachError::Manifest(_)
+            AttachError::Env(_)
+                | AttachError::Orphan(_)
+                | AttachError::Load(_)
+                | AttachError::Manifest(_)
         )
     }
 }
@@ -81,10 +82,10 @@ pub use forkless_bus::child::EXIT_FATAL;
 /// Why the inherited listener is not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
-    #[error("no listening socket was inherited (LISTEN_FDS unset or 0): start this worker with `supervisor run`")]
-    Missing,
-    #[error("inherited fd 3 is not a TCP listener: {0}")]
-    NotTcp(std::io::Error),
+    #[error("no usable listening socket was inherited: {0}")]
+    Inherit(#[from] forkless_bus::child::InheritError),
+    #[error("cannot register the inherited listener with tokio: {0}")]
+    Register(std::io::Error),
 }
 
 /// Why readiness could not be reported.
@@ -102,7 +103,7 @@ pub struct Worker {
     bus: Option<BusStream>,
     generation: Arc<Generation>,
     index: u32,
-    attach_time: Duration,
+    attach: AttachTiming,
     shutdown: CancellationToken,
 }
 
@@ -114,7 +115,6 @@ impl Worker {
     /// Attaches to the supervisor named in the environment and maps the current generation.
     pub async fn from_env() -> Result<Self, AttachError> {
         forkless_bus::child::die_with_supervisor()?;
-        let bus_path = PathBuf::from(env(forkless_bus::ENV_BUS)?);
         let index = env(forkless_bus::ENV_INDEX)?
             .parse()
             .map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
@@ -122,26 +122,24 @@ impl Worker {
             Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
             _ => None,
         };
-        let started = Instant::now();
-        let mut bus = handshake(&bus_path).await?;
+        let (started, cpu_started) = (Instant::now(), forkless_bus::child::thread_cpu_time());
+        let mut bus = forkless_bus::child::connect_to_supervisor(Role::Worker).await?;
         let generation = match private_model {
             Some(path) => load_private_copy(&path)?,
-            None => attach_shared(&mut bus).await?,
+            None => receive_generation(&mut bus).await?,
         };
-        let attach_time = started.elapsed();
+        let attach = AttachTiming {
+            wall_us: started.elapsed().as_micros() as u64,
+            cpu_us: (forkless_bus::child::thread_cpu_time() - cpu_started).as_micros() as u64,
+        };
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
-        tracing::debug!(
-            index,
-            generation = generation.number(),
-            ?attach_time,
-            "attached"
-        );
+        tracing::debug!(index, generation = generation.number(), ?attach, "attached");
         Ok(Worker {
             bus: Some(bus),
             generation: Arc::new(generation),
             index,
-            attach_time,
+            attach,
             shutdown,
         })
     }
@@ -157,8 +155,8 @@ impl Worker {
     }
 
     /// Time from connecting to the bus to having the generation mapped and verified.
-    pub fn attach_time(&self) -> Duration {
-        self.attach_time
+    pub fn attach_timing(&self) -> AttachTiming {
+        self.attach
     }
 
     /// Cancelled on SIGTERM/SIGINT or when the supervisor goes away: stop accepting, drain, exit.
@@ -169,11 +167,10 @@ impl Worker {
     /// Tells the supervisor this worker has warmed up and holds its listener. Call once.
     pub async fn ready(&mut self) -> Result<(), ReadyError> {
         let mut bus = self.bus.take().ok_or(ReadyError::AlreadyReady)?;
-        let attach_us = self.attach_time.as_micros() as u64;
         bus.send(
             &Message::Ready {
                 generation: self.generation.number(),
-                attach_us,
+                attach: self.attach,
             },
             &[],
         )
@@ -183,24 +180,8 @@ impl Worker {
     }
 }
 
-async fn handshake(path: &Path) -> Result<BusStream, AttachError> {
-    let mut bus = BusStream::connect(path)
-        .await
-        .map_err(|source| AttachError::Connect {
-            path: path.into(),
-            source,
-        })?;
-    bus.send(&Message::hello(Role::Worker, std::process::id()), &[])
-        .await?;
-    match bus.recv().await?.0 {
-        Message::Welcome { .. } => Ok(bus),
-        Message::Refused { reason } => Err(AttachError::Refused(reason)),
-        other => Err(AttachError::Unexpected(other.kind())),
-    }
-}
-
-async fn attach_shared(bus: &mut BusStream) -> Result<Generation, AttachError> {
-    bus.send(&Message::Attach, &[]).await?;
+/// Receives the generation the supervisor pushes right behind its welcome.
+async fn receive_generation(bus: &mut BusStream) -> Result<Generation, AttachError> {
     match bus.recv().await? {
         (Message::Generation { manifest }, fds) => map_generation(manifest, fds),
         (Message::Refused { reason }, _) => Err(AttachError::Refused(reason)),
@@ -283,15 +264,15 @@ async fn watch_supervisor(mut bus: BusStream, shutdown: CancellationToken) {
     }
 }
 
-/// The listening socket the supervisor bound and passed as fd 3 (`LISTEN_FDS`), ready for tokio.
-pub fn inherited_listener() -> Result<tokio::net::TcpListener, ListenerError> {
-    let mut fds = listenfd::ListenFd::from_env();
-    let listener = fds
-        .take_tcp_listener(0)
-        .map_err(ListenerError::NotTcp)?
-        .ok_or(ListenerError::Missing)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(ListenerError::NotTcp)?;
-    tokio::net::TcpListener::from_std(listener).map_err(ListenerError::NotTcp)
+/// The listening sockets the supervisor bound and passed as fds 3.. (`LISTEN_FDS`), in config
+/// order, ready for tokio. Call once.
+pub fn inherited_listeners() -> Result<Vec<tokio::net::TcpListener>, ListenerError> {
+    forkless_bus::child::take_inherited_listeners()?
+        .into_iter()
+        .map(|listener| {
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)
+        })
+        .collect::<Result<_, _>>()
+        .map_err(ListenerError::Register)
 }
