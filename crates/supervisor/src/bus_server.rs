@@ -57,9 +57,15 @@ pub struct BusState {
 }
 
 /// Serves a child's inherited connection until it closes.
-pub async fn serve_child(bus: BusStream, label: ChildLabel, state: BusState) {
+/// `queued` fires once the welcome (and a worker's generation) are written to the socket.
+pub async fn serve_child(
+    bus: BusStream,
+    label: ChildLabel,
+    state: BusState,
+    queued: tokio::sync::oneshot::Sender<()>,
+) {
     let conn = Connection { bus, state };
-    if let Err(e) = conn.run(Some(label)).await {
+    if let Err(e) = conn.run(label, Some(queued)).await {
         tracing::warn!(
             "bus connection of {} {} closed: {e}",
             crate::children::role_name(label.role),
@@ -120,7 +126,7 @@ struct Connection {
 impl Connection {
     async fn authenticate_and_run(mut self, pids: &PidTable) -> Result<(), ConnError> {
         match self.authenticate(pids).await {
-            Ok(label) => self.run(Some(label)).await,
+            Ok(label) => self.run(label, None).await,
             Err(ConnError::Refused(reason)) => {
                 let _ = self
                     .bus
@@ -139,8 +145,11 @@ impl Connection {
 
     /// Welcome (and generation) first, so an inherited socket has them queued at once; then
     /// the child's hello, which must match what it was started as.
-    async fn run(mut self, label: Option<ChildLabel>) -> Result<(), ConnError> {
-        let label = label.expect("connections are labelled before they run");
+    async fn run(
+        mut self,
+        label: ChildLabel,
+        queued: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), ConnError> {
         self.bus
             .send(
                 &Message::Welcome {
@@ -151,6 +160,9 @@ impl Connection {
             .await?;
         if label.role == Role::Worker && self.state.push_generation {
             self.push_generation().await?;
+        }
+        if let Some(queued) = queued {
+            let _ = queued.send(());
         }
         let result = match self.expect_hello(label).await {
             Ok(pid) => match label.role {

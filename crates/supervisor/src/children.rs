@@ -203,16 +203,21 @@ fn cannot_ever_start(e: &std::io::Error) -> bool {
     matches!(e.kind(), NotFound | PermissionDenied | InvalidInput)
 }
 
-/// Spawns a child with a fresh bus socketpair. Serving our end starts first, so the welcome
-/// and the generation are (usually) queued in the socket while the child is still being
-/// exec'd, and its attach waits for nothing. If the spawn fails, the child's end is dropped
-/// and the serving task ends on the closed socket.
+/// Longest wait for the welcome and generation to be queued before spawning anyway (only a
+/// manifest larger than the socket buffer needs the child reading before it is all written).
+const QUEUE_WAIT: Duration = Duration::from_millis(50);
+
+/// Spawns a child with a fresh bus socketpair. The welcome and the generation are queued on
+/// the socket before the child is exec'd, so its attach waits for nobody. If the spawn fails,
+/// the child's end is dropped and the serving task ends on the closed socket.
 async fn start_child(ctx: &Context, label: ChildLabel) -> std::io::Result<Child> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut spec = ctx.spec(label)?;
     spec.bus = Some(theirs.into());
     let bus = forkless_bus::BusStream::from_std(ours)?;
-    tokio::spawn(serve_child(bus, label, ctx.bus.clone()));
+    let (queued, is_queued) = tokio::sync::oneshot::channel();
+    tokio::spawn(serve_child(bus, label, ctx.bus.clone(), queued));
+    let _ = tokio::time::timeout(QUEUE_WAIT, is_queued).await;
     ctx.spawner.spawn(spec).await
 }
 
