@@ -39,6 +39,22 @@ use crate::codec::{self, CodecError};
 use crate::manifest::MAX_ARENAS;
 use crate::wire::Message;
 
+/// Runs a non-blocking socket operation at once and waits for readiness only if it would
+/// block. Tokio's `async_io` always waits for the reactor first, which costs a thread wake-up
+/// (on a busy machine, milliseconds) even when the data is already queued: the usual case for
+/// a child reading the welcome and generation queued on its inherited socket. Tokio's
+/// readiness stays correct: a later `WouldBlock` inside `async_io` clears it.
+async fn io_now_or_when_ready<R>(
+    stream: &UnixStream,
+    interest: Interest,
+    mut op: impl FnMut() -> io::Result<R>,
+) -> io::Result<R> {
+    match op() {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.async_io(interest, op).await,
+        other => other,
+    }
+}
+
 /// Largest payload a frame may carry (4 MiB: room for manifests of ~50k tensors).
 pub const MAX_FRAME_LEN: u32 = 4 << 20;
 const PREFIX: usize = 4;
@@ -155,22 +171,20 @@ impl BusStream {
         let mut sent = 0;
         while sent < frame.len() {
             let with_fds = sent == 0 && !fds.is_empty();
-            let n = self
-                .stream
-                .async_io(Interest::WRITABLE, || {
-                    let mut control = SendAncillaryBuffer::new(&mut space);
-                    if with_fds && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-                        return Err(io::Error::other("too many fds for one frame"));
-                    }
-                    let iov = [IoSlice::new(&frame[sent..])];
-                    Ok(rustix::net::sendmsg(
-                        &self.stream,
-                        &iov,
-                        &mut control,
-                        SendFlags::NOSIGNAL,
-                    )?)
-                })
-                .await?;
+            let n = io_now_or_when_ready(&self.stream, Interest::WRITABLE, || {
+                let mut control = SendAncillaryBuffer::new(&mut space);
+                if with_fds && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                    return Err(io::Error::other("too many fds for one frame"));
+                }
+                let iov = [IoSlice::new(&frame[sent..])];
+                Ok(rustix::net::sendmsg(
+                    &self.stream,
+                    &iov,
+                    &mut control,
+                    SendFlags::NOSIGNAL,
+                )?)
+            })
+            .await?;
             sent += n;
         }
         Ok(())
@@ -222,17 +236,16 @@ impl BusStream {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_ARENAS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let (stream, chunk) = (&self.stream, &mut self.chunk);
-        let received = stream
-            .async_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(chunk)];
-                Ok(rustix::net::recvmsg(
-                    stream,
-                    &mut iov,
-                    &mut control,
-                    RecvFlags::CMSG_CLOEXEC,
-                )?)
-            })
-            .await?;
+        let received = io_now_or_when_ready(stream, Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(chunk)];
+            Ok(rustix::net::recvmsg(
+                stream,
+                &mut iov,
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )?)
+        })
+        .await?;
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = message {
                 self.fds.extend(fds);
