@@ -3,6 +3,7 @@
 
 mod util;
 
+mod escrow;
 mod failures;
 mod lifecycle;
 mod serving;

@@ -362,3 +362,94 @@ pub fn smaps(pid: u32) -> Vec<Mapping> {
     }
     maps
 }
+
+/// Continuous `{"seed": n}` requests from a background thread, one connection each.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<LoadReport>,
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub ok: u64,
+    /// Non-200 answers and connection errors, with what happened.
+    pub failures: Vec<String>,
+    /// Distinct (y_sum, generation) pairs among the answers.
+    pub answers: std::collections::BTreeSet<(String, u64)>,
+}
+
+impl Load {
+    pub fn start(addr: &str, seed: u64) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (addr, flag) = (addr.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut report = LoadReport::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match try_infer(&addr, seed) {
+                    Ok(answer) => {
+                        report.ok += 1;
+                        let generation = answer["generation"].as_u64().unwrap_or(0);
+                        report
+                            .answers
+                            .insert((answer["y_sum"].to_string(), generation));
+                    }
+                    Err(e) => report.failures.push(e),
+                }
+            }
+            report
+        });
+        Load { stop, thread }
+    }
+
+    /// Stops the load and returns what it saw.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn try_infer(addr: &str, seed: u64) -> Result<Value, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(PATIENCE))
+        .map_err(|e| e.to_string())?;
+    let body = format!("{{\"seed\": {seed}}}");
+    write!(
+        stream,
+        "POST /infer HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no response: {response:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{head}: {body}"));
+    }
+    serde_json::from_str(body).map_err(|e| format!("bad JSON {body:?}: {e}"))
+}
+
+/// The memfd arenas `pid` holds open, by link target (e.g. "/memfd:forkless-arena (deleted)").
+pub fn arena_fds(pid: u32) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target.starts_with("/memfd:forkless-arena"))
+        .collect()
+}
+
+/// Number of open descriptors of `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

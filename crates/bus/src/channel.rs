@@ -293,12 +293,7 @@ mod tests {
         let mut layout = LayoutBuilder::default();
         layout.push("w", Dtype::F32, vec![4]);
         let (arena, tensors) = layout.finish();
-        Manifest {
-            generation: 3,
-            source: "x".into(),
-            arenas: vec![arena],
-            tensors,
-        }
+        Manifest::new("x".into(), vec![arena], tensors)
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -437,12 +432,7 @@ mod tests {
                 layout.push(format!("layer.{i}.weight"), Dtype::BF16, vec![8, 8]);
             }
             let (arena, tensors) = layout.finish();
-            let m = Manifest {
-                generation: 9,
-                source: "big".into(),
-                arenas: vec![arena],
-                tensors,
-            };
+            let m = Manifest::new("big".into(), vec![arena], tensors);
             let file = tempfile::tempfile().unwrap();
             let msg = Message::Generation { manifest: m };
             let sender = async { a.send(&msg, &[file.as_fd()]).await.unwrap() };

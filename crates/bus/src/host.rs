@@ -217,6 +217,44 @@ impl ArenaMap {
     }
 }
 
+/// xxh3-64 of an arena's bytes, fed in increasing offsets as the arena is filled; the gaps
+/// between tensors (zeros in a fresh memfd) count as zeros.
+#[derive(Default)]
+pub struct ArenaChecksum {
+    hasher: xxhash_rust::xxh3::Xxh3,
+    position: u64,
+}
+
+impl ArenaChecksum {
+    /// Adds `bytes` found at `offset` (offsets must not go backwards).
+    pub fn update_at(&mut self, offset: u64, bytes: &[u8]) {
+        assert!(offset >= self.position, "arena checksum fed out of order");
+        self.zeros_until(offset);
+        self.hasher.update(bytes);
+        self.position = offset + bytes.len() as u64;
+    }
+
+    /// The checksum of an arena of `size` bytes (the rest is zeros).
+    pub fn finish(mut self, size: u64) -> u64 {
+        self.zeros_until(size);
+        self.hasher.digest()
+    }
+
+    fn zeros_until(&mut self, end: u64) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while self.position < end {
+            let n = (end - self.position).min(ZEROS.len() as u64);
+            self.hasher.update(&ZEROS[..n as usize]);
+            self.position += n;
+        }
+    }
+}
+
+/// The checksum of a whole mapped arena (what [`ArenaChecksum`] computes while filling it).
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +349,19 @@ mod tests {
             ArenaMap::map(arena.fd().try_clone_to_owned().unwrap(), 8192),
             Err(MapError::Writable)
         ));
+    }
+
+    #[test]
+    fn streaming_checksum_equals_checksum_of_the_whole() {
+        let writer = ArenaWriter::create("test", 3 * 4096).unwrap();
+        let mut streaming = ArenaChecksum::default();
+        for (offset, bytes) in [(256u64, &b"first"[..]), (5000, b"second"), (8192, b"third")] {
+            streaming.update_at(offset, bytes);
+            writer.write_at(offset, bytes).unwrap();
+        }
+        let arena = writer.seal().unwrap();
+        let map = ArenaMap::map(arena.read_only_fd().unwrap(), 3 * 4096).unwrap();
+        assert_eq!(streaming.finish(3 * 4096), checksum(map.bytes()));
     }
 
     #[test]

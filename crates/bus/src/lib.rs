@@ -20,7 +20,7 @@
 //! let writer = ArenaWriter::create("doc", arena.size).unwrap();
 //! writer.write_at(offset, bytemuck::cast_slice(&[1.0f32, 2.0, 3.0, 4.0])).unwrap();
 //! let sealed = writer.seal().unwrap();
-//! let manifest = Manifest { generation: 1, source: "doc".into(), arenas: vec![arena], tensors };
+//! let manifest = Manifest::new("doc".into(), vec![arena], tensors);
 //! manifest.validate().unwrap();
 //! let map = forkless_bus::host::ArenaMap::map(sealed.read_only_fd().unwrap(), manifest.arenas[0].size).unwrap();
 //! let bias: &[f32] = bytemuck::cast_slice(&map.bytes()[offset as usize..][..16]);

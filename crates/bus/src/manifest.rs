@@ -12,7 +12,7 @@
 //! layout.push("weight", Dtype::F32, vec![2, 3]);
 //! layout.push("bias", Dtype::F32, vec![2]);
 //! let (arena, tensors) = layout.finish();
-//! let manifest = Manifest { generation: 7, source: "model.safetensors".into(), arenas: vec![arena], tensors };
+//! let manifest = Manifest::new("model.safetensors".into(), vec![arena], tensors);
 //! assert!(manifest.validate().is_ok());
 //! assert_eq!(manifest.tensor("bias").unwrap().offset, 256);
 //! ```
@@ -73,6 +73,9 @@ pub struct ArenaDesc {
     pub kind: MemoryKind,
     /// Size in bytes, a multiple of [`ARENA_ALIGN`].
     pub size: u64,
+    /// xxh3-64 of the arena's bytes, recorded when it was filled; a re-adopting owner checks
+    /// the memory still holds exactly this. 0 until computed.
+    pub checksum: u64,
 }
 
 /// Where one tensor lives.
@@ -104,6 +107,9 @@ pub struct Manifest {
     pub source: String,
     pub arenas: Vec<ArenaDesc>,
     pub tensors: Vec<TensorEntry>,
+    /// xxh3-64 of the layout (arenas and tensors, see [`Manifest::compute_layout_hash`]):
+    /// a manifest changed in transit or in memory is refused.
+    pub layout_hash: u64,
 }
 
 /// Why a manifest was refused. Each variant names the offending tensor or arena.
@@ -148,9 +154,35 @@ pub enum ManifestError {
         second: String,
         arena: u32,
     },
+    #[error(
+        "layout hash {stated:#x} does not match the layout ({actual:#x}): the manifest was altered"
+    )]
+    LayoutHash { stated: u64, actual: u64 },
 }
 
 impl Manifest {
+    /// A manifest for generation 0 (the supervisor numbers it on publish), layout hash included.
+    pub fn new(source: String, arenas: Vec<ArenaDesc>, tensors: Vec<TensorEntry>) -> Self {
+        let mut manifest = Manifest {
+            generation: 0,
+            source,
+            arenas,
+            tensors,
+            layout_hash: 0,
+        };
+        manifest.layout_hash = manifest.compute_layout_hash();
+        manifest
+    }
+
+    /// xxh3-64 over the encoded arenas (sizes, kinds, checksums) and tensors (names, dtypes,
+    /// shapes, places): everything a reader indexes memory with. Generation and source are
+    /// left out: they name a layout, they do not shape it.
+    pub fn compute_layout_hash(&self) -> u64 {
+        let bytes =
+            crate::codec::encode(&(&self.arenas, &self.tensors)).expect("plain data encodes");
+        xxhash_rust::xxh3::xxh3_64(&bytes)
+    }
+
     /// Checks every invariant a reader relies on. Run on every manifest received.
     pub fn validate(&self) -> Result<(), ManifestError> {
         self.validate_arenas()?;
@@ -163,7 +195,15 @@ impl Manifest {
                 });
             }
         }
-        self.validate_no_overlap()
+        self.validate_no_overlap()?;
+        let actual = self.compute_layout_hash();
+        if actual != self.layout_hash {
+            return Err(ManifestError::LayoutHash {
+                stated: self.layout_hash,
+                actual,
+            });
+        }
+        Ok(())
     }
 
     fn validate_arenas(&self) -> Result<(), ManifestError> {
@@ -294,6 +334,7 @@ impl LayoutBuilder {
                 id: 0,
                 kind: MemoryKind::Host,
                 size,
+                checksum: 0,
             },
             self.tensors,
         )
@@ -311,12 +352,7 @@ mod tests {
         layout.push("b", Dtype::F32, vec![3]);
         layout.push("empty", Dtype::U8, vec![0]);
         let (arena, tensors) = layout.finish();
-        Manifest {
-            generation: 1,
-            source: "t".into(),
-            arenas: vec![arena],
-            tensors,
-        }
+        Manifest::new("t".into(), vec![arena], tensors)
     }
 
     #[test]
@@ -415,7 +451,7 @@ mod tests {
                 layout.push(format!("t{i}"), dtype, shape);
             }
             let (arena, tensors) = layout.finish();
-            let m = Manifest { generation: 1, source: "p".into(), arenas: vec![arena], tensors };
+            let m = Manifest::new("p".into(), vec![arena], tensors);
             prop_assert!(m.validate().is_ok());
         }
 

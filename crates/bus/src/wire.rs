@@ -5,7 +5,9 @@
 //! sides check the other's version. After that:
 //!
 //! ```text
-//! owner  → Publish{manifest} + one fd per arena    ← Published{generation}
+//! owner                                            ← Load (escrow empty) | Adopt{manifest} + fds
+//! owner  → Publish{manifest} + one fd per arena    ← Published{generation}      (after Load, or a failed check)
+//! owner  → Adopted{generation}                                                   (after Adopt checked out)
 //! worker                                           ← Generation{manifest} + one read-only fd per arena (pushed)
 //! worker → Ready{generation, attach timing}
 //! ```
@@ -54,6 +56,17 @@ pub enum Message {
     },
     Refused {
         reason: String,
+    },
+    /// Supervisor → owner: nothing is in escrow; load the weights from disk and publish them.
+    Load,
+    /// Supervisor → owner: the generation in escrow (one read-only fd per arena): verify it
+    /// (layout hash, arena checksums) and adopt it instead of reading the disk.
+    Adopt {
+        manifest: Manifest,
+    },
+    /// Owner → supervisor: the escrowed generation checked out and is adopted.
+    Adopted {
+        generation: u64,
     },
     /// Owner → supervisor: a new generation; carries one fd per arena.
     Publish {
@@ -120,9 +133,9 @@ impl Message {
     /// Number of file descriptors that travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Publish { manifest } | Message::Generation { manifest } => {
-                manifest.arenas.len()
-            }
+            Message::Publish { manifest }
+            | Message::Generation { manifest }
+            | Message::Adopt { manifest } => manifest.arenas.len(),
             _ => 0,
         }
     }
@@ -134,6 +147,9 @@ impl Message {
             Message::Welcome { .. } => "welcome",
             Message::Refused { .. } => "refused",
             Message::Publish { .. } => "publish",
+            Message::Load => "load",
+            Message::Adopt { .. } => "adopt",
+            Message::Adopted { .. } => "adopted",
             Message::Published { .. } => "published",
             Message::Generation { .. } => "generation",
             Message::Ready { .. } => "ready",

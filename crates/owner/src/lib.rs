@@ -15,11 +15,11 @@
 
 pub mod model_file;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use forkless_bus::host::{ArenaWriter, SealedArena};
+use forkless_bus::host::{ArenaMap, ArenaWriter, SealedArena};
 use forkless_bus::{BusStream, Manifest, Message, Role};
 use model_file::{LoadError, ModelFile};
 
@@ -73,15 +73,16 @@ pub fn load_host_arena(path: &Path) -> Result<(Manifest, SealedArena), OwnerErro
         path: path.into(),
         source,
     };
+    let mut arena_desc = arena_desc;
     let writer = ArenaWriter::create("forkless-arena", arena_desc.size).map_err(store)?;
-    file.copy_into(&tensors, |offset, bytes| writer.write_at(offset, bytes))?;
+    let mut checksum = forkless_bus::host::ArenaChecksum::default();
+    file.copy_into(&tensors, |offset, bytes| {
+        checksum.update_at(offset, bytes);
+        writer.write_at(offset, bytes)
+    })?;
+    arena_desc.checksum = checksum.finish(arena_desc.size);
     let arena = writer.seal().map_err(store)?;
-    let manifest = Manifest {
-        generation: 0,
-        source: path.display().to_string(),
-        arenas: vec![arena_desc],
-        tensors,
-    };
+    let manifest = Manifest::new(path.display().to_string(), vec![arena_desc], tensors);
     Ok((manifest, arena))
 }
 
@@ -95,8 +96,40 @@ pub async fn run() -> Result<(), OwnerError> {
     forkless_bus::child::die_with_supervisor()?;
     let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
     let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
+    match bus.recv().await? {
+        (Message::Load, _) => load_and_publish(&mut bus, &model).await?,
+        (Message::Adopt { manifest }, fds) => {
+            let started = Instant::now();
+            match verify_escrowed(&manifest, fds) {
+                Ok(()) => {
+                    let generation = manifest.generation;
+                    bus.send(&Message::Adopted { generation }, &[]).await?;
+                    tracing::info!(
+                        generation,
+                        bytes = manifest.total_bytes(),
+                        verify_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                        "adopted generation {generation} from escrow (checksums verified; weights file not read)"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "escrowed generation failed its check ({e}): loading {} again",
+                        model.display()
+                    );
+                    load_and_publish(&mut bus, &model).await?;
+                }
+            }
+        }
+        (Message::Refused { reason }, _) => return Err(OwnerError::Refused(reason)),
+        (other, _) => return Err(OwnerError::Unexpected(other.kind())),
+    }
+    wait_for_stop(&mut bus).await
+}
+
+/// Loads the weights file into a new arena and publishes it as a new generation.
+async fn load_and_publish(bus: &mut BusStream, model: &Path) -> Result<(), OwnerError> {
     let started = Instant::now();
-    let (manifest, arena) = load_host_arena(&model)?;
+    let (manifest, arena) = load_host_arena(model)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     bus.send(
         &Message::Publish {
@@ -118,7 +151,46 @@ pub async fn run() -> Result<(), OwnerError> {
         "published {}",
         model.display()
     );
-    wait_for_stop(&mut bus).await
+    Ok(())
+}
+
+/// Why an escrowed generation was not adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("manifest: {0}")]
+    Manifest(#[from] forkless_bus::manifest::ManifestError),
+    #[error("arena {arena}: {source}")]
+    Map {
+        arena: u32,
+        source: forkless_bus::host::MapError,
+    },
+    #[error("arena {arena} checksum is {actual:#x}, but {recorded:#x} was recorded at load")]
+    Checksum {
+        arena: u32,
+        recorded: u64,
+        actual: u64,
+    },
+}
+
+/// Checks an escrowed generation without touching the disk: every manifest invariant (the
+/// layout hash included), then each arena's bytes against the checksum recorded at load.
+pub fn verify_escrowed(manifest: &Manifest, fds: Vec<OwnedFd>) -> Result<(), AdoptError> {
+    manifest.validate()?;
+    for (arena, fd) in manifest.arenas.iter().zip(fds) {
+        let map = ArenaMap::map(fd, arena.size).map_err(|source| AdoptError::Map {
+            arena: arena.id,
+            source,
+        })?;
+        let actual = forkless_bus::host::checksum(map.bytes());
+        if actual != arena.checksum {
+            return Err(AdoptError::Checksum {
+                arena: arena.id,
+                recorded: arena.checksum,
+                actual,
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_stop(bus: &mut BusStream) -> Result<(), OwnerError> {
@@ -131,5 +203,53 @@ async fn wait_for_stop(bus: &mut BusStream) -> Result<(), OwnerError> {
             Err(e) => Err(e.into()),
             Ok((msg, _)) => Err(OwnerError::Unexpected(msg.kind())),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loaded() -> (tempfile::TempDir, Manifest, SealedArena) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let w: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        model_file::write_f32_safetensors(
+            &path,
+            &[("w", vec![10, 100], &w), ("b", vec![10], &w[..10])],
+        )
+        .unwrap();
+        let (manifest, arena) = load_host_arena(&path).unwrap();
+        (dir, manifest, arena)
+    }
+
+    #[test]
+    fn escrowed_generation_verifies() {
+        let (_dir, manifest, arena) = loaded();
+        assert_ne!(manifest.arenas[0].checksum, 0);
+        verify_escrowed(&manifest, vec![arena.read_only_fd().unwrap()]).unwrap();
+    }
+
+    #[test]
+    fn altered_layout_or_contents_are_refused() {
+        let (_dir, manifest, arena) = loaded();
+        let mut moved = manifest.clone();
+        moved.tensors[0].shape = vec![1, 10];
+        moved.tensors[0].len = 40;
+        let err = verify_escrowed(&moved, vec![arena.read_only_fd().unwrap()]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AdoptError::Manifest(forkless_bus::manifest::ManifestError::LayoutHash { .. })
+            ),
+            "{err}"
+        );
+
+        // A consistent manifest whose recorded checksum does not match the memory.
+        let mut wrong = manifest.clone();
+        wrong.arenas[0].checksum ^= 1;
+        let wrong = Manifest::new(wrong.source, wrong.arenas, wrong.tensors);
+        let err = verify_escrowed(&wrong, vec![arena.read_only_fd().unwrap()]).unwrap_err();
+        assert!(matches!(err, AdoptError::Checksum { .. }), "{err}");
     }
 }

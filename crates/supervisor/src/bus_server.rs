@@ -158,8 +158,10 @@ impl Connection {
                 &[],
             )
             .await?;
-        if label.role == Role::Worker && self.state.push_generation {
-            self.push_generation().await?;
+        match label.role {
+            Role::Worker if self.state.push_generation => self.push_generation().await?,
+            Role::Worker => {}
+            Role::Owner => self.send_assignment().await?,
         }
         if let Some(queued) = queued {
             let _ = queued.send(());
@@ -240,6 +242,15 @@ impl Connection {
                         Err(e) => return Err(ConnError::Refused(format!("publish refused: {e}"))),
                     }
                 }
+                (Message::Adopted { generation }, _) => {
+                    let current = self.state.escrow.current().map(|g| g.manifest.generation);
+                    if current != Some(generation) {
+                        return Err(ConnError::Refused(format!(
+                            "owner adopted generation {generation}, but escrow holds {current:?}"
+                        )));
+                    }
+                    let _ = self.state.events.send(Event::Adopted { generation });
+                }
                 (other, _) => {
                     return Err(ConnError::Refused(format!(
                         "owner sent unexpected {}",
@@ -269,6 +280,25 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Tells a (re)started owner what to do: adopt the generation in escrow, or load from disk.
+    async fn send_assignment(&mut self) -> Result<(), ConnError> {
+        let Some(generation) = self.state.escrow.current() else {
+            self.bus.send(&Message::Load, &[]).await?;
+            return Ok(());
+        };
+        let fds = generation
+            .arenas
+            .iter()
+            .map(|a| a.read_only_fd())
+            .collect::<Result<Vec<_>, _>>()?;
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let msg = Message::Adopt {
+            manifest: generation.manifest.clone(),
+        };
+        self.bus.send(&msg, &borrowed).await?;
+        Ok(())
     }
 
     /// Sends the current generation with fresh read-only fds (waits if none exists yet).

@@ -134,7 +134,7 @@ impl Default for RestartConfig {
         RestartConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
-            reset_after_s: 10.0,
+            reset_after_s: 1.0,
         }
     }
 }

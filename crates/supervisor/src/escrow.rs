@@ -18,7 +18,7 @@
 //! let sealed = ArenaWriter::create("doc", arena.size).unwrap().seal().unwrap();
 //! let fd: OwnedFd = sealed.fd().try_clone_to_owned().unwrap();
 //! let escrow = forkless_supervisor::escrow::Escrow::default();
-//! let manifest = Manifest { generation: 0, source: "doc".into(), arenas: vec![arena], tensors };
+//! let manifest = Manifest::new("doc".into(), vec![arena], tensors);
 //! assert_eq!(escrow.deposit(manifest, vec![fd]).unwrap(), 1);
 //! assert_eq!(escrow.wait_current().await.manifest.generation, 1);
 //! # });

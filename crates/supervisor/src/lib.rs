@@ -118,6 +118,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ready: BTreeSet::new(),
         announced: false,
         workers_started: false,
+        owner_lost_at: None,
     };
     if sharing == Sharing::None {
         state.start_workers(&ctx, &workers, &workers_stop);
@@ -160,6 +161,8 @@ struct MainLoop {
     ready: BTreeSet<u32>,
     announced: bool,
     workers_started: bool,
+    /// When the owner last died, until a new one adopts the escrow (for the recovery time).
+    owner_lost_at: Option<Instant>,
 }
 
 impl MainLoop {
@@ -205,10 +208,22 @@ impl MainLoop {
                     tracing::info!(cold_start_ms, "all {} workers ready", self.count);
                 }
             }
-            Event::Exited { label, .. } => {
-                if label.role == Role::Worker {
+            Event::Exited { label, .. } => match label.role {
+                Role::Worker => {
                     self.ready.remove(&label.index);
                 }
+                Role::Owner => self.owner_lost_at = Some(Instant::now()),
+            },
+            Event::Adopted { generation } => {
+                let recovered_ms = self
+                    .owner_lost_at
+                    .take()
+                    .map(|t| t.elapsed().as_secs_f64() * 1e3);
+                tracing::info!(
+                    generation,
+                    recovered_ms,
+                    "owner re-adopted generation {generation} from escrow without reading the weights file"
+                );
             }
             Event::Fatal(_) => unreachable!("handled by the caller"),
         }

@@ -219,12 +219,7 @@ fn load_private_copy(path: &Path) -> Result<Generation, AttachError> {
     })
     .map_err(|source| AttachError::Map { arena: 0, source })?;
     copied?;
-    let manifest = Manifest {
-        generation: 0,
-        source: path.display().to_string(),
-        arenas: vec![arena],
-        tensors,
-    };
+    let manifest = Manifest::new(path.display().to_string(), vec![arena], tensors);
     manifest.validate()?;
     Ok(Generation::new(manifest, vec![map]))
 }
