@@ -5,6 +5,7 @@ mod util;
 
 mod escrow;
 mod failures;
+mod hot_swap;
 mod lifecycle;
 mod serving;
 mod sharing;

@@ -56,7 +56,12 @@ impl TestDir {
 
     /// Writes the standard test model with the real `linear-worker make-weights`.
     pub fn write_model(&self) -> PathBuf {
-        let path = self.model_path();
+        self.write_model_at(&self.model_path(), WEIGHT_SEED)
+    }
+
+    /// Writes a test-shaped model made with `weight_seed` at `path`.
+    pub fn write_model_at(&self, path: &Path, weight_seed: u64) -> PathBuf {
+        let path = path.to_path_buf();
         let status = Command::new(worker_exe())
             .args([
                 "make-weights",
@@ -65,7 +70,7 @@ impl TestDir {
                 "--out",
                 &OUT.to_string(),
             ])
-            .args(["--seed", &WEIGHT_SEED.to_string()])
+            .args(["--seed", &weight_seed.to_string()])
             .arg(&path)
             .status()
             .unwrap();
@@ -314,7 +319,12 @@ pub fn infer_seed(addr: &str, seed: u64) -> Value {
 
 /// The answer the service must give for `seed`, computed here from the generator alone.
 pub fn expected_answer(seed: u64) -> (f64, Vec<f32>) {
-    let (w, b) = seeded::make_weights(IN, OUT, WEIGHT_SEED);
+    expected_answer_with(WEIGHT_SEED, seed)
+}
+
+/// The answer for `seed` from the model made with `weight_seed`.
+pub fn expected_answer_with(weight_seed: u64, seed: u64) -> (f64, Vec<f32>) {
+    let (w, b) = seeded::make_weights(IN, OUT, weight_seed);
     let y = seeded::linear_forward(&w, &b, &seeded::input_from_seed(seed, IN));
     (y.iter().map(|&v| v as f64).sum(), y[..8].to_vec())
 }
@@ -452,4 +462,15 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// Runs `supervisor ARGS...` to completion (a control command), returning (success, stdout, stderr).
+pub fn supervisor_command(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let output = Command::new(supervisor_exe()).args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        output.status.success(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
 }

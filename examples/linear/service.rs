@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use forkless_worker::{Worker, EXIT_FATAL};
+use forkless_worker::{Generations, Worker, EXIT_FATAL};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Linear;
@@ -32,8 +32,19 @@ pub struct InferResponse {
 }
 
 struct AppState {
-    model: Linear,
+    generations: Generations,
     pid: u32,
+}
+
+impl AppState {
+    /// The model of the current generation. One request uses one `Linear` (and so one
+    /// generation) from start to end, whatever hot swap happens meanwhile.
+    fn model(&self) -> Result<Linear, Box<Response>> {
+        Linear::new(self.generations.current()).map_err(|e| {
+            let message = format!("the current weights are not a linear layer: {e}");
+            Box::new((StatusCode::INTERNAL_SERVER_ERROR, message).into_response())
+        })
+    }
 }
 
 fn bad_request(message: String) -> Response {
@@ -49,7 +60,11 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(request) => request,
         Err(e) => return bad_request(format!("invalid JSON body: {e}")),
     };
-    let inputs = state.model.inputs;
+    let model = match state.model() {
+        Ok(model) => model,
+        Err(response) => return *response,
+    };
+    let inputs = model.inputs;
     let x = match (request.seed, request.x) {
         (Some(seed), None) => input_from_seed(seed, inputs),
         (None, Some(x)) if x.len() == inputs => x,
@@ -61,9 +76,9 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         }
         _ => return bad_request("give exactly one of {\"seed\": u64} or {\"x\": [f32]}".into()),
     };
-    let worker = state.clone();
     // The matrix-vector product is CPU-bound: keep it off the async threads.
-    let y = match tokio::task::spawn_blocking(move || worker.model.forward(&x)).await {
+    let generation = model.generation();
+    let y = match tokio::task::spawn_blocking(move || model.forward(&x)).await {
         Ok(y) => y,
         Err(e) => {
             return (
@@ -76,19 +91,24 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     Json(InferResponse {
         y_sum: y.iter().map(|&v| v as f64).sum(),
         y_head: y.iter().take(8).copied().collect(),
-        generation: state.model.generation(),
+        generation,
         worker: state.pid,
     })
     .into_response()
 }
 
-async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let model = match state.model() {
+        Ok(model) => model,
+        Err(response) => return *response,
+    };
     Json(serde_json::json!({
         "status": "ok",
-        "generation": state.model.generation(),
+        "generation": model.generation(),
         "worker": state.pid,
-        "model": { "in": state.model.inputs, "out": state.model.outputs },
+        "model": { "in": model.inputs, "out": model.outputs },
     }))
+    .into_response()
 }
 
 pub fn main() -> ExitCode {
@@ -119,11 +139,11 @@ async fn serve() -> ExitCode {
         Err(e) => return fail(e, true),
     };
     // Warm-up: one pass touches every weight page, so the first request is not the slow one.
-    let warm = model.clone();
+    // It consumes `model`: holding the generation here would keep it mapped after a swap.
     let _ =
-        tokio::task::spawn_blocking(move || warm.forward(&input_from_seed(0, warm.inputs))).await;
+        tokio::task::spawn_blocking(move || model.forward(&input_from_seed(0, model.inputs))).await;
     let state = Arc::new(AppState {
-        model,
+        generations: worker.generations(),
         pid: std::process::id(),
     });
     let app = Router::new()

@@ -31,6 +31,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
     },
+    /// Hot swap: the running owner loads PATH (default: the config's [model] path) beside the
+    /// live generation; workers switch between requests; the old one is freed once unused.
+    ReloadModel {
+        /// The config the running supervisor was started with.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The new weights file (safetensors).
+        path: Option<PathBuf>,
+    },
     /// The owner process (started by `supervisor run`; not for direct use).
     #[command(hide = true)]
     Owner,
@@ -39,6 +48,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config, log_format } => run(config, log_format),
+        Command::ReloadModel { config, path } => reload_model(config, path),
         Command::Owner => owner(),
     }
 }
@@ -78,6 +88,31 @@ fn owner() -> ExitCode {
                 1
             };
             ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn reload_model(config: PathBuf, path: Option<PathBuf>) -> ExitCode {
+    use forkless_supervisor::control::{request, Request, Response};
+    let result = forkless_supervisor::config::Config::load(&config)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| {
+            // A relative PATH means relative to where this command runs, as for any CLI argument.
+            let path = path.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
+            runtime().block_on(request(&config, &Request::ReloadModel { path }))
+        });
+    match result {
+        Ok(Response::Reloaded { generation }) => {
+            println!("generation {generation} is live; workers switch between requests");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Failed { error }) => {
+            eprintln!("supervisor: reload-model failed: {error}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("supervisor: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -5,11 +5,15 @@
 //! sides check the other's version. After that:
 //!
 //! ```text
-//! owner                                            ← Load (escrow empty) | Adopt{manifest} + fds
+//! owner                                            ← Load{path} (escrow empty) | Adopt{manifest} + fds
 //! owner  → Publish{manifest} + one fd per arena    ← Published{generation}      (after Load, or a failed check)
 //! owner  → Adopted{generation}                                                   (after Adopt checked out)
+//! owner                                            ← Load{path}                 (hot swap, any time later)
+//! owner  → Publish{..} | LoadFailed{reason}
 //! worker                                           ← Generation{manifest} + one read-only fd per arena (pushed)
 //! worker → Ready{generation, attach timing}
+//! worker                                           ← Generation{manifest} + fds (hot swap: a newer one)
+//! worker → Released{generation}                                                  (old one unused and unmapped)
 //! ```
 //!
 //! The supervisor pushes the generation to a worker unasked, right behind the welcome: on the
@@ -57,8 +61,15 @@ pub enum Message {
     Refused {
         reason: String,
     },
-    /// Supervisor → owner: nothing is in escrow; load the weights from disk and publish them.
-    Load,
+    /// Supervisor → owner: load this weights file into a new arena and publish it (at start
+    /// when nothing is in escrow, and for every hot swap).
+    Load {
+        path: String,
+    },
+    /// Owner → supervisor: a `Load` failed (the owner keeps running and keeps what it had).
+    LoadFailed {
+        reason: String,
+    },
     /// Supervisor → owner: the generation in escrow (one read-only fd per arena): verify it
     /// (layout hash, arena checksums) and adopt it instead of reading the disk.
     Adopt {
@@ -76,7 +87,8 @@ pub enum Message {
     Published {
         generation: u64,
     },
-    /// Supervisor → worker: the current generation; carries one read-only fd per arena.
+    /// Supervisor → worker: the current generation, pushed after the welcome and again at every
+    /// hot swap; carries one read-only fd per arena.
     Generation {
         manifest: Manifest,
     },
@@ -84,6 +96,11 @@ pub enum Message {
     Ready {
         generation: u64,
         attach: AttachTiming,
+    },
+    /// Worker → supervisor: nothing in this worker uses the generation any more (its last
+    /// request finished and it is unmapped); once no worker holds it, its memory is freed.
+    Released {
+        generation: u64,
     },
 }
 
@@ -147,7 +164,9 @@ impl Message {
             Message::Welcome { .. } => "welcome",
             Message::Refused { .. } => "refused",
             Message::Publish { .. } => "publish",
-            Message::Load => "load",
+            Message::Load { .. } => "load",
+            Message::LoadFailed { .. } => "load failed",
+            Message::Released { .. } => "released",
             Message::Adopt { .. } => "adopt",
             Message::Adopted { .. } => "adopted",
             Message::Published { .. } => "published",

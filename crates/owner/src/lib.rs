@@ -96,38 +96,84 @@ pub async fn run() -> Result<(), OwnerError> {
     forkless_bus::child::die_with_supervisor()?;
     let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
     let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(OwnerError::Signal)?;
     match bus.recv().await? {
-        (Message::Load, _) => load_and_publish(&mut bus, &model).await?,
+        (Message::Load { path }, _) => {
+            load_and_publish(&mut bus, Path::new(&path)).await?;
+        }
         (Message::Adopt { manifest }, fds) => {
-            let started = Instant::now();
-            match verify_escrowed(&manifest, fds) {
-                Ok(()) => {
-                    let generation = manifest.generation;
-                    bus.send(&Message::Adopted { generation }, &[]).await?;
-                    tracing::info!(
-                        generation,
-                        bytes = manifest.total_bytes(),
-                        verify_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
-                        "adopted generation {generation} from escrow (checksums verified; weights file not read)"
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "escrowed generation failed its check ({e}): loading {} again",
-                        model.display()
-                    );
-                    load_and_publish(&mut bus, &model).await?;
-                }
-            }
+            adopt_or_reload(&mut bus, manifest, fds, &model).await?
         }
         (Message::Refused { reason }, _) => return Err(OwnerError::Refused(reason)),
         (other, _) => return Err(OwnerError::Unexpected(other.kind())),
     }
-    wait_for_stop(&mut bus).await
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            received = bus.recv() => match received {
+                Ok((Message::Load { path }, _)) => hot_swap(&mut bus, Path::new(&path)).await?,
+                Err(forkless_bus::channel::RecvError::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+                Ok((msg, _)) => return Err(OwnerError::Unexpected(msg.kind())),
+            },
+        }
+    }
 }
 
-/// Loads the weights file into a new arena and publishes it as a new generation.
-async fn load_and_publish(bus: &mut BusStream, model: &Path) -> Result<(), OwnerError> {
+/// Adopts the escrowed generation if it checks out; otherwise loads the weights file again.
+async fn adopt_or_reload(
+    bus: &mut BusStream,
+    manifest: Manifest,
+    fds: Vec<OwnedFd>,
+    model: &Path,
+) -> Result<(), OwnerError> {
+    let started = Instant::now();
+    match verify_escrowed(&manifest, fds) {
+        Ok(()) => {
+            let generation = manifest.generation;
+            bus.send(&Message::Adopted { generation }, &[]).await?;
+            tracing::info!(
+                generation,
+                bytes = manifest.total_bytes(),
+                verify_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "adopted generation {generation} from escrow (checksums verified; weights file not read)"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(
+                "escrowed generation failed its check ({e}): loading {} again",
+                model.display()
+            );
+            load_and_publish(bus, model).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A hot swap: a weights file that cannot be loaded is reported to the supervisor (and to
+/// whoever asked for the swap); the owner keeps running and the live generation keeps serving.
+async fn hot_swap(bus: &mut BusStream, path: &Path) -> Result<(), OwnerError> {
+    match load_and_publish(bus, path).await {
+        Err(OwnerError::Load(e)) => {
+            tracing::warn!("hot swap failed: {e}");
+            bus.send(
+                &Message::LoadFailed {
+                    reason: e.to_string(),
+                },
+                &[],
+            )
+            .await?;
+            Ok(())
+        }
+        other => other.map(|_| ()),
+    }
+}
+
+/// Loads a weights file into a new arena and publishes it. Returns the generation number, or
+/// `None` when the supervisor declined it (a hot swap that cannot be taken now); the new
+/// arena is then dropped, and its memory with it.
+async fn load_and_publish(bus: &mut BusStream, model: &Path) -> Result<Option<u64>, OwnerError> {
     let started = Instant::now();
     let (manifest, arena) = load_host_arena(model)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -140,6 +186,10 @@ async fn load_and_publish(bus: &mut BusStream, model: &Path) -> Result<(), Owner
     .await?;
     let generation = match bus.recv().await?.0 {
         Message::Published { generation } => generation,
+        Message::LoadFailed { reason } => {
+            tracing::warn!("supervisor declined the new generation: {reason}");
+            return Ok(None);
+        }
         Message::Refused { reason } => return Err(OwnerError::Refused(reason)),
         other => return Err(OwnerError::Unexpected(other.kind())),
     };
@@ -151,7 +201,7 @@ async fn load_and_publish(bus: &mut BusStream, model: &Path) -> Result<(), Owner
         "published {}",
         model.display()
     );
-    Ok(())
+    Ok(Some(generation))
 }
 
 /// Why an escrowed generation was not adopted.
@@ -191,19 +241,6 @@ pub fn verify_escrowed(manifest: &Manifest, fds: Vec<OwnedFd>) -> Result<(), Ado
         }
     }
     Ok(())
-}
-
-async fn wait_for_stop(bus: &mut BusStream) -> Result<(), OwnerError> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(OwnerError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => Ok(()),
-        received = bus.recv() => match received {
-            Err(forkless_bus::channel::RecvError::Closed) => Ok(()),
-            Err(e) => Err(e.into()),
-            Ok((msg, _)) => Err(OwnerError::Unexpected(msg.kind())),
-        },
-    }
 }
 
 #[cfg(test)]

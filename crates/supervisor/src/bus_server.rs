@@ -22,14 +22,17 @@ use std::os::fd::AsFd;
 use forkless_bus::channel::{RecvError, SendError};
 use forkless_bus::wire::PROTOCOL_VERSION;
 use forkless_bus::{BusStream, Message, Role};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::events::Event;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::escrow::Escrow;
+use crate::escrow::{Escrow, EscrowedGeneration};
 use crate::spawn::{ChildLabel, PidTable};
 
 /// Why one connection ended badly.
@@ -54,6 +57,73 @@ pub struct BusState {
     pub events: mpsc::UnboundedSender<Event>,
     /// Push the current generation to workers (false with `sharing = "none"`).
     pub push_generation: bool,
+    /// The weights file an owner loads when nothing is in escrow.
+    pub model_path: String,
+    /// The connected owner's request queue (for hot swaps), while one is connected.
+    pub owner: Arc<Mutex<Option<mpsc::UnboundedSender<LoadRequest>>>>,
+}
+
+/// A request for the owner to load a weights file as a new generation.
+#[derive(Debug)]
+pub struct LoadRequest {
+    pub path: String,
+    pub reply: oneshot::Sender<Result<u64, String>>,
+}
+
+impl BusState {
+    pub fn new(
+        escrow: Escrow,
+        events: mpsc::UnboundedSender<Event>,
+        push_generation: bool,
+        model_path: String,
+    ) -> Self {
+        BusState {
+            escrow,
+            events,
+            push_generation,
+            model_path,
+            owner: Arc::default(),
+        }
+    }
+
+    /// Hot swap: has the running owner load `path` beside the live generation, and returns the
+    /// new generation's number once it is in escrow (workers then switch between requests).
+    pub async fn load_new_generation(&self, path: String) -> Result<u64, String> {
+        if let Some(generation) = self.escrow.retiring() {
+            return Err(format!(
+                "generation {generation} is still in use by workers: at most two generations live at once; try again shortly"
+            ));
+        }
+        let owner = self.owner.lock().expect("owner slot poisoned").clone();
+        let owner =
+            owner.ok_or("no owner is running right now (it may be restarting): try again")?;
+        let (reply, answer) = oneshot::channel();
+        owner
+            .send(LoadRequest { path, reply })
+            .map_err(|_| "the owner went away: try again")?;
+        answer
+            .await
+            .map_err(|_| "the owner went away before answering: try again".to_string())?
+    }
+
+    fn set_owner(&self, sender: Option<mpsc::UnboundedSender<LoadRequest>>) {
+        *self.owner.lock().expect("owner slot poisoned") = sender;
+    }
+
+    /// Forgets the owner's queue, unless a newer owner has already put its own there.
+    fn clear_owner(&self, ours: &mpsc::UnboundedSender<LoadRequest>) {
+        let mut slot = self.owner.lock().expect("owner slot poisoned");
+        if slot.as_ref().is_some_and(|s| s.same_channel(ours)) {
+            *slot = None;
+        }
+    }
+
+    /// A worker let go of `generation`; if it was the last user of a retiring one, say so.
+    fn release(&self, generation: u64) {
+        if let Some(freed) = self.escrow.release(generation) {
+            let _ = self.events.send(Event::Freed { generation: freed });
+        }
+    }
 }
 
 /// Serves a child's inherited connection until it closes.
@@ -158,18 +228,21 @@ impl Connection {
                 &[],
             )
             .await?;
-        match label.role {
-            Role::Worker if self.state.push_generation => self.push_generation().await?,
-            Role::Worker => {}
-            Role::Owner => self.send_assignment().await?,
-        }
+        let pushed = match label.role {
+            Role::Worker if self.state.push_generation => Some(self.push_first_generation().await?),
+            Role::Worker => None,
+            Role::Owner => {
+                self.send_assignment().await?;
+                None
+            }
+        };
         if let Some(queued) = queued {
             let _ = queued.send(());
         }
         let result = match self.expect_hello(label).await {
             Ok(pid) => match label.role {
                 Role::Owner => self.serve_owner().await,
-                Role::Worker => self.serve_worker(label.index, pid).await,
+                Role::Worker => self.serve_worker(label.index, pid, pushed).await,
             },
             Err(e) => Err(e),
         };
@@ -224,68 +297,155 @@ impl Connection {
     }
 
     async fn serve_owner(&mut self) -> Result<(), ConnError> {
+        let (sender, mut requests) = mpsc::unbounded_channel();
+        self.state.set_owner(Some(sender.clone()));
+        let result = self.owner_loop(&mut requests).await;
+        self.state.clear_owner(&sender);
+        result
+    }
+
+    async fn owner_loop(
+        &mut self,
+        requests: &mut mpsc::UnboundedReceiver<LoadRequest>,
+    ) -> Result<(), ConnError> {
+        let mut pending: Option<oneshot::Sender<Result<u64, String>>> = None;
         loop {
-            match self.bus.recv().await? {
-                (Message::Publish { manifest }, fds) => {
-                    let (source, bytes) = (manifest.source.clone(), manifest.total_bytes());
-                    match self.state.escrow.deposit(manifest, fds) {
-                        Ok(generation) => {
-                            self.bus
-                                .send(&Message::Published { generation }, &[])
-                                .await?;
-                            let _ = self.state.events.send(Event::Published {
-                                generation,
-                                source,
-                                bytes,
-                            });
+            tokio::select! {
+                Some(request) = requests.recv() => {
+                    if pending.is_some() {
+                        let _ = request.reply.send(Err("another model load is in progress".into()));
+                        continue;
+                    }
+                    self.bus.send(&Message::Load { path: request.path }, &[]).await?;
+                    pending = Some(request.reply);
+                }
+                received = self.bus.recv() => match received? {
+                    (Message::Publish { manifest }, fds) => self.on_publish(manifest, fds, pending.take()).await?,
+                    (Message::LoadFailed { reason }, _) => match pending.take() {
+                        Some(reply) => { let _ = reply.send(Err(reason)); }
+                        None => return Err(ConnError::Refused(format!("load failed: {reason}"))),
+                    },
+                    (Message::Adopted { generation }, _) => {
+                        let current = self.state.escrow.current().map(|g| g.manifest.generation);
+                        if current != Some(generation) {
+                            return Err(ConnError::Refused(format!(
+                                "owner adopted generation {generation}, but escrow holds {current:?}"
+                            )));
                         }
-                        Err(e) => return Err(ConnError::Refused(format!("publish refused: {e}"))),
+                        let _ = self.state.events.send(Event::Adopted { generation });
                     }
-                }
-                (Message::Adopted { generation }, _) => {
-                    let current = self.state.escrow.current().map(|g| g.manifest.generation);
-                    if current != Some(generation) {
-                        return Err(ConnError::Refused(format!(
-                            "owner adopted generation {generation}, but escrow holds {current:?}"
-                        )));
+                    (other, _) => {
+                        return Err(ConnError::Refused(format!("owner sent unexpected {}", other.kind())))
                     }
-                    let _ = self.state.events.send(Event::Adopted { generation });
-                }
-                (other, _) => {
-                    return Err(ConnError::Refused(format!(
-                        "owner sent unexpected {}",
-                        other.kind()
-                    )))
-                }
+                },
             }
         }
     }
 
-    async fn serve_worker(&mut self, index: u32, pid: u32) -> Result<(), ConnError> {
-        loop {
-            match self.bus.recv().await? {
-                (Message::Ready { generation, attach }, _) => {
-                    let _ = self.state.events.send(Event::WorkerReady {
-                        index,
-                        pid,
-                        generation,
-                        attach,
-                    });
+    /// A publish at start is the service's first generation: refusing it ends the owner. A
+    /// publish for a hot swap that cannot be taken is refused to whoever asked, and the owner
+    /// (told `LoadFailed`-style through `Refused`) drops its new arena and carries on.
+    async fn on_publish(
+        &mut self,
+        manifest: forkless_bus::Manifest,
+        fds: Vec<std::os::fd::OwnedFd>,
+        reply: Option<oneshot::Sender<Result<u64, String>>>,
+    ) -> Result<(), ConnError> {
+        let (source, bytes) = (manifest.source.clone(), manifest.total_bytes());
+        match self.state.escrow.deposit(manifest, fds) {
+            Ok(generation) => {
+                self.bus
+                    .send(&Message::Published { generation }, &[])
+                    .await?;
+                let _ = self.state.events.send(Event::Published {
+                    generation,
+                    source,
+                    bytes,
+                });
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(generation));
                 }
-                (other, _) => {
-                    return Err(ConnError::Refused(format!(
-                        "worker sent unexpected {}",
-                        other.kind()
-                    )))
-                }
+                Ok(())
             }
+            Err(e) => match reply {
+                Some(reply) => {
+                    let reason = format!("generation refused: {e}");
+                    self.bus
+                        .send(
+                            &Message::LoadFailed {
+                                reason: reason.clone(),
+                            },
+                            &[],
+                        )
+                        .await?;
+                    let _ = reply.send(Err(reason));
+                    Ok(())
+                }
+                None => Err(ConnError::Refused(format!("publish refused: {e}"))),
+            },
         }
+    }
+
+    /// Serves a worker after its first generation was pushed: newer generations are pushed as
+    /// they are published; what the worker holds is counted in the escrow until it says it
+    /// released it (or its connection closes).
+    async fn serve_worker(
+        &mut self,
+        index: u32,
+        pid: u32,
+        pushed: Option<Pushed>,
+    ) -> Result<(), ConnError> {
+        let (mut current, mut held) = match pushed {
+            Some(Pushed {
+                current,
+                generation,
+            }) => (Some(current), BTreeSet::from([generation])),
+            None => (None, BTreeSet::new()),
+        };
+        let result = loop {
+            let changed = async {
+                match current.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Ok(()) = changed => {
+                    let newest = current.as_mut().and_then(|rx| rx.borrow_and_update().clone());
+                    if let Some(generation) = newest.filter(|g| !held.contains(&g.manifest.generation)) {
+                        if let Err(e) = self.send_generation(&generation).await {
+                            break Err(e);
+                        }
+                        held.insert(generation.manifest.generation);
+                    }
+                }
+                received = self.bus.recv() => match received {
+                    Ok((Message::Ready { generation, attach }, _)) => {
+                        let _ = self.state.events.send(Event::WorkerReady { index, pid, generation, attach });
+                    }
+                    Ok((Message::Released { generation }, _)) => {
+                        if held.remove(&generation) {
+                            self.state.release(generation);
+                        }
+                    }
+                    Ok((other, _)) => {
+                        break Err(ConnError::Refused(format!("worker sent unexpected {}", other.kind())))
+                    }
+                    Err(e) => break Err(e.into()),
+                },
+            }
+        };
+        for generation in held {
+            self.state.release(generation);
+        }
+        result
     }
 
     /// Tells a (re)started owner what to do: adopt the generation in escrow, or load from disk.
     async fn send_assignment(&mut self) -> Result<(), ConnError> {
         let Some(generation) = self.state.escrow.current() else {
-            self.bus.send(&Message::Load, &[]).await?;
+            let path = self.state.model_path.clone();
+            self.bus.send(&Message::Load { path }, &[]).await?;
             return Ok(());
         };
         let fds = generation
@@ -294,26 +454,63 @@ impl Connection {
             .map(|a| a.read_only_fd())
             .collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        let msg = Message::Adopt {
-            manifest: generation.manifest.clone(),
-        };
-        self.bus.send(&msg, &borrowed).await?;
+        self.bus
+            .send(
+                &Message::Adopt {
+                    manifest: generation.manifest.clone(),
+                },
+                &borrowed,
+            )
+            .await?;
         Ok(())
     }
 
-    /// Sends the current generation with fresh read-only fds (waits if none exists yet).
-    async fn push_generation(&mut self) -> Result<(), ConnError> {
-        let generation = self.state.escrow.wait_current().await;
+    /// Pushes the current generation (waiting until one exists) and counts the worker as its
+    /// holder. Subscribing first means no later generation can slip by unseen.
+    async fn push_first_generation(&mut self) -> Result<Pushed, ConnError> {
+        let mut current = self.state.escrow.subscribe();
+        let generation = current
+            .wait_for(Option::is_some)
+            .await
+            .expect("the escrow outlives its connections")
+            .clone()
+            .expect("waited for Some");
+        self.send_generation(&generation).await?;
+        Ok(Pushed {
+            current,
+            generation: generation.manifest.generation,
+        })
+    }
+
+    /// Sends `generation` with fresh read-only fds, counting this worker as a holder.
+    async fn send_generation(&mut self, generation: &EscrowedGeneration) -> Result<(), ConnError> {
         let fds = generation
             .arenas
             .iter()
             .map(|a| a.read_only_fd())
             .collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        let msg = Message::Generation {
-            manifest: generation.manifest.clone(),
-        };
-        self.bus.send(&msg, &borrowed).await?;
+        self.state.escrow.hold(generation.manifest.generation);
+        let sent = self
+            .bus
+            .send(
+                &Message::Generation {
+                    manifest: generation.manifest.clone(),
+                },
+                &borrowed,
+            )
+            .await;
+        if let Err(e) = sent {
+            self.state.release(generation.manifest.generation);
+            return Err(e.into());
+        }
         Ok(())
     }
+}
+
+/// The generation pushed to a worker right after its welcome, and the escrow subscription
+/// that brings the next ones.
+struct Pushed {
+    current: watch::Receiver<Option<Arc<EscrowedGeneration>>>,
+    generation: u64,
 }

@@ -24,8 +24,9 @@
 //! # });
 //! ```
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use forkless_bus::host::{MapError, SealedArena};
 use forkless_bus::manifest::ManifestError;
@@ -41,6 +42,10 @@ pub enum DepositError {
     Arena { arena: u32, source: MapError },
     #[error("{fds} fds for {arenas} arenas")]
     FdCount { fds: usize, arenas: usize },
+    #[error(
+        "generation {generation} is still in use by workers; try again once they have switched"
+    )]
+    SwapInProgress { generation: u64 },
 }
 
 /// One generation held in escrow: its manifest and one fd per arena.
@@ -50,22 +55,35 @@ pub struct EscrowedGeneration {
     pub arenas: Vec<SealedArena>,
 }
 
-/// The current generation, observable by every bus connection.
+/// The generations in escrow: the current one, observable by every bus connection, and at most
+/// one older generation that workers still use (a hot swap in progress).
 #[derive(Debug, Clone)]
 pub struct Escrow {
     current: watch::Sender<Option<Arc<EscrowedGeneration>>>,
+    held: Arc<Mutex<Held>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// The previous generation while some worker still uses it.
+    retiring: Option<Arc<EscrowedGeneration>>,
+    /// How many workers hold each generation.
+    holders: HashMap<u64, usize>,
 }
 
 impl Default for Escrow {
     fn default() -> Self {
         Escrow {
             current: watch::Sender::new(None),
+            held: Arc::default(),
         }
     }
 }
 
 impl Escrow {
-    /// Validates and stores a generation; returns the number assigned to it.
+    /// Validates and stores a generation, which becomes current; returns its number. The
+    /// previous one stays in escrow while any worker holds it. Refused while an older
+    /// generation is still retiring: memory never holds more than two generations.
     pub fn deposit(&self, mut manifest: Manifest, fds: Vec<OwnedFd>) -> Result<u64, DepositError> {
         manifest.validate()?;
         if fds.len() != manifest.arenas.len() {
@@ -85,12 +103,30 @@ impl Escrow {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut held = self.held.lock().expect("escrow poisoned");
+        if let Some(retiring) = &held.retiring {
+            return Err(DepositError::SwapInProgress {
+                generation: retiring.manifest.generation,
+            });
+        }
         let mut number = 0;
+        let mut previous = None;
         self.current.send_modify(|current| {
             number = current.as_ref().map_or(0, |g| g.manifest.generation) + 1;
             manifest.generation = number;
-            *current = Some(Arc::new(EscrowedGeneration { manifest, arenas }));
+            previous = current.replace(Arc::new(EscrowedGeneration { manifest, arenas }));
         });
+        if let Some(previous) = previous {
+            if held
+                .holders
+                .get(&previous.manifest.generation)
+                .copied()
+                .unwrap_or(0)
+                > 0
+            {
+                held.retiring = Some(previous);
+            }
+        }
         Ok(number)
     }
 
@@ -107,5 +143,89 @@ impl Escrow {
             .await
             .expect("escrow sender lives in self");
         current.clone().expect("waited for Some")
+    }
+
+    /// Notified whenever the current generation changes.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<EscrowedGeneration>>> {
+        self.current.subscribe()
+    }
+
+    /// The older generation still in use, if a hot swap is in progress.
+    pub fn retiring(&self) -> Option<u64> {
+        let held = self.held.lock().expect("escrow poisoned");
+        held.retiring.as_ref().map(|g| g.manifest.generation)
+    }
+
+    /// A worker now maps `generation`.
+    pub fn hold(&self, generation: u64) {
+        *self
+            .held
+            .lock()
+            .expect("escrow poisoned")
+            .holders
+            .entry(generation)
+            .or_default() += 1;
+    }
+
+    /// A worker no longer maps `generation`. Returns it when that was the last holder of a
+    /// retiring generation: its fds are closed now, and its memory is freed.
+    pub fn release(&self, generation: u64) -> Option<u64> {
+        let mut held = self.held.lock().expect("escrow poisoned");
+        let count = held.holders.entry(generation).or_default();
+        *count = count.saturating_sub(1);
+        if *count > 0 {
+            return None;
+        }
+        held.holders.remove(&generation);
+        let retiring = held.retiring.as_ref().map(|g| g.manifest.generation);
+        (retiring == Some(generation)).then(|| {
+            held.retiring = None;
+            generation
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forkless_bus::host::ArenaWriter;
+    use forkless_bus::manifest::{Dtype, LayoutBuilder};
+
+    fn publish(escrow: &Escrow) -> Result<u64, DepositError> {
+        let mut layout = LayoutBuilder::default();
+        layout.push("w", Dtype::F32, vec![2]);
+        let (arena, tensors) = layout.finish();
+        let sealed = ArenaWriter::create("test", arena.size)
+            .unwrap()
+            .seal()
+            .unwrap();
+        let fd = sealed.fd().try_clone_to_owned().unwrap();
+        escrow.deposit(Manifest::new("t".into(), vec![arena], tensors), vec![fd])
+    }
+
+    #[test]
+    fn unheld_generations_are_dropped_at_once() {
+        let escrow = Escrow::default();
+        assert_eq!(publish(&escrow).unwrap(), 1);
+        assert_eq!(publish(&escrow).unwrap(), 2);
+        assert_eq!(escrow.retiring(), None);
+    }
+
+    #[test]
+    fn a_held_generation_retires_until_its_last_holder_lets_go() {
+        let escrow = Escrow::default();
+        publish(&escrow).unwrap();
+        escrow.hold(1);
+        escrow.hold(1);
+        assert_eq!(publish(&escrow).unwrap(), 2);
+        assert_eq!(escrow.retiring(), Some(1));
+        assert!(matches!(
+            publish(&escrow),
+            Err(DepositError::SwapInProgress { generation: 1 })
+        ));
+        assert_eq!(escrow.release(1), None);
+        assert_eq!(escrow.release(1), Some(1));
+        assert_eq!(escrow.retiring(), None);
+        assert_eq!(publish(&escrow).unwrap(), 3);
     }
 }

@@ -16,6 +16,8 @@ pub enum Event {
         source: String,
         bytes: u64,
     },
+    /// No worker uses this (older) generation any more: its fds are closed, its memory freed.
+    Freed { generation: u64 },
     /// A restarted owner verified and adopted the generation in escrow (no disk read).
     Adopted { generation: u64 },
     /// A worker mapped the generation, warmed up and holds its listener.

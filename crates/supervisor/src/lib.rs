@@ -18,6 +18,7 @@
 pub mod bus_server;
 pub mod children;
 pub mod config;
+pub mod control;
 pub mod escrow;
 pub mod events;
 pub mod listeners;
@@ -58,6 +59,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let spawner = Spawner::start(tokio::runtime::Handle::current());
     let stop = CancellationToken::new();
     shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
+    let control =
+        control::ControlSocket::bind(&control::socket_path(&config), &config.source).await?;
     ensure_model(&config, &spawner, &stop).await?;
     let runtime_dir = RuntimeDir::create(config.supervisor.runtime_dir.as_deref())?;
     let listeners = Listeners::bind(&config.workers.listen, config.workers.backlog)?;
@@ -83,11 +86,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let escrow = Escrow::default();
     let pids = PidTable::default();
     let bus_stop = CancellationToken::new();
-    let bus_state = BusState {
-        escrow: escrow.clone(),
-        events: events.clone(),
-        push_generation: config.model.sharing == Sharing::Shared,
-    };
+    let bus_state = BusState::new(
+        escrow.clone(),
+        events.clone(),
+        config.model.sharing == Sharing::Shared,
+        config.model.path.display().to_string(),
+    );
     let bus = BusServer {
         listener: bus_listener,
         pids: pids.clone(),
@@ -95,6 +99,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop: bus_stop.clone(),
     };
     let bus_task = tokio::spawn(bus.serve());
+    let control_task = tokio::spawn(control.serve(bus_state.clone(), bus_stop.clone()));
     let count = config.workers.count;
     let sharing = config.model.sharing;
     let ctx = Arc::new(Context {
@@ -144,6 +149,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     bus_stop.cancel();
     let _ = bus_task.await;
+    let _ = control_task.await;
     drop(runtime_dir);
     match failure {
         Some(reason) => bail!(reason),
@@ -214,6 +220,12 @@ impl MainLoop {
                 }
                 Role::Owner => self.owner_lost_at = Some(Instant::now()),
             },
+            Event::Freed { generation } => {
+                tracing::info!(
+                    generation,
+                    "generation {generation} is no longer used by any worker: its memory is freed"
+                );
+            }
             Event::Adopted { generation } => {
                 let recovered_ms = self
                     .owner_lost_at

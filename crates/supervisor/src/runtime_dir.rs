@@ -53,7 +53,7 @@ impl RuntimeDir {
     }
 }
 
-fn default_parent() -> PathBuf {
+pub(crate) fn default_parent() -> PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())

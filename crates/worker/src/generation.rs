@@ -2,7 +2,8 @@
 //!
 //! The views borrow from the [`Generation`], which a service holds in an `Arc` for as long as a
 //! request uses it; so a request never sees two generations, and the memory stays mapped for
-//! exactly as long as some request or the worker itself refers to it.
+//! exactly as long as some request or the worker itself refers to it. [`Generations`] is the
+//! slot a hot swap replaces.
 //!
 //! ```no_run
 //! # fn f(generation: &forkless_worker::Generation) -> Result<(), forkless_worker::ViewError> {
@@ -14,6 +15,40 @@
 
 use forkless_bus::host::ArenaMap;
 use forkless_bus::{Dtype, Manifest, TensorEntry};
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.arenas.clear(); // unmap first: the notice means "no longer mapped here"
+        if let Some(notice) = self.on_release.take() {
+            let _ = notice.send(self.manifest.generation);
+        }
+    }
+}
+
+/// The generation a worker serves now. Cheap to clone; every request takes
+/// [`Generations::current`] once and uses that `Arc` to the end, so a request never mixes two
+/// generations, and a swapped-out generation is unmapped when its last request finishes.
+#[derive(Debug, Clone)]
+pub struct Generations(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Generation>>>);
+
+impl Generations {
+    pub(crate) fn new(first: std::sync::Arc<Generation>) -> Self {
+        Generations(std::sync::Arc::new(std::sync::RwLock::new(first)))
+    }
+
+    /// The generation to use for the next request.
+    pub fn current(&self) -> std::sync::Arc<Generation> {
+        self.0.read().expect("generation slot poisoned").clone()
+    }
+
+    /// Makes `next` current; returns the previous one (dropped by the caller).
+    pub(crate) fn replace(&self, next: std::sync::Arc<Generation>) -> std::sync::Arc<Generation> {
+        std::mem::replace(
+            &mut *self.0.write().expect("generation slot poisoned"),
+            next,
+        )
+    }
+}
 
 /// Element types a tensor may be viewed as.
 pub trait Element: bytemuck::Pod {
@@ -43,13 +78,29 @@ pub enum ViewError {
 pub struct Generation {
     manifest: Manifest,
     arenas: Vec<ArenaMap>,
+    /// Told this generation's number once it is unmapped (the supervisor frees a retiring
+    /// generation when no worker maps it any more).
+    on_release: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
 }
 
 impl Generation {
     /// Pairs a validated manifest with its mapped arenas (same order, same sizes).
     pub(crate) fn new(manifest: Manifest, arenas: Vec<ArenaMap>) -> Self {
         debug_assert_eq!(manifest.arenas.len(), arenas.len());
-        Generation { manifest, arenas }
+        Generation {
+            manifest,
+            arenas,
+            on_release: None,
+        }
+    }
+
+    /// Reports this generation's number on `notice` once it is dropped and unmapped.
+    pub(crate) fn notify_release(
+        mut self,
+        notice: tokio::sync::mpsc::UnboundedSender<u64>,
+    ) -> Self {
+        self.on_release = Some(notice);
+        self
     }
 
     pub fn number(&self) -> u64 {

@@ -36,7 +36,7 @@ use forkless_owner::model_file::{LoadError, ModelFile};
 use tokio_util::sync::CancellationToken;
 
 pub use forkless_bus::wire::AttachTiming;
-pub use generation::{Element, Generation, ViewError};
+pub use generation::{Element, Generation, Generations, ViewError};
 
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +101,10 @@ pub enum ReadyError {
 #[derive(Debug)]
 pub struct Worker {
     bus: Option<BusStream>,
-    generation: Arc<Generation>,
+    generations: Generations,
+    /// Numbers of generations this process has unmapped; drained by the link after `ready`.
+    released: Option<tokio::sync::mpsc::UnboundedReceiver<u64>>,
+    release_notice: tokio::sync::mpsc::UnboundedSender<u64>,
     index: u32,
     attach: AttachTiming,
     shutdown: CancellationToken,
@@ -135,18 +138,28 @@ impl Worker {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
         tracing::debug!(index, generation = generation.number(), ?attach, "attached");
+        let (release_notice, released) = tokio::sync::mpsc::unbounded_channel();
+        let generation = Arc::new(generation.notify_release(release_notice.clone()));
         Ok(Worker {
             bus: Some(bus),
-            generation: Arc::new(generation),
+            generations: Generations::new(generation),
+            released: Some(released),
+            release_notice,
             index,
             attach,
             shutdown,
         })
     }
 
-    /// The generation this worker serves.
+    /// The generation this worker serves right now.
     pub fn generation(&self) -> Arc<Generation> {
-        self.generation.clone()
+        self.generations.current()
+    }
+
+    /// The slot holding the generation to serve; after a hot swap it holds the new one.
+    /// Services take `generations().current()` once per request.
+    pub fn generations(&self) -> Generations {
+        self.generations.clone()
     }
 
     /// This worker's index among its siblings (0..N-1).
@@ -167,15 +180,27 @@ impl Worker {
     /// Tells the supervisor this worker has warmed up and holds its listener. Call once.
     pub async fn ready(&mut self) -> Result<(), ReadyError> {
         let mut bus = self.bus.take().ok_or(ReadyError::AlreadyReady)?;
+        let generation = self.generations.current().number();
         bus.send(
             &Message::Ready {
-                generation: self.generation.number(),
+                generation,
                 attach: self.attach,
             },
             &[],
         )
         .await?;
-        tokio::spawn(watch_supervisor(bus, self.shutdown.clone()));
+        let (notice, released) = (
+            self.release_notice.clone(),
+            self.released.take().ok_or(ReadyError::AlreadyReady)?,
+        );
+        let link = SupervisorLink {
+            bus,
+            generations: self.generations.clone(),
+            notice,
+            released,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(link.run());
         Ok(())
     }
 }
@@ -244,18 +269,65 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
     });
 }
 
-/// After ready, the bus stays open; its closing means the supervisor is gone.
-async fn watch_supervisor(mut bus: BusStream, shutdown: CancellationToken) {
-    tokio::select! {
-        result = bus.recv() => {
-            match result {
-                Err(RecvError::Closed) => tracing::warn!("supervisor closed the bus: draining"),
-                Err(e) => tracing::warn!("bus error: {e}: draining"),
-                Ok((msg, _)) => tracing::warn!("unexpected {} from the supervisor: draining", msg.kind()),
+/// After ready, the bus carries hot swaps in (new generations) and releases out; its closing
+/// means the supervisor is gone, and the worker drains.
+struct SupervisorLink {
+    bus: BusStream,
+    generations: Generations,
+    notice: tokio::sync::mpsc::UnboundedSender<u64>,
+    released: tokio::sync::mpsc::UnboundedReceiver<u64>,
+    shutdown: CancellationToken,
+}
+
+impl SupervisorLink {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                received = self.bus.recv() => match received {
+                    Ok((Message::Generation { manifest }, fds)) => self.switch(manifest, fds),
+                    Ok((msg, _)) => return self.end(&format!("unexpected {} from the supervisor", msg.kind())),
+                    Err(RecvError::Closed) => return self.end("the supervisor closed the bus"),
+                    Err(e) => return self.end(&format!("bus error: {e}")),
+                },
+                Some(generation) = self.released.recv() => {
+                    tracing::info!(generation, "generation {generation} released");
+                    if let Err(e) = self.bus.send(&Message::Released { generation }, &[]).await {
+                        return self.end(&format!("bus error: {e}"));
+                    }
+                }
+                _ = self.shutdown.cancelled() => return,
             }
-            shutdown.cancel();
         }
-        _ = shutdown.cancelled() => {}
+    }
+
+    /// Maps a pushed generation and makes it current; requests already running finish on the
+    /// old one, which is unmapped (and reported released) when the last of them ends. A
+    /// generation that cannot be mapped is reported released at once, so it never pins memory.
+    fn switch(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) {
+        let number = manifest.generation;
+        match map_generation(manifest, fds) {
+            Ok(next) => {
+                let previous = self
+                    .generations
+                    .replace(Arc::new(next.notify_release(self.notice.clone())));
+                tracing::info!(
+                    generation = number,
+                    previous = previous.number(),
+                    "switched to generation {number}"
+                );
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot attach generation {number}: {e}; still serving the current one"
+                );
+                let _ = self.notice.send(number);
+            }
+        }
+    }
+
+    fn end(&self, why: &str) {
+        tracing::warn!("{why}: draining");
+        self.shutdown.cancel();
     }
 }
 
