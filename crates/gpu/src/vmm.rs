@@ -420,6 +420,11 @@ impl VmmArena {
     /// Copies `bytes` into the arena at `offset`. Writes over 1 MiB go through two pinned
     /// staging buffers (allocated on first use, 32 MiB, kept until [`Self::release_staging`] or
     /// drop), overlapping the host copy with the transfer. Returns once the data is on the GPU.
+    ///
+    /// Measured on an H100 VM (256 MiB): 7.5 GB/s staged against 7.8 GB/s pageable, both bound
+    /// by the host's single-threaded memcpy (10.6 GB/s). Staging only pays off where memcpy is
+    /// much faster than the driver's pageable path; to go beyond it, the source itself must be
+    /// registered (`cuMemHostRegister`, ~55 GB/s), which this crate does not do yet.
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<(), GpuError> {
         if bytes.len() <= DIRECT_WRITE_MAX {
             return self.mapping.write_pageable(offset, bytes);
