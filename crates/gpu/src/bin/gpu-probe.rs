@@ -1,0 +1,723 @@
+//! `gpu-probe`: checks on a real GPU what forkless relies on, and prints a PASS/FAIL table.
+//!
+//! Run it with no arguments (`gpu-probe [--size-mib 256]`). The process you start is the
+//! *orchestrator*: like the supervisor, it never loads CUDA. It exec's itself in other roles:
+//!
+//! - `export`: creates a VMM arena, fills it with a known pattern, exports its fd and sends it
+//!   back over a Unix socket (SCM_RIGHTS), then waits to be killed;
+//! - `import`: imports an inherited fd (read-only or read-write), checks the pattern, times
+//!   import+map, and optionally tries to write into it;
+//! - `ctx`: creates a context with a given stack limit and waits, so its memory can be measured.
+//!
+//! Children get fds by inheritance (close-on-exec cleared for the one spawn) and learn their
+//! numbers from environment variables. Nothing runs CUDA in a forked copy of another process.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use forkless_gpu::{Access, Gpu, GpuError, ImportedArena, VmmArena, WriteMethod};
+use rustix::io::FdFlags;
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+
+const ENV_SOCK: &str = "FORKLESS_PROBE_SOCK";
+const ENV_FD: &str = "FORKLESS_PROBE_FD";
+const SEED: u64 = 0x5EED_F0F0_1234_ABCD;
+
+type Report = BTreeMap<String, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let role = args.first().map(String::as_str).unwrap_or("check");
+    let result = match role {
+        "export" => role_export(&args[1..]),
+        "import" => role_import(&args[1..]),
+        "ctx" => role_ctx(&args[1..]),
+        "check" | "--size-mib" => orchestrate(&args),
+        other => Err(format!(
+            "unknown role {other:?}: run `gpu-probe [--size-mib N]`"
+        )),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gpu-probe {role}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers
+
+/// Byte `i` of the test pattern: little-endian words of a multiplicative hash of the index.
+fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut word = offset / 8;
+    let skip = (offset % 8) as usize;
+    while out.len() < len + skip {
+        let v = (word ^ SEED)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(17);
+        out.extend_from_slice(&v.to_le_bytes());
+        word += 1;
+    }
+    out.drain(..skip);
+    out.truncate(len);
+    out
+}
+
+fn arg_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn emit(key: &str, value: impl std::fmt::Display) {
+    println!("{key}={value}");
+}
+
+fn gpu_err(e: GpuError) -> String {
+    e.to_string()
+}
+
+/// Adopts the fd whose number is in environment variable `var` (inherited across exec).
+fn inherited_fd(var: &str) -> Result<OwnedFd, String> {
+    let raw: RawFd = std::env::var(var)
+        .map_err(|_| format!("{var} is not set: this role is started by the orchestrator"))?
+        .parse()
+        .map_err(|e| format!("{var}: {e}"))?;
+    if raw < 3 {
+        return Err(format!("{var}={raw} is not an inherited fd"));
+    }
+    // SAFETY: the orchestrator passed this fd to us across exec and nothing else in this
+    // process knows or owns it; `fcntl_getfd` below checks that it is open.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    rustix::io::fcntl_getfd(&fd).map_err(|e| format!("{var}={raw}: {e}"))?;
+    rustix::io::fcntl_setfd(&fd, FdFlags::CLOEXEC).map_err(|e| e.to_string())?;
+    Ok(fd)
+}
+
+fn parse_report(text: &str) -> Report {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: export
+
+fn role_export(args: &[String]) -> Result<ExitCode, String> {
+    let sock = inherited_fd(ENV_SOCK)?;
+    let size: u64 = arg_value(args, "--size")
+        .ok_or("--size missing")?
+        .parse()
+        .map_err(|e| format!("--size: {e}"))?;
+    let mut report = Report::new();
+    let t = Instant::now();
+    let gpu = Gpu::open(0).map_err(gpu_err)?;
+    report.insert("ctx_ms".into(), ms(t.elapsed()));
+    let info = gpu.info().clone();
+    report.insert("device".into(), info.name.clone());
+    report.insert("driver_version".into(), info.driver_version.to_string());
+    report.insert(
+        "cc".into(),
+        format!(
+            "{}.{}",
+            info.compute_capability.0, info.compute_capability.1
+        ),
+    );
+    report.insert("total_mib".into(), (info.total_mem >> 20).to_string());
+    report.insert(
+        "granularity".into(),
+        gpu.granularity().map_err(gpu_err)?.to_string(),
+    );
+    report.insert(
+        "nvrtc".into(),
+        forkless_gpu::nvrtc_available()
+            .map(|()| "present".to_string())
+            .unwrap_or_else(|e| e.to_string()),
+    );
+    report.insert(
+        "cublas".into(),
+        forkless_gpu::cublas_available()
+            .map(|()| "present".to_string())
+            .unwrap_or_else(|e| e.to_string()),
+    );
+
+    let t = Instant::now();
+    let arena = VmmArena::create(&gpu, size).map_err(gpu_err)?;
+    report.insert("create_ms".into(), ms(t.elapsed()));
+    report.insert("size".into(), arena.size().to_string());
+
+    let data = pattern(0, arena.size() as usize);
+    // Pageable path first (whole arena), then the staged path overwrites it with the same data.
+    let t = Instant::now();
+    arena.write_at_pageable(0, &data).map_err(gpu_err)?;
+    report.insert("fill_pageable_gbs".into(), gbs(data.len(), t.elapsed()));
+    arena.write_at(0, &data[..2 << 20]).map_err(gpu_err)?; // warm the staging buffers
+    let t = Instant::now();
+    arena.write_at(0, &data).map_err(gpu_err)?;
+    report.insert("fill_staged_gbs".into(), gbs(data.len(), t.elapsed()));
+    arena.release_staging();
+    // Host memory bandwidth for comparison: one memcpy of the whole pattern into resident memory.
+    let mut copy = vec![1u8; data.len()];
+    let t = Instant::now();
+    copy.copy_from_slice(&data);
+    report.insert("host_memcpy_gbs".into(), gbs(data.len(), t.elapsed()));
+    drop(copy);
+    let back = arena.read_at(0, data.len()).map_err(gpu_err)?;
+    report.insert("owner_readback".into(), (back == data).to_string());
+    drop(back);
+    drop(data);
+
+    let t = Instant::now();
+    let fd = arena.export_fd().map_err(gpu_err)?;
+    report.insert("export_us".into(), us(t.elapsed()));
+    let (free, total) = gpu.mem_info().map_err(gpu_err)?;
+    report.insert("owner_used_mib".into(), ((total - free) >> 20).to_string());
+
+    let payload: String = report.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    send_fd(&sock, payload.as_bytes(), &fd)?;
+    drop(fd);
+    // Keep the arena and the context until the orchestrator kills us (SIGKILL) or closes stdin.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(arena);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn send_fd(sock: &OwnedFd, payload: &[u8], fd: &OwnedFd) -> Result<(), String> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd.as_fd()];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err("control buffer too small for one fd".into());
+    }
+    rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(payload)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .map_err(|e| format!("sendmsg: {e}"))?;
+    Ok(())
+}
+
+fn recv_fd(sock: &OwnedFd) -> Result<(String, OwnedFd), String> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut data = vec![0u8; 64 << 10];
+    let got = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut data)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("recvmsg: {e}"))?;
+    let mut received = None;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            for fd in fds {
+                received.get_or_insert(fd);
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&data[..got.bytes]).into_owned();
+    let fd = received.ok_or("the exporter died or sent no fd (see its stderr above)")?;
+    Ok((text, fd))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: import
+
+fn role_import(args: &[String]) -> Result<ExitCode, String> {
+    let fd = inherited_fd(ENV_FD)?;
+    let size: u64 = arg_value(args, "--size")
+        .ok_or("--size missing")?
+        .parse()
+        .map_err(|e| format!("--size: {e}"))?;
+    let access = match arg_value(args, "--access") {
+        Some("rw") => Access::ReadWrite,
+        _ => Access::ReadOnly,
+    };
+    let repeat: usize = arg_value(args, "--repeat")
+        .unwrap_or("0")
+        .parse()
+        .map_err(|e| format!("--repeat: {e}"))?;
+    let write = arg_value(args, "--write").unwrap_or("none");
+
+    let t = Instant::now();
+    let gpu = Gpu::open(0).map_err(gpu_err)?;
+    emit("ctx_ms", ms(t.elapsed()));
+
+    // Extra imports from duplicates of the fd, to time import+map on a warm context.
+    let mut times = Vec::new();
+    for _ in 0..repeat {
+        let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 3).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let view = ImportedArena::import(&gpu, dup, size, access).map_err(gpu_err)?;
+        times.push(t.elapsed());
+        drop(view);
+    }
+    let t = Instant::now();
+    let view = ImportedArena::import(&gpu, fd, size, access).map_err(gpu_err)?;
+    let first = t.elapsed();
+    emit("import_us", us(first));
+    if !times.is_empty() {
+        times.sort();
+        emit("import_us_min", us(times[0]));
+        emit("import_us_median", us(times[times.len() / 2]));
+        emit("import_us_max", us(times[times.len() - 1]));
+        emit("import_repeats", times.len());
+    }
+
+    // D2H into resident (pre-touched) memory, so page faults do not count.
+    let mut back = vec![1u8; size as usize];
+    let t = Instant::now();
+    view.read_into(0, &mut back).map_err(gpu_err)?;
+    emit("read_gbs", gbs(back.len(), t.elapsed()));
+    let expected = pattern(0, size as usize);
+    let mismatch = back.iter().zip(&expected).position(|(a, b)| a != b);
+    emit(
+        "pattern",
+        match mismatch {
+            None => "ok".to_string(),
+            Some(i) => format!("MISMATCH at byte {i}"),
+        },
+    );
+    drop(back);
+
+    match write {
+        "none" => {}
+        "writeback" => {
+            // Read-write import: write the same bytes back (the pattern stays as it was).
+            let r = view.write_at(4096, &expected[4096..8192]);
+            emit("write", outcome(&r));
+        }
+        method => {
+            let method = if method == "memset" {
+                WriteMethod::Memset
+            } else {
+                WriteMethod::Memcpy
+            };
+            let junk = vec![0xA5u8; 4096];
+            let r = view.attempt_write(4096, &junk, method);
+            emit("write", outcome(&r));
+            // Is the data still intact, and is the context still usable?
+            match view.read_at(4096, 4096) {
+                Ok(b) => emit(
+                    "after_write",
+                    if b == expected[4096..8192] {
+                        "intact"
+                    } else {
+                        "CHANGED"
+                    },
+                ),
+                Err(e) => emit("after_write", format!("read failed: {e}")),
+            }
+        }
+    }
+    std::io::stdout().flush().ok();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn outcome(r: &Result<(), GpuError>) -> String {
+    match r {
+        Ok(()) => "accepted".into(),
+        Err(e) => match e.cu_result() {
+            Some(code) => format!("refused {code}"),
+            None => format!("refused ({e})"),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: ctx
+
+fn role_ctx(args: &[String]) -> Result<ExitCode, String> {
+    let stack = arg_value(args, "--stack").unwrap_or("default");
+    let t = Instant::now();
+    let gpu = Gpu::open(0).map_err(gpu_err)?;
+    let ctx_ms = ms(t.elapsed());
+    if stack != "default" {
+        let bytes: usize = stack.parse().map_err(|e| format!("--stack: {e}"))?;
+        gpu.set_stack_limit(bytes).map_err(gpu_err)?;
+    }
+    let limit = gpu.stack_limit().map_err(gpu_err)?;
+    let (free, total) = gpu.mem_info().map_err(gpu_err)?;
+    println!(
+        "ready ctx_ms={ctx_ms} stack={limit} used_mib={}",
+        (total - free) >> 20
+    );
+    std::io::stdout().flush().ok();
+    // Hold the context until the orchestrator has measured and closes our stdin.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orchestrator (no CUDA in this process)
+
+struct Row {
+    name: &'static str,
+    pass: Option<bool>,
+    detail: String,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+fn gbs(bytes: usize, d: Duration) -> String {
+    format!("{:.1}", bytes as f64 / d.as_secs_f64() / 1e9)
+}
+
+fn me() -> Result<std::path::PathBuf, String> {
+    std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))
+}
+
+/// Spawns `cmd` with `fd` inherited under its own number, named in environment `var`.
+fn spawn_with_fd(cmd: &mut Command, var: &str, fd: &OwnedFd) -> Result<Child, String> {
+    cmd.env(var, fd.as_raw_fd().to_string());
+    rustix::io::fcntl_setfd(fd, FdFlags::empty()).map_err(|e| e.to_string())?;
+    let child = cmd.spawn().map_err(|e| format!("spawn: {e}"));
+    rustix::io::fcntl_setfd(fd, FdFlags::CLOEXEC).map_err(|e| e.to_string())?;
+    child
+}
+
+fn run_import(fd: &OwnedFd, size: u64, extra: &[&str]) -> Result<Report, String> {
+    let mut cmd = Command::new(me()?);
+    cmd.arg("import")
+        .args(["--size", &size.to_string()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let child = spawn_with_fd(&mut cmd, ENV_FD, fd)?;
+    let out = child.wait_with_output().map_err(|e| format!("wait: {e}"))?;
+    let mut report = parse_report(&String::from_utf8_lossy(&out.stdout));
+    report.insert("exit".into(), format!("{}", out.status));
+    Ok(report)
+}
+
+fn nvidia_smi(args: &[&str]) -> Option<String> {
+    let out = Command::new("nvidia-smi").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// GPU 0's used memory in MiB according to nvidia-smi.
+fn gpu_used_mib() -> Option<i64> {
+    nvidia_smi(&[
+        "--query-gpu=memory.used",
+        "--format=csv,noheader,nounits",
+        "-i",
+        "0",
+    ])?
+    .trim()
+    .parse()
+    .ok()
+}
+
+/// The used memory nvidia-smi lists for process `pid`, if listed.
+fn app_used_mib(pid: u32) -> Option<i64> {
+    let text = nvidia_smi(&[
+        "--query-compute-apps=pid,used_memory",
+        "--format=csv,noheader,nounits",
+    ])?;
+    text.lines().find_map(|l| {
+        let (p, m) = l.split_once(',')?;
+        (p.trim().parse::<u32>().ok()? == pid)
+            .then(|| m.trim().parse().ok())
+            .flatten()
+    })
+}
+
+fn libcuda_loaded_here() -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.contains("libcuda"))
+        .unwrap_or(false)
+}
+
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn fmt_mib(v: Option<i64>) -> String {
+    v.map(|v| format!("{v} MiB"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn delta(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    Some(b? - a?)
+}
+
+fn measure_ctx(stack: &str) -> Result<String, String> {
+    let before = gpu_used_mib();
+    let mut child = Command::new(me()?)
+        .args(["ctx", "--stack", stack])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if !line.starts_with("ready") {
+        let _ = child.wait();
+        return Err("context child failed (see its stderr)".into());
+    }
+    settle();
+    let during = gpu_used_mib();
+    let app = app_used_mib(child.id());
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let fields = parse_report(&line.replace(' ', "\n"));
+    Ok(format!(
+        "limit {} B: nvidia-smi GPU used +{} , per-process {}; ctx create {} ms",
+        fields.get("stack").map(String::as_str).unwrap_or("?"),
+        fmt_mib(delta(before, during)),
+        fmt_mib(app),
+        fields.get("ctx_ms").map(String::as_str).unwrap_or("?"),
+    ))
+}
+
+fn orchestrate(args: &[String]) -> Result<ExitCode, String> {
+    let size_mib: u64 = arg_value(args, "--size-mib")
+        .unwrap_or("256")
+        .parse()
+        .map_err(|e| format!("--size-mib: {e}"))?;
+    let size_req = size_mib << 20;
+    let mut rows: Vec<Row> = Vec::new();
+
+    // 5. Context memory per process (first, on a quiet GPU).
+    let idle = gpu_used_mib();
+    for (stack, name) in [
+        ("default", "5a context memory, default stack"),
+        ("256", "5b context memory, stack 256 B"),
+        ("64", "5c context memory, stack 64 B"),
+    ] {
+        let r = measure_ctx(stack);
+        rows.push(Row {
+            name,
+            pass: Some(r.is_ok()),
+            detail: r.unwrap_or_else(|e| e),
+        });
+    }
+
+    // 1. Exporter: create, fill, export, send the fd back.
+    let (mine, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socketpair: {e}"))?;
+    let mut cmd = Command::new(me()?);
+    cmd.args(["export", "--size", &size_req.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let mut exporter = spawn_with_fd(&mut cmd, ENV_SOCK, &theirs)?;
+    drop(theirs);
+    let (text, fd) = match recv_fd(&mine) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = exporter.kill();
+            let _ = exporter.wait();
+            rows.push(Row {
+                name: "1  create+fill+export",
+                pass: Some(false),
+                detail: e,
+            });
+            print_table(&rows, &Report::new());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let ex = parse_report(&text);
+    let size: u64 = ex.get("size").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let get = |r: &Report, k: &str| r.get(k).cloned().unwrap_or_else(|| "?".into());
+    rows.push(Row {
+        name: "1  create+fill+export",
+        pass: Some(size >= size_req && get(&ex, "owner_readback") == "true"),
+        detail: format!(
+            "{} MiB (granularity {} B): cuMemCreate+map {} ms, fill {} GB/s pageable / {} GB/s pinned-staged (host memcpy {} GB/s), export {} us, owner ctx {} ms",
+            size >> 20,
+            get(&ex, "granularity"),
+            get(&ex, "create_ms"),
+            get(&ex, "fill_pageable_gbs"),
+            get(&ex, "fill_staged_gbs"),
+            get(&ex, "host_memcpy_gbs"),
+            get(&ex, "export_us"),
+            get(&ex, "ctx_ms"),
+        ),
+    });
+
+    // 2 + 6. Read-only import in a second process; timing of import+map.
+    let r = run_import(&fd, size, &["--access", "ro", "--repeat", "20"])?;
+    rows.push(Row {
+        name: "2  RO import reads pattern",
+        pass: Some(get(&r, "pattern") == "ok"),
+        detail: format!(
+            "pattern {} ({} MiB, D2H {} GB/s), importer ctx {} ms, {}",
+            get(&r, "pattern"),
+            size >> 20,
+            get(&r, "read_gbs"),
+            get(&r, "ctx_ms"),
+            get(&r, "exit")
+        ),
+    });
+    rows.push(Row {
+        name: "6  import+map time",
+        pass: Some(r.contains_key("import_us_median")),
+        detail: format!(
+            "first {} us (incl. first-use), then over {} repeats: min {} / median {} / max {} us",
+            get(&r, "import_us"),
+            get(&r, "import_repeats"),
+            get(&r, "import_us_min"),
+            get(&r, "import_us_median"),
+            get(&r, "import_us_max"),
+        ),
+    });
+
+    // 3. Writes into the read-only mapping, each in a throwaway process.
+    for (method, name) in [
+        ("memcpy", "3a RO write (cuMemcpyHtoD)"),
+        ("memset", "3b RO write (cuMemsetD8)"),
+    ] {
+        let r = run_import(&fd, size, &["--access", "ro", "--write", method])?;
+        let w = get(&r, "write");
+        rows.push(Row {
+            name,
+            pass: Some(w.starts_with("refused") && get(&r, "after_write") != "CHANGED"),
+            detail: format!("{w}; data afterwards: {}", get(&r, "after_write")),
+        });
+    }
+    let r = run_import(&fd, size, &["--access", "rw", "--write", "writeback"])?;
+    rows.push(Row {
+        name: "3c RW import can write",
+        pass: Some(get(&r, "write") == "accepted" && get(&r, "pattern") == "ok"),
+        detail: format!("write {}, pattern {}", get(&r, "write"), get(&r, "pattern")),
+    });
+
+    // 4. Kill the exporter; this process (no CUDA) holds only the fd; a new process imports.
+    let used_before_kill = gpu_used_mib();
+    exporter.kill().map_err(|e| format!("kill exporter: {e}"))?; // SIGKILL
+    let status = exporter.wait().map_err(|e| e.to_string())?;
+    settle();
+    let used_fd_only = gpu_used_mib();
+    let no_cuda_here = !libcuda_loaded_here();
+    let r = run_import(&fd, size, &["--access", "ro"])?;
+    rows.push(Row {
+        name: "4  exporter SIGKILLed, fd-only holder, new import",
+        pass: Some(get(&r, "pattern") == "ok" && no_cuda_here),
+        detail: format!(
+            "exporter {status}; holder has libcuda loaded: {}; GPU used {} -> {} (fd only); new importer: pattern {}, import {} us",
+            !no_cuda_here,
+            fmt_mib(used_before_kill),
+            fmt_mib(used_fd_only),
+            get(&r, "pattern"),
+            get(&r, "import_us"),
+        ),
+    });
+
+    // 4b. Closing the last fd frees the memory.
+    drop(fd);
+    settle();
+    let used_after_close = gpu_used_mib();
+    let freed = delta(used_after_close, used_fd_only);
+    rows.push(Row {
+        name: "4b last fd closed -> memory freed",
+        pass: freed.map(|f| f >= (size >> 20) as i64 - 2),
+        detail: format!(
+            "GPU used {} -> {} (freed {}; arena {} MiB; idle at start {})",
+            fmt_mib(used_fd_only),
+            fmt_mib(used_after_close),
+            fmt_mib(freed),
+            size >> 20,
+            fmt_mib(idle),
+        ),
+    });
+
+    print_table(&rows, &ex);
+    let failed = rows.iter().any(|r| r.pass == Some(false));
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_table(rows: &[Row], ex: &Report) {
+    let get = |k: &str| ex.get(k).cloned().unwrap_or_else(|| "?".into());
+    println!();
+    println!(
+        "gpu-probe: {} (cc {}, {} MiB), driver CUDA {}, NVRTC: {}, cuBLAS: {}",
+        get("device"),
+        get("cc"),
+        get("total_mib"),
+        get("driver_version"),
+        get("nvrtc"),
+        get("cublas"),
+    );
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(10);
+    println!("{:<width$} | result | detail", "check");
+    println!("{}-+--------+-------", "-".repeat(width));
+    for r in rows {
+        let verdict = match r.pass {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "info",
+        };
+        println!("{:<width$} | {verdict:<6} | {}", r.name, r.detail);
+    }
+    let failed = rows.iter().filter(|r| r.pass == Some(false)).count();
+    println!(
+        "{}",
+        if failed == 0 {
+            "ALL PASS".to_string()
+        } else {
+            format!("{failed} FAILED")
+        }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_consistent_at_any_offset() {
+        let whole = pattern(0, 100);
+        for off in 0..40 {
+            assert_eq!(pattern(off, 37), whole[off as usize..off as usize + 37]);
+        }
+        assert_ne!(pattern(0, 8), pattern(8, 8));
+    }
+
+    #[test]
+    fn report_parsing() {
+        let r = parse_report("a=1\nb = x y\nnoise\n");
+        assert_eq!(r["a"], "1");
+        assert_eq!(r["b"], "x y");
+        assert_eq!(r.len(), 2);
+    }
+}

@@ -1,0 +1,32 @@
+//! Everything in forkless that calls the CUDA driver, behind a small safe API.
+//!
+//! - [`available`] / [`probe`]: is there a driver and a GPU? Never panics: on a machine without
+//!   CUDA it returns [`GpuError::DriverMissing`] ("… use --backend host").
+//! - [`Gpu`]: a device with its primary context retained; [`Gpu::set_stack_limit`] shrinks
+//!   the context (most of its ~0.5 GiB is the per-thread stack reservation).
+//! - [`VmmArena`]: device memory from `cuMemCreate` that can be exported as a POSIX fd;
+//!   [`ImportedArena`]: such an fd mapped in another process, read-only for workers.
+//!
+//! The crate builds and its tests pass without a CUDA toolkit or driver: cudarc is used with
+//! dynamic loading and an explicit CUDA version (13.0), and every entry point first checks that
+//! the driver library loads and has every function we call ([`driver`]), so a missing or old
+//! driver is an error, not cudarc's panic. NVRTC and cuBLAS are optional:
+//! [`nvrtc_available`] and [`cublas_available`] say whether they can be used.
+//!
+//! ```
+//! match forkless_gpu::available() {
+//!     Ok(info) => assert!(info.device_count > 0),
+//!     Err(e) => assert!(e.to_string().contains(": ")), // every error says what to do
+//! }
+//! ```
+
+mod device;
+mod error;
+mod vmm;
+
+pub use device::{available, cublas_available, driver, nvrtc_available, probe, DeviceInfo, Gpu};
+pub use error::{CuResult, GpuError};
+pub use vmm::{round_up, Access, ImportedArena, VmmArena, WriteMethod};
+
+/// The cudarc version this crate is built on, re-exported for NVRTC modules and cuBLAS.
+pub use cudarc;
