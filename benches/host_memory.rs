@@ -17,10 +17,7 @@ use util::*;
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn pss_bytes(pid: u32) -> u64 {
@@ -35,11 +32,7 @@ fn pss_bytes(pid: u32) -> u64 {
 
 /// Pss of a process outside the weights arena mapping (its own overhead).
 fn overhead_bytes(pid: u32) -> u64 {
-    let arena: u64 = smaps(pid)
-        .iter()
-        .filter(|m| m.path.starts_with("/memfd:forkless-arena"))
-        .map(|m| m.pss_kb)
-        .sum();
+    let arena: u64 = smaps(pid).iter().filter(|m| m.path.starts_with("/memfd:forkless-arena")).map(|m| m.pss_kb).sum();
     pss_bytes(pid) - arena * 1024
 }
 
@@ -70,18 +63,10 @@ fn run_case(dir: &TestDir, sharing: &'static str, workers: u32) -> Row {
     let cold_start_ms = spawned.elapsed().as_secs_f64() * 1e3;
     infer_seed(&addr, 1);
     let worker_pids = sup.children("worker");
-    let others: Vec<u32> = sup
-        .children("owner")
-        .into_iter()
-        .chain([sup.pid()])
-        .collect();
+    let others: Vec<u32> = sup.children("owner").into_iter().chain([sup.pid()]).collect();
     let mut overheads: Vec<u64> = worker_pids.iter().map(|&p| overhead_bytes(p)).collect();
     overheads.sort_unstable();
-    let total = worker_pids
-        .iter()
-        .chain(&others)
-        .map(|&p| pss_bytes(p))
-        .sum();
+    let total = worker_pids.iter().chain(&others).map(|&p| pss_bytes(p)).sum();
     let supervisor_and_owner = others.iter().map(|&p| pss_bytes(p)).sum();
     attach_us.sort_unstable();
     attach_cpu_us.sort_unstable();
@@ -112,22 +97,13 @@ fn main() {
         .collect();
     let dir = TestDir::new();
     let status = std::process::Command::new(worker_exe())
-        .args([
-            "make-weights",
-            "--in",
-            &inputs.to_string(),
-            "--out",
-            &outputs.to_string(),
-        ])
+        .args(["make-weights", "--in", &inputs.to_string(), "--out", &outputs.to_string()])
         .arg(dir.model_path())
         .status()
         .unwrap();
     assert!(status.success());
     let model = ((inputs * outputs + outputs) * 4) as f64;
-    println!(
-        "forkless host benchmark: model W[{outputs}, {inputs}] + b fp32 = {:.1} MiB",
-        model / MIB
-    );
+    println!("forkless host benchmark: model W[{outputs}, {inputs}] + b fp32 = {:.1} MiB", model / MIB);
     println!("machine: {} cores, {}", cores(), kernel());
     println!();
     println!(
@@ -138,10 +114,8 @@ fn main() {
         for &n in &counts {
             let row = run_case(&dir, sharing, n);
             // Target: one model + N x worker overhead (+ supervisor and owner) + 2 %.
-            let budget = (model
-                + (n as f64) * row.worker_overhead_median as f64
-                + row.supervisor_and_owner as f64)
-                * 1.02;
+            let budget =
+                (model + (n as f64) * row.worker_overhead_median as f64 + row.supervisor_and_owner as f64) * 1.02;
             let ok = if row.sharing == "shared" {
                 if (row.total as f64) <= budget {
                     "yes"
@@ -170,21 +144,17 @@ fn main() {
         }
     }
     println!();
-    println!("attach (shared): hello + welcome + generation frame (queued on the inherited socket) + validation + mmap;");
     println!(
-        "wall time includes waiting for a CPU: N workers start at once on this machine's cores."
+        "attach (shared): hello + welcome + generation frame (queued on the inherited socket) + validation + mmap;"
     );
+    println!("wall time includes waiting for a CPU: N workers start at once on this machine's cores.");
     println!("attach (none): the same handshake plus reading the whole weights file into private memory.");
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
 }
 
 fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| format!("Linux {}", s.trim()))
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| format!("Linux {}", s.trim())).unwrap_or_default()
 }

@@ -17,12 +17,8 @@ fn hot_swap_under_load_fails_nothing_and_mixes_nothing() {
     let addr = sup.wait_ready();
 
     let load = Load::start(&addr, 5);
-    let (ok, stdout, stderr) = supervisor_command(&[
-        OsStr::new("reload-model"),
-        OsStr::new("-c"),
-        config.as_os_str(),
-        new_model.as_os_str(),
-    ]);
+    let (ok, stdout, stderr) =
+        supervisor_command(&[OsStr::new("reload-model"), OsStr::new("-c"), config.as_os_str(), new_model.as_os_str()]);
     assert!(ok, "reload-model failed: {stderr}");
     assert!(stdout.contains("generation 2 is live"), "{stdout}");
     sup.wait_for("no longer used by any worker", |l| l["generation"] == 1);
@@ -30,15 +26,8 @@ fn hot_swap_under_load_fails_nothing_and_mixes_nothing() {
     let report = load.stop();
 
     assert_eq!(after["generation"], 2);
-    assert_eq!(
-        after["y_sum"].as_f64().unwrap(),
-        expected_answer_with(NEW_WEIGHTS, 5).0
-    );
-    assert!(
-        report.failures.is_empty(),
-        "failures: {:?}",
-        report.failures
-    );
+    assert_eq!(after["y_sum"].as_f64().unwrap(), expected_answer_with(NEW_WEIGHTS, 5).0);
+    assert!(report.failures.is_empty(), "failures: {:?}", report.failures);
     assert!(report.ok > 0);
     for (y_sum, generation) in &report.answers {
         let weights = match generation {
@@ -54,19 +43,14 @@ fn hot_swap_under_load_fails_nothing_and_mixes_nothing() {
     }
     // Back to one copy: each worker maps one arena, and only one is in escrow.
     for pid in sup.children("worker") {
-        let arenas = smaps(pid)
-            .into_iter()
-            .filter(|m| m.path.starts_with("/memfd:forkless-arena"))
-            .count();
+        let arenas = smaps(pid).into_iter().filter(|m| m.path.starts_with("/memfd:forkless-arena")).count();
         assert_eq!(arenas, 1, "worker {pid} maps {arenas} arenas");
     }
     assert_eq!(arena_fds(sup.pid()).len(), 1);
     // Workers started after the swap attach the new generation.
     let worker = sup.children("worker")[0];
     send_signal(worker, libc::SIGKILL);
-    let ready = sup.wait_for("ready", |l| {
-        l["pid"].as_u64().is_some_and(|p| p != worker as u64)
-    });
+    let ready = sup.wait_for("ready", |l| l["pid"].as_u64().is_some_and(|p| p != worker as u64));
     assert_eq!(ready["generation"], 2);
 }
 
@@ -79,41 +63,23 @@ fn a_broken_new_model_is_refused_and_the_live_one_keeps_serving() {
     let config = dir.write_config(1, "");
     let mut sup = Supervisor::start(&config);
     let addr = sup.wait_ready();
-    let (ok, _, stderr) = supervisor_command(&[
-        OsStr::new("reload-model"),
-        OsStr::new("-c"),
-        config.as_os_str(),
-        broken.as_os_str(),
-    ]);
+    let (ok, _, stderr) =
+        supervisor_command(&[OsStr::new("reload-model"), OsStr::new("-c"), config.as_os_str(), broken.as_os_str()]);
     assert!(!ok);
-    assert!(
-        stderr.contains("broken.safetensors") && stderr.contains("not a valid safetensors file"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("broken.safetensors") && stderr.contains("not a valid safetensors file"), "{stderr}");
     let answer = infer_seed(&addr, 8);
     assert_eq!(answer["generation"], 1);
     assert_eq!(answer["y_sum"].as_f64().unwrap(), expected_answer(8).0);
-    assert_eq!(
-        sup.children("owner").len(),
-        1,
-        "the owner survives a failed load"
-    );
+    assert_eq!(sup.children("owner").len(), 1, "the owner survives a failed load");
 }
 
 #[test]
 fn control_commands_name_the_config_when_nothing_runs() {
     let dir = TestDir::new();
     let config = dir.write_config(1, "");
-    let (ok, _, stderr) = supervisor_command(&[
-        OsStr::new("reload-model"),
-        OsStr::new("-c"),
-        config.as_os_str(),
-    ]);
+    let (ok, _, stderr) = supervisor_command(&[OsStr::new("reload-model"), OsStr::new("-c"), config.as_os_str()]);
     assert!(!ok);
-    assert!(
-        stderr.contains("no supervisor is running") && stderr.contains("config.toml"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no supervisor is running") && stderr.contains("config.toml"), "{stderr}");
 }
 
 #[test]
@@ -125,13 +91,6 @@ fn a_second_supervisor_for_the_same_config_is_refused() {
     first.wait_ready();
     let mut second = Supervisor::start(&config);
     assert!(!second.wait_exit().success());
-    assert!(
-        second.log_text().contains("already running"),
-        "{}",
-        second.log_text()
-    );
-    assert_eq!(
-        infer_seed(first.addr.as_deref().unwrap(), 1)["generation"],
-        1
-    );
+    assert!(second.log_text().contains("already running"), "{}", second.log_text());
+    assert_eq!(infer_seed(first.addr.as_deref().unwrap(), 1)["generation"], 1);
 }

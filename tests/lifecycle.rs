@@ -12,15 +12,10 @@ fn killed_worker_is_replaced_and_serves() {
     let victim = sup.children("worker")[0];
     let index: u64 = env_of(victim, "FORKLESS_INDEX").unwrap().parse().unwrap();
     send_signal(victim, libc::SIGKILL);
-    sup.wait_for("ready", |line| {
-        line["index"] == index && line["pid"].as_u64() != Some(victim as u64)
-    });
+    sup.wait_for("ready", |line| line["index"] == index && line["pid"].as_u64() != Some(victim as u64));
     assert!(!sup.children("worker").contains(&victim));
     assert_eq!(sup.children("worker").len(), 2);
-    assert_eq!(
-        infer_seed(&addr, 9)["y_sum"].as_f64().unwrap(),
-        expected_answer(9).0
-    );
+    assert_eq!(infer_seed(&addr, 9)["y_sum"].as_f64().unwrap(), expected_answer(9).0);
 }
 
 #[test]
@@ -37,11 +32,7 @@ fn sigterm_stops_everything_and_exits_zero() {
     for pid in children {
         assert!(!alive(pid), "child {pid} outlived the supervisor");
     }
-    assert!(
-        !runtime_dir.exists(),
-        "runtime dir {} was left behind",
-        runtime_dir.display()
-    );
+    assert!(!runtime_dir.exists(), "runtime dir {} was left behind", runtime_dir.display());
 }
 
 #[test]
@@ -55,8 +46,6 @@ fn children_die_with_a_killed_supervisor() {
     sup.signal(libc::SIGKILL);
     sup.wait_exit();
     for pid in children {
-        eventually(&format!("child {pid} to die with the supervisor"), || {
-            !alive(pid)
-        });
+        eventually(&format!("child {pid} to die with the supervisor"), || !alive(pid));
     }
 }

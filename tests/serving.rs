@@ -15,21 +15,13 @@ fn every_worker_gives_the_reference_answer() {
     for _ in 0..40 {
         let answer = infer_seed(&addr, 7);
         assert_eq!(answer["y_sum"].as_f64().unwrap(), y_sum, "{answer}");
-        let head: Vec<f32> = answer["y_head"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let head: Vec<f32> = answer["y_head"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         assert_eq!(head, y_head);
         assert_eq!(answer["generation"], 1);
         workers.insert(answer["worker"].as_u64().unwrap() as u32);
     }
     let all: BTreeSet<u32> = sup.children("worker").into_iter().collect();
-    assert!(
-        workers.is_subset(&all),
-        "answers came from workers {workers:?}, children are {all:?}"
-    );
+    assert!(workers.is_subset(&all), "answers came from workers {workers:?}, children are {all:?}");
 }
 
 #[test]
@@ -76,18 +68,9 @@ fn every_listen_address_is_served() {
     let config = dir.write_config_listening(2, "", &["127.0.0.1:0", "127.0.0.1:0"]);
     let mut sup = Supervisor::start(&config);
     sup.wait_ready();
-    let addrs: Vec<String> = sup
-        .addr
-        .clone()
-        .unwrap()
-        .split(',')
-        .map(str::to_string)
-        .collect();
+    let addrs: Vec<String> = sup.addr.clone().unwrap().split(',').map(str::to_string).collect();
     assert_eq!(addrs.len(), 2, "{addrs:?}");
     for addr in addrs {
-        assert_eq!(
-            infer_seed(&addr, 2)["y_sum"].as_f64().unwrap(),
-            expected_answer(2).0
-        );
+        assert_eq!(infer_seed(&addr, 2)["y_sum"].as_f64().unwrap(), expected_answer(2).0);
     }
 }

@@ -5,10 +5,7 @@ use crate::util::*;
 const ARENA_NAME: &str = "/memfd:forkless-arena";
 
 fn arena_mappings(pid: u32) -> Vec<Mapping> {
-    smaps(pid)
-        .into_iter()
-        .filter(|m| m.path.starts_with(ARENA_NAME))
-        .collect()
+    smaps(pid).into_iter().filter(|m| m.path.starts_with(ARENA_NAME)).collect()
 }
 
 #[test]
@@ -20,10 +17,7 @@ fn workers_share_one_read_only_copy() {
     let workers = sup.children("worker");
     assert_eq!(workers.len(), 4, "children: {:?}", children_of(sup.pid()));
 
-    let maps: Vec<Mapping> = workers
-        .iter()
-        .flat_map(|&pid| arena_mappings(pid))
-        .collect();
+    let maps: Vec<Mapping> = workers.iter().flat_map(|&pid| arena_mappings(pid)).collect();
     assert_eq!(maps.len(), 4, "one arena mapping per worker: {maps:#?}");
     let arena_kb = maps[0].size_kb;
     assert!(arena_kb * 1024 >= (IN * OUT * 4) as u64);
@@ -35,14 +29,8 @@ fn workers_share_one_read_only_copy() {
     }
     let rss: u64 = maps.iter().map(|m| m.rss_kb).sum();
     let pss: u64 = maps.iter().map(|m| m.pss_kb).sum();
-    assert!(
-        rss >= 4 * arena_kb * 95 / 100,
-        "summed Rss {rss} kB ~ 4 arenas of {arena_kb} kB"
-    );
-    assert!(
-        pss <= arena_kb * 102 / 100,
-        "summed Pss {pss} kB ~ one arena of {arena_kb} kB"
-    );
+    assert!(rss >= 4 * arena_kb * 95 / 100, "summed Rss {rss} kB ~ 4 arenas of {arena_kb} kB");
+    assert!(pss <= arena_kb * 102 / 100, "summed Pss {pss} kB ~ one arena of {arena_kb} kB");
 
     // Neither the owner nor the supervisor maps the weights.
     for pid in sup.children("owner").into_iter().chain([sup.pid()]) {
@@ -67,9 +55,6 @@ fn sharing_none_gives_each_worker_its_own_copy() {
             .map(|m| m.pss_kb)
             .max()
             .unwrap_or(0);
-        assert!(
-            private_kb * 1024 >= (IN * OUT * 4) as u64 * 95 / 100,
-            "pid {pid} holds a private copy"
-        );
+        assert!(private_kb * 1024 >= (IN * OUT * 4) as u64 * 95 / 100, "pid {pid} holds a private copy");
     }
 }

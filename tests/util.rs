@@ -38,12 +38,7 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new() -> Self {
-        TestDir {
-            dir: tempfile::Builder::new()
-                .prefix("forkless-test")
-                .tempdir()
-                .unwrap(),
-        }
+        TestDir { dir: tempfile::Builder::new().prefix("forkless-test").tempdir().unwrap() }
     }
 
     pub fn path(&self) -> &Path {
@@ -63,13 +58,7 @@ impl TestDir {
     pub fn write_model_at(&self, path: &Path, weight_seed: u64) -> PathBuf {
         let path = path.to_path_buf();
         let status = Command::new(worker_exe())
-            .args([
-                "make-weights",
-                "--in",
-                &IN.to_string(),
-                "--out",
-                &OUT.to_string(),
-            ])
+            .args(["make-weights", "--in", &IN.to_string(), "--out", &OUT.to_string()])
             .args(["--seed", &weight_seed.to_string()])
             .arg(&path)
             .status()
@@ -85,12 +74,7 @@ impl TestDir {
     }
 
     /// Like [`TestDir::write_config`], with the given `listen` addresses.
-    pub fn write_config_listening(
-        &self,
-        workers: u32,
-        model_extra: &str,
-        listen: &[&str],
-    ) -> PathBuf {
+    pub fn write_config_listening(&self, workers: u32, model_extra: &str, listen: &[&str]) -> PathBuf {
         let config = format!(
             "[model]\npath = \"weights.safetensors\"\n{model_extra}\n\
              [workers]\ncommand = [{:?}]\ncount = {workers}\nlisten = {listen:?}\n\
@@ -136,14 +120,7 @@ impl Supervisor {
                 let _ = tx.send(value);
             }
         });
-        Supervisor {
-            child,
-            lines,
-            log,
-            addr: None,
-            bus: None,
-            reader: Some(reader),
-        }
+        Supervisor { child, lines, log, addr: None, bus: None, reader: Some(reader) }
     }
 
     pub fn pid(&self) -> u32 {
@@ -161,10 +138,7 @@ impl Supervisor {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    let message = line
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
+                    let message = line.get("message").and_then(Value::as_str).unwrap_or_default();
                     if message.contains(needle) && pred(&line) {
                         return line;
                     }
@@ -173,10 +147,7 @@ impl Supervisor {
                     panic!("no log line {needle:?} in time; log:\n{}", self.log_text())
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "supervisor exited before logging {needle:?}; log:\n{}",
-                        self.log_text()
-                    )
+                    panic!("supervisor exited before logging {needle:?}; log:\n{}", self.log_text())
                 }
             }
         }
@@ -207,11 +178,7 @@ impl Supervisor {
                 }
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "supervisor did not exit; log:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "supervisor did not exit; log:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -248,11 +215,7 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     let mut pids: Vec<u32> = tasks
         .filter_map(Result::ok)
         .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|text| {
-            text.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
+        .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
         .collect();
     pids.sort_unstable();
     pids
@@ -263,19 +226,14 @@ pub fn env_of(pid: u32, name: &str) -> Option<String> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     environ.split(|&b| b == 0).find_map(|entry| {
         let entry = std::str::from_utf8(entry).ok()?;
-        entry
-            .strip_prefix(name)?
-            .strip_prefix('=')
-            .map(str::to_string)
+        entry.strip_prefix(name)?.strip_prefix('=').map(str::to_string)
     })
 }
 
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -302,11 +260,7 @@ pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, body.to_string())
 }
 
@@ -345,9 +299,7 @@ pub fn smaps(pid: u32) -> Vec<Mapping> {
     let mut maps: Vec<Mapping> = Vec::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let is_header = fields
-            .first()
-            .is_some_and(|f| f.contains('-') && !f.ends_with(':'));
+        let is_header = fields.first().is_some_and(|f| f.contains('-') && !f.ends_with(':'));
         if is_header && fields.len() >= 5 {
             maps.push(Mapping {
                 perms: fields[1].into(),
@@ -400,9 +352,7 @@ impl Load {
                     Ok(answer) => {
                         report.ok += 1;
                         let generation = answer["generation"].as_u64().unwrap_or(0);
-                        report
-                            .answers
-                            .insert((answer["y_sum"].to_string(), generation));
+                        report.answers.insert((answer["y_sum"].to_string(), generation));
                     }
                     Err(e) => report.failures.push(e),
                 }
@@ -421,9 +371,7 @@ impl Load {
 
 fn try_infer(addr: &str, seed: u64) -> Result<Value, String> {
     let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(PATIENCE))
-        .map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(PATIENCE)).map_err(|e| e.to_string())?;
     let body = format!("{{\"seed\": {seed}}}");
     write!(
         stream,
@@ -432,12 +380,8 @@ fn try_infer(addr: &str, seed: u64) -> Result<Value, String> {
     )
     .map_err(|e| format!("write: {e}"))?;
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| format!("read: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no response: {response:?}"))?;
+    stream.read_to_string(&mut response).map_err(|e| format!("read: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("no response: {response:?}"))?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!("{head}: {body}"));
     }
@@ -459,18 +403,12 @@ pub fn arena_fds(pid: u32) -> Vec<String> {
 
 /// Number of open descriptors of `pid`.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// Runs `supervisor ARGS...` to completion (a control command), returning (success, stdout, stderr).
 pub fn supervisor_command(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     let output = Command::new(supervisor_exe()).args(args).output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (
-        output.status.success(),
-        text(&output.stdout),
-        text(&output.stderr),
-    )
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
 }

@@ -17,10 +17,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "linear-worker",
-    about = "The forkless demo worker: y = W x + b over HTTP"
-)]
+#[command(name = "linear-worker", about = "The forkless demo worker: y = W x + b over HTTP")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -47,43 +44,26 @@ fn main() -> ExitCode {
     forkless_supervisor::logging::init_child();
     match Cli::parse().command.unwrap_or(Command::Serve) {
         Command::Serve => service::main(),
-        Command::MakeWeights {
-            inputs,
-            outputs,
-            seed,
-            path,
-        } => make_weights(inputs, outputs, seed, path),
+        Command::MakeWeights { inputs, outputs, seed, path } => make_weights(inputs, outputs, seed, path),
     }
 }
 
 fn make_weights(inputs: usize, outputs: usize, seed: u64, path: Option<PathBuf>) -> ExitCode {
-    let Some(path) = path.or_else(|| std::env::var_os(forkless_bus::ENV_MODEL).map(PathBuf::from))
-    else {
+    let Some(path) = path.or_else(|| std::env::var_os(forkless_bus::ENV_MODEL).map(PathBuf::from)) else {
         eprintln!("make-weights: give a PATH or set FORKLESS_MODEL");
         return ExitCode::from(2);
     };
     let (w, b) = seeded::make_weights(inputs, outputs, seed);
-    let tensors = [
-        ("weight", vec![outputs, inputs], w.as_slice()),
-        ("bias", vec![outputs], b.as_slice()),
-    ];
+    let tensors = [("weight", vec![outputs, inputs], w.as_slice()), ("bias", vec![outputs], b.as_slice())];
     // Write beside the target and rename: an interrupted run never leaves a truncated model.
     let partial = path.with_extension("partial");
-    let written =
-        forkless_owner::model_file::write_f32_safetensors(&partial, &tensors).and_then(|()| {
-            std::fs::rename(&partial, &path).map_err(|source| {
-                forkless_owner::model_file::LoadError::Read {
-                    path: path.clone(),
-                    source,
-                }
-            })
-        });
+    let written = forkless_owner::model_file::write_f32_safetensors(&partial, &tensors).and_then(|()| {
+        std::fs::rename(&partial, &path)
+            .map_err(|source| forkless_owner::model_file::LoadError::Read { path: path.clone(), source })
+    });
     match written {
         Ok(()) => {
-            tracing::info!(
-                "wrote {} (in={inputs}, out={outputs}, seed={seed})",
-                path.display()
-            );
+            tracing::info!("wrote {} (in={inputs}, out={outputs}, seed={seed})", path.display());
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -30,11 +30,9 @@ impl Linear {
         generation.tensor::<f32>("weight")?;
         generation.tensor::<f32>("bias")?;
         match (weight.as_slice(), bias.as_slice()) {
-            ([out, inp], [b]) if out == b => Ok(Linear {
-                inputs: *inp as usize,
-                outputs: *out as usize,
-                generation: generation.clone(),
-            }),
+            ([out, inp], [b]) if out == b => {
+                Ok(Linear { inputs: *inp as usize, outputs: *out as usize, generation: generation.clone() })
+            }
             _ => Err(ModelError::Shape { weight, bias }),
         }
     }
@@ -46,14 +44,8 @@ impl Linear {
     /// `y = W x + b`. `x.len()` must equal `inputs`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         assert_eq!(x.len(), self.inputs, "caller checks the input length");
-        let w = self
-            .generation
-            .tensor::<f32>("weight")
-            .expect("checked in new");
-        let b = self
-            .generation
-            .tensor::<f32>("bias")
-            .expect("checked in new");
+        let w = self.generation.tensor::<f32>("weight").expect("checked in new");
+        let b = self.generation.tensor::<f32>("bias").expect("checked in new");
         linear_forward(w, b, x)
     }
 }

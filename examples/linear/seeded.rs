@@ -41,19 +41,14 @@ pub fn input_from_seed(seed: u64, len: usize) -> Vec<f32> {
 pub fn make_weights(inputs: usize, outputs: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = SplitMix64::new(seed);
     let scale = 1.0 / (inputs as f32).sqrt();
-    let w = (0..inputs * outputs)
-        .map(|_| rng.uniform() * scale)
-        .collect();
+    let w = (0..inputs * outputs).map(|_| rng.uniform() * scale).collect();
     let b = (0..outputs).map(|_| rng.uniform() / 10.0).collect();
     (w, b)
 }
 
 /// `y = W x + b` on plain slices: the reference forward pass (`w` is `[out, in]` row-major).
 pub fn linear_forward(w: &[f32], b: &[f32], x: &[f32]) -> Vec<f32> {
-    w.chunks_exact(x.len())
-        .zip(b)
-        .map(|(row, bias)| dot(row, x) + bias)
-        .collect()
+    w.chunks_exact(x.len()).zip(b).map(|(row, bias)| dot(row, x) + bias).collect()
 }
 
 /// Dot product with eight independent accumulators, so the compiler vectorises it; the
@@ -87,9 +82,7 @@ mod tests {
     #[test]
     fn uniform_is_in_range() {
         let mut rng = super::SplitMix64::new(7);
-        assert!((0..10_000)
-            .map(|_| rng.uniform())
-            .all(|u| (-1.0..1.0).contains(&u)));
+        assert!((0..10_000).map(|_| rng.uniform()).all(|u| (-1.0..1.0).contains(&u)));
     }
 
     #[test]

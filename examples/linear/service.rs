@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use forkless_worker::{Generations, Worker, EXIT_FATAL};
+use forkless_worker::{Generations, Requests, Worker, EXIT_FATAL};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Linear;
@@ -33,6 +33,7 @@ pub struct InferResponse {
 
 struct AppState {
     generations: Generations,
+    requests: Requests,
     pid: u32,
 }
 
@@ -48,11 +49,7 @@ impl AppState {
 }
 
 fn bad_request(message: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(serde_json::json!({ "error": message })),
-    )
-        .into_response()
+    (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -68,26 +65,16 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let x = match (request.seed, request.x) {
         (Some(seed), None) => input_from_seed(seed, inputs),
         (None, Some(x)) if x.len() == inputs => x,
-        (None, Some(x)) => {
-            return bad_request(format!(
-                "x has {} elements; this model takes {inputs}",
-                x.len()
-            ))
-        }
+        (None, Some(x)) => return bad_request(format!("x has {} elements; this model takes {inputs}", x.len())),
         _ => return bad_request("give exactly one of {\"seed\": u64} or {\"x\": [f32]}".into()),
     };
     // The matrix-vector product is CPU-bound: keep it off the async threads.
     let generation = model.generation();
     let y = match tokio::task::spawn_blocking(move || model.forward(&x)).await {
         Ok(y) => y,
-        Err(e) => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("inference failed: {e}"),
-            )
-                .into_response()
-        }
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {e}")).into_response(),
     };
+    state.requests.finished();
     Json(InferResponse {
         y_sum: y.iter().map(|&v| v as f64).sum(),
         y_head: y.iter().take(8).copied().collect(),
@@ -140,38 +127,24 @@ async fn serve() -> ExitCode {
     };
     // Warm-up: one pass touches every weight page, so the first request is not the slow one.
     // It consumes `model`: holding the generation here would keep it mapped after a swap.
-    let _ =
-        tokio::task::spawn_blocking(move || model.forward(&input_from_seed(0, model.inputs))).await;
-    let state = Arc::new(AppState {
-        generations: worker.generations(),
-        pid: std::process::id(),
-    });
-    let app = Router::new()
-        .route("/infer", post(infer))
-        .route("/healthz", get(healthz))
-        .with_state(state);
+    let _ = tokio::task::spawn_blocking(move || model.forward(&input_from_seed(0, model.inputs))).await;
+    let state =
+        Arc::new(AppState { generations: worker.generations(), requests: worker.requests(), pid: std::process::id() });
+    let app = Router::new().route("/infer", post(infer)).route("/healthz", get(healthz)).with_state(state);
     if let Err(e) = worker.ready().await {
         return fail(format!("cannot report ready: {e}"), false);
     }
-    tracing::info!(
-        attach_us = worker.attach_timing().wall_us,
-        "serving generation {}",
-        worker.generation().number()
-    );
+    tracing::info!(attach_us = worker.attach_timing().wall_us, "serving generation {}", worker.generation().number());
     // One server per inherited listener, all stopping (and draining) on the same token.
     let stop = worker.shutdown_token();
     let mut servers = tokio::task::JoinSet::new();
     for listener in listeners {
-        let serve = axum::serve(listener, app.clone())
-            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let serve = axum::serve(listener, app.clone()).with_graceful_shutdown(stop.clone().cancelled_owned());
         servers.spawn(async move { serve.await });
     }
     let mut code = ExitCode::SUCCESS;
     while let Some(result) = servers.join_next().await {
-        if let Err(e) = result
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
+        if let Err(e) = result.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             stop.cancel();
             code = fail(format!("server error: {e}"), false);
         }

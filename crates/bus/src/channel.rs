@@ -29,8 +29,8 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use rustix::net::{
-    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags,
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
 };
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -70,11 +70,7 @@ pub enum SendError {
     #[error("{kind} frame of {len} bytes exceeds the {MAX_FRAME_LEN}-byte frame limit")]
     TooLarge { kind: &'static str, len: usize },
     #[error("{kind} message carries {expected} fds but {given} were given")]
-    FdCount {
-        kind: &'static str,
-        expected: usize,
-        given: usize,
-    },
+    FdCount { kind: &'static str, expected: usize, given: usize },
     #[error("bus socket write failed: {0}")]
     Io(#[from] io::Error),
 }
@@ -93,11 +89,7 @@ pub enum RecvError {
     #[error("ancillary data was truncated (MSG_CTRUNC): file descriptors were lost")]
     ControlTruncated,
     #[error("{kind} message needs {expected} fds but {got} arrived")]
-    MissingFds {
-        kind: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    MissingFds { kind: &'static str, expected: usize, got: usize },
     #[error("peer sent {0} file descriptors that no frame claims")]
     UnclaimedFds(usize),
     #[error("bus socket read failed: {0}")]
@@ -116,12 +108,7 @@ pub struct BusStream {
 impl BusStream {
     /// Wraps a connected socket.
     pub fn new(stream: UnixStream) -> Self {
-        BusStream {
-            stream,
-            inbox: Vec::new(),
-            fds: VecDeque::new(),
-            chunk: vec![0; READ_CHUNK].into_boxed_slice(),
-        }
+        BusStream { stream, inbox: Vec::new(), fds: VecDeque::new(), chunk: vec![0; READ_CHUNK].into_boxed_slice() }
     }
 
     /// Wraps a connected std socket (e.g. one end of a socketpair); must be inside a runtime.
@@ -144,20 +131,13 @@ impl BusStream {
     pub async fn send(&mut self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), SendError> {
         let kind = msg.kind();
         if fds.len() != msg.fd_count() {
-            return Err(SendError::FdCount {
-                kind,
-                expected: msg.fd_count(),
-                given: fds.len(),
-            });
+            return Err(SendError::FdCount { kind, expected: msg.fd_count(), given: fds.len() });
         }
         let payload = codec::encode(msg)?;
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|&len| len <= MAX_FRAME_LEN)
-            .ok_or(SendError::TooLarge {
-                kind,
-                len: payload.len(),
-            })?;
+            .ok_or(SendError::TooLarge { kind, len: payload.len() })?;
         let mut frame = Vec::with_capacity(PREFIX + payload.len());
         frame.extend_from_slice(&len.to_le_bytes());
         frame.extend_from_slice(&payload);
@@ -177,12 +157,7 @@ impl BusStream {
                     return Err(io::Error::other("too many fds for one frame"));
                 }
                 let iov = [IoSlice::new(&frame[sent..])];
-                Ok(rustix::net::sendmsg(
-                    &self.stream,
-                    &iov,
-                    &mut control,
-                    SendFlags::NOSIGNAL,
-                )?)
+                Ok(rustix::net::sendmsg(&self.stream, &iov, &mut control, SendFlags::NOSIGNAL)?)
             })
             .await?;
             sent += n;
@@ -218,11 +193,7 @@ impl BusStream {
         let expected = msg.fd_count();
         if self.fds.len() < expected {
             let got = self.fds.len();
-            return Err(RecvError::MissingFds {
-                kind: msg.kind(),
-                expected,
-                got,
-            });
+            return Err(RecvError::MissingFds { kind: msg.kind(), expected, got });
         }
         let fds: Vec<OwnedFd> = self.fds.drain(..expected).collect();
         if self.inbox.is_empty() && !self.fds.is_empty() {
@@ -238,12 +209,7 @@ impl BusStream {
         let (stream, chunk) = (&self.stream, &mut self.chunk);
         let received = io_now_or_when_ready(stream, Interest::READABLE, || {
             let mut iov = [IoSliceMut::new(chunk)];
-            Ok(rustix::net::recvmsg(
-                stream,
-                &mut iov,
-                &mut control,
-                RecvFlags::CMSG_CLOEXEC,
-            )?)
+            Ok(rustix::net::recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?)
         })
         .await?;
         for message in control.drain() {
@@ -258,11 +224,7 @@ impl BusStream {
             return Err(RecvError::UnclaimedFds(self.fds.len()));
         }
         if received.bytes == 0 {
-            return Err(if self.inbox.is_empty() {
-                RecvError::Closed
-            } else {
-                RecvError::Truncated
-            });
+            return Err(if self.inbox.is_empty() { RecvError::Closed } else { RecvError::Truncated });
         }
         self.inbox.extend_from_slice(&self.chunk[..received.bytes]);
         Ok(())
@@ -297,10 +259,7 @@ mod tests {
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     }
 
     #[test]
@@ -308,16 +267,10 @@ mod tests {
         rt().block_on(async {
             let (mut a, mut b) = pair();
             let file = tempfile::tempfile().unwrap();
-            let msg = Message::Publish {
-                manifest: manifest(),
-            };
-            a.send(&Message::Published { generation: 5 }, &[])
-                .await
-                .unwrap();
+            let msg = Message::Publish { manifest: manifest() };
+            a.send(&Message::Published { generation: 5 }, &[]).await.unwrap();
             a.send(&msg, &[file.as_fd()]).await.unwrap();
-            a.send(&Message::Published { generation: 5 }, &[])
-                .await
-                .unwrap();
+            a.send(&Message::Published { generation: 5 }, &[]).await.unwrap();
             assert_eq!(b.recv().await.unwrap().1.len(), 0);
             let (got, fds) = b.recv().await.unwrap();
             assert_eq!(got, msg);
@@ -326,14 +279,8 @@ mod tests {
             let there = rustix::fs::fstat(&file).unwrap();
             assert_eq!((here.st_dev, here.st_ino), (there.st_dev, there.st_ino));
             let flags = rustix::io::fcntl_getfd(&fds[0]).unwrap();
-            assert!(
-                flags.contains(rustix::io::FdFlags::CLOEXEC),
-                "received fds are close-on-exec"
-            );
-            assert_eq!(
-                b.recv().await.unwrap().0,
-                Message::Published { generation: 5 }
-            );
+            assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "received fds are close-on-exec");
+            assert_eq!(b.recv().await.unwrap().0, Message::Published { generation: 5 });
         });
     }
 
@@ -341,23 +288,8 @@ mod tests {
     fn refuses_wrong_fd_count_on_send() {
         rt().block_on(async {
             let (mut a, _b) = pair();
-            let err = a
-                .send(
-                    &Message::Publish {
-                        manifest: manifest(),
-                    },
-                    &[],
-                )
-                .await
-                .unwrap_err();
-            assert!(matches!(
-                err,
-                SendError::FdCount {
-                    expected: 1,
-                    given: 0,
-                    ..
-                }
-            ));
+            let err = a.send(&Message::Publish { manifest: manifest() }, &[]).await.unwrap_err();
+            assert!(matches!(err, SendError::FdCount { expected: 1, given: 0, .. }));
         });
     }
 
@@ -365,21 +297,11 @@ mod tests {
     fn frame_without_its_fds_is_refused() {
         rt().block_on(async {
             let (mut a, mut b) = pair();
-            let payload = codec::encode(&Message::Publish {
-                manifest: manifest(),
-            })
-            .unwrap();
+            let payload = codec::encode(&Message::Publish { manifest: manifest() }).unwrap();
             let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
             frame.extend(payload);
             a.send_raw_for_tests(&frame).await.unwrap();
-            assert!(matches!(
-                b.recv().await,
-                Err(RecvError::MissingFds {
-                    expected: 1,
-                    got: 0,
-                    ..
-                })
-            ));
+            assert!(matches!(b.recv().await, Err(RecvError::MissingFds { expected: 1, got: 0, .. })));
         });
     }
 
@@ -403,9 +325,7 @@ mod tests {
     fn oversized_frame_is_refused_before_allocation() {
         rt().block_on(async {
             let (mut a, mut b) = pair();
-            a.send_raw_for_tests(&(MAX_FRAME_LEN + 1).to_le_bytes())
-                .await
-                .unwrap();
+            a.send_raw_for_tests(&(MAX_FRAME_LEN + 1).to_le_bytes()).await.unwrap();
             assert!(matches!(b.recv().await, Err(RecvError::TooLarge { .. })));
         });
     }

@@ -47,12 +47,9 @@ pub enum OrphanError {
 
 /// Arms SIGKILL-on-parent-death and checks that the parent is still the supervisor.
 pub fn die_with_supervisor() -> Result<(), OrphanError> {
-    let expected: i32 = std::env::var(ENV_SUPERVISOR_PID)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .ok_or(OrphanError::NotSupervised)?;
-    set_parent_process_death_signal(Some(Signal::KILL))
-        .map_err(|e| OrphanError::Prctl(e.into()))?;
+    let expected: i32 =
+        std::env::var(ENV_SUPERVISOR_PID).ok().and_then(|v| v.parse().ok()).ok_or(OrphanError::NotSupervised)?;
+    set_parent_process_death_signal(Some(Signal::KILL)).map_err(|e| OrphanError::Prctl(e.into()))?;
     let actual = getppid().map(Pid::as_raw_nonzero).map(|p| p.get());
     if actual != Some(expected) {
         return Err(OrphanError::Orphaned { expected, actual });
@@ -70,11 +67,7 @@ pub enum InheritError {
     #[error("the inherited {0} was already taken by this process")]
     AlreadyTaken(&'static str),
     #[error("inherited fd {fd} is not {expected}: {reason}")]
-    WrongKind {
-        fd: RawFd,
-        expected: &'static str,
-        reason: String,
-    },
+    WrongKind { fd: RawFd, expected: &'static str, reason: String },
 }
 
 static BUS_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -88,15 +81,10 @@ fn claim_inherited_fd(
     expected: &'static str,
     check: impl FnOnce(BorrowedFd<'_>) -> Result<(), String>,
 ) -> Result<OwnedFd, InheritError> {
-    let wrong = |reason: String| InheritError::WrongKind {
-        fd,
-        expected,
-        reason,
-    };
+    let wrong = |reason: String| InheritError::WrongKind { fd, expected, reason };
     // SAFETY: F_GETFD on any number is harmless: it fails with EBADF if nothing is open there.
     // The borrow ends with this statement.
-    rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) })
-        .map_err(|e| wrong(e.to_string()))?;
+    rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).map_err(|e| wrong(e.to_string()))?;
     // SAFETY: `fd` is open (just checked) and stays open while borrowed: nothing in this
     // process closes descriptors it does not own, and the caller's TAKEN flag ensures no
     // other claim on this number exists.
@@ -105,8 +93,7 @@ fn claim_inherited_fd(
     // environment), `check` confirmed it is what we expect, and the caller's TAKEN flag makes
     // this the only OwnedFd ever created for it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
-        .map_err(|e| wrong(e.to_string()))?;
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).map_err(|e| wrong(e.to_string()))?;
     Ok(owned)
 }
 
@@ -124,10 +111,7 @@ fn is_socket(fd: BorrowedFd<'_>) -> Result<(), String> {
 /// inherited the variable never adopts an unrelated descriptor.
 pub fn take_inherited_bus() -> Result<BusStream, InheritError> {
     let text = std::env::var(ENV_BUS_FD).map_err(|_| InheritError::NotSet(ENV_BUS_FD))?;
-    let bad = || InheritError::BadValue {
-        name: ENV_BUS_FD,
-        value: text.clone(),
-    };
+    let bad = || InheritError::BadValue { name: ENV_BUS_FD, value: text.clone() };
     let fd: RawFd = text.parse().ok().filter(|&fd| fd > 2).ok_or_else(bad)?;
     let supervisor: i32 = std::env::var(ENV_SUPERVISOR_PID)
         .ok()
@@ -141,9 +125,7 @@ pub fn take_inherited_bus() -> Result<BusStream, InheritError> {
         let peer = rustix::net::sockopt::socket_peercred(fd).map_err(|e| e.to_string())?;
         match peer.pid.as_raw_nonzero().get() {
             pid if pid == supervisor => Ok(()),
-            pid => Err(format!(
-                "its peer is pid {pid}, not the supervisor (pid {supervisor})"
-            )),
+            pid => Err(format!("its peer is pid {pid}, not the supervisor (pid {supervisor})")),
         }
     })?;
     let stream = std::os::unix::net::UnixStream::from(owned);
@@ -167,16 +149,10 @@ pub fn take_inherited_listeners() -> Result<Vec<std::net::TcpListener>, InheritE
         .parse()
         .ok()
         .filter(|&n| (1..=64).contains(&n))
-        .ok_or(InheritError::BadValue {
-            name: "LISTEN_FDS",
-            value: count,
-        })?;
+        .ok_or(InheritError::BadValue { name: "LISTEN_FDS", value: count })?;
     if let Ok(pid) = std::env::var("LISTEN_PID") {
         if !pid.is_empty() && pid != std::process::id().to_string() {
-            return Err(InheritError::BadValue {
-                name: "LISTEN_PID",
-                value: pid,
-            });
+            return Err(InheritError::BadValue { name: "LISTEN_PID", value: pid });
         }
     }
     if LISTENERS_TAKEN.swap(true, Ordering::SeqCst) {
@@ -203,10 +179,7 @@ pub enum ConnectError {
     #[error(transparent)]
     Inherit(#[from] InheritError),
     #[error("cannot connect to the supervisor's bus at {path}: {source}")]
-    Connect {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Connect { path: std::path::PathBuf, source: std::io::Error },
     #[error("bus: {0}")]
     Send(#[from] crate::channel::SendError),
     #[error("bus: {0}")]
@@ -223,26 +196,17 @@ pub enum ConnectError {
 /// the path in `FORKLESS_BUS`; says hello and checks the welcome's protocol version.
 pub async fn connect_to_supervisor(role: crate::Role) -> Result<BusStream, ConnectError> {
     use crate::wire::{Message, PROTOCOL_VERSION};
-    let mut bus = match (
-        std::env::var_os(ENV_BUS_FD),
-        std::env::var_os(crate::ENV_BUS),
-    ) {
+    let mut bus = match (std::env::var_os(ENV_BUS_FD), std::env::var_os(crate::ENV_BUS)) {
         (None, Some(path)) => {
             let path = std::path::PathBuf::from(path);
-            BusStream::connect(&path)
-                .await
-                .map_err(|source| ConnectError::Connect { path, source })?
+            BusStream::connect(&path).await.map_err(|source| ConnectError::Connect { path, source })?
         }
         _ => take_inherited_bus()?,
     };
-    bus.send(&Message::hello(role, std::process::id()), &[])
-        .await?;
+    bus.send(&Message::hello(role, std::process::id()), &[]).await?;
     match bus.recv().await?.0 {
         Message::Welcome { version } if version == PROTOCOL_VERSION => Ok(bus),
-        Message::Welcome { version } => Err(ConnectError::Version {
-            theirs: version,
-            ours: PROTOCOL_VERSION,
-        }),
+        Message::Welcome { version } => Err(ConnectError::Version { theirs: version, ours: PROTOCOL_VERSION }),
         Message::Refused { reason } => Err(ConnectError::Refused { role, reason }),
         other => Err(ConnectError::Unexpected(other.kind())),
     }

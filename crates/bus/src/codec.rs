@@ -28,10 +28,7 @@ pub enum CodecError {
 const DECODE_LIMIT: usize = crate::channel::MAX_FRAME_LEN as usize;
 
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard()
-        .with_little_endian()
-        .with_variable_int_encoding()
-        .with_limit::<DECODE_LIMIT>()
+    bincode::config::standard().with_little_endian().with_variable_int_encoding().with_limit::<DECODE_LIMIT>()
 }
 
 /// Encodes `value` into a fresh buffer.

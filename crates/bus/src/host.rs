@@ -28,9 +28,7 @@ use memmap2::{Mmap, MmapMut, MmapOptions};
 use rustix::fs::{Mode, OFlags, SealFlags};
 
 /// Seals every arena carries before it is published.
-pub const REQUIRED_SEALS: SealFlags = SealFlags::WRITE
-    .union(SealFlags::SHRINK)
-    .union(SealFlags::GROW);
+pub const REQUIRED_SEALS: SealFlags = SealFlags::WRITE.union(SealFlags::SHRINK).union(SealFlags::GROW);
 
 /// Failure while building an arena.
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +76,9 @@ impl ArenaWriter {
             .allow_sealing(true)
             .close_on_exec(true)
             .create(name)
-            .map_err(|source| ArenaError::Create {
-                name: name.into(),
-                source,
-            })?;
+            .map_err(|source| ArenaError::Create { name: name.into(), source })?;
         let file = memfd.into_file();
-        file.set_len(size)
-            .map_err(|source| ArenaError::Resize { size, source })?;
+        file.set_len(size).map_err(|source| ArenaError::Resize { size, source })?;
         Ok(ArenaWriter { file, size })
     }
 
@@ -92,23 +86,16 @@ impl ArenaWriter {
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<(), ArenaError> {
         let end = offset.checked_add(bytes.len() as u64);
         if end.is_none_or(|end| end > self.size) {
-            return Err(ArenaError::OutOfBounds {
-                offset,
-                len: bytes.len(),
-                size: self.size,
-            });
+            return Err(ArenaError::OutOfBounds { offset, len: bytes.len(), size: self.size });
         }
-        self.file
-            .write_all_at(bytes, offset)
-            .map_err(ArenaError::Write)
+        self.file.write_all_at(bytes, offset).map_err(ArenaError::Write)
     }
 
     /// Seals the contents for good (`WRITE | SHRINK | GROW`, then `SEAL` so no seal can be
     /// removed or added) and returns the shareable arena.
     pub fn seal(self) -> Result<SealedArena, ArenaError> {
-        let memfd = memfd::Memfd::try_from_file(self.file).map_err(|_| {
-            ArenaError::Seal(memfd::Error::AddSeals(std::io::Error::other("not a memfd")))
-        })?;
+        let memfd = memfd::Memfd::try_from_file(self.file)
+            .map_err(|_| ArenaError::Seal(memfd::Error::AddSeals(std::io::Error::other("not a memfd"))))?;
         let seals = [
             memfd::FileSeal::SealWrite,
             memfd::FileSeal::SealShrink,
@@ -116,10 +103,7 @@ impl ArenaWriter {
             memfd::FileSeal::SealSeal,
         ];
         memfd.add_seals(&seals).map_err(ArenaError::Seal)?;
-        Ok(SealedArena {
-            fd: memfd.into_file().into(),
-            size: self.size,
-        })
+        Ok(SealedArena { fd: memfd.into_file().into(), size: self.size })
     }
 }
 
@@ -148,12 +132,8 @@ impl SealedArena {
     /// A new `O_RDONLY` open of the same memfd, the only kind of fd handed to readers.
     pub fn read_only_fd(&self) -> Result<OwnedFd, ArenaError> {
         let path = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
-        rustix::fs::open(
-            path.as_str(),
-            OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| ArenaError::Reopen(e.into()))
+        rustix::fs::open(path.as_str(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| ArenaError::Reopen(e.into()))
     }
 }
 
@@ -162,9 +142,7 @@ fn check_sealed(fd: BorrowedFd<'_>, expected: u64) -> Result<(), MapError> {
     if !seals.is_some_and(|s| s.contains(REQUIRED_SEALS)) {
         return Err(MapError::NotSealed { found: seals });
     }
-    let actual = rustix::fs::fstat(fd)
-        .map_err(|e| MapError::Stat(e.into()))?
-        .st_size as u64;
+    let actual = rustix::fs::fstat(fd).map_err(|e| MapError::Stat(e.into()))?.st_size as u64;
     if actual != expected {
         return Err(MapError::SizeMismatch { expected, actual });
     }
@@ -186,10 +164,7 @@ impl ArenaMap {
         if mode.intersects(OFlags::WRONLY | OFlags::RDWR) {
             return Err(MapError::Writable);
         }
-        let len = usize::try_from(size).map_err(|_| MapError::SizeMismatch {
-            expected: size,
-            actual: 0,
-        })?;
+        let len = usize::try_from(size).map_err(|_| MapError::SizeMismatch { expected: size, actual: 0 })?;
         let file = File::from(fd);
         // SAFETY: memmap2 requires that the mapped file is not modified or truncated while
         // mapped (else the slice would change under `&[u8]` or fault with SIGBUS). The memfd
@@ -201,15 +176,10 @@ impl ArenaMap {
 
     /// A private, read-only anonymous copy filled by `fill` (one copy per process).
     pub fn private(size: u64, fill: impl FnOnce(&mut [u8])) -> Result<Self, MapError> {
-        let len = usize::try_from(size).map_err(|_| MapError::SizeMismatch {
-            expected: size,
-            actual: 0,
-        })?;
+        let len = usize::try_from(size).map_err(|_| MapError::SizeMismatch { expected: size, actual: 0 })?;
         let mut map = MmapMut::map_anon(len).map_err(MapError::Mmap)?;
         fill(&mut map);
-        Ok(ArenaMap {
-            map: map.make_read_only().map_err(MapError::Mmap)?,
-        })
+        Ok(ArenaMap { map: map.make_read_only().map_err(MapError::Mmap)? })
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -277,37 +247,22 @@ mod tests {
     #[test]
     fn writes_past_the_end_are_refused() {
         let writer = ArenaWriter::create("test", 4096).unwrap();
-        assert!(matches!(
-            writer.write_at(4090, &[0; 8]),
-            Err(ArenaError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            writer.write_at(u64::MAX, &[0; 8]),
-            Err(ArenaError::OutOfBounds { .. })
-        ));
+        assert!(matches!(writer.write_at(4090, &[0; 8]), Err(ArenaError::OutOfBounds { .. })));
+        assert!(matches!(writer.write_at(u64::MAX, &[0; 8]), Err(ArenaError::OutOfBounds { .. })));
     }
 
     #[test]
     fn sealed_arena_refuses_every_write_path() {
         let arena = sealed(b"x");
         let rw = File::from(arena.fd().try_clone_to_owned().unwrap());
-        assert!(
-            rw.write_at(b"y", 0).is_err(),
-            "write(2) on a write-sealed memfd"
-        );
+        assert!(rw.write_at(b"y", 0).is_err(), "write(2) on a write-sealed memfd");
         assert!(rw.set_len(1).is_err(), "shrink");
         assert!(rw.set_len(1 << 20).is_err(), "grow");
         // SAFETY: the mapping is expected to fail; if it did not, it is dropped unused.
         let writable = unsafe { MmapOptions::new().len(8192).map_mut(&rw) };
-        assert!(
-            writable.is_err(),
-            "a writable shared mapping of a sealed memfd"
-        );
+        assert!(writable.is_err(), "a writable shared mapping of a sealed memfd");
         let ro = File::from(arena.read_only_fd().unwrap());
-        assert!(
-            ro.write_at(b"y", 0).is_err(),
-            "write(2) on the read-only fd"
-        );
+        assert!(ro.write_at(b"y", 0).is_err(), "write(2) on the read-only fd");
     }
 
     #[test]
@@ -318,11 +273,7 @@ mod tests {
         // SAFETY: asks the kernel to add PROT_WRITE to our own mapping; the kernel must refuse
         // (O_RDONLY file, sealed memfd). Nothing is written through `ptr` here.
         let result = unsafe {
-            rustix::mm::mprotect(
-                ptr,
-                8192,
-                rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
-            )
+            rustix::mm::mprotect(ptr, 8192, rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE)
         };
         assert_eq!(result, Err(rustix::io::Errno::ACCESS));
     }
@@ -331,24 +282,12 @@ mod tests {
     fn unsealed_writable_or_wrong_sized_fds_are_refused() {
         let unsealed = ArenaWriter::create("test", 4096).unwrap();
         let fd: OwnedFd = unsealed.file.try_clone().unwrap().into();
-        assert!(matches!(
-            ArenaMap::map(fd, 4096),
-            Err(MapError::NotSealed { .. })
-        ));
+        assert!(matches!(ArenaMap::map(fd, 4096), Err(MapError::NotSealed { .. })));
         let plain: OwnedFd = tempfile::tempfile().unwrap().into();
-        assert!(matches!(
-            ArenaMap::map(plain, 4096),
-            Err(MapError::NotSealed { found: None })
-        ));
+        assert!(matches!(ArenaMap::map(plain, 4096), Err(MapError::NotSealed { found: None })));
         let arena = sealed(b"x");
-        assert!(matches!(
-            ArenaMap::map(arena.read_only_fd().unwrap(), 4096),
-            Err(MapError::SizeMismatch { .. })
-        ));
-        assert!(matches!(
-            ArenaMap::map(arena.fd().try_clone_to_owned().unwrap(), 8192),
-            Err(MapError::Writable)
-        ));
+        assert!(matches!(ArenaMap::map(arena.read_only_fd().unwrap(), 4096), Err(MapError::SizeMismatch { .. })));
+        assert!(matches!(ArenaMap::map(arena.fd().try_clone_to_owned().unwrap(), 8192), Err(MapError::Writable)));
     }
 
     #[test]
@@ -391,22 +330,13 @@ mod tests {
     #[test]
     fn writing_through_a_view_faults() {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "host::tests::child_writes_through_view",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["--exact", "host::tests::child_writes_through_view", "--ignored", "--nocapture"])
             .env(CHILD_ENV, "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
             .unwrap();
-        assert_eq!(
-            status.signal(),
-            Some(libc_sigsegv()),
-            "child must die of SIGSEGV, got {status:?}"
-        );
+        assert_eq!(status.signal(), Some(libc_sigsegv()), "child must die of SIGSEGV, got {status:?}");
     }
 
     fn libc_sigsegv() -> i32 {

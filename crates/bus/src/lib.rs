@@ -50,5 +50,9 @@ pub const ENV_INDEX: &str = "FORKLESS_INDEX";
 pub const ENV_SUPERVISOR_PID: &str = "FORKLESS_SUPERVISOR_PID";
 /// Environment variable with the model (safetensors) path.
 pub const ENV_MODEL: &str = "FORKLESS_MODEL";
+/// Environment variable with a worker's heartbeat period in milliseconds (unset: none).
+pub const ENV_HEARTBEAT_MS: &str = "FORKLESS_HEARTBEAT_MS";
+/// Environment variable with the number of requests after which a worker recycles itself.
+pub const ENV_MAX_REQUESTS: &str = "FORKLESS_MAX_REQUESTS";
 /// Environment variable with the sharing mode: `shared` (default) or `none`.
 pub const ENV_SHARING: &str = "FORKLESS_SHARING";

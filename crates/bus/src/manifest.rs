@@ -92,9 +92,7 @@ pub struct TensorEntry {
 impl TensorEntry {
     /// Number of elements (`shape` product); `None` on overflow.
     pub fn elements(&self) -> Option<u64> {
-        self.shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 }
 
@@ -132,44 +130,21 @@ pub enum ManifestError {
     #[error("tensor {name:?} names arena {arena}, which does not exist")]
     UnknownArena { name: String, arena: u32 },
     #[error("tensor {name:?}: dtype {dtype:?} x shape {shape:?} does not equal its length {len}")]
-    LengthMismatch {
-        name: String,
-        dtype: Dtype,
-        shape: Vec<u64>,
-        len: u64,
-    },
+    LengthMismatch { name: String, dtype: Dtype, shape: Vec<u64>, len: u64 },
     #[error("tensor {name:?} at offset {offset} is not aligned to {TENSOR_ALIGN} bytes")]
     Misaligned { name: String, offset: u64 },
     #[error("tensor {name:?} [{offset}, +{len}) ends outside arena {arena} of {arena_size} bytes")]
-    OutOfBounds {
-        name: String,
-        arena: u32,
-        offset: u64,
-        len: u64,
-        arena_size: u64,
-    },
+    OutOfBounds { name: String, arena: u32, offset: u64, len: u64, arena_size: u64 },
     #[error("tensors {first:?} and {second:?} overlap in arena {arena}")]
-    Overlap {
-        first: String,
-        second: String,
-        arena: u32,
-    },
-    #[error(
-        "layout hash {stated:#x} does not match the layout ({actual:#x}): the manifest was altered"
-    )]
+    Overlap { first: String, second: String, arena: u32 },
+    #[error("layout hash {stated:#x} does not match the layout ({actual:#x}): the manifest was altered")]
     LayoutHash { stated: u64, actual: u64 },
 }
 
 impl Manifest {
     /// A manifest for generation 0 (the supervisor numbers it on publish), layout hash included.
     pub fn new(source: String, arenas: Vec<ArenaDesc>, tensors: Vec<TensorEntry>) -> Self {
-        let mut manifest = Manifest {
-            generation: 0,
-            source,
-            arenas,
-            tensors,
-            layout_hash: 0,
-        };
+        let mut manifest = Manifest { generation: 0, source, arenas, tensors, layout_hash: 0 };
         manifest.layout_hash = manifest.compute_layout_hash();
         manifest
     }
@@ -178,8 +153,7 @@ impl Manifest {
     /// shapes, places): everything a reader indexes memory with. Generation and source are
     /// left out: they name a layout, they do not shape it.
     pub fn compute_layout_hash(&self) -> u64 {
-        let bytes =
-            crate::codec::encode(&(&self.arenas, &self.tensors)).expect("plain data encodes");
+        let bytes = crate::codec::encode(&(&self.arenas, &self.tensors)).expect("plain data encodes");
         xxhash_rust::xxh3::xxh3_64(&bytes)
     }
 
@@ -190,18 +164,13 @@ impl Manifest {
         for (index, tensor) in self.tensors.iter().enumerate() {
             self.validate_tensor(index, tensor)?;
             if !names.insert(tensor.name.as_str()) {
-                return Err(ManifestError::DuplicateName {
-                    name: tensor.name.clone(),
-                });
+                return Err(ManifestError::DuplicateName { name: tensor.name.clone() });
             }
         }
         self.validate_no_overlap()?;
         let actual = self.compute_layout_hash();
         if actual != self.layout_hash {
-            return Err(ManifestError::LayoutHash {
-                stated: self.layout_hash,
-                actual,
-            });
+            return Err(ManifestError::LayoutHash { stated: self.layout_hash, actual });
         }
         Ok(())
     }
@@ -215,16 +184,10 @@ impl Manifest {
         }
         for (index, arena) in self.arenas.iter().enumerate() {
             if arena.id as usize != index {
-                return Err(ManifestError::ArenaId {
-                    index,
-                    id: arena.id,
-                });
+                return Err(ManifestError::ArenaId { index, id: arena.id });
             }
             if arena.size == 0 || arena.size % ARENA_ALIGN != 0 {
-                return Err(ManifestError::ArenaSize {
-                    id: arena.id,
-                    size: arena.size,
-                });
+                return Err(ManifestError::ArenaSize { id: arena.id, size: arena.size });
             }
         }
         Ok(())
@@ -235,18 +198,12 @@ impl Manifest {
             return Err(ManifestError::BadName { index });
         }
         if t.shape.len() > MAX_RANK {
-            return Err(ManifestError::Rank {
-                name: t.name.clone(),
-                rank: t.shape.len(),
-            });
+            return Err(ManifestError::Rank { name: t.name.clone(), rank: t.shape.len() });
         }
-        let arena =
-            self.arenas
-                .get(t.arena as usize)
-                .ok_or_else(|| ManifestError::UnknownArena {
-                    name: t.name.clone(),
-                    arena: t.arena,
-                })?;
+        let arena = self
+            .arenas
+            .get(t.arena as usize)
+            .ok_or_else(|| ManifestError::UnknownArena { name: t.name.clone(), arena: t.arena })?;
         let expected = t.elements().and_then(|n| n.checked_mul(t.dtype.size()));
         if expected != Some(t.len) {
             return Err(ManifestError::LengthMismatch {
@@ -257,10 +214,7 @@ impl Manifest {
             });
         }
         if t.offset % TENSOR_ALIGN != 0 {
-            return Err(ManifestError::Misaligned {
-                name: t.name.clone(),
-                offset: t.offset,
-            });
+            return Err(ManifestError::Misaligned { name: t.name.clone(), offset: t.offset });
         }
         match t.offset.checked_add(t.len) {
             Some(end) if end <= arena.size => Ok(()),
@@ -281,11 +235,7 @@ impl Manifest {
         for pair in spans.windows(2) {
             let (a, b) = (pair[0], pair[1]);
             if a.arena == b.arena && a.offset + a.len > b.offset {
-                return Err(ManifestError::Overlap {
-                    first: a.name.clone(),
-                    second: b.name.clone(),
-                    arena: a.arena,
-                });
+                return Err(ManifestError::Overlap { first: a.name.clone(), second: b.name.clone(), arena: a.arena });
             }
         }
         Ok(())
@@ -315,29 +265,14 @@ impl LayoutBuilder {
         let len = shape.iter().product::<u64>() * dtype.size();
         let offset = self.next.next_multiple_of(TENSOR_ALIGN);
         self.next = offset + len;
-        self.tensors.push(TensorEntry {
-            name: name.into(),
-            dtype,
-            shape,
-            arena: 0,
-            offset,
-            len,
-        });
+        self.tensors.push(TensorEntry { name: name.into(), dtype, shape, arena: 0, offset, len });
         offset
     }
 
     /// The arena (host kind, page-rounded) and the tensor entries.
     pub fn finish(self) -> (ArenaDesc, Vec<TensorEntry>) {
         let size = self.next.max(1).next_multiple_of(ARENA_ALIGN);
-        (
-            ArenaDesc {
-                id: 0,
-                kind: MemoryKind::Host,
-                size,
-                checksum: 0,
-            },
-            self.tensors,
-        )
+        (ArenaDesc { id: 0, kind: MemoryKind::Host, size, checksum: 0 }, self.tensors)
     }
 }
 
@@ -366,36 +301,24 @@ mod tests {
         m.tensors[1].offset = m.arenas[0].size - 256;
         m.tensors[1].shape = vec![1024];
         m.tensors[1].len = 4096;
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::OutOfBounds { .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::OutOfBounds { .. })));
     }
 
     #[test]
     fn rejects_offset_overflow() {
         let mut m = sample();
         m.tensors[1].offset = u64::MAX - 255;
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::OutOfBounds { .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::OutOfBounds { .. })));
     }
 
     #[test]
     fn rejects_length_mismatch_and_shape_overflow() {
         let mut m = sample();
         m.tensors[0].len += 4;
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::LengthMismatch { .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::LengthMismatch { .. })));
         let mut m = sample();
         m.tensors[0].shape = vec![u64::MAX, 2];
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::LengthMismatch { .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::LengthMismatch { .. })));
     }
 
     #[test]
@@ -405,16 +328,10 @@ mod tests {
         assert!(matches!(m.validate(), Err(ManifestError::Overlap { .. })));
         let mut m = sample();
         m.tensors[1].name = "w".into();
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::DuplicateName { .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::DuplicateName { .. })));
         let mut m = sample();
         m.tensors[1].offset += 4;
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::Misaligned { .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::Misaligned { .. })));
     }
 
     #[test]
@@ -427,19 +344,11 @@ mod tests {
         assert!(matches!(m.validate(), Err(ManifestError::ArenaSize { .. })));
         let mut m = sample();
         m.tensors[0].arena = 3;
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::UnknownArena { .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::UnknownArena { .. })));
     }
 
     fn arb_dtype() -> impl Strategy<Value = Dtype> {
-        prop_oneof![
-            Just(Dtype::F32),
-            Just(Dtype::F16),
-            Just(Dtype::U8),
-            Just(Dtype::I64)
-        ]
+        prop_oneof![Just(Dtype::F32), Just(Dtype::F16), Just(Dtype::U8), Just(Dtype::I64)]
     }
 
     proptest! {

@@ -14,6 +14,7 @@
 //! worker → Ready{generation, attach timing}
 //! worker                                           ← Generation{manifest} + fds (hot swap: a newer one)
 //! worker → Released{generation}                                                  (old one unused and unmapped)
+//! worker → Heartbeat{requests}                                                   (every FORKLESS_HEARTBEAT_MS)
 //! ```
 //!
 //! The supervisor pushes the generation to a worker unasked, right behind the welcome: on the
@@ -97,6 +98,11 @@ pub enum Message {
         generation: u64,
         attach: AttachTiming,
     },
+    /// Worker → supervisor, every `FORKLESS_HEARTBEAT_MS`: alive, and how many requests it has
+    /// served so far. A worker silent past `[workers] timeout_s` is killed and replaced.
+    Heartbeat {
+        requests: u64,
+    },
     /// Worker → supervisor: nothing in this worker uses the generation any more (its last
     /// request finished and it is unmapped); once no worker holds it, its memory is freed.
     Released {
@@ -127,12 +133,7 @@ pub enum HandshakeError {
 impl Message {
     /// The hello a child of `role` opens its connection with.
     pub fn hello(role: Role, pid: u32) -> Message {
-        Message::Hello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            role,
-            pid,
-        }
+        Message::Hello { magic: MAGIC, version: PROTOCOL_VERSION, role, pid }
     }
 
     /// Checks magic and version of a hello; returns the role and pid it claims.
@@ -150,9 +151,9 @@ impl Message {
     /// Number of file descriptors that travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Publish { manifest }
-            | Message::Generation { manifest }
-            | Message::Adopt { manifest } => manifest.arenas.len(),
+            Message::Publish { manifest } | Message::Generation { manifest } | Message::Adopt { manifest } => {
+                manifest.arenas.len()
+            }
             _ => 0,
         }
     }
@@ -167,6 +168,7 @@ impl Message {
             Message::Load { .. } => "load",
             Message::LoadFailed { .. } => "load failed",
             Message::Released { .. } => "released",
+            Message::Heartbeat { .. } => "heartbeat",
             Message::Adopt { .. } => "adopt",
             Message::Adopted { .. } => "adopted",
             Message::Published { .. } => "published",
@@ -182,30 +184,11 @@ mod tests {
 
     #[test]
     fn handshake_checks_magic_and_version() {
-        assert_eq!(
-            Message::hello(Role::Owner, 7).check_hello(),
-            Ok((Role::Owner, 7))
-        );
-        let bad_magic = Message::Hello {
-            magic: *b"HTTP/1.1",
-            version: 1,
-            role: Role::Owner,
-            pid: 1,
-        };
+        assert_eq!(Message::hello(Role::Owner, 7).check_hello(), Ok((Role::Owner, 7)));
+        let bad_magic = Message::Hello { magic: *b"HTTP/1.1", version: 1, role: Role::Owner, pid: 1 };
         assert_eq!(bad_magic.check_hello(), Err(HandshakeError::BadMagic));
-        let bad_version = Message::Hello {
-            magic: MAGIC,
-            version: 99,
-            role: Role::Owner,
-            pid: 1,
-        };
-        assert_eq!(
-            bad_version.check_hello(),
-            Err(HandshakeError::Version { theirs: 99 })
-        );
-        assert_eq!(
-            Message::Published { generation: 1 }.check_hello(),
-            Err(HandshakeError::NotHello)
-        );
+        let bad_version = Message::Hello { magic: MAGIC, version: 99, role: Role::Owner, pid: 1 };
+        assert_eq!(bad_version.check_hello(), Err(HandshakeError::Version { theirs: 99 }));
+        assert_eq!(Message::Published { generation: 1 }.check_hello(), Err(HandshakeError::NotHello));
     }
 }

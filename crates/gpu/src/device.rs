@@ -73,9 +73,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
 /// call, then runs `cuInit`. Every public entry point of this crate goes through here first.
 pub fn driver() -> Result<(), GpuError> {
     static STATE: OnceLock<Result<(), LoadFailure>> = OnceLock::new();
-    STATE
-        .get_or_init(load_driver)
-        .map_err(LoadFailure::into_error)
+    STATE.get_or_init(load_driver).map_err(LoadFailure::into_error)
 }
 
 /// Why the driver could not be loaded; `Copy`, so the outcome can be cached for the process.
@@ -93,10 +91,7 @@ impl LoadFailure {
             LoadFailure::Missing => GpuError::DriverMissing,
             LoadFailure::TooOld(symbol) => GpuError::DriverTooOld { symbol },
             LoadFailure::NoDevice(result) => GpuError::NoDevice { result },
-            LoadFailure::Init(result) => GpuError::Driver {
-                op: "cuInit",
-                result,
-            },
+            LoadFailure::Init(result) => GpuError::Driver { op: "cuInit", result },
         }
     }
 }
@@ -135,9 +130,7 @@ pub fn nvrtc_available() -> Result<(), GpuError> {
     if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(GpuError::LibraryMissing {
-            library: "NVRTC (libnvrtc.so.13)",
-        })
+        Err(GpuError::LibraryMissing { library: "NVRTC (libnvrtc.so.13)" })
     }
 }
 
@@ -148,9 +141,7 @@ pub fn cublas_available() -> Result<(), GpuError> {
     if unsafe { cudarc::cublas::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(GpuError::LibraryMissing {
-            library: "cuBLAS (libcublas.so.13)",
-        })
+        Err(GpuError::LibraryMissing { library: "cuBLAS (libcublas.so.13)" })
     }
 }
 
@@ -186,11 +177,7 @@ impl DeviceInfo {
             None
         };
         match missing {
-            Some(feature) => Err(GpuError::Unsupported {
-                ordinal: self.ordinal,
-                name: self.name.clone(),
-                feature,
-            }),
+            Some(feature) => Err(GpuError::Unsupported { ordinal: self.ordinal, name: self.name.clone(), feature }),
             None => Ok(()),
         }
     }
@@ -207,14 +194,10 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, GpuError> {
     driver()?;
     let mut count: c_int = 0;
     // SAFETY: the driver is loaded and initialised (`driver()`); `count` is a valid out-pointer.
-    check("cuDeviceGetCount", unsafe {
-        sys::cuDeviceGetCount(&mut count)
-    })?;
+    check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
     let count = usize::try_from(count).unwrap_or(0);
     if count == 0 {
-        return Err(GpuError::NoDevice {
-            result: CuResult::NO_DEVICE,
-        });
+        return Err(GpuError::NoDevice { result: CuResult::NO_DEVICE });
     }
     if ordinal >= count {
         return Err(GpuError::BadOrdinal { ordinal, count });
@@ -223,25 +206,17 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, GpuError> {
 
     let mut name_buf = [0 as c_char; 256];
     // SAFETY: the buffer is 256 bytes and we pass its length; the driver NUL-terminates.
-    check("cuDeviceGetName", unsafe {
-        sys::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
-    })?;
+    check("cuDeviceGetName", unsafe { sys::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev) })?;
     // SAFETY: the driver wrote a NUL-terminated string into the buffer; force a final NUL anyway.
     name_buf[255] = 0;
-    let name = unsafe { CStr::from_ptr(name_buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
+    let name = unsafe { CStr::from_ptr(name_buf.as_ptr()) }.to_string_lossy().into_owned();
 
     let mut total: usize = 0;
     // SAFETY: valid out-pointer, valid device handle.
-    check("cuDeviceTotalMem", unsafe {
-        sys::cuDeviceTotalMem_v2(&mut total, dev)
-    })?;
+    check("cuDeviceTotalMem", unsafe { sys::cuDeviceTotalMem_v2(&mut total, dev) })?;
     let mut version: c_int = 0;
     // SAFETY: valid out-pointer.
-    check("cuDriverGetVersion", unsafe {
-        sys::cuDriverGetVersion(&mut version)
-    })?;
+    check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut version) })?;
     let attr = |a| device_attribute(dev, a);
     Ok(DeviceInfo {
         ordinal,
@@ -253,29 +228,22 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, GpuError> {
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
         ),
         driver_version: version,
-        vmm: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED)?
-            != 0,
-        posix_fd: attr(
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
-        )? != 0,
+        vmm: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED)? != 0,
+        posix_fd: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED)? != 0,
     })
 }
 
 fn device_handle(ordinal: usize) -> Result<sys::CUdevice, GpuError> {
     let mut dev: sys::CUdevice = 0;
     // SAFETY: driver initialised by the caller; valid out-pointer; the ordinal was range-checked.
-    check("cuDeviceGet", unsafe {
-        sys::cuDeviceGet(&mut dev, ordinal as c_int)
-    })?;
+    check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut dev, ordinal as c_int) })?;
     Ok(dev)
 }
 
 fn device_attribute(dev: sys::CUdevice, attribute: CUdevice_attribute) -> Result<i32, GpuError> {
     let mut value: c_int = 0;
     // SAFETY: valid out-pointer and device handle; attributes are plain integers.
-    check("cuDeviceGetAttribute", unsafe {
-        sys::cuDeviceGetAttribute(&mut value, attribute, dev)
-    })?;
+    check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut value, attribute, dev) })?;
     Ok(value)
 }
 
@@ -298,10 +266,7 @@ impl Gpu {
     pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
         let info = probe(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
-        Ok(Gpu {
-            ctx,
-            info: Arc::new(info),
-        })
+        Ok(Gpu { ctx, info: Arc::new(info) })
     }
 
     /// What this GPU offers.
@@ -322,9 +287,7 @@ impl Gpu {
 
     /// Makes this GPU's context current on the calling thread.
     pub(crate) fn bind(&self) -> Result<(), GpuError> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver_err("cuCtxSetCurrent"))
+        self.ctx.bind_to_thread().map_err(driver_err("cuCtxSetCurrent"))
     }
 
     pub(crate) fn cu_device(&self) -> sys::CUdevice {
@@ -344,25 +307,18 @@ impl Gpu {
 
     /// The current per-thread stack size of kernels, in bytes.
     pub fn stack_limit(&self) -> Result<usize, GpuError> {
-        self.ctx
-            .get_limit(sys::CUlimit::CU_LIMIT_STACK_SIZE)
-            .map_err(driver_err("cuCtxGetLimit(CU_LIMIT_STACK_SIZE)"))
+        self.ctx.get_limit(sys::CUlimit::CU_LIMIT_STACK_SIZE).map_err(driver_err("cuCtxGetLimit(CU_LIMIT_STACK_SIZE)"))
     }
 
     /// Free and total device memory in bytes (`cuMemGetInfo`), as the driver sees it now.
     pub fn mem_info(&self) -> Result<(u64, u64), GpuError> {
-        let (free, total) = self
-            .ctx
-            .mem_get_info()
-            .map_err(driver_err("cuMemGetInfo"))?;
+        let (free, total) = self.ctx.mem_get_info().map_err(driver_err("cuMemGetInfo"))?;
         Ok((free as u64, total as u64))
     }
 
     /// Waits until all work of this context is done.
     pub fn synchronize(&self) -> Result<(), GpuError> {
-        self.ctx
-            .synchronize()
-            .map_err(driver_err("cuCtxSynchronize"))
+        self.ctx.synchronize().map_err(driver_err("cuCtxSynchronize"))
     }
 }
 

@@ -101,12 +101,12 @@ impl From<cudarc::driver::DriverError> for CuResult {
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     /// `libcuda.so.1` (or another name cudarc tries) could not be loaded.
-    #[error(
-        "no CUDA driver found (libcuda.so.1): install the NVIDIA driver, or use --backend host"
-    )]
+    #[error("no CUDA driver found (libcuda.so.1): install the NVIDIA driver, or use --backend host")]
     DriverMissing,
     /// The driver library loaded but lacks a function this crate calls.
-    #[error("the CUDA driver library has no `{symbol}`: update the NVIDIA driver to 580+ (CUDA 13), or use --backend host")]
+    #[error(
+        "the CUDA driver library has no `{symbol}`: update the NVIDIA driver to 580+ (CUDA 13), or use --backend host"
+    )]
     DriverTooOld { symbol: &'static str },
     /// An optional CUDA library (NVRTC, cuBLAS) is not installed.
     #[error("{library} not found: install the CUDA 13 runtime libraries (or add their folder to LD_LIBRARY_PATH), or use --backend host")]
@@ -115,15 +115,13 @@ pub enum GpuError {
     #[error("CUDA driver present but no usable GPU ({result}): {}", result.hint())]
     NoDevice { result: CuResult },
     /// The requested ordinal is out of range.
-    #[error("GPU {ordinal} does not exist ({count} visible): pick an ordinal below {count}, check CUDA_VISIBLE_DEVICES")]
+    #[error(
+        "GPU {ordinal} does not exist ({count} visible): pick an ordinal below {count}, check CUDA_VISIBLE_DEVICES"
+    )]
     BadOrdinal { ordinal: usize, count: usize },
     /// The device lacks virtual memory management or POSIX fd handles.
     #[error("GPU {ordinal} ({name}) does not support {feature}: shared GPU arenas need it; use --backend host")]
-    Unsupported {
-        ordinal: usize,
-        name: String,
-        feature: &'static str,
-    },
+    Unsupported { ordinal: usize, name: String, feature: &'static str },
     /// A driver call failed.
     #[error("{op} failed: {result}: {}", result.hint())]
     Driver { op: &'static str, result: CuResult },
@@ -155,10 +153,7 @@ impl GpuError {
 }
 
 /// Turns a raw `CUresult` into `Ok(())` or [`GpuError::Driver`] naming the call.
-pub(crate) fn check(
-    op: &'static str,
-    result: cudarc::driver::sys::CUresult,
-) -> Result<(), GpuError> {
+pub(crate) fn check(op: &'static str, result: cudarc::driver::sys::CUresult) -> Result<(), GpuError> {
     let result = CuResult::from(result);
     if result.is_success() {
         Ok(())
@@ -169,10 +164,7 @@ pub(crate) fn check(
 
 /// Maps a cudarc [`DriverError`](cudarc::driver::DriverError) to [`GpuError::Driver`].
 pub(crate) fn driver_err(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> GpuError {
-    move |e| GpuError::Driver {
-        op,
-        result: e.into(),
-    }
+    move |e| GpuError::Driver { op, result: e.into() }
 }
 
 #[cfg(test)]
@@ -192,46 +184,21 @@ mod tests {
     fn every_error_says_what_to_do() {
         let errors = [
             GpuError::DriverMissing,
-            GpuError::DriverTooOld {
-                symbol: "cuMemCreate",
-            },
-            GpuError::LibraryMissing {
-                library: "libnvrtc.so.13",
-            },
-            GpuError::NoDevice {
-                result: CuResult::NO_DEVICE,
-            },
-            GpuError::BadOrdinal {
-                ordinal: 3,
-                count: 1,
-            },
-            GpuError::Unsupported {
-                ordinal: 0,
-                name: "X".into(),
-                feature: "virtual memory management",
-            },
-            GpuError::Driver {
-                op: "cuMemMap",
-                result: CuResult(1),
-            },
-            GpuError::OutOfBounds {
-                offset: 8,
-                len: 9,
-                size: 16,
-            },
-            GpuError::Misaligned {
-                size: 3,
-                granularity: 2 << 20,
-            },
+            GpuError::DriverTooOld { symbol: "cuMemCreate" },
+            GpuError::LibraryMissing { library: "libnvrtc.so.13" },
+            GpuError::NoDevice { result: CuResult::NO_DEVICE },
+            GpuError::BadOrdinal { ordinal: 3, count: 1 },
+            GpuError::Unsupported { ordinal: 0, name: "X".into(), feature: "virtual memory management" },
+            GpuError::Driver { op: "cuMemMap", result: CuResult(1) },
+            GpuError::OutOfBounds { offset: 8, len: 9, size: 16 },
+            GpuError::Misaligned { size: 3, granularity: 2 << 20 },
             GpuError::Empty,
             GpuError::ReadOnly,
             GpuError::Fd(std::io::Error::other("x")),
         ];
         for e in errors {
             let text = e.to_string();
-            let (_, advice) = text
-                .rsplit_once(": ")
-                .unwrap_or_else(|| panic!("no advice in {text:?}"));
+            let (_, advice) = text.rsplit_once(": ").unwrap_or_else(|| panic!("no advice in {text:?}"));
             assert!(advice.len() > 10, "short advice in {text:?}");
         }
         assert_eq!(
@@ -242,10 +209,7 @@ mod tests {
 
     #[test]
     fn cu_result_is_exposed() {
-        let e = GpuError::Driver {
-            op: "cuMemcpyHtoD",
-            result: CuResult(1),
-        };
+        let e = GpuError::Driver { op: "cuMemcpyHtoD", result: CuResult(1) };
         assert_eq!(e.cu_result(), Some(CuResult::INVALID_VALUE));
         assert_eq!(GpuError::Empty.cu_result(), None);
     }

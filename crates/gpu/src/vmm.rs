@@ -29,8 +29,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use cudarc::driver::sys::{
-    self, CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType,
-    CUmemAllocationType, CUmemLocationType,
+    self, CUmemAccess_flags, CUmemAllocationGranularity_flags, CUmemAllocationHandleType, CUmemAllocationType,
+    CUmemLocationType,
 };
 
 use crate::device::Gpu;
@@ -79,18 +79,14 @@ pub fn round_up(size: u64, granularity: u64) -> Option<u64> {
     if granularity == 0 {
         return None;
     }
-    size.checked_add(granularity - 1)
-        .map(|s| s / granularity * granularity)
+    size.checked_add(granularity - 1).map(|s| s / granularity * granularity)
 }
 
 fn allocation_prop(gpu: &Gpu) -> sys::CUmemAllocationProp {
     sys::CUmemAllocationProp {
         type_: CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
         requestedHandleTypes: CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-        location: sys::CUmemLocation {
-            type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-            id: gpu.cu_device(),
-        },
+        location: sys::CUmemLocation { type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: gpu.cu_device() },
         win32HandleMetaData: std::ptr::null_mut(),
         allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
             compressionType: 0,
@@ -144,32 +140,18 @@ impl Mapping {
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: context bound; valid out-pointer; alignment 0 = the granularity, no fixed
         // address, no flags.
-        check("cuMemAddressReserve", unsafe {
-            sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0)
-        })?;
-        let mut mapping = Mapping {
-            gpu: gpu.clone(),
-            ptr,
-            size,
-            mapped: false,
-        };
+        check("cuMemAddressReserve", unsafe { sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0) })?;
+        let mut mapping = Mapping { gpu: gpu.clone(), ptr, size, mapped: false };
         // SAFETY: `ptr..ptr+size` was just reserved and is unused; `handle` is a live
         // allocation handle of at least `size` bytes (the driver checks and fails otherwise).
-        check("cuMemMap", unsafe {
-            sys::cuMemMap(ptr, size, 0, handle, 0)
-        })?;
+        check("cuMemMap", unsafe { sys::cuMemMap(ptr, size, 0, handle, 0) })?;
         mapping.mapped = true;
         let desc = sys::CUmemAccessDesc {
-            location: sys::CUmemLocation {
-                type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-                id: gpu.cu_device(),
-            },
+            location: sys::CUmemLocation { type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: gpu.cu_device() },
             flags: access.flags(),
         };
         // SAFETY: the whole range is mapped (above); `desc` points to one initialised entry.
-        check("cuMemSetAccess", unsafe {
-            sys::cuMemSetAccess(ptr, size, &desc, 1)
-        })?;
+        check("cuMemSetAccess", unsafe { sys::cuMemSetAccess(ptr, size, &desc, 1) })?;
         Ok(mapping)
     }
 
@@ -177,11 +159,7 @@ impl Mapping {
     fn at(&self, offset: u64, len: usize) -> Result<sys::CUdeviceptr, GpuError> {
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|end| end > self.size as u64) {
-            return Err(GpuError::OutOfBounds {
-                offset,
-                len,
-                size: self.size as u64,
-            });
+            return Err(GpuError::OutOfBounds { offset, len, size: self.size as u64 });
         }
         Ok(self.ptr + offset)
     }
@@ -194,9 +172,7 @@ impl Mapping {
         self.gpu.bind()?;
         // SAFETY: `src..src+len` lies inside our live mapping (checked by `at`), which every
         // mapping grants at least read access; `out` is a valid writable host buffer of len.
-        check("cuMemcpyDtoH", unsafe {
-            sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast::<c_void>(), src, out.len())
-        })
+        check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast::<c_void>(), src, out.len()) })
     }
 
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, GpuError> {
@@ -214,9 +190,7 @@ impl Mapping {
         self.gpu.bind()?;
         // SAFETY: `dst..dst+len` lies inside our live mapping (checked by `at`); `bytes` is a
         // valid host buffer. If the mapping is read-only the driver returns an error.
-        check("cuMemcpyHtoD", unsafe {
-            sys::cuMemcpyHtoD_v2(dst, bytes.as_ptr().cast::<c_void>(), bytes.len())
-        })
+        check("cuMemcpyHtoD", unsafe { sys::cuMemcpyHtoD_v2(dst, bytes.as_ptr().cast::<c_void>(), bytes.len()) })
     }
 
     fn memset(&self, offset: u64, value: u8, len: usize) -> Result<(), GpuError> {
@@ -269,20 +243,14 @@ impl Staging {
             in_flight: [false; 2],
         };
         // SAFETY: context bound; valid out-pointer; flag 1 = CU_STREAM_NON_BLOCKING.
-        check("cuStreamCreate", unsafe {
-            sys::cuStreamCreate(&mut staging.stream, 1)
-        })?;
+        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut staging.stream, 1) })?;
         for i in 0..2 {
             let mut ptr: *mut c_void = std::ptr::null_mut();
             // SAFETY: valid out-pointer; flags 0 = portable-less page-locked host memory.
-            check("cuMemHostAlloc", unsafe {
-                sys::cuMemHostAlloc(&mut ptr, STAGING_CHUNK, 0)
-            })?;
+            check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut ptr, STAGING_CHUNK, 0) })?;
             staging.buffers[i] = ptr.cast::<u8>();
             // SAFETY: valid out-pointer; flag 2 = CU_EVENT_DISABLE_TIMING.
-            check("cuEventCreate", unsafe {
-                sys::cuEventCreate(&mut staging.events[i], 2)
-            })?;
+            check("cuEventCreate", unsafe { sys::cuEventCreate(&mut staging.events[i], 2) })?;
         }
         Ok(staging)
     }
@@ -293,9 +261,7 @@ impl Staging {
         self.gpu.bind()?;
         let result = self.pump(dst, bytes);
         // SAFETY: our own live stream.
-        let synced = check("cuStreamSynchronize", unsafe {
-            sys::cuStreamSynchronize(self.stream)
-        });
+        let synced = check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.stream) });
         self.in_flight = [false; 2];
         result.and(synced)
     }
@@ -305,9 +271,7 @@ impl Staging {
             let b = i % 2;
             if self.in_flight[b] {
                 // SAFETY: our own live event, recorded after the last copy from buffer `b`.
-                check("cuEventSynchronize", unsafe {
-                    sys::cuEventSynchronize(self.events[b])
-                })?;
+                check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.events[b]) })?;
                 self.in_flight[b] = false;
             }
             // SAFETY: buffer `b` holds STAGING_CHUNK >= chunk.len() bytes and no copy reads it
@@ -319,17 +283,10 @@ impl Staging {
             // SAFETY: the caller checked `dst..dst+bytes.len()` to be inside a live mapping;
             // the pinned source stays untouched until the event below has completed.
             check("cuMemcpyHtoDAsync", unsafe {
-                sys::cuMemcpyHtoDAsync_v2(
-                    at,
-                    self.buffers[b].cast::<c_void>(),
-                    chunk.len(),
-                    self.stream,
-                )
+                sys::cuMemcpyHtoDAsync_v2(at, self.buffers[b].cast::<c_void>(), chunk.len(), self.stream)
             })?;
             // SAFETY: our own live event and stream.
-            check("cuEventRecord", unsafe {
-                sys::cuEventRecord(self.events[b], self.stream)
-            })?;
+            check("cuEventRecord", unsafe { sys::cuEventRecord(self.events[b], self.stream) })?;
             self.in_flight[b] = true;
         }
         Ok(())
@@ -380,24 +337,16 @@ impl VmmArena {
             return Err(GpuError::Empty);
         }
         let granularity = gpu.granularity()?;
-        let rounded =
-            round_up(size, granularity).ok_or(GpuError::Misaligned { size, granularity })?;
-        let rounded =
-            usize::try_from(rounded).map_err(|_| GpuError::Misaligned { size, granularity })?;
+        let rounded = round_up(size, granularity).ok_or(GpuError::Misaligned { size, granularity })?;
+        let rounded = usize::try_from(rounded).map_err(|_| GpuError::Misaligned { size, granularity })?;
         gpu.bind()?;
         let prop = allocation_prop(gpu);
         let mut handle: sys::CUmemGenericAllocationHandle = 0;
         // SAFETY: context bound; `prop` fully initialised; `rounded` is a multiple of the
         // granularity for exactly this `prop`; valid out-pointer; flags must be 0.
-        check("cuMemCreate", unsafe {
-            sys::cuMemCreate(&mut handle, rounded, &prop, 0)
-        })?;
+        check("cuMemCreate", unsafe { sys::cuMemCreate(&mut handle, rounded, &prop, 0) })?;
         match Mapping::new(gpu, handle, rounded, Access::ReadWrite) {
-            Ok(mapping) => Ok(VmmArena {
-                staging: Mutex::new(None),
-                mapping,
-                handle,
-            }),
+            Ok(mapping) => Ok(VmmArena { staging: Mutex::new(None), mapping, handle }),
             Err(e) => {
                 // SAFETY: the handle was created above and is not mapped (Mapping undid it).
                 let _ = unsafe { sys::cuMemRelease(handle) };
@@ -480,8 +429,7 @@ impl VmmArena {
         })?;
         // SAFETY: on success the driver returned a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)
-            .map_err(|e| GpuError::Fd(e.into()))?;
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC).map_err(|e| GpuError::Fd(e.into()))?;
         Ok(fd)
     }
 }
@@ -510,12 +458,7 @@ impl ImportedArena {
     /// Imports the allocation behind `fd` (`cuMemImportFromShareableHandle`), maps `size`
     /// bytes of it and grants `access` to this GPU. `size` must be the exporter's
     /// [`VmmArena::size`]. Consumes and closes `fd`, on success and on failure.
-    pub fn import(
-        gpu: &Gpu,
-        fd: OwnedFd,
-        size: u64,
-        access: Access,
-    ) -> Result<ImportedArena, GpuError> {
+    pub fn import(gpu: &Gpu, fd: OwnedFd, size: u64, access: Access) -> Result<ImportedArena, GpuError> {
         gpu.info().require_vmm()?;
         if size == 0 {
             return Err(GpuError::Empty);
@@ -586,12 +529,7 @@ impl ImportedArena {
     /// read-only mapping refuses it. With [`WriteMethod::Memset`], `bytes[0]` is written
     /// `bytes.len()` times. A refused write may leave this process's context unusable (a
     /// sticky fault): try it only in a process that can be thrown away.
-    pub fn attempt_write(
-        &self,
-        offset: u64,
-        bytes: &[u8],
-        method: WriteMethod,
-    ) -> Result<(), GpuError> {
+    pub fn attempt_write(&self, offset: u64, bytes: &[u8], method: WriteMethod) -> Result<(), GpuError> {
         match method {
             WriteMethod::Memcpy => self.mapping.write_pageable(offset, bytes),
             WriteMethod::Memset => {
@@ -622,14 +560,8 @@ mod tests {
 
     #[test]
     fn access_flags() {
-        assert_eq!(
-            Access::ReadOnly.flags(),
-            CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READ
-        );
-        assert_eq!(
-            Access::ReadWrite.flags(),
-            CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        );
+        assert_eq!(Access::ReadOnly.flags(), CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READ);
+        assert_eq!(Access::ReadWrite.flags(), CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE);
     }
 
     #[test]

@@ -51,16 +51,8 @@ pub enum OwnerError {
 impl OwnerError {
     /// True when restarting the owner would fail the same way.
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            OwnerError::Load(_)
-                | OwnerError::Env(_)
-                | OwnerError::Orphan(_)
-                | OwnerError::Refused(_)
-        ) || matches!(
-            self,
-            OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. })
-        )
+        matches!(self, OwnerError::Load(_) | OwnerError::Env(_) | OwnerError::Orphan(_) | OwnerError::Refused(_))
+            || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
     }
 }
 
@@ -69,10 +61,7 @@ impl OwnerError {
 pub fn load_host_arena(path: &Path) -> Result<(Manifest, SealedArena), OwnerError> {
     let file = ModelFile::open(path)?;
     let (arena_desc, tensors) = file.layout();
-    let store = |source| LoadError::Store {
-        path: path.into(),
-        source,
-    };
+    let store = |source| LoadError::Store { path: path.into(), source };
     let mut arena_desc = arena_desc;
     let writer = ArenaWriter::create("forkless-arena", arena_desc.size).map_err(store)?;
     let mut checksum = forkless_bus::host::ArenaChecksum::default();
@@ -96,15 +85,13 @@ pub async fn run() -> Result<(), OwnerError> {
     forkless_bus::child::die_with_supervisor()?;
     let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
     let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(OwnerError::Signal)?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(OwnerError::Signal)?;
     match bus.recv().await? {
         (Message::Load { path }, _) => {
             load_and_publish(&mut bus, Path::new(&path)).await?;
         }
-        (Message::Adopt { manifest }, fds) => {
-            adopt_or_reload(&mut bus, manifest, fds, &model).await?
-        }
+        (Message::Adopt { manifest }, fds) => adopt_or_reload(&mut bus, manifest, fds, &model).await?,
         (Message::Refused { reason }, _) => return Err(OwnerError::Refused(reason)),
         (other, _) => return Err(OwnerError::Unexpected(other.kind())),
     }
@@ -141,10 +128,7 @@ async fn adopt_or_reload(
             );
         }
         Err(e) => {
-            tracing::warn!(
-                "escrowed generation failed its check ({e}): loading {} again",
-                model.display()
-            );
+            tracing::warn!("escrowed generation failed its check ({e}): loading {} again", model.display());
             load_and_publish(bus, model).await?;
         }
     }
@@ -157,13 +141,7 @@ async fn hot_swap(bus: &mut BusStream, path: &Path) -> Result<(), OwnerError> {
     match load_and_publish(bus, path).await {
         Err(OwnerError::Load(e)) => {
             tracing::warn!("hot swap failed: {e}");
-            bus.send(
-                &Message::LoadFailed {
-                    reason: e.to_string(),
-                },
-                &[],
-            )
-            .await?;
+            bus.send(&Message::LoadFailed { reason: e.to_string() }, &[]).await?;
             Ok(())
         }
         other => other.map(|_| ()),
@@ -177,13 +155,7 @@ async fn load_and_publish(bus: &mut BusStream, model: &Path) -> Result<Option<u6
     let started = Instant::now();
     let (manifest, arena) = load_host_arena(model)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    bus.send(
-        &Message::Publish {
-            manifest: manifest.clone(),
-        },
-        &[arena.fd().as_fd()],
-    )
-    .await?;
+    bus.send(&Message::Publish { manifest: manifest.clone() }, &[arena.fd().as_fd()]).await?;
     let generation = match bus.recv().await?.0 {
         Message::Published { generation } => generation,
         Message::LoadFailed { reason } => {
@@ -210,16 +182,9 @@ pub enum AdoptError {
     #[error("manifest: {0}")]
     Manifest(#[from] forkless_bus::manifest::ManifestError),
     #[error("arena {arena}: {source}")]
-    Map {
-        arena: u32,
-        source: forkless_bus::host::MapError,
-    },
+    Map { arena: u32, source: forkless_bus::host::MapError },
     #[error("arena {arena} checksum is {actual:#x}, but {recorded:#x} was recorded at load")]
-    Checksum {
-        arena: u32,
-        recorded: u64,
-        actual: u64,
-    },
+    Checksum { arena: u32, recorded: u64, actual: u64 },
 }
 
 /// Checks an escrowed generation without touching the disk: every manifest invariant (the
@@ -227,17 +192,10 @@ pub enum AdoptError {
 pub fn verify_escrowed(manifest: &Manifest, fds: Vec<OwnedFd>) -> Result<(), AdoptError> {
     manifest.validate()?;
     for (arena, fd) in manifest.arenas.iter().zip(fds) {
-        let map = ArenaMap::map(fd, arena.size).map_err(|source| AdoptError::Map {
-            arena: arena.id,
-            source,
-        })?;
+        let map = ArenaMap::map(fd, arena.size).map_err(|source| AdoptError::Map { arena: arena.id, source })?;
         let actual = forkless_bus::host::checksum(map.bytes());
         if actual != arena.checksum {
-            return Err(AdoptError::Checksum {
-                arena: arena.id,
-                recorded: arena.checksum,
-                actual,
-            });
+            return Err(AdoptError::Checksum { arena: arena.id, recorded: arena.checksum, actual });
         }
     }
     Ok(())
@@ -251,11 +209,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
         let w: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-        model_file::write_f32_safetensors(
-            &path,
-            &[("w", vec![10, 100], &w), ("b", vec![10], &w[..10])],
-        )
-        .unwrap();
+        model_file::write_f32_safetensors(&path, &[("w", vec![10, 100], &w), ("b", vec![10], &w[..10])]).unwrap();
         let (manifest, arena) = load_host_arena(&path).unwrap();
         (dir, manifest, arena)
     }
@@ -274,13 +228,7 @@ mod tests {
         moved.tensors[0].shape = vec![1, 10];
         moved.tensors[0].len = 40;
         let err = verify_escrowed(&moved, vec![arena.read_only_fd().unwrap()]).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                AdoptError::Manifest(forkless_bus::manifest::ManifestError::LayoutHash { .. })
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, AdoptError::Manifest(forkless_bus::manifest::ManifestError::LayoutHash { .. })), "{err}");
 
         // A consistent manifest whose recorded checksum does not match the memory.
         let mut wrong = manifest.clone();

@@ -34,25 +34,13 @@ const CHUNK: usize = 8 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot open weights file {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("weights file {path} is not a valid safetensors file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error(
-        "weights file {path}: tensor {tensor:?} has dtype {dtype}, which forkless does not serve"
-    )]
-    UnsupportedDtype {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    #[error("weights file {path}: tensor {tensor:?} has dtype {dtype}, which forkless does not serve")]
+    UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
     #[error("cannot read weights file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot store weights of {path}: {source}")]
     Store { path: PathBuf, source: ArenaError },
 }
@@ -76,43 +64,27 @@ pub struct ModelFile {
 impl ModelFile {
     /// Opens `path` and validates its header against the file's real size.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let file = File::open(path).map_err(|source| LoadError::Open {
-            path: path.into(),
-            source,
-        })?;
-        let corrupt = |reason: String| LoadError::Corrupt {
-            path: path.into(),
-            reason,
-        };
-        let read = |source| LoadError::Read {
-            path: path.into(),
-            source,
-        };
+        let file = File::open(path).map_err(|source| LoadError::Open { path: path.into(), source })?;
+        let corrupt = |reason: String| LoadError::Corrupt { path: path.into(), reason };
+        let read = |source| LoadError::Read { path: path.into(), source };
         let file_len = file.metadata().map_err(read)?.len();
         let mut prefix = [0u8; 8];
         file.read_exact_at(&mut prefix, 0)
             .map_err(|_| corrupt(format!("file is {file_len} bytes, too short for a header")))?;
         let header_len = u64::from_le_bytes(prefix);
         if header_len > MAX_HEADER || 8 + header_len > file_len {
-            return Err(corrupt(format!(
-                "header length {header_len} does not fit in {file_len} bytes"
-            )));
+            return Err(corrupt(format!("header length {header_len} does not fit in {file_len} bytes")));
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact_at(&mut header, 8).map_err(read)?;
-        let metadata: Metadata =
-            serde_json::from_slice(&header).map_err(|e| corrupt(format!("bad header: {e}")))?;
+        let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| corrupt(format!("bad header: {e}")))?;
         let data_start = 8 + header_len;
         let mut tensors = BTreeMap::new();
         for (name, info) in metadata.tensors() {
             let tensor = Self::check_tensor(path, &name, info, data_start, file_len)?;
             tensors.insert(name, tensor);
         }
-        Ok(ModelFile {
-            path: path.into(),
-            file,
-            tensors,
-        })
+        Ok(ModelFile { path: path.into(), file, tensors })
     }
 
     fn check_tensor(
@@ -129,9 +101,7 @@ impl ModelFile {
         })?;
         let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
         let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
-        let expected = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
+        let expected = shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
         let (start, end) = match (data_start.checked_add(start), data_start.checked_add(end)) {
             (Some(start), Some(end)) => (start, end),
             _ => (u64::MAX, u64::MAX),
@@ -139,17 +109,10 @@ impl ModelFile {
         if end < start || Some(end - start) != expected || end > file_len {
             return Err(LoadError::Corrupt {
                 path: path.into(),
-                reason: format!(
-                    "tensor {name:?} claims bytes {start}..{end} of a {file_len}-byte file"
-                ),
+                reason: format!("tensor {name:?} claims bytes {start}..{end} of a {file_len}-byte file"),
             });
         }
-        Ok(FileTensor {
-            dtype,
-            shape,
-            start,
-            end,
-        })
+        Ok(FileTensor { dtype, shape, start, end })
     }
 
     pub fn path(&self) -> &Path {
@@ -181,14 +144,9 @@ impl ModelFile {
                 let n = (t.end - t.start - done).min(CHUNK as u64) as usize;
                 self.file
                     .read_exact_at(&mut buf[..n], t.start + done)
-                    .map_err(|source| LoadError::Read {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-                write(entry.offset + done, &buf[..n]).map_err(|source| LoadError::Store {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                    .map_err(|source| LoadError::Read { path: self.path.clone(), source })?;
+                write(entry.offset + done, &buf[..n])
+                    .map_err(|source| LoadError::Store { path: self.path.clone(), source })?;
                 done += n as u64;
             }
         }
@@ -214,20 +172,14 @@ fn convert_dtype(dtype: safetensors::Dtype) -> Option<Dtype> {
 }
 
 /// Writes f32 tensors to a safetensors file (used to make example and test models).
-pub fn write_f32_safetensors(
-    path: &Path,
-    tensors: &[(&str, Vec<usize>, &[f32])],
-) -> Result<(), LoadError> {
+pub fn write_f32_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<(), LoadError> {
     let views = tensors.iter().map(|(name, shape, data)| {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
         (name.to_string(), view.expect("shape matches data"))
     });
-    safetensors::serialize_to_file(views, None, path).map_err(|e| LoadError::Read {
-        path: path.into(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| LoadError::Read { path: path.into(), source: std::io::Error::other(e.to_string()) })
 }
 
 #[cfg(test)]
@@ -237,14 +189,7 @@ mod tests {
     fn model(dir: &Path) -> PathBuf {
         let path = dir.join("m.safetensors");
         let w: Vec<f32> = (0..12).map(|i| i as f32).collect();
-        write_f32_safetensors(
-            &path,
-            &[
-                ("weight", vec![3, 4], &w),
-                ("bias", vec![3], &[1.0, 2.0, 3.0]),
-            ],
-        )
-        .unwrap();
+        write_f32_safetensors(&path, &[("weight", vec![3, 4], &w), ("bias", vec![3], &[1.0, 2.0, 3.0])]).unwrap();
         path
     }
 
@@ -270,9 +215,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.safetensors");
         let err = ModelFile::open(&missing).err().unwrap();
-        assert!(
-            matches!(err, LoadError::Open { .. }) && err.to_string().contains("nope.safetensors")
-        );
+        assert!(matches!(err, LoadError::Open { .. }) && err.to_string().contains("nope.safetensors"));
 
         let path = model(dir.path());
         let len = std::fs::metadata(&path).unwrap().len();
@@ -283,8 +226,6 @@ mod tests {
 
         std::fs::write(&path, b"this is not a model at all").unwrap();
         let err = ModelFile::open(&path).err().unwrap();
-        assert!(
-            matches!(err, LoadError::Corrupt { .. }) && err.to_string().contains("m.safetensors")
-        );
+        assert!(matches!(err, LoadError::Corrupt { .. }) && err.to_string().contains("m.safetensors"));
     }
 }

@@ -24,6 +24,7 @@ use forkless_bus::wire::PROTOCOL_VERSION;
 use forkless_bus::{BusStream, Message, Role};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::UnixListener;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::escrow::{Escrow, EscrowedGeneration};
+use crate::processes::ProcessTable;
 use crate::spawn::{ChildLabel, PidTable};
 
 /// Why one connection ended badly.
@@ -61,6 +63,7 @@ pub struct BusState {
     pub model_path: String,
     /// The connected owner's request queue (for hot swaps), while one is connected.
     pub owner: Arc<Mutex<Option<mpsc::UnboundedSender<LoadRequest>>>>,
+    pub processes: ProcessTable,
 }
 
 /// A request for the owner to load a weights file as a new generation.
@@ -83,6 +86,7 @@ impl BusState {
             push_generation,
             model_path,
             owner: Arc::default(),
+            processes: ProcessTable::default(),
         }
     }
 
@@ -95,15 +99,10 @@ impl BusState {
             ));
         }
         let owner = self.owner.lock().expect("owner slot poisoned").clone();
-        let owner =
-            owner.ok_or("no owner is running right now (it may be restarting): try again")?;
+        let owner = owner.ok_or("no owner is running right now (it may be restarting): try again")?;
         let (reply, answer) = oneshot::channel();
-        owner
-            .send(LoadRequest { path, reply })
-            .map_err(|_| "the owner went away: try again")?;
-        answer
-            .await
-            .map_err(|_| "the owner went away before answering: try again".to_string())?
+        owner.send(LoadRequest { path, reply }).map_err(|_| "the owner went away: try again")?;
+        answer.await.map_err(|_| "the owner went away before answering: try again".to_string())?
     }
 
     fn set_owner(&self, sender: Option<mpsc::UnboundedSender<LoadRequest>>) {
@@ -126,21 +125,23 @@ impl BusState {
     }
 }
 
+/// What a slot learns from its child's bus connection.
+#[derive(Debug, Default)]
+pub struct ChildLink {
+    /// Fires once the welcome (and a worker's generation) are written to the socket.
+    pub queued: Option<oneshot::Sender<()>>,
+    /// Fires when the child is ready: a worker's `Ready`, the owner's first publish or adoption.
+    pub ready: Option<oneshot::Sender<()>>,
+    /// Cancelled when a ready worker sends nothing (no heartbeat) for `heartbeat_timeout`.
+    pub hung: CancellationToken,
+    pub heartbeat_timeout: Option<Duration>,
+}
+
 /// Serves a child's inherited connection until it closes.
-/// `queued` fires once the welcome (and a worker's generation) are written to the socket.
-pub async fn serve_child(
-    bus: BusStream,
-    label: ChildLabel,
-    state: BusState,
-    queued: tokio::sync::oneshot::Sender<()>,
-) {
-    let conn = Connection { bus, state };
-    if let Err(e) = conn.run(label, Some(queued)).await {
-        tracing::warn!(
-            "bus connection of {} {} closed: {e}",
-            crate::children::role_name(label.role),
-            label.index
-        );
+pub async fn serve_child(bus: BusStream, label: ChildLabel, state: BusState, link: ChildLink) {
+    let conn = Connection { bus, state, link };
+    if let Err(e) = conn.run(label).await {
+        tracing::warn!("bus connection of {} {} closed: {e}", crate::children::role_name(label.role), label.index);
     }
 }
 
@@ -169,10 +170,8 @@ impl BusServer {
                 },
                 _ = self.stop.cancelled() => break,
             };
-            let conn = Connection {
-                bus: BusStream::new(stream),
-                state: self.state.clone(),
-            };
+            let conn =
+                Connection { bus: BusStream::new(stream), state: self.state.clone(), link: ChildLink::default() };
             let (stop, pids) = (self.stop.clone(), self.pids.clone());
             tracker.spawn(async move {
                 tokio::select! {
@@ -191,22 +190,15 @@ impl BusServer {
 struct Connection {
     bus: BusStream,
     state: BusState,
+    link: ChildLink,
 }
 
 impl Connection {
     async fn authenticate_and_run(mut self, pids: &PidTable) -> Result<(), ConnError> {
         match self.authenticate(pids).await {
-            Ok(label) => self.run(label, None).await,
+            Ok(label) => self.run(label).await,
             Err(ConnError::Refused(reason)) => {
-                let _ = self
-                    .bus
-                    .send(
-                        &Message::Refused {
-                            reason: reason.clone(),
-                        },
-                        &[],
-                    )
-                    .await;
+                let _ = self.bus.send(&Message::Refused { reason: reason.clone() }, &[]).await;
                 Err(ConnError::Refused(reason))
             }
             Err(e) => Err(e),
@@ -215,19 +207,8 @@ impl Connection {
 
     /// Welcome (and generation) first, so an inherited socket has them queued at once; then
     /// the child's hello, which must match what it was started as.
-    async fn run(
-        mut self,
-        label: ChildLabel,
-        queued: Option<tokio::sync::oneshot::Sender<()>>,
-    ) -> Result<(), ConnError> {
-        self.bus
-            .send(
-                &Message::Welcome {
-                    version: PROTOCOL_VERSION,
-                },
-                &[],
-            )
-            .await?;
+    async fn run(mut self, label: ChildLabel) -> Result<(), ConnError> {
+        self.bus.send(&Message::Welcome { version: PROTOCOL_VERSION }, &[]).await?;
         let pushed = match label.role {
             Role::Worker if self.state.push_generation => Some(self.push_first_generation().await?),
             Role::Worker => None,
@@ -236,13 +217,13 @@ impl Connection {
                 None
             }
         };
-        if let Some(queued) = queued {
+        if let Some(queued) = self.link.queued.take() {
             let _ = queued.send(());
         }
         let result = match self.expect_hello(label).await {
             Ok(pid) => match label.role {
-                Role::Owner => self.serve_owner().await,
-                Role::Worker => self.serve_worker(label.index, pid, pushed).await,
+                Role::Owner => self.serve_owner(label).await,
+                Role::Worker => self.serve_worker(label, pid, pushed).await,
             },
             Err(e) => Err(e),
         };
@@ -250,15 +231,7 @@ impl Connection {
             Err(ConnError::Recv(RecvError::Closed)) => Ok(()),
             Err(ConnError::Refused(reason)) => {
                 // Tell the child why, so it can report it (and not just see a closed socket).
-                let _ = self
-                    .bus
-                    .send(
-                        &Message::Refused {
-                            reason: reason.clone(),
-                        },
-                        &[],
-                    )
-                    .await;
+                let _ = self.bus.send(&Message::Refused { reason: reason.clone() }, &[]).await;
                 Err(ConnError::Refused(reason))
             }
             other => other,
@@ -268,14 +241,9 @@ impl Connection {
     /// Returns the pid the child reports (for logs; its connection already identifies it).
     async fn expect_hello(&mut self, label: ChildLabel) -> Result<u32, ConnError> {
         let (hello, _) = self.bus.recv().await?;
-        let (role, pid) = hello
-            .check_hello()
-            .map_err(|e| ConnError::Refused(e.to_string()))?;
+        let (role, pid) = hello.check_hello().map_err(|e| ConnError::Refused(e.to_string()))?;
         if role != label.role {
-            return Err(ConnError::Refused(format!(
-                "started as {:?} but says it is {role:?}",
-                label.role
-            )));
+            return Err(ConnError::Refused(format!("started as {:?} but says it is {role:?}", label.role)));
         }
         Ok(pid)
     }
@@ -285,27 +253,23 @@ impl Connection {
         let cred = self.bus.peer_cred().map_err(ConnError::Cred)?;
         let my_uid = rustix::process::getuid().as_raw();
         if cred.uid() != my_uid {
-            return Err(ConnError::Refused(format!(
-                "uid {} is not the supervisor's uid {my_uid}",
-                cred.uid()
-            )));
+            return Err(ConnError::Refused(format!("uid {} is not the supervisor's uid {my_uid}", cred.uid())));
         }
         let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        pids.get(pid).ok_or_else(|| {
-            ConnError::Refused(format!("pid {pid} is not a child of this supervisor"))
-        })
+        pids.get(pid).ok_or_else(|| ConnError::Refused(format!("pid {pid} is not a child of this supervisor")))
     }
 
-    async fn serve_owner(&mut self) -> Result<(), ConnError> {
+    async fn serve_owner(&mut self, label: ChildLabel) -> Result<(), ConnError> {
         let (sender, mut requests) = mpsc::unbounded_channel();
         self.state.set_owner(Some(sender.clone()));
-        let result = self.owner_loop(&mut requests).await;
+        let result = self.owner_loop(label, &mut requests).await;
         self.state.clear_owner(&sender);
         result
     }
 
     async fn owner_loop(
         &mut self,
+        label: ChildLabel,
         requests: &mut mpsc::UnboundedReceiver<LoadRequest>,
     ) -> Result<(), ConnError> {
         let mut pending: Option<oneshot::Sender<Result<u64, String>>> = None;
@@ -320,7 +284,11 @@ impl Connection {
                     pending = Some(request.reply);
                 }
                 received = self.bus.recv() => match received? {
-                    (Message::Publish { manifest }, fds) => self.on_publish(manifest, fds, pending.take()).await?,
+                                        (Message::Publish { manifest }, fds) => {
+                        if let Some(generation) = self.on_publish(manifest, fds, pending.take()).await? {
+                            self.owner_ready(label, generation);
+                        }
+                    }
                     (Message::LoadFailed { reason }, _) => match pending.take() {
                         Some(reply) => { let _ = reply.send(Err(reason)); }
                         None => return Err(ConnError::Refused(format!("load failed: {reason}"))),
@@ -332,7 +300,8 @@ impl Connection {
                                 "owner adopted generation {generation}, but escrow holds {current:?}"
                             )));
                         }
-                        let _ = self.state.events.send(Event::Adopted { generation });
+                                                let _ = self.state.events.send(Event::Adopted { generation });
+                        self.owner_ready(label, generation);
                     }
                     (other, _) => {
                         return Err(ConnError::Refused(format!("owner sent unexpected {}", other.kind())))
@@ -350,62 +319,58 @@ impl Connection {
         manifest: forkless_bus::Manifest,
         fds: Vec<std::os::fd::OwnedFd>,
         reply: Option<oneshot::Sender<Result<u64, String>>>,
-    ) -> Result<(), ConnError> {
+    ) -> Result<Option<u64>, ConnError> {
         let (source, bytes) = (manifest.source.clone(), manifest.total_bytes());
         match self.state.escrow.deposit(manifest, fds) {
             Ok(generation) => {
-                self.bus
-                    .send(&Message::Published { generation }, &[])
-                    .await?;
-                let _ = self.state.events.send(Event::Published {
-                    generation,
-                    source,
-                    bytes,
-                });
+                self.bus.send(&Message::Published { generation }, &[]).await?;
+                let _ = self.state.events.send(Event::Published { generation, source, bytes });
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(generation));
                 }
-                Ok(())
+                Ok(Some(generation))
             }
             Err(e) => match reply {
                 Some(reply) => {
                     let reason = format!("generation refused: {e}");
-                    self.bus
-                        .send(
-                            &Message::LoadFailed {
-                                reason: reason.clone(),
-                            },
-                            &[],
-                        )
-                        .await?;
+                    self.bus.send(&Message::LoadFailed { reason: reason.clone() }, &[]).await?;
                     let _ = reply.send(Err(reason));
-                    Ok(())
+                    Ok(None)
                 }
                 None => Err(ConnError::Refused(format!("publish refused: {e}"))),
             },
         }
     }
 
+    /// The owner holds a generation (published or adopted): it is ready.
+    fn owner_ready(&mut self, label: ChildLabel, generation: u64) {
+        self.state.processes.ready(label, Some(generation));
+        if let Some(ready) = self.link.ready.take() {
+            let _ = ready.send(());
+        }
+    }
+
     /// Serves a worker after its first generation was pushed: newer generations are pushed as
     /// they are published; what the worker holds is counted in the escrow until it says it
     /// released it (or its connection closes).
-    async fn serve_worker(
-        &mut self,
-        index: u32,
-        pid: u32,
-        pushed: Option<Pushed>,
-    ) -> Result<(), ConnError> {
+    async fn serve_worker(&mut self, label: ChildLabel, pid: u32, pushed: Option<Pushed>) -> Result<(), ConnError> {
         let (mut current, mut held) = match pushed {
-            Some(Pushed {
-                current,
-                generation,
-            }) => (Some(current), BTreeSet::from([generation])),
+            Some(Pushed { current, generation }) => (Some(current), BTreeSet::from([generation])),
             None => (None, BTreeSet::new()),
         };
+        // Armed once the worker is ready (before that, the slot's start timeout applies), and
+        // pushed back by every message the worker sends.
+        let mut silent_until: Option<tokio::time::Instant> = None;
         let result = loop {
             let changed = async {
                 match current.as_mut() {
                     Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let silence = async {
+                match silent_until {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
                     None => std::future::pending().await,
                 }
             };
@@ -417,22 +382,42 @@ impl Connection {
                             break Err(e);
                         }
                         held.insert(generation.manifest.generation);
+                        self.state.processes.set_generation(label, generation.manifest.generation);
                     }
                 }
-                received = self.bus.recv() => match received {
-                    Ok((Message::Ready { generation, attach }, _)) => {
-                        let _ = self.state.events.send(Event::WorkerReady { index, pid, generation, attach });
-                    }
-                    Ok((Message::Released { generation }, _)) => {
-                        if held.remove(&generation) {
-                            self.state.release(generation);
+                () = silence => {
+                    let timeout = self.link.heartbeat_timeout.unwrap_or_default();
+                    tracing::error!("worker {} (pid {pid}) sent no heartbeat for {timeout:?}: it is hung", label.index);
+                    self.link.hung.cancel();
+                    break Ok(());
+                }
+                received = self.bus.recv() => {
+                    if let (Ok(_), Some(timeout)) = (&received, self.link.heartbeat_timeout) {
+                        if silent_until.is_some() {
+                            silent_until = Some(tokio::time::Instant::now() + timeout);
                         }
                     }
-                    Ok((other, _)) => {
-                        break Err(ConnError::Refused(format!("worker sent unexpected {}", other.kind())))
+                    match received {
+                        Ok((Message::Ready { generation, attach }, _)) => {
+                            self.state.processes.ready(label, Some(generation));
+                            let _ = self.state.events.send(Event::WorkerReady { index: label.index, pid, generation, attach });
+                            if let Some(ready) = self.link.ready.take() {
+                                let _ = ready.send(());
+                            }
+                            silent_until = self.link.heartbeat_timeout.map(|t| tokio::time::Instant::now() + t);
+                        }
+                        Ok((Message::Heartbeat { requests }, _)) => self.state.processes.set_requests(label, requests),
+                        Ok((Message::Released { generation }, _)) => {
+                            if held.remove(&generation) {
+                                self.state.release(generation);
+                            }
+                        }
+                        Ok((other, _)) => {
+                            break Err(ConnError::Refused(format!("worker sent unexpected {}", other.kind())))
+                        }
+                        Err(e) => break Err(e.into()),
                     }
-                    Err(e) => break Err(e.into()),
-                },
+                }
             }
         };
         for generation in held {
@@ -448,20 +433,9 @@ impl Connection {
             self.bus.send(&Message::Load { path }, &[]).await?;
             return Ok(());
         };
-        let fds = generation
-            .arenas
-            .iter()
-            .map(|a| a.read_only_fd())
-            .collect::<Result<Vec<_>, _>>()?;
+        let fds = generation.arenas.iter().map(|a| a.read_only_fd()).collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        self.bus
-            .send(
-                &Message::Adopt {
-                    manifest: generation.manifest.clone(),
-                },
-                &borrowed,
-            )
-            .await?;
+        self.bus.send(&Message::Adopt { manifest: generation.manifest.clone() }, &borrowed).await?;
         Ok(())
     }
 
@@ -476,30 +450,15 @@ impl Connection {
             .clone()
             .expect("waited for Some");
         self.send_generation(&generation).await?;
-        Ok(Pushed {
-            current,
-            generation: generation.manifest.generation,
-        })
+        Ok(Pushed { current, generation: generation.manifest.generation })
     }
 
     /// Sends `generation` with fresh read-only fds, counting this worker as a holder.
     async fn send_generation(&mut self, generation: &EscrowedGeneration) -> Result<(), ConnError> {
-        let fds = generation
-            .arenas
-            .iter()
-            .map(|a| a.read_only_fd())
-            .collect::<Result<Vec<_>, _>>()?;
+        let fds = generation.arenas.iter().map(|a| a.read_only_fd()).collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
         self.state.escrow.hold(generation.manifest.generation);
-        let sent = self
-            .bus
-            .send(
-                &Message::Generation {
-                    manifest: generation.manifest.clone(),
-                },
-                &borrowed,
-            )
-            .await;
+        let sent = self.bus.send(&Message::Generation { manifest: generation.manifest.clone() }, &borrowed).await;
         if let Err(e) = sent {
             self.state.release(generation.manifest.generation);
             return Err(e.into());

@@ -1,38 +1,35 @@
-//! Child slots: one task per owner or worker position, which starts the child, forwards its
-//! output line by line (tagged with role, index and pid), waits for it, and restarts it with
-//! backoff when it dies, until asked to stop. Stopping is SIGTERM to the child's process
-//! group, then SIGKILL after the graceful timeout.
-//!
-//! An exit status of [`EXIT_FATAL`] (78, sysexits' `EX_CONFIG`), or a program that cannot be
-//! started at all, is reported as [`Event::Fatal`] instead of being restarted forever.
+//! Starting and stopping one child: the exec (through the spawner thread) with its bus
+//! socketpair, line-by-line forwarding of its output (tagged with role, index and pid), and a
+//! graceful stop (SIGTERM to its process group, SIGKILL after the grace). What happens around
+//! that (readiness, restarts, replacement) is the slot's business, in [`crate::slot`].
 //!
 //! ```no_run
-//! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) {
-//! use forkless_supervisor::{children::supervise, spawn::ChildLabel};
-//! let stop = tokio_util::sync::CancellationToken::new();
-//! supervise(ctx, ChildLabel { role: forkless_bus::Role::Worker, index: 0 }, stop).await;
-//! # }
+//! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) -> std::io::Result<()> {
+//! use forkless_supervisor::{children::launch, spawn::ChildLabel};
+//! let running = launch(&ctx, ChildLabel { role: forkless_bus::Role::Worker, index: 0 }).await?;
+//! running.stop(std::time::Duration::from_secs(5)).await;
+//! # Ok(()) }
 //! ```
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use forkless_bus::Role;
 use rustix::process::{kill_process_group, Pid, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus_server::{serve_child, BusState};
+use crate::bus_server::{serve_child, BusState, ChildLink};
 use crate::config::{resolve_program, Config, Sharing};
 use crate::events::Event;
 use crate::listeners::Listeners;
-use crate::restart::Backoff;
 use crate::spawn::{ChildLabel, ChildSpec, PidTable, Spawner};
 
 pub use forkless_bus::child::EXIT_FATAL;
@@ -42,17 +39,44 @@ const STDERR_TAIL: usize = 20;
 /// What every slot shares.
 #[derive(Debug)]
 pub struct Context {
-    pub config: Config,
+    /// Replaced on reload (SIGHUP); every start reads the current one.
+    config: RwLock<Arc<Config>>,
     pub spawner: Spawner,
     pub pids: PidTable,
     pub listeners: Listeners,
     pub bus_socket: PathBuf,
     pub bus: BusState,
     pub events: mpsc::UnboundedSender<Event>,
+    /// Set by a fast stop (SIGQUIT): children get no grace.
+    pub fast_stop: AtomicBool,
 }
 
 impl Context {
+    pub fn new(
+        config: Config,
+        spawner: Spawner,
+        pids: PidTable,
+        listeners: Listeners,
+        bus_socket: PathBuf,
+        bus: BusState,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        let config = RwLock::new(Arc::new(config));
+        Context { config, spawner, pids, listeners, bus_socket, bus, events, fast_stop: AtomicBool::new(false) }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config poisoned").clone()
+    }
+
+    /// Puts a reloaded configuration in force for every later start.
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().expect("config poisoned") = Arc::new(config);
+    }
+
     fn spec(&self, label: ChildLabel) -> std::io::Result<ChildSpec> {
+        let config = self.config();
         let mut spec = match label.role {
             Role::Owner => {
                 // Not current_exe(): after an in-place upgrade that path names the new binary
@@ -62,48 +86,72 @@ impl Context {
                 spec
             }
             Role::Worker => {
-                let command = &self.config.workers.command;
-                let mut spec = ChildSpec::new(resolve_program(&command[0], self.config.base_dir()));
+                let command = &config.workers.command;
+                let mut spec = ChildSpec::new(resolve_program(&command[0], config.base_dir()));
                 spec.args = command[1..].to_vec();
-                spec.env.extend(
-                    self.config
-                        .workers
-                        .env
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone())),
-                );
+                spec.env.extend(config.workers.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+                spec.env.extend(worker_lifecycle_env(&config, label.index));
                 spec.listeners = self.listeners.duplicate()?;
                 spec
             }
         };
-        let sharing = match self.config.model.sharing {
+        let sharing = match config.model.sharing {
             Sharing::Shared => "shared",
             Sharing::None => "none",
         };
         spec.env.extend([
-            (
-                forkless_bus::ENV_BUS.into(),
-                self.bus_socket.display().to_string(),
-            ),
+            (forkless_bus::ENV_BUS.into(), self.bus_socket.display().to_string()),
             (forkless_bus::ENV_ROLE.into(), role_name(label.role).into()),
             (forkless_bus::ENV_INDEX.into(), label.index.to_string()),
-            (
-                forkless_bus::ENV_SUPERVISOR_PID.into(),
-                std::process::id().to_string(),
-            ),
-            (
-                forkless_bus::ENV_MODEL.into(),
-                self.config.model.path.display().to_string(),
-            ),
+            (forkless_bus::ENV_SUPERVISOR_PID.into(), std::process::id().to_string()),
+            (forkless_bus::ENV_MODEL.into(), config.model.path.display().to_string()),
             (forkless_bus::ENV_SHARING.into(), sharing.into()),
         ]);
         spec.label = Some((self.pids.clone(), label));
         Ok(spec)
     }
 
-    fn grace(&self) -> Duration {
-        Duration::from_secs_f64(self.config.supervisor.graceful_timeout_s)
+    /// SIGTERM → SIGKILL grace for stopping a child (none during a fast stop).
+    pub fn grace(&self) -> Duration {
+        if self.fast_stop.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(self.config().supervisor.graceful_timeout_s)
     }
+
+    /// How long a ready worker may stay silent before it counts as hung.
+    pub fn heartbeat_timeout(&self, role: Role) -> Option<Duration> {
+        let timeout = self.config().workers.timeout_s;
+        (role == Role::Worker && timeout > 0.0).then(|| Duration::from_secs_f64(timeout))
+    }
+}
+
+/// Heartbeat period and request budget for a worker: heartbeats come four times per timeout
+/// (at least every 5 s); the budget is `max_requests` plus a per-worker draw of the jitter.
+fn worker_lifecycle_env(config: &Config, index: u32) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if config.workers.timeout_s > 0.0 {
+        let period_ms = (config.workers.timeout_s * 1000.0 / 4.0).clamp(10.0, 5000.0) as u64;
+        env.push((forkless_bus::ENV_HEARTBEAT_MS.into(), period_ms.to_string()));
+    }
+    if config.workers.max_requests > 0 {
+        let jitter = match config.workers.max_requests_jitter {
+            0 => 0,
+            j => draw(index) % (j + 1),
+        };
+        env.push((forkless_bus::ENV_MAX_REQUESTS.into(), (config.workers.max_requests + jitter).to_string()));
+    }
+    env
+}
+
+/// A cheap, varying number (no cryptographic needs: spreading recycles apart).
+fn draw(index: u32) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let mut x = u64::from(nanos) ^ (u64::from(index) << 32) ^ u64::from(std::process::id());
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
 }
 
 pub fn role_name(role: Role) -> &'static str {
@@ -113,124 +161,78 @@ pub fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// Runs one slot until `stop` is cancelled (then stops its child gracefully) or a fatal failure.
-pub async fn supervise(ctx: Arc<Context>, label: ChildLabel, stop: CancellationToken) {
-    let mut backoff = Backoff::new(&ctx.config.restart);
-    let name = role_name(label.role);
-    while !stop.is_cancelled() {
-        let mut child = match start_child(&ctx, label).await {
-            Ok(child) => child,
-            Err(e) if cannot_ever_start(&e) => {
-                let _ = ctx.events.send(Event::Fatal(format!(
-                    "cannot start {name} {}: {e}",
-                    label.index
-                )));
-                return;
-            }
-            Err(e) => {
-                // EAGAIN, EMFILE, ENOMEM...: a bad moment, not a broken config.
-                let delay = backoff.after_exit(Duration::ZERO);
-                tracing::error!(
-                    "cannot start {name} {}: {e}; retrying in {delay:?}",
-                    label.index
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = stop.cancelled() => return,
-                }
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        let started = Instant::now();
-        tracing::info!("started {name} {} (pid {pid})", label.index);
-        let output = Output::forward(&mut child, label, pid);
-        let status = tokio::select! {
-            status = child.wait() => status,
-            _ = stop.cancelled() => stop_child(&mut child, pid, ctx.grace()).await,
-        };
-        ctx.pids.remove(pid);
-        if !stop.is_cancelled() {
-            // Whatever the dead child started (its process group) goes with it: no orphans
-            // holding its pipes, its sockets or its memory.
-            signal_group(pid, Signal::KILL);
-        }
-        let tail = output.finish().await;
-        if stop.is_cancelled() {
-            tracing::info!(
-                "{name} {} (pid {pid}) stopped: {}",
-                label.index,
-                describe(&status)
-            );
-            return;
-        }
-        let _ = ctx.events.send(Event::Exited { label, pid });
-        if matches!(&status, Ok(s) if s.code() == Some(EXIT_FATAL)) {
-            let reason = format!(
-                "{name} {} (pid {pid}) failed and will not be restarted (exit status {EXIT_FATAL}); its last words:\n{tail}",
-                label.index
-            );
-            let _ = ctx.events.send(Event::Fatal(reason));
-            return;
-        }
-        let delay = backoff.after_exit(started.elapsed());
-        tracing::warn!(
-            "{name} {} (pid {pid}) {}; restarting in {delay:?}",
-            label.index,
-            describe(&status)
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-fn describe(status: &std::io::Result<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exited with status {code}"),
-            (_, Some(sig)) => format!("was killed by signal {sig}"),
-            _ => format!("ended: {s}"),
-        },
-        Err(e) => format!("could not be waited for: {e}"),
-    }
-}
-
-/// A program that is missing, not executable or not a program will not start next time either.
-fn cannot_ever_start(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::{InvalidInput, NotFound, PermissionDenied};
-    matches!(e.kind(), NotFound | PermissionDenied | InvalidInput)
-}
-
 /// Longest wait for the welcome and generation to be queued before spawning anyway (only a
 /// manifest larger than the socket buffer needs the child reading before it is all written).
 const QUEUE_WAIT: Duration = Duration::from_millis(50);
 
+/// A started child and what its bus connection will tell about it.
+#[derive(Debug)]
+pub struct Running {
+    pub label: ChildLabel,
+    pub child: Child,
+    pub pid: u32,
+    pub started: Instant,
+    /// Fires when the child is ready (see [`ChildLink`]).
+    pub ready: oneshot::Receiver<()>,
+    /// Cancelled when a ready worker stops sending heartbeats.
+    pub hung: CancellationToken,
+    output: Output,
+    pids: PidTable,
+}
+
 /// Spawns a child with a fresh bus socketpair. The welcome and the generation are queued on
 /// the socket before the child is exec'd, so its attach waits for nobody. If the spawn fails,
 /// the child's end is dropped and the serving task ends on the closed socket.
-async fn start_child(ctx: &Context, label: ChildLabel) -> std::io::Result<Child> {
+pub async fn launch(ctx: &Context, label: ChildLabel) -> std::io::Result<Running> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut spec = ctx.spec(label)?;
     spec.bus = Some(theirs.into());
     let bus = forkless_bus::BusStream::from_std(ours)?;
-    let (queued, is_queued) = tokio::sync::oneshot::channel();
-    tokio::spawn(serve_child(bus, label, ctx.bus.clone(), queued));
+    let (queued, is_queued) = oneshot::channel();
+    let (ready_tx, ready) = oneshot::channel();
+    let hung = CancellationToken::new();
+    let link = ChildLink {
+        queued: Some(queued),
+        ready: Some(ready_tx),
+        hung: hung.clone(),
+        heartbeat_timeout: ctx.heartbeat_timeout(label.role),
+    };
+    tokio::spawn(serve_child(bus, label, ctx.bus.clone(), link));
     let _ = tokio::time::timeout(QUEUE_WAIT, is_queued).await;
-    ctx.spawner.spawn(spec).await
+    let mut child = ctx.spawner.spawn(spec).await?;
+    let pid = child.id().unwrap_or(0);
+    tracing::info!("started {} {} (pid {pid})", role_name(label.role), label.index);
+    ctx.bus.processes.started(label, pid);
+    let output = Output::forward(&mut child, label, pid);
+    Ok(Running { label, child, pid, started: Instant::now(), ready, hung, output, pids: ctx.pids.clone() })
 }
 
-/// SIGTERM to the child's process group; SIGKILL if it is still there after `grace`.
-async fn stop_child(child: &mut Child, pid: u32, grace: Duration) -> std::io::Result<ExitStatus> {
-    signal_group(pid, Signal::TERM);
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => status,
-        Err(_) => {
-            tracing::warn!("pid {pid} still running {grace:?} after SIGTERM: SIGKILL");
-            signal_group(pid, Signal::KILL);
-            child.wait().await
-        }
+impl Running {
+    /// Stops the child (SIGTERM, then SIGKILL after `grace`), reaps it and anything left in its
+    /// process group, and returns its status and last stderr lines.
+    pub async fn stop(mut self, grace: Duration) -> (std::io::Result<ExitStatus>, String) {
+        signal_group(self.pid, Signal::TERM);
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                if !grace.is_zero() {
+                    tracing::warn!("pid {} still running {grace:?} after SIGTERM: SIGKILL", self.pid);
+                }
+                signal_group(self.pid, Signal::KILL);
+                self.child.wait().await
+            }
+        };
+        self.reaped(status).await
+    }
+
+    /// After the child exited on its own: clean up its process group and collect its output.
+    pub async fn reaped(self, status: std::io::Result<ExitStatus>) -> (std::io::Result<ExitStatus>, String) {
+        // Whatever the dead child started (its process group) goes with it: no orphans
+        // holding its pipes, its sockets or its memory.
+        signal_group(self.pid, Signal::KILL);
+        self.pids.remove(self.pid);
+        let tail = self.output.finish().await;
+        (status, tail)
     }
 }
 
@@ -242,6 +244,7 @@ pub(crate) fn signal_group(pid: u32, signal: Signal) {
 }
 
 /// The tasks forwarding a child's stdout and stderr, and the last lines of stderr.
+#[derive(Debug)]
 struct Output {
     tasks: Vec<JoinHandle<()>>,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -270,18 +273,11 @@ impl Output {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         let tail = self.tail.lock().expect("tail poisoned");
-        tail.iter()
-            .map(|l| format!("    {l}"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
     }
 }
 
-async fn forward_lines(
-    pipe: impl AsyncRead + Unpin,
-    span: tracing::Span,
-    tail: Option<Arc<Mutex<VecDeque<String>>>>,
-) {
+async fn forward_lines(pipe: impl AsyncRead + Unpin, span: tracing::Span, tail: Option<Arc<Mutex<VecDeque<String>>>>) {
     let mut lines = BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::info!(target: "child", parent: &span, "{}", line.trim_start());

@@ -24,18 +24,11 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config {path}: `{key}` {problem}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        problem: String,
-    },
+    Invalid { path: PathBuf, key: &'static str, problem: String },
 }
 
 /// The whole configuration of one supervisor.
@@ -60,14 +53,13 @@ pub struct SupervisorConfig {
     pub runtime_dir: Option<PathBuf>,
     /// Seconds a stopping child gets between SIGTERM and SIGKILL.
     pub graceful_timeout_s: f64,
+    /// Address of the Prometheus `/metrics`, `/livez` and `/readyz` endpoints; none if unset.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
-        SupervisorConfig {
-            runtime_dir: None,
-            graceful_timeout_s: 30.0,
-        }
+        SupervisorConfig { runtime_dir: None, graceful_timeout_s: 30.0, metrics_listen: None }
     }
 }
 
@@ -110,10 +102,30 @@ pub struct WorkersConfig {
     /// Extra environment for workers.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A worker silent (no heartbeat) this long is killed and replaced; 0 turns it off
+    /// (gunicorn's `--timeout`).
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// Seconds a child (worker or owner) may take to become ready before it is killed and
+    /// counted as a failed start.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout_s: f64,
+    /// Recycle a worker after it served this many requests (plus up to `max_requests_jitter`,
+    /// drawn per worker, so they do not all recycle at once); 0 turns it off.
+    #[serde(default)]
+    pub max_requests: u64,
+    #[serde(default)]
+    pub max_requests_jitter: u64,
 }
 
 fn default_count() -> u32 {
     1
+}
+fn default_timeout() -> f64 {
+    30.0
+}
+fn default_start_timeout() -> f64 {
+    60.0
 }
 fn default_backlog() -> i32 {
     1024
@@ -127,6 +139,11 @@ pub struct RestartConfig {
     pub backoff_max_ms: u64,
     /// A child that ran this long is healthy again: its next restart starts from the initial backoff.
     pub reset_after_s: f64,
+    /// Restart intensity (Erlang/OTP): more than `max_restarts` unplanned restarts of one role
+    /// within `within_s` seconds stops everything, and the supervisor exits non-zero naming the
+    /// process that kept dying.
+    pub max_restarts: u32,
+    pub within_s: f64,
 }
 
 impl Default for RestartConfig {
@@ -135,6 +152,8 @@ impl Default for RestartConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             reset_after_s: 1.0,
+            max_restarts: 10,
+            within_s: 60.0,
         }
     }
 }
@@ -145,19 +164,14 @@ pub const MAX_WORKERS: u32 = 1024;
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses `text` as if read from `path` (relative paths resolve against its folder).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         config.source = path.into();
         let base = path.parent().unwrap_or(Path::new("."));
         config.model.path = base.join(&config.model.path);
@@ -167,67 +181,49 @@ impl Config {
     }
 
     fn invalid(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.source.clone(),
-            key,
-            problem: problem.into(),
-        }
+        ConfigError::Invalid { path: self.source.clone(), key, problem: problem.into() }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.workers.command.first().is_none_or(|p| p.is_empty()) {
-            return Err(self.invalid(
-                "workers.command",
-                "must name a program, e.g. [\"linear-worker\"]",
-            ));
+            return Err(self.invalid("workers.command", "must name a program, e.g. [\"linear-worker\"]"));
         }
         if self.workers.count == 0 || self.workers.count > MAX_WORKERS {
-            return Err(self.invalid(
-                "workers.count",
-                format!("must be between 1 and {MAX_WORKERS}"),
-            ));
+            return Err(self.invalid("workers.count", format!("must be between 1 and {MAX_WORKERS}")));
         }
         if self.workers.listen.is_empty() {
-            return Err(self.invalid(
-                "workers.listen",
-                "needs at least one address, e.g. [\"127.0.0.1:8080\"]",
-            ));
+            return Err(self.invalid("workers.listen", "needs at least one address, e.g. [\"127.0.0.1:8080\"]"));
         }
         for addr in &self.workers.listen {
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(self.invalid(
-                    "workers.listen",
-                    format!("{addr:?} is not an IP:port address"),
-                ));
+                return Err(self.invalid("workers.listen", format!("{addr:?} is not an IP:port address")));
             }
         }
-        if !(self.supervisor.graceful_timeout_s.is_finite()
-            && self.supervisor.graceful_timeout_s >= 0.0)
-        {
-            return Err(self.invalid(
-                "supervisor.graceful_timeout_s",
-                "must be a number of seconds >= 0",
-            ));
+        if !(self.supervisor.graceful_timeout_s.is_finite() && self.supervisor.graceful_timeout_s >= 0.0) {
+            return Err(self.invalid("supervisor.graceful_timeout_s", "must be a number of seconds >= 0"));
+        }
+        for (key, value) in [
+            ("workers.timeout_s", self.workers.timeout_s),
+            ("workers.start_timeout_s", self.workers.start_timeout_s),
+            ("restart.within_s", self.restart.within_s),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(self.invalid(key, "must be a number of seconds >= 0"));
+            }
+        }
+        if let Some(addr) = &self.supervisor.metrics_listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.invalid("supervisor.metrics_listen", format!("{addr:?} is not an IP:port address")));
+            }
         }
         if !(self.restart.reset_after_s.is_finite() && self.restart.reset_after_s >= 0.0) {
             return Err(self.invalid("restart.reset_after_s", "must be a number of seconds >= 0"));
         }
         if self.restart.backoff_initial_ms > self.restart.backoff_max_ms {
-            return Err(self.invalid(
-                "restart.backoff_initial_ms",
-                "must not exceed restart.backoff_max_ms",
-            ));
+            return Err(self.invalid("restart.backoff_initial_ms", "must not exceed restart.backoff_max_ms"));
         }
-        if self
-            .model
-            .make_if_missing
-            .as_ref()
-            .is_some_and(|c| c.is_empty())
-        {
-            return Err(self.invalid(
-                "model.make_if_missing",
-                "must name a program or be left out",
-            ));
+        if self.model.make_if_missing.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(self.invalid("model.make_if_missing", "must name a program or be left out"));
         }
         Ok(())
     }
@@ -245,9 +241,7 @@ pub fn resolve_program(program: &str, base: &Path) -> PathBuf {
     if program.contains('/') {
         return base.join(program);
     }
-    let beside_us = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(program)));
+    let beside_us = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(program)));
     match beside_us {
         Some(path) if path.is_file() => path,
         _ => PathBuf::from(program),
@@ -275,47 +269,29 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_line() {
-        let err = parse(&format!("{GOOD}colour = \"blue\"\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("config.toml") && err.contains("colour") && err.contains("line 6"),
-            "{err}"
-        );
+        let err = parse(&format!("{GOOD}colour = \"blue\"\n")).unwrap_err().to_string();
+        assert!(err.contains("config.toml") && err.contains("colour") && err.contains("line 6"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let err = parse(&GOOD.replace("[\"w\"]", "\"w\""))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&GOOD.replace("[\"w\"]", "\"w\"")).unwrap_err().to_string();
         assert!(err.contains("command") && err.contains("line 4"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_their_key() {
-        let err = parse(&format!("{GOOD}count = 0\n"))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&format!("{GOOD}count = 0\n")).unwrap_err().to_string();
         assert!(err.contains("workers.count"), "{err}");
-        let err = parse(&GOOD.replace("127.0.0.1:0", "localhost"))
-            .unwrap_err()
-            .to_string();
+        let err = parse(&GOOD.replace("127.0.0.1:0", "localhost")).unwrap_err().to_string();
         assert!(err.contains("workers.listen"), "{err}");
-        let err = parse(&GOOD.replace(
-            "path = \"m.safetensors\"",
-            "path = \"m\"\nsharing = \"some\"",
-        ))
-        .unwrap_err();
+        let err = parse(&GOOD.replace("path = \"m.safetensors\"", "path = \"m\"\nsharing = \"some\"")).unwrap_err();
         assert!(err.to_string().contains("sharing"), "{err}");
     }
 
     #[test]
     fn relative_program_paths_resolve_against_the_config() {
-        assert_eq!(
-            resolve_program("./bin/w", Path::new("/srv")),
-            Path::new("/srv/./bin/w")
-        );
+        assert_eq!(resolve_program("./bin/w", Path::new("/srv")), Path::new("/srv/./bin/w"));
         assert_eq!(
             resolve_program("surely-not-beside-the-test-binary", Path::new("/srv")),
             Path::new("surely-not-beside-the-test-binary")

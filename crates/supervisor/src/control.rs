@@ -19,10 +19,12 @@ use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus_server::BusState;
 use crate::config::Config;
+use crate::service::{Command, RestartTarget, StatusReport};
 
 /// Largest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
@@ -31,14 +33,32 @@ const MAX_LINE: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
+    Status,
+    /// Run this many workers.
+    Scale {
+        workers: u32,
+    },
+    /// Replace the owner, every worker (rolling) or one worker; each replacement is ready
+    /// before its predecessor stops.
+    Restart {
+        target: RestartTarget,
+    },
+    /// Re-read the config file and restart the workers on it (like SIGHUP).
+    Reload,
+    /// Stop gracefully (like SIGTERM).
+    Stop,
     /// Hot swap: load `path` (default: the config's `[model] path`) as a new generation.
-    ReloadModel { path: Option<String> },
+    ReloadModel {
+        path: Option<String>,
+    },
 }
 
 /// What the supervisor answers.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
+    Status { status: Box<StatusReport> },
+    Done { message: String },
     Reloaded { generation: u64 },
     Failed { error: String },
 }
@@ -46,11 +66,7 @@ pub enum Response {
 /// Where the control socket of `config` lives: `[supervisor] runtime_dir` (or
 /// `$XDG_RUNTIME_DIR`, or the temp dir) / `forkless-<hash of the config's absolute path>.sock`.
 pub fn socket_path(config: &Config) -> PathBuf {
-    let parent = config
-        .supervisor
-        .runtime_dir
-        .clone()
-        .unwrap_or_else(crate::runtime_dir::default_parent);
+    let parent = config.supervisor.runtime_dir.clone().unwrap_or_else(crate::runtime_dir::default_parent);
     let absolute = std::fs::canonicalize(&config.source).unwrap_or_else(|_| config.source.clone());
     let hash = xxhash_rust::xxh3::xxh3_64(absolute.as_os_str().as_encoded_bytes());
     parent.join(format!("forkless-{hash:016x}.sock"))
@@ -74,29 +90,21 @@ impl ControlSocket {
                     path.display()
                 );
             }
-            tracing::warn!(
-                "removing the stale control socket {} of a supervisor that died",
-                path.display()
-            );
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale {}", path.display()))?;
+            tracing::warn!("removing the stale control socket {} of a supervisor that died", path.display());
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale {}", path.display()))?;
         }
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(ControlSocket {
-            listener,
-            path: path.to_path_buf(),
-        })
+        Ok(ControlSocket { listener, path: path.to_path_buf() })
     }
 
     /// Answers requests until `stop`.
-    pub async fn serve(self, bus: BusState, stop: CancellationToken) {
+    pub async fn serve(self, bus: BusState, commands: mpsc::UnboundedSender<Command>, stop: CancellationToken) {
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -109,7 +117,7 @@ impl ControlSocket {
                 },
                 _ = stop.cancelled() => return,
             };
-            tokio::spawn(answer(stream, bus.clone()));
+            tokio::spawn(answer(stream, bus.clone(), commands.clone()));
         }
     }
 }
@@ -120,28 +128,72 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn answer(stream: UnixStream, bus: BusState) {
+async fn answer(stream: UnixStream, bus: BusState, commands: mpsc::UnboundedSender<Command>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_LINE as u64));
     let response = match reader.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(request, &bus).await,
-            Err(e) => Response::Failed {
-                error: format!("bad request: {e}"),
-            },
+            Ok(request) => handle(request, &bus, &commands).await,
+            Err(e) => Response::Failed { error: format!("bad request: {e}") },
         },
-        Err(e) => Response::Failed {
-            error: format!("cannot read request: {e}"),
-        },
+        Err(e) => Response::Failed { error: format!("cannot read request: {e}") },
     };
     let mut text = serde_json::to_string(&response).expect("responses serialise");
     text.push('\n');
     let _ = write.write_all(text.as_bytes()).await;
 }
 
-async fn handle(request: Request, bus: &BusState) -> Response {
+async fn handle(request: Request, bus: &BusState, commands: &mpsc::UnboundedSender<Command>) -> Response {
+    let gone = || Response::Failed { error: "the supervisor is stopping".into() };
+    let ask = |command: fn(oneshot::Sender<Result<String, String>>) -> Command| {
+        let (reply, answer) = oneshot::channel();
+        let sent = commands.send(command(reply)).is_ok();
+        async move {
+            match (sent, answer.await) {
+                (true, Ok(Ok(message))) => Response::Done { message },
+                (true, Ok(Err(error))) => Response::Failed { error },
+                _ => gone(),
+            }
+        }
+    };
     match request {
+        Request::Status => {
+            let (reply, answer) = oneshot::channel();
+            if commands.send(Command::Status(reply)).is_err() {
+                return gone();
+            }
+            match answer.await {
+                Ok(status) => Response::Status { status: Box::new(status) },
+                Err(_) => gone(),
+            }
+        }
+        Request::Scale { workers } => {
+            let (reply, answer) = oneshot::channel();
+            let _ = commands.send(Command::Scale { workers, reply });
+            match answer.await {
+                Ok(Ok(message)) => Response::Done { message },
+                Ok(Err(error)) => Response::Failed { error },
+                Err(_) => gone(),
+            }
+        }
+        Request::Restart { target } => {
+            let (reply, answer) = oneshot::channel();
+            let _ = commands.send(Command::Restart { target, reply });
+            match answer.await {
+                Ok(Ok(message)) => Response::Done { message },
+                Ok(Err(error)) => Response::Failed { error },
+                Err(_) => gone(),
+            }
+        }
+        Request::Reload => ask(|reply| Command::Reload { reply: Some(reply) }).await,
+        Request::Stop => {
+            tracing::info!("stop requested through the control socket");
+            match commands.send(Command::Stop) {
+                Ok(()) => Response::Done { message: "stopping".into() },
+                Err(_) => gone(),
+            }
+        }
         Request::ReloadModel { path } => {
             let path = path.unwrap_or_else(|| bus.model_path.clone());
             tracing::info!("hot swap requested: loading {path}");
@@ -157,11 +209,7 @@ async fn handle(request: Request, bus: &BusState) -> Response {
 pub async fn request(config: &Config, request: &Request) -> anyhow::Result<Response> {
     let path = socket_path(config);
     let stream = UnixStream::connect(&path).await.with_context(|| {
-        format!(
-            "no supervisor is running for {} (control socket {})",
-            config.source.display(),
-            path.display()
-        )
+        format!("no supervisor is running for {} (control socket {})", config.source.display(), path.display())
     })?;
     let (read, mut write) = stream.into_split();
     let mut text = serde_json::to_string(request)?;
@@ -169,8 +217,7 @@ pub async fn request(config: &Config, request: &Request) -> anyhow::Result<Respo
     write.write_all(text.as_bytes()).await?;
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
-    serde_json::from_str(&line)
-        .with_context(|| format!("unreadable answer from the supervisor: {line:?}"))
+    serde_json::from_str(&line).with_context(|| format!("unreadable answer from the supervisor: {line:?}"))
 }
 
 #[cfg(test)]
@@ -179,23 +226,24 @@ mod tests {
 
     #[test]
     fn requests_and_responses_are_readable_json() {
-        let request = Request::ReloadModel {
-            path: Some("/m.safetensors".into()),
-        };
+        let request = Request::ReloadModel { path: Some("/m.safetensors".into()) };
         let text = serde_json::to_string(&request).unwrap();
-        assert_eq!(
-            text,
-            r#"{"command":"reload-model","path":"/m.safetensors"}"#
-        );
+        assert_eq!(text, r#"{"command":"reload-model","path":"/m.safetensors"}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
         let text = serde_json::to_string(&Response::Reloaded { generation: 2 }).unwrap();
         assert_eq!(text, r#"{"result":"reloaded","generation":2}"#);
+        let restart = Request::Restart { target: RestartTarget::Worker(3) };
+        let text = serde_json::to_string(&restart).unwrap();
+        assert_eq!(text, r#"{"command":"restart","target":3}"#);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"restart","target":"workers"}"#).unwrap(),
+            Request::Restart { target: RestartTarget::Workers }
+        );
     }
 
     #[test]
     fn the_socket_path_follows_from_the_config_file() {
-        let text =
-            "[model]\npath = \"m\"\n[workers]\ncommand = [\"w\"]\nlisten = [\"127.0.0.1:0\"]\n";
+        let text = "[model]\npath = \"m\"\n[workers]\ncommand = [\"w\"]\nlisten = [\"127.0.0.1:0\"]\n";
         let a = Config::parse(text, Path::new("/srv/a/config.toml")).unwrap();
         let b = Config::parse(text, Path::new("/srv/b/config.toml")).unwrap();
         assert_eq!(socket_path(&a), socket_path(&a));

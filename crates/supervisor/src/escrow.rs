@@ -42,9 +42,7 @@ pub enum DepositError {
     Arena { arena: u32, source: MapError },
     #[error("{fds} fds for {arenas} arenas")]
     FdCount { fds: usize, arenas: usize },
-    #[error(
-        "generation {generation} is still in use by workers; try again once they have switched"
-    )]
+    #[error("generation {generation} is still in use by workers; try again once they have switched")]
     SwapInProgress { generation: u64 },
 }
 
@@ -73,10 +71,7 @@ struct Held {
 
 impl Default for Escrow {
     fn default() -> Self {
-        Escrow {
-            current: watch::Sender::new(None),
-            held: Arc::default(),
-        }
+        Escrow { current: watch::Sender::new(None), held: Arc::default() }
     }
 }
 
@@ -87,27 +82,19 @@ impl Escrow {
     pub fn deposit(&self, mut manifest: Manifest, fds: Vec<OwnedFd>) -> Result<u64, DepositError> {
         manifest.validate()?;
         if fds.len() != manifest.arenas.len() {
-            return Err(DepositError::FdCount {
-                fds: fds.len(),
-                arenas: manifest.arenas.len(),
-            });
+            return Err(DepositError::FdCount { fds: fds.len(), arenas: manifest.arenas.len() });
         }
         let arenas = manifest
             .arenas
             .iter()
             .zip(fds)
             .map(|(arena, fd)| {
-                SealedArena::adopt(fd, arena.size).map_err(|source| DepositError::Arena {
-                    arena: arena.id,
-                    source,
-                })
+                SealedArena::adopt(fd, arena.size).map_err(|source| DepositError::Arena { arena: arena.id, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut held = self.held.lock().expect("escrow poisoned");
         if let Some(retiring) = &held.retiring {
-            return Err(DepositError::SwapInProgress {
-                generation: retiring.manifest.generation,
-            });
+            return Err(DepositError::SwapInProgress { generation: retiring.manifest.generation });
         }
         let mut number = 0;
         let mut previous = None;
@@ -117,13 +104,7 @@ impl Escrow {
             previous = current.replace(Arc::new(EscrowedGeneration { manifest, arenas }));
         });
         if let Some(previous) = previous {
-            if held
-                .holders
-                .get(&previous.manifest.generation)
-                .copied()
-                .unwrap_or(0)
-                > 0
-            {
+            if held.holders.get(&previous.manifest.generation).copied().unwrap_or(0) > 0 {
                 held.retiring = Some(previous);
             }
         }
@@ -138,16 +119,21 @@ impl Escrow {
     /// Waits until a generation exists and returns it.
     pub async fn wait_current(&self) -> Arc<EscrowedGeneration> {
         let mut rx = self.current.subscribe();
-        let current = rx
-            .wait_for(Option::is_some)
-            .await
-            .expect("escrow sender lives in self");
+        let current = rx.wait_for(Option::is_some).await.expect("escrow sender lives in self");
         current.clone().expect("waited for Some")
     }
 
     /// Notified whenever the current generation changes.
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<EscrowedGeneration>>> {
         self.current.subscribe()
+    }
+
+    /// Bytes of all generations in escrow (current and retiring): memory that the arenas'
+    /// fds hold whether or not any process maps it.
+    pub fn bytes_held(&self) -> u64 {
+        let current = self.current().map_or(0, |g| g.manifest.total_bytes());
+        let held = self.held.lock().expect("escrow poisoned");
+        current + held.retiring.as_ref().map_or(0, |g| g.manifest.total_bytes())
     }
 
     /// The older generation still in use, if a hot swap is in progress.
@@ -158,13 +144,7 @@ impl Escrow {
 
     /// A worker now maps `generation`.
     pub fn hold(&self, generation: u64) {
-        *self
-            .held
-            .lock()
-            .expect("escrow poisoned")
-            .holders
-            .entry(generation)
-            .or_default() += 1;
+        *self.held.lock().expect("escrow poisoned").holders.entry(generation).or_default() += 1;
     }
 
     /// A worker no longer maps `generation`. Returns it when that was the last holder of a
@@ -195,10 +175,7 @@ mod tests {
         let mut layout = LayoutBuilder::default();
         layout.push("w", Dtype::F32, vec![2]);
         let (arena, tensors) = layout.finish();
-        let sealed = ArenaWriter::create("test", arena.size)
-            .unwrap()
-            .seal()
-            .unwrap();
+        let sealed = ArenaWriter::create("test", arena.size).unwrap().seal().unwrap();
         let fd = sealed.fd().try_clone_to_owned().unwrap();
         escrow.deposit(Manifest::new("t".into(), vec![arena], tensors), vec![fd])
     }
@@ -219,10 +196,7 @@ mod tests {
         escrow.hold(1);
         assert_eq!(publish(&escrow).unwrap(), 2);
         assert_eq!(escrow.retiring(), Some(1));
-        assert!(matches!(
-            publish(&escrow),
-            Err(DepositError::SwapInProgress { generation: 1 })
-        ));
+        assert!(matches!(publish(&escrow), Err(DepositError::SwapInProgress { generation: 1 })));
         assert_eq!(escrow.release(1), None);
         assert_eq!(escrow.release(1), Some(1));
         assert_eq!(escrow.retiring(), None);

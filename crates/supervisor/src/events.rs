@@ -11,24 +11,17 @@ use crate::spawn::ChildLabel;
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The owner published a generation, now in escrow.
-    Published {
-        generation: u64,
-        source: String,
-        bytes: u64,
-    },
+    Published { generation: u64, source: String, bytes: u64 },
     /// No worker uses this (older) generation any more: its fds are closed, its memory freed.
     Freed { generation: u64 },
     /// A restarted owner verified and adopted the generation in escrow (no disk read).
     Adopted { generation: u64 },
     /// A worker mapped the generation, warmed up and holds its listener.
-    WorkerReady {
-        index: u32,
-        pid: u32,
-        generation: u64,
-        attach: forkless_bus::wire::AttachTiming,
-    },
-    /// A child exited on its own (not asked to stop); its slot restarts it.
-    Exited { label: ChildLabel, pid: u32 },
+    WorkerReady { index: u32, pid: u32, generation: u64, attach: forkless_bus::wire::AttachTiming },
+    /// A child died unplanned (crash, hang, failed start); its slot restarts it.
+    Crashed { label: ChildLabel },
+    /// A slot ended (stopped, scaled away, or given up after a fatal failure).
+    SlotEnded { label: ChildLabel },
     /// Something restarting cannot fix: stop everything and exit non-zero with this reason.
     Fatal(String),
 }

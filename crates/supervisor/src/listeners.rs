@@ -31,12 +31,7 @@ impl Listeners {
     pub fn bind(addrs: &[String], backlog: i32) -> Result<Self, BindError> {
         let sockets = addrs
             .iter()
-            .map(|addr| {
-                bind_one(addr, backlog).map_err(|source| BindError {
-                    addr: addr.clone(),
-                    source,
-                })
-            })
+            .map(|addr| bind_one(addr, backlog).map_err(|source| BindError { addr: addr.clone(), source }))
             .collect::<Result<_, _>>()?;
         Ok(Listeners { sockets })
     }
@@ -51,18 +46,12 @@ impl Listeners {
 
     /// The actual addresses (port 0 in the config becomes the chosen port).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.sockets
-            .iter()
-            .filter_map(|s| s.local_addr().ok()?.as_socket())
-            .collect()
+        self.sockets.iter().filter_map(|s| s.local_addr().ok()?.as_socket()).collect()
     }
 
     /// Duplicates of every socket, for one child (each child closes its own copies).
     pub fn duplicate(&self) -> std::io::Result<Vec<OwnedFd>> {
-        self.sockets
-            .iter()
-            .map(|s| Ok(s.try_clone()?.into()))
-            .collect()
+        self.sockets.iter().map(|s| Ok(s.try_clone()?.into())).collect()
     }
 }
 

@@ -47,12 +47,105 @@ impl Backoff {
         }
         let delay = match self.quick_deaths {
             0 => Duration::ZERO,
-            n => self
-                .initial
-                .saturating_mul(1 << (n - 1).min(31))
-                .min(self.max),
+            n => self.initial.saturating_mul(1 << (n - 1).min(31)).min(self.max),
         };
         self.quick_deaths = self.quick_deaths.saturating_add(1);
         delay
+    }
+}
+
+/// Restart intensity, as Erlang/OTP supervisors count it: more than `max_restarts` unplanned
+/// restarts within `within` means the failure is not transient, and restarting on is a loop.
+#[derive(Debug)]
+pub struct Intensity {
+    max_restarts: u32,
+    within: Duration,
+    recent: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl Intensity {
+    pub fn new(config: &RestartConfig) -> Self {
+        Intensity {
+            max_restarts: config.max_restarts,
+            within: Duration::from_secs_f64(config.within_s),
+            recent: Default::default(),
+        }
+    }
+
+    /// Records one restart now; `Err` with the count when the limit is exceeded.
+    pub fn record(&mut self, now: std::time::Instant) -> Result<(), u32> {
+        self.recent.push_back(now);
+        while self.recent.front().is_some_and(|&t| now.duration_since(t) > self.within) {
+            self.recent.pop_front();
+        }
+        match u32::try_from(self.recent.len()) {
+            Ok(n) if n <= self.max_restarts => Ok(()),
+            Ok(n) => Err(n),
+            Err(_) => Err(u32::MAX),
+        }
+    }
+
+    pub fn window(&self) -> Duration {
+        self.within
+    }
+}
+
+/// What a child's exit means for its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Exit status 0: it stopped on its own terms (e.g. recycled after `max_requests`).
+    /// Restarted at once; not a failure.
+    Planned,
+    /// Exit status 78 (`EX_CONFIG`): restarting cannot help; the supervisor stops.
+    Fatal,
+    /// Exit status 75 (`EX_TEMPFAIL`): a resource (memory, GPU memory) is not free yet, e.g.
+    /// while a dead process's memory is reclaimed. Retried with backoff; not a crash.
+    Temporary,
+    /// Anything else (a signal, another status): a crash, counted against the intensity.
+    Crash,
+}
+
+/// Exit status for "temporarily out of resources, retry" (sysexits' `EX_TEMPFAIL`).
+pub const EXIT_TEMPORARY: i32 = 75;
+
+impl ExitKind {
+    pub fn of(status: &std::io::Result<std::process::ExitStatus>) -> ExitKind {
+        match status.as_ref().ok().and_then(|s| s.code()) {
+            Some(0) => ExitKind::Planned,
+            Some(forkless_bus::child::EXIT_FATAL) => ExitKind::Fatal,
+            Some(EXIT_TEMPORARY) => ExitKind::Temporary,
+            _ => ExitKind::Crash,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn intensity_trips_only_within_the_window() {
+        let config = RestartConfig { max_restarts: 2, within_s: 10.0, ..RestartConfig::default() };
+        let mut intensity = Intensity::new(&config);
+        let t0 = Instant::now();
+        assert_eq!(intensity.record(t0), Ok(()));
+        assert_eq!(intensity.record(t0 + Duration::from_secs(1)), Ok(()));
+        assert_eq!(intensity.record(t0 + Duration::from_secs(2)), Err(3));
+        let mut intensity = Intensity::new(&config);
+        for s in [0, 11, 22, 33] {
+            assert_eq!(intensity.record(t0 + Duration::from_secs(s)), Ok(()));
+        }
+    }
+
+    #[test]
+    fn exits_are_classified_by_status() {
+        use std::os::unix::process::ExitStatusExt;
+        let status = |raw| Ok(std::process::ExitStatus::from_raw(raw));
+        assert_eq!(ExitKind::of(&status(0)), ExitKind::Planned);
+        assert_eq!(ExitKind::of(&status(78 << 8)), ExitKind::Fatal);
+        assert_eq!(ExitKind::of(&status(75 << 8)), ExitKind::Temporary);
+        assert_eq!(ExitKind::of(&status(1 << 8)), ExitKind::Crash);
+        assert_eq!(ExitKind::of(&status(9)), ExitKind::Crash);
     }
 }

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 /// Failure to prepare the runtime folder.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot create a private runtime folder in {path}: {source} (set [supervisor] runtime_dir to a writable folder)")]
+#[error(
+    "cannot create a private runtime folder in {path}: {source} (set [supervisor] runtime_dir to a writable folder)"
+)]
 pub struct RuntimeDirError {
     pub path: PathBuf,
     pub source: std::io::Error,
@@ -30,10 +32,7 @@ impl RuntimeDir {
     /// defaults to `$XDG_RUNTIME_DIR`, else the temp dir.
     pub fn create(parent: Option<&Path>) -> Result<Self, RuntimeDirError> {
         let parent = parent.map(Path::to_path_buf).unwrap_or_else(default_parent);
-        let err = |source| RuntimeDirError {
-            path: parent.clone(),
-            source,
-        };
+        let err = |source| RuntimeDirError { path: parent.clone(), source };
         std::fs::create_dir_all(&parent).map_err(err)?;
         let dir = tempfile::Builder::new()
             .prefix("forkless-")
@@ -54,10 +53,7 @@ impl RuntimeDir {
 }
 
 pub(crate) fn default_parent() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir)
+    std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|p| p.is_dir()).unwrap_or_else(std::env::temp_dir)
 }
 
 #[cfg(test)]

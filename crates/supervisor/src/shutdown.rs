@@ -1,27 +1,73 @@
-//! Stop requests: SIGTERM and SIGINT cancel one token that the whole supervisor watches.
+//! Stop requests: SIGTERM and SIGINT ask for a graceful stop (workers drain up to
+//! `graceful_timeout_s`, then the owner stops, exit 0); SIGQUIT for a fast one (no grace).
+//! A second TERM/INT during a graceful stop turns it into a fast one.
 //!
 //! ```no_run
 //! # async fn f() -> std::io::Result<()> {
-//! let stop = tokio_util::sync::CancellationToken::new();
+//! let stop = forkless_supervisor::shutdown::Stop::default();
 //! forkless_supervisor::shutdown::on_signals(stop.clone())?;
-//! stop.cancelled().await;
+//! stop.requested().await;
 //! # Ok(()) }
 //! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-/// Cancels `stop` on the first SIGTERM or SIGINT.
-pub fn on_signals(stop: CancellationToken) -> std::io::Result<()> {
+/// A stop request, graceful or fast, shared by everything that must react to it.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    token: CancellationToken,
+    fast: Arc<AtomicBool>,
+}
+
+impl Stop {
+    /// Asks for a graceful stop (or a fast one).
+    pub fn request(&self, fast: bool) {
+        if fast {
+            self.fast.store(true, Ordering::Relaxed);
+        }
+        self.token.cancel();
+    }
+
+    pub async fn requested(&self) {
+        self.token.cancelled().await
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub fn is_fast(&self) -> bool {
+        self.fast.load(Ordering::Relaxed)
+    }
+
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+}
+
+/// TERM/INT → graceful stop (a second one → fast); QUIT → fast stop.
+pub fn on_signals(stop: Stop) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping gracefully"),
-            _ = stop.cancelled() => return,
+        loop {
+            let fast = tokio::select! {
+                _ = term.recv() => stop.is_requested(),
+                _ = int.recv() => stop.is_requested(),
+                _ = quit.recv() => true,
+            };
+            if fast {
+                tracing::warn!("fast stop: children get no grace");
+            } else {
+                tracing::info!("stopping gracefully (send SIGQUIT, or the signal again, to stop at once)");
+            }
+            stop.request(fast);
         }
-        stop.cancel();
     });
     Ok(())
 }

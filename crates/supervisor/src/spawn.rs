@@ -47,14 +47,7 @@ pub struct ChildSpec {
 
 impl ChildSpec {
     pub fn new(program: PathBuf) -> Self {
-        ChildSpec {
-            program,
-            args: Vec::new(),
-            env: Vec::new(),
-            listeners: Vec::new(),
-            bus: None,
-            label: None,
-        }
+        ChildSpec { program, args: Vec::new(), env: Vec::new(), listeners: Vec::new(), bus: None, label: None }
     }
 }
 
@@ -71,20 +64,13 @@ pub struct PidTable(Arc<Mutex<HashMap<u32, ChildLabel>>>);
 
 impl PidTable {
     pub fn insert(&self, pid: u32, label: ChildLabel) {
-        self.0
-            .lock()
-            .expect("pid table poisoned")
-            .insert(pid, label);
+        self.0.lock().expect("pid table poisoned").insert(pid, label);
     }
     pub fn remove(&self, pid: u32) {
         self.0.lock().expect("pid table poisoned").remove(&pid);
     }
     pub fn get(&self, pid: u32) -> Option<ChildLabel> {
-        self.0
-            .lock()
-            .expect("pid table poisoned")
-            .get(&pid)
-            .copied()
+        self.0.lock().expect("pid table poisoned").get(&pid).copied()
     }
 }
 
@@ -146,28 +132,16 @@ fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
         .into_iter()
         .chain(spec.bus)
         .zip(LISTEN_FDS_START..)
-        .map(|(parent_fd, child_fd)| FdMapping {
-            parent_fd,
-            child_fd,
-        })
+        .map(|(parent_fd, child_fd)| FdMapping { parent_fd, child_fd })
         .collect();
     if !mappings.is_empty() {
-        command
-            .fd_mappings(mappings)
-            .map_err(std::io::Error::other)?;
+        command.fd_mappings(mappings).map_err(std::io::Error::other)?;
     }
     let child = command.spawn().map_err(|e| {
         const ENOEXEC: i32 = 8;
         // Keep the kind callers decide on (ENOEXEC has none of its own: call it invalid input).
-        let kind = if e.raw_os_error() == Some(ENOEXEC) {
-            std::io::ErrorKind::InvalidInput
-        } else {
-            e.kind()
-        };
-        std::io::Error::new(
-            kind,
-            format!("cannot start {}: {e}", spec.program.display()),
-        )
+        let kind = if e.raw_os_error() == Some(ENOEXEC) { std::io::ErrorKind::InvalidInput } else { e.kind() };
+        std::io::Error::new(kind, format!("cannot start {}: {e}", spec.program.display()))
     })?;
     if let (Some((table, label)), Some(pid)) = (spec.label, child.id()) {
         table.insert(pid, label);

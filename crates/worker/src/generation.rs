@@ -43,10 +43,7 @@ impl Generations {
 
     /// Makes `next` current; returns the previous one (dropped by the caller).
     pub(crate) fn replace(&self, next: std::sync::Arc<Generation>) -> std::sync::Arc<Generation> {
-        std::mem::replace(
-            &mut *self.0.write().expect("generation slot poisoned"),
-            next,
-        )
+        std::mem::replace(&mut *self.0.write().expect("generation slot poisoned"), next)
     }
 }
 
@@ -66,11 +63,7 @@ pub enum ViewError {
     #[error("generation {generation} has no tensor named {name:?}")]
     NoSuchTensor { generation: u64, name: String },
     #[error("tensor {name:?} is {actual:?}, not {requested:?}")]
-    WrongDtype {
-        name: String,
-        actual: Dtype,
-        requested: Dtype,
-    },
+    WrongDtype { name: String, actual: Dtype, requested: Dtype },
 }
 
 /// Read-only weights of one generation, mapped into this process.
@@ -87,18 +80,11 @@ impl Generation {
     /// Pairs a validated manifest with its mapped arenas (same order, same sizes).
     pub(crate) fn new(manifest: Manifest, arenas: Vec<ArenaMap>) -> Self {
         debug_assert_eq!(manifest.arenas.len(), arenas.len());
-        Generation {
-            manifest,
-            arenas,
-            on_release: None,
-        }
+        Generation { manifest, arenas, on_release: None }
     }
 
     /// Reports this generation's number on `notice` once it is dropped and unmapped.
-    pub(crate) fn notify_release(
-        mut self,
-        notice: tokio::sync::mpsc::UnboundedSender<u64>,
-    ) -> Self {
+    pub(crate) fn notify_release(mut self, notice: tokio::sync::mpsc::UnboundedSender<u64>) -> Self {
         self.on_release = Some(notice);
         self
     }
@@ -114,10 +100,7 @@ impl Generation {
     fn entry(&self, name: &str) -> Result<&TensorEntry, ViewError> {
         self.manifest
             .tensor(name)
-            .ok_or_else(|| ViewError::NoSuchTensor {
-                generation: self.manifest.generation,
-                name: name.into(),
-            })
+            .ok_or_else(|| ViewError::NoSuchTensor { generation: self.manifest.generation, name: name.into() })
     }
 
     /// The raw bytes of a tensor.
@@ -132,11 +115,7 @@ impl Generation {
     pub fn tensor<T: Element>(&self, name: &str) -> Result<&[T], ViewError> {
         let t = self.entry(name)?;
         if t.dtype != T::DTYPE {
-            return Err(ViewError::WrongDtype {
-                name: name.into(),
-                actual: t.dtype,
-                requested: T::DTYPE,
-            });
+            return Err(ViewError::WrongDtype { name: name.into(), actual: t.dtype, requested: T::DTYPE });
         }
         // Cannot fail: offsets are TENSOR_ALIGN-aligned in page-aligned mappings, and the
         // length is a multiple of the element size (both checked by Manifest::validate).

@@ -67,13 +67,7 @@ impl AttachError {
     /// True when restarting the worker would fail the same way (exit with
     /// [`forkless_bus::child::EXIT_FATAL`] so the supervisor reports instead of restarting).
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            AttachError::Env(_)
-                | AttachError::Orphan(_)
-                | AttachError::Load(_)
-                | AttachError::Manifest(_)
-        )
+        matches!(self, AttachError::Env(_) | AttachError::Orphan(_) | AttachError::Load(_) | AttachError::Manifest(_))
     }
 }
 
@@ -97,6 +91,31 @@ pub enum ReadyError {
     Send(#[from] SendError),
 }
 
+/// Counts a worker's finished requests: reported in heartbeats, and the trigger for
+/// `max_requests` recycling (the worker drains and exits 0; the supervisor starts a fresh one).
+#[derive(Debug, Clone)]
+pub struct Requests {
+    served: Arc<std::sync::atomic::AtomicU64>,
+    limit: Option<u64>,
+    shutdown: CancellationToken,
+}
+
+impl Requests {
+    /// Call once per finished request.
+    pub fn finished(&self) {
+        let served = self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if Some(served) == self.limit {
+            tracing::info!("served {served} requests (max_requests): draining to be recycled");
+            self.shutdown.cancel();
+        }
+    }
+
+    /// Requests finished so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// An attached worker.
 #[derive(Debug)]
 pub struct Worker {
@@ -108,6 +127,7 @@ pub struct Worker {
     index: u32,
     attach: AttachTiming,
     shutdown: CancellationToken,
+    requests: Requests,
 }
 
 fn env(name: &'static str) -> Result<String, AttachError> {
@@ -118,9 +138,7 @@ impl Worker {
     /// Attaches to the supervisor named in the environment and maps the current generation.
     pub async fn from_env() -> Result<Self, AttachError> {
         forkless_bus::child::die_with_supervisor()?;
-        let index = env(forkless_bus::ENV_INDEX)?
-            .parse()
-            .map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
+        let index = env(forkless_bus::ENV_INDEX)?.parse().map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
         let private_model = match std::env::var(forkless_bus::ENV_SHARING).as_deref() {
             Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
             _ => None,
@@ -147,6 +165,14 @@ impl Worker {
             release_notice,
             index,
             attach,
+            requests: Requests {
+                served: Arc::default(),
+                limit: std::env::var(forkless_bus::ENV_MAX_REQUESTS)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0),
+                shutdown: shutdown.clone(),
+            },
             shutdown,
         })
     }
@@ -172,6 +198,11 @@ impl Worker {
         self.attach
     }
 
+    /// The request counter to call [`Requests::finished`] on.
+    pub fn requests(&self) -> Requests {
+        self.requests.clone()
+    }
+
     /// Cancelled on SIGTERM/SIGINT or when the supervisor goes away: stop accepting, drain, exit.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -181,19 +212,16 @@ impl Worker {
     pub async fn ready(&mut self) -> Result<(), ReadyError> {
         let mut bus = self.bus.take().ok_or(ReadyError::AlreadyReady)?;
         let generation = self.generations.current().number();
-        bus.send(
-            &Message::Ready {
-                generation,
-                attach: self.attach,
-            },
-            &[],
-        )
-        .await?;
-        let (notice, released) = (
-            self.release_notice.clone(),
-            self.released.take().ok_or(ReadyError::AlreadyReady)?,
-        );
+        bus.send(&Message::Ready { generation, attach: self.attach }, &[]).await?;
+        let (notice, released) = (self.release_notice.clone(), self.released.take().ok_or(ReadyError::AlreadyReady)?);
+        let heartbeat = std::env::var(forkless_bus::ENV_HEARTBEAT_MS)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&ms: &u64| ms > 0)
+            .map(std::time::Duration::from_millis);
         let link = SupervisorLink {
+            heartbeat,
+            requests: self.requests.clone(),
             bus,
             generations: self.generations.clone(),
             notice,
@@ -221,12 +249,7 @@ fn map_generation(manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Generation, A
         .arenas
         .iter()
         .zip(fds)
-        .map(|(arena, fd)| {
-            ArenaMap::map(fd, arena.size).map_err(|source| AttachError::Map {
-                arena: arena.id,
-                source,
-            })
-        })
+        .map(|(arena, fd)| ArenaMap::map(fd, arena.size).map_err(|source| AttachError::Map { arena: arena.id, source }))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Generation::new(manifest, arenas))
 }
@@ -252,10 +275,7 @@ fn load_private_copy(path: &Path) -> Result<Generation, AttachError> {
 fn spawn_signal_handler(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             tracing::error!("cannot install SIGTERM/SIGINT handlers; stopping");
             shutdown.cancel();
             return;
@@ -272,6 +292,8 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 /// After ready, the bus carries hot swaps in (new generations) and releases out; its closing
 /// means the supervisor is gone, and the worker drains.
 struct SupervisorLink {
+    heartbeat: Option<std::time::Duration>,
+    requests: Requests,
     bus: BusStream,
     generations: Generations,
     notice: tokio::sync::mpsc::UnboundedSender<u64>,
@@ -281,8 +303,21 @@ struct SupervisorLink {
 
 impl SupervisorLink {
     async fn run(mut self) {
+        let mut beat = self.heartbeat.map(tokio::time::interval);
         loop {
+            let tick = async {
+                match beat.as_mut() {
+                    Some(interval) => interval.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = tick => {
+                    let requests = self.requests.served();
+                    if let Err(e) = self.bus.send(&Message::Heartbeat { requests }, &[]).await {
+                        return self.end(&format!("bus error: {e}"));
+                    }
+                }
                 received = self.bus.recv() => match received {
                     Ok((Message::Generation { manifest }, fds)) => self.switch(manifest, fds),
                     Ok((msg, _)) => return self.end(&format!("unexpected {} from the supervisor", msg.kind())),
@@ -307,19 +342,11 @@ impl SupervisorLink {
         let number = manifest.generation;
         match map_generation(manifest, fds) {
             Ok(next) => {
-                let previous = self
-                    .generations
-                    .replace(Arc::new(next.notify_release(self.notice.clone())));
-                tracing::info!(
-                    generation = number,
-                    previous = previous.number(),
-                    "switched to generation {number}"
-                );
+                let previous = self.generations.replace(Arc::new(next.notify_release(self.notice.clone())));
+                tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");
             }
             Err(e) => {
-                tracing::error!(
-                    "cannot attach generation {number}: {e}; still serving the current one"
-                );
+                tracing::error!("cannot attach generation {number}: {e}; still serving the current one");
                 let _ = self.notice.send(number);
             }
         }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use forkless_gpu::{Access, Gpu, GpuError, ImportedArena, VmmArena, WriteMethod};
 use rustix::io::FdFlags;
 use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
-    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags, SocketFlags, SocketType,
 };
 
 const ENV_SOCK: &str = "FORKLESS_PROBE_SOCK";
@@ -40,9 +40,7 @@ fn main() -> ExitCode {
         "import" => role_import(&args[1..]),
         "ctx" => role_ctx(&args[1..]),
         "check" | "--size-mib" => orchestrate(&args),
-        other => Err(format!(
-            "unknown role {other:?}: run `gpu-probe [--size-mib N]`"
-        )),
+        other => Err(format!("unknown role {other:?}: run `gpu-probe [--size-mib N]`")),
     };
     match result {
         Ok(code) => code,
@@ -62,9 +60,7 @@ fn pattern(offset: u64, len: usize) -> Vec<u8> {
     let mut word = offset / 8;
     let skip = (offset % 8) as usize;
     while out.len() < len + skip {
-        let v = (word ^ SEED)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(17);
+        let v = (word ^ SEED).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
         out.extend_from_slice(&v.to_le_bytes());
         word += 1;
     }
@@ -74,10 +70,7 @@ fn pattern(offset: u64, len: usize) -> Vec<u8> {
 }
 
 fn arg_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
 fn emit(key: &str, value: impl std::fmt::Display) {
@@ -106,10 +99,7 @@ fn inherited_fd(var: &str) -> Result<OwnedFd, String> {
 }
 
 fn parse_report(text: &str) -> Report {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -117,10 +107,7 @@ fn parse_report(text: &str) -> Report {
 
 fn role_export(args: &[String]) -> Result<ExitCode, String> {
     let sock = inherited_fd(ENV_SOCK)?;
-    let size: u64 = arg_value(args, "--size")
-        .ok_or("--size missing")?
-        .parse()
-        .map_err(|e| format!("--size: {e}"))?;
+    let size: u64 = arg_value(args, "--size").ok_or("--size missing")?.parse().map_err(|e| format!("--size: {e}"))?;
     let mut report = Report::new();
     let t = Instant::now();
     let gpu = Gpu::open(0).map_err(gpu_err)?;
@@ -128,29 +115,16 @@ fn role_export(args: &[String]) -> Result<ExitCode, String> {
     let info = gpu.info().clone();
     report.insert("device".into(), info.name.clone());
     report.insert("driver_version".into(), info.driver_version.to_string());
-    report.insert(
-        "cc".into(),
-        format!(
-            "{}.{}",
-            info.compute_capability.0, info.compute_capability.1
-        ),
-    );
+    report.insert("cc".into(), format!("{}.{}", info.compute_capability.0, info.compute_capability.1));
     report.insert("total_mib".into(), (info.total_mem >> 20).to_string());
-    report.insert(
-        "granularity".into(),
-        gpu.granularity().map_err(gpu_err)?.to_string(),
-    );
+    report.insert("granularity".into(), gpu.granularity().map_err(gpu_err)?.to_string());
     report.insert(
         "nvrtc".into(),
-        forkless_gpu::nvrtc_available()
-            .map(|()| "present".to_string())
-            .unwrap_or_else(|e| e.to_string()),
+        forkless_gpu::nvrtc_available().map(|()| "present".to_string()).unwrap_or_else(|e| e.to_string()),
     );
     report.insert(
         "cublas".into(),
-        forkless_gpu::cublas_available()
-            .map(|()| "present".to_string())
-            .unwrap_or_else(|e| e.to_string()),
+        forkless_gpu::cublas_available().map(|()| "present".to_string()).unwrap_or_else(|e| e.to_string()),
     );
 
     let t = Instant::now();
@@ -202,13 +176,8 @@ fn send_fd(sock: &OwnedFd, payload: &[u8], fd: &OwnedFd) -> Result<(), String> {
     if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
         return Err("control buffer too small for one fd".into());
     }
-    rustix::net::sendmsg(
-        sock,
-        &[IoSlice::new(payload)],
-        &mut control,
-        SendFlags::empty(),
-    )
-    .map_err(|e| format!("sendmsg: {e}"))?;
+    rustix::net::sendmsg(sock, &[IoSlice::new(payload)], &mut control, SendFlags::empty())
+        .map_err(|e| format!("sendmsg: {e}"))?;
     Ok(())
 }
 
@@ -216,13 +185,8 @@ fn recv_fd(sock: &OwnedFd) -> Result<(String, OwnedFd), String> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut data = vec![0u8; 64 << 10];
-    let got = rustix::net::recvmsg(
-        sock,
-        &mut [IoSliceMut::new(&mut data)],
-        &mut control,
-        RecvFlags::CMSG_CLOEXEC,
-    )
-    .map_err(|e| format!("recvmsg: {e}"))?;
+    let got = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(&mut data)], &mut control, RecvFlags::CMSG_CLOEXEC)
+        .map_err(|e| format!("recvmsg: {e}"))?;
     let mut received = None;
     for msg in control.drain() {
         if let RecvAncillaryMessage::ScmRights(fds) = msg {
@@ -241,18 +205,12 @@ fn recv_fd(sock: &OwnedFd) -> Result<(String, OwnedFd), String> {
 
 fn role_import(args: &[String]) -> Result<ExitCode, String> {
     let fd = inherited_fd(ENV_FD)?;
-    let size: u64 = arg_value(args, "--size")
-        .ok_or("--size missing")?
-        .parse()
-        .map_err(|e| format!("--size: {e}"))?;
+    let size: u64 = arg_value(args, "--size").ok_or("--size missing")?.parse().map_err(|e| format!("--size: {e}"))?;
     let access = match arg_value(args, "--access") {
         Some("rw") => Access::ReadWrite,
         _ => Access::ReadOnly,
     };
-    let repeat: usize = arg_value(args, "--repeat")
-        .unwrap_or("0")
-        .parse()
-        .map_err(|e| format!("--repeat: {e}"))?;
+    let repeat: usize = arg_value(args, "--repeat").unwrap_or("0").parse().map_err(|e| format!("--repeat: {e}"))?;
     let write = arg_value(args, "--write").unwrap_or("none");
 
     let t = Instant::now();
@@ -304,24 +262,13 @@ fn role_import(args: &[String]) -> Result<ExitCode, String> {
             emit("write", outcome(&r));
         }
         method => {
-            let method = if method == "memset" {
-                WriteMethod::Memset
-            } else {
-                WriteMethod::Memcpy
-            };
+            let method = if method == "memset" { WriteMethod::Memset } else { WriteMethod::Memcpy };
             let junk = vec![0xA5u8; 4096];
             let r = view.attempt_write(4096, &junk, method);
             emit("write", outcome(&r));
             // Is the data still intact, and is the context still usable?
             match view.read_at(4096, 4096) {
-                Ok(b) => emit(
-                    "after_write",
-                    if b == expected[4096..8192] {
-                        "intact"
-                    } else {
-                        "CHANGED"
-                    },
-                ),
+                Ok(b) => emit("after_write", if b == expected[4096..8192] { "intact" } else { "CHANGED" }),
                 Err(e) => emit("after_write", format!("read failed: {e}")),
             }
         }
@@ -354,10 +301,7 @@ fn role_ctx(args: &[String]) -> Result<ExitCode, String> {
     }
     let limit = gpu.stack_limit().map_err(gpu_err)?;
     let (free, total) = gpu.mem_info().map_err(gpu_err)?;
-    println!(
-        "ready ctx_ms={ctx_ms} stack={limit} used_mib={}",
-        (total - free) >> 20
-    );
+    println!("ready ctx_ms={ctx_ms} stack={limit} used_mib={}", (total - free) >> 20);
     std::io::stdout().flush().ok();
     // Hold the context until the orchestrator has measured and closes our stdin.
     let mut sink = Vec::new();
@@ -416,42 +360,25 @@ fn run_import(fd: &OwnedFd, size: u64, extra: &[&str]) -> Result<Report, String>
 
 fn nvidia_smi(args: &[&str]) -> Option<String> {
     let out = Command::new("nvidia-smi").args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// GPU 0's used memory in MiB according to nvidia-smi.
 fn gpu_used_mib() -> Option<i64> {
-    nvidia_smi(&[
-        "--query-gpu=memory.used",
-        "--format=csv,noheader,nounits",
-        "-i",
-        "0",
-    ])?
-    .trim()
-    .parse()
-    .ok()
+    nvidia_smi(&["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"])?.trim().parse().ok()
 }
 
 /// The used memory nvidia-smi lists for process `pid`, if listed.
 fn app_used_mib(pid: u32) -> Option<i64> {
-    let text = nvidia_smi(&[
-        "--query-compute-apps=pid,used_memory",
-        "--format=csv,noheader,nounits",
-    ])?;
+    let text = nvidia_smi(&["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])?;
     text.lines().find_map(|l| {
         let (p, m) = l.split_once(',')?;
-        (p.trim().parse::<u32>().ok()? == pid)
-            .then(|| m.trim().parse().ok())
-            .flatten()
+        (p.trim().parse::<u32>().ok()? == pid).then(|| m.trim().parse().ok()).flatten()
     })
 }
 
 fn libcuda_loaded_here() -> bool {
-    std::fs::read_to_string("/proc/self/maps")
-        .map(|m| m.contains("libcuda"))
-        .unwrap_or(false)
+    std::fs::read_to_string("/proc/self/maps").map(|m| m.contains("libcuda")).unwrap_or(false)
 }
 
 fn settle() {
@@ -459,8 +386,7 @@ fn settle() {
 }
 
 fn fmt_mib(v: Option<i64>) -> String {
-    v.map(|v| format!("{v} MiB"))
-        .unwrap_or_else(|| "n/a".into())
+    v.map(|v| format!("{v} MiB")).unwrap_or_else(|| "n/a".into())
 }
 
 fn delta(a: Option<i64>, b: Option<i64>) -> Option<i64> {
@@ -478,9 +404,7 @@ fn measure_ctx(stack: &str) -> Result<String, String> {
         .map_err(|e| format!("spawn: {e}"))?;
     let mut line = String::new();
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
     if !line.starts_with("ready") {
         let _ = child.wait();
         return Err("context child failed (see its stderr)".into());
@@ -501,10 +425,8 @@ fn measure_ctx(stack: &str) -> Result<String, String> {
 }
 
 fn orchestrate(args: &[String]) -> Result<ExitCode, String> {
-    let size_mib: u64 = arg_value(args, "--size-mib")
-        .unwrap_or("256")
-        .parse()
-        .map_err(|e| format!("--size-mib: {e}"))?;
+    let size_mib: u64 =
+        arg_value(args, "--size-mib").unwrap_or("256").parse().map_err(|e| format!("--size-mib: {e}"))?;
     let size_req = size_mib << 20;
     let mut rows: Vec<Row> = Vec::new();
 
@@ -516,21 +438,12 @@ fn orchestrate(args: &[String]) -> Result<ExitCode, String> {
         ("64", "5c context memory, stack 64 B"),
     ] {
         let r = measure_ctx(stack);
-        rows.push(Row {
-            name,
-            pass: Some(r.is_ok()),
-            detail: r.unwrap_or_else(|e| e),
-        });
+        rows.push(Row { name, pass: Some(r.is_ok()), detail: r.unwrap_or_else(|e| e) });
     }
 
     // 1. Exporter: create, fill, export, send the fd back.
-    let (mine, theirs) = rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(|e| format!("socketpair: {e}"))?;
+    let (mine, theirs) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| format!("socketpair: {e}"))?;
     let mut cmd = Command::new(me()?);
     cmd.args(["export", "--size", &size_req.to_string()])
         .stdin(Stdio::piped())
@@ -543,11 +456,7 @@ fn orchestrate(args: &[String]) -> Result<ExitCode, String> {
         Err(e) => {
             let _ = exporter.kill();
             let _ = exporter.wait();
-            rows.push(Row {
-                name: "1  create+fill+export",
-                pass: Some(false),
-                detail: e,
-            });
+            rows.push(Row { name: "1  create+fill+export", pass: Some(false), detail: e });
             print_table(&rows, &Report::new());
             return Ok(ExitCode::FAILURE);
         }
@@ -599,10 +508,7 @@ fn orchestrate(args: &[String]) -> Result<ExitCode, String> {
     });
 
     // 3. Writes into the read-only mapping, each in a throwaway process.
-    for (method, name) in [
-        ("memcpy", "3a RO write (cuMemcpyHtoD)"),
-        ("memset", "3b RO write (cuMemsetD8)"),
-    ] {
+    for (method, name) in [("memcpy", "3a RO write (cuMemcpyHtoD)"), ("memset", "3b RO write (cuMemsetD8)")] {
         let r = run_import(&fd, size, &["--access", "ro", "--write", method])?;
         let w = get(&r, "write");
         rows.push(Row {
@@ -659,11 +565,7 @@ fn orchestrate(args: &[String]) -> Result<ExitCode, String> {
 
     print_table(&rows, &ex);
     let failed = rows.iter().any(|r| r.pass == Some(false));
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn print_table(rows: &[Row], ex: &Report) {
@@ -690,14 +592,7 @@ fn print_table(rows: &[Row], ex: &Report) {
         println!("{:<width$} | {verdict:<6} | {}", r.name, r.detail);
     }
     let failed = rows.iter().filter(|r| r.pass == Some(false)).count();
-    println!(
-        "{}",
-        if failed == 0 {
-            "ALL PASS".to_string()
-        } else {
-            format!("{failed} FAILED")
-        }
-    );
+    println!("{}", if failed == 0 { "ALL PASS".to_string() } else { format!("{failed} FAILED") });
 }
 
 #[cfg(test)]

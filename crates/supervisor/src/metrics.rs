@@ -1,0 +1,54 @@
+//! What the supervisor measures, recorded through the `metrics` facade (the binary installs
+//! the Prometheus exporter and serves it): restarts by role and reason (counted where they
+//! happen), and, refreshed every few seconds, per process: up, RSS, requests served; plus the
+//! live generation, the bytes held in escrow and the workers wanted and ready.
+//!
+//! ```no_run
+//! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) {
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! forkless_supervisor::metrics::record_periodically(ctx, stop).await;
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::children::Context;
+use crate::processes::{measure_memory, State};
+
+/// How often process gauges are refreshed.
+const PERIOD: Duration = Duration::from_secs(2);
+
+/// Refreshes the gauges every [`PERIOD`] until `stop`.
+pub async fn record_periodically(ctx: Arc<Context>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PERIOD);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => record(&ctx),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+fn record(ctx: &Context) {
+    let mut processes = ctx.bus.processes.snapshot();
+    measure_memory(&mut processes);
+    for p in &processes {
+        let labels = [("role", p.role.to_string()), ("index", p.index.to_string())];
+        let up = p.pid.is_some() && p.state == State::Ready;
+        metrics::gauge!("forkless_process_up", &labels).set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!("forkless_process_rss_bytes", &labels).set(p.rss_bytes.unwrap_or(0) as f64);
+        metrics::gauge!("forkless_process_restarts", &labels).set(f64::from(p.restarts));
+        if p.role == "worker" {
+            metrics::gauge!("forkless_worker_requests_served", &labels).set(p.requests as f64);
+        }
+    }
+    let escrow = &ctx.bus.escrow;
+    metrics::gauge!("forkless_escrow_bytes").set(escrow.bytes_held() as f64);
+    if let Some(generation) = escrow.current() {
+        metrics::gauge!("forkless_generation").set(generation.manifest.generation as f64);
+    }
+    metrics::gauge!("forkless_workers_ready").set(ctx.bus.processes.ready_workers() as f64);
+}

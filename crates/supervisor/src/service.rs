@@ -1,0 +1,436 @@
+//! The running service: the owner's and workers' slots, and the job API that acts on them,
+//! named as systemctl and gunicorn users expect. Requests come from the control socket
+//! (`supervisor status|scale|restart|reload|stop`) and from signals:
+//!
+//! | signal | effect |
+//! |---|---|
+//! | TERM, INT | graceful stop: workers drain, then the owner stops; exit 0 |
+//! | QUIT | fast stop: no grace |
+//! | HUP | reload the config, then a rolling restart of the workers, one at a time, each replacement ready before its predecessor stops |
+//! | TTIN / TTOU | one worker more / less |
+//!
+//! ```no_run
+//! # async fn f(commands: tokio::sync::mpsc::UnboundedSender<forkless_supervisor::service::Command>) {
+//! use forkless_supervisor::service::{Command, RestartTarget};
+//! let (reply, answer) = tokio::sync::oneshot::channel();
+//! commands.send(Command::Restart { target: RestartTarget::Workers, reply }).unwrap();
+//! println!("{:?}", answer.await);
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use forkless_bus::Role;
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::children::Context;
+use crate::config::{Config, Sharing};
+use crate::events::Event;
+use crate::processes::{measure_memory, ProcessInfo};
+use crate::shutdown::Stop;
+use crate::slot::Slot;
+use crate::spawn::ChildLabel;
+
+const OWNER: ChildLabel = ChildLabel { role: Role::Owner, index: 0 };
+
+/// What `restart` applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartTarget {
+    Owner,
+    /// Every worker, one at a time (rolling).
+    Workers,
+    /// One worker, by index.
+    #[serde(untagged)]
+    Worker(u32),
+}
+
+impl std::str::FromStr for RestartTarget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "owner" => Ok(RestartTarget::Owner),
+            "workers" => Ok(RestartTarget::Workers),
+            n => n
+                .parse()
+                .map(RestartTarget::Worker)
+                .map_err(|_| format!("{text:?} is not owner, workers or a worker index")),
+        }
+    }
+}
+
+/// A reply: a human sentence on success, the reason on failure.
+pub type Reply = oneshot::Sender<Result<String, String>>;
+
+/// A request to the running service.
+#[derive(Debug)]
+pub enum Command {
+    Status(oneshot::Sender<StatusReport>),
+    Scale {
+        workers: u32,
+        reply: Reply,
+    },
+    /// One worker more (+1) or less (-1): TTIN/TTOU.
+    ScaleBy(i64),
+    Restart {
+        target: RestartTarget,
+        reply: Reply,
+    },
+    /// Re-read the config and restart the workers on it, rolling (HUP).
+    Reload {
+        reply: Option<Reply>,
+    },
+    /// Stop gracefully (like TERM).
+    Stop,
+}
+
+/// `supervisor status --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub supervisor_pid: u32,
+    pub config: String,
+    pub bus_socket: String,
+    pub uptime_s: f64,
+    /// The generation workers are given now, and an older one still in use, if any.
+    pub generation: Option<u64>,
+    pub retiring_generation: Option<u64>,
+    /// Bytes of weights held in escrow (memory no process may show as its own).
+    pub escrow_bytes: u64,
+    pub workers_wanted: u32,
+    pub processes: Vec<ProcessInfoJson>,
+}
+
+/// One row of the status (the serialised form of [`ProcessInfo`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessInfoJson {
+    pub role: String,
+    pub index: u32,
+    pub pid: Option<u32>,
+    pub state: String,
+    pub restarts: u32,
+    pub uptime_s: Option<f64>,
+    pub rss_bytes: Option<u64>,
+    pub gpu_bytes: Option<u64>,
+    pub generation: Option<u64>,
+    pub requests: u64,
+}
+
+impl From<ProcessInfo> for ProcessInfoJson {
+    fn from(p: ProcessInfo) -> Self {
+        let state = serde_json::to_value(p.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        ProcessInfoJson {
+            role: p.role.into(),
+            index: p.index,
+            pid: p.pid,
+            state,
+            restarts: p.restarts,
+            uptime_s: p.uptime_s,
+            rss_bytes: p.rss_bytes,
+            gpu_bytes: p.gpu_bytes,
+            generation: p.generation,
+            requests: p.requests,
+        }
+    }
+}
+
+/// Liveness and readiness, for `/livez` and `/readyz`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Health {
+    /// The supervisor's loop runs.
+    pub live: bool,
+    /// A generation exists (or none is needed) and at least one worker serves.
+    pub ready: bool,
+}
+
+/// TTIN/TTOU/HUP become commands.
+pub fn forward_signals(commands: mpsc::UnboundedSender<Command>) -> std::io::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut ttin = signal(SignalKind::from_raw(rustix::process::Signal::TTIN.as_raw()))?;
+    let mut ttou = signal(SignalKind::from_raw(rustix::process::Signal::TTOU.as_raw()))?;
+    tokio::spawn(async move {
+        loop {
+            let command = tokio::select! {
+                _ = hup.recv() => Command::Reload { reply: None },
+                _ = ttin.recv() => Command::ScaleBy(1),
+                _ = ttou.recv() => Command::ScaleBy(-1),
+            };
+            if commands.send(command).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The main loop's state.
+pub struct Service {
+    pub ctx: Arc<Context>,
+    pub started: Instant,
+    pub stop: Stop,
+    pub health: watch::Sender<Health>,
+    owner: Option<Slot>,
+    workers: BTreeMap<u32, Slot>,
+    workers_wanted: u32,
+    workers_started: bool,
+    announced: bool,
+    owner_lost_at: Option<Instant>,
+}
+
+impl Service {
+    pub fn new(ctx: Arc<Context>, stop: Stop, health: watch::Sender<Health>) -> Self {
+        let workers_wanted = ctx.config().workers.count;
+        Service {
+            ctx,
+            started: Instant::now(),
+            stop,
+            health,
+            owner: None,
+            workers: BTreeMap::new(),
+            workers_wanted,
+            workers_started: false,
+            announced: false,
+            owner_lost_at: None,
+        }
+    }
+
+    /// Runs until stopped (`None`) or a fatal failure (`Some(reason)`), then stops the children
+    /// in the reverse order of their start: workers drain first, then the owner.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Option<String> {
+        self.health.send_replace(Health { live: true, ready: false });
+        match self.ctx.config().model.sharing {
+            Sharing::Shared => self.owner = Some(Slot::spawn(self.ctx.clone(), OWNER)),
+            Sharing::None => self.start_workers(),
+        }
+        let failure = loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(Event::Fatal(reason)) => break Some(reason),
+                    Some(event) => self.on_event(event),
+                    None => break None,
+                },
+                Some(command) = commands.recv() => self.on_command(command),
+                () = self.stop.requested() => break None,
+            }
+            self.update_health();
+        };
+        crate::sd_notify::notify("STOPPING=1");
+        self.ctx.fast_stop.store(self.stop.is_fast(), std::sync::atomic::Ordering::Relaxed);
+        self.health.send_replace(Health { live: true, ready: false });
+        let workers = std::mem::take(&mut self.workers);
+        let draining: Vec<_> = workers.into_values().map(|slot| tokio::spawn(slot.stop())).collect();
+        for worker in draining {
+            let _ = worker.await;
+        }
+        if let Some(owner) = self.owner.take() {
+            owner.stop().await;
+        }
+        failure
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Published { generation, source, bytes } => {
+                tracing::info!(generation, bytes, "generation {generation} of {source} is in escrow");
+                metrics::gauge!("forkless_generation").set(generation as f64);
+                self.start_workers();
+            }
+            Event::WorkerReady { index, pid, generation, attach } => {
+                let (attach_us, attach_cpu_us) = (attach.wall_us, attach.cpu_us);
+                tracing::info!(index, pid, generation, attach_us, attach_cpu_us, "worker {index} ready");
+                let ready = self.ctx.bus.processes.ready_workers();
+                if ready >= self.workers_wanted as usize && !self.announced {
+                    self.announced = true;
+                    let cold_start_ms = self.started.elapsed().as_millis() as u64;
+                    tracing::info!(cold_start_ms, "all {} workers ready", self.workers_wanted);
+                    crate::sd_notify::notify("READY=1");
+                }
+            }
+            Event::Crashed { label } => {
+                if label.role == Role::Owner {
+                    self.owner_lost_at = Some(Instant::now());
+                }
+            }
+            Event::SlotEnded { .. } => {}
+            Event::Freed { generation } => {
+                tracing::info!(
+                    generation,
+                    "generation {generation} is no longer used by any worker: its memory is freed"
+                );
+            }
+            Event::Adopted { generation } => {
+                let recovered_ms = self.owner_lost_at.take().map(|t| t.elapsed().as_secs_f64() * 1e3);
+                tracing::info!(
+                    generation,
+                    recovered_ms,
+                    "owner re-adopted generation {generation} from escrow without reading the weights file"
+                );
+            }
+            Event::Fatal(_) => unreachable!("handled by the caller"),
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Scale { workers, reply } => {
+                let _ = reply.send(self.scale(workers));
+            }
+            Command::ScaleBy(delta) => {
+                let workers = (i64::from(self.workers_wanted) + delta).clamp(0, i64::from(crate::config::MAX_WORKERS));
+                match self.scale(workers as u32) {
+                    Ok(message) => tracing::info!("{message}"),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            Command::Restart { target, reply } => self.restart(target, reply),
+            Command::Reload { reply } => self.reload(reply),
+            Command::Stop => self.stop.request(false),
+        }
+    }
+
+    /// Workers start once, after the first generation exists (or at once with sharing = none).
+    fn start_workers(&mut self) {
+        if self.workers_started {
+            return;
+        }
+        self.workers_started = true;
+        let wanted = self.workers_wanted;
+        self.workers_wanted = 0;
+        let _ = self.scale(wanted);
+    }
+
+    fn scale(&mut self, workers: u32) -> Result<String, String> {
+        if workers == 0 {
+            return Err("a service needs at least one worker".into());
+        }
+        if !self.workers_started {
+            self.workers_wanted = workers;
+            return Ok(format!("{workers} workers will start once the first generation is published"));
+        }
+        let before = self.workers_wanted;
+        for index in before..workers {
+            let label = ChildLabel { role: Role::Worker, index };
+            self.workers.insert(index, Slot::spawn(self.ctx.clone(), label));
+        }
+        for index in workers..before {
+            if let Some(slot) = self.workers.remove(&index) {
+                tokio::spawn(slot.stop());
+            }
+        }
+        self.workers_wanted = workers;
+        if workers != before {
+            self.announced = self.announced && workers <= before;
+        }
+        metrics::gauge!("forkless_workers_wanted").set(f64::from(workers));
+        Ok(format!("scaled from {before} to {workers} workers"))
+    }
+
+    fn restart(&mut self, target: RestartTarget, reply: Reply) {
+        let replacers = match target {
+            RestartTarget::Owner => match &self.owner {
+                Some(owner) => vec![owner.replacer()],
+                None => {
+                    let _ = reply.send(Err("there is no owner (sharing = \"none\")".into()));
+                    return;
+                }
+            },
+            RestartTarget::Workers => self.workers.values().map(Slot::replacer).collect(),
+            RestartTarget::Worker(index) => match self.workers.get(&index) {
+                Some(slot) => vec![slot.replacer()],
+                None => {
+                    let _ =
+                        reply.send(Err(format!("there is no worker {index} (workers: 0..{})", self.workers_wanted)));
+                    return;
+                }
+            },
+        };
+        tokio::spawn(async move {
+            let _ = reply.send(roll(replacers).await);
+        });
+    }
+
+    /// Re-reads the config file and restarts the workers on it, one at a time.
+    fn reload(&mut self, reply: Option<Reply>) {
+        let current = self.ctx.config();
+        let result = Config::load(&current.source).map_err(|e| e.to_string()).and_then(|fresh| {
+            if fresh.workers.listen != current.workers.listen {
+                return Err("[workers] listen changed: listening sockets are kept across reloads; restart the supervisor to change them".into());
+            }
+            if fresh.model.sharing != current.model.sharing {
+                return Err("[model] sharing changed: restart the supervisor to change it".into());
+            }
+            Ok(fresh)
+        });
+        let fresh = match result {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!("reload refused, keeping the running config: {e}");
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e));
+                }
+                return;
+            }
+        };
+        let count = fresh.workers.count;
+        tracing::info!("reloaded {}: rolling restart of the workers", current.source.display());
+        self.ctx.set_config(fresh);
+        let replacers: Vec<_> = self.workers.values().map(Slot::replacer).collect();
+        let _ = self.scale(count);
+        tokio::spawn(async move {
+            let result = roll(replacers).await;
+            match &result {
+                Ok(message) => tracing::info!("reload done: {message}"),
+                Err(e) => tracing::error!("reload: {e}"),
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+        });
+    }
+
+    fn status(&self) -> StatusReport {
+        let mut processes = self.ctx.bus.processes.snapshot();
+        measure_memory(&mut processes);
+        let escrow = &self.ctx.bus.escrow;
+        StatusReport {
+            supervisor_pid: std::process::id(),
+            config: self.ctx.config().source.display().to_string(),
+            bus_socket: self.ctx.bus_socket.display().to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            generation: escrow.current().map(|g| g.manifest.generation),
+            retiring_generation: escrow.retiring(),
+            escrow_bytes: escrow.bytes_held(),
+            workers_wanted: self.workers_wanted,
+            processes: processes.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    fn update_health(&self) {
+        let generation_ok = self.ctx.config().model.sharing == Sharing::None || self.ctx.bus.escrow.current().is_some();
+        let ready = generation_ok && self.ctx.bus.processes.ready_workers() > 0;
+        self.health.send_if_modified(|health| {
+            let changed = health.ready != ready;
+            health.ready = ready;
+            changed
+        });
+    }
+}
+
+/// Replaces each slot's child in turn; a replacement is ready before its predecessor stops.
+async fn roll(replacers: Vec<crate::slot::Replacer>) -> Result<String, String> {
+    let count = replacers.len();
+    for replacer in replacers {
+        replacer.replace().await?;
+    }
+    Ok(format!("restarted {count} process{}", if count == 1 { "" } else { "es" }))
+}

@@ -1,0 +1,368 @@
+//! A slot: one owner or worker position, kept filled for as long as the supervisor runs.
+//!
+//! The slot starts its child and waits for it to become ready (`[workers] start_timeout_s`;
+//! a child that is not ready by then is killed and counts as a failed start). Then it waits
+//! for whichever comes first:
+//! - the child exits: [`ExitKind`] decides — a planned exit (status 0, e.g. recycled after
+//!   `max_requests`) restarts at once; 78 stops the supervisor with the child's last words;
+//!   75 (resources not free yet) retries with backoff; anything else is a crash, restarted
+//!   with backoff and counted against the restart intensity;
+//! - the child hangs (a ready worker's heartbeats stop for `[workers] timeout_s`): it is
+//!   killed (SIGTERM, SIGKILL after a short grace) and restarted, as a crash;
+//! - a replace command (rolling restart, `supervisor restart`): a new child is started beside
+//!   the old one, and only once it is ready is the old one stopped gracefully, so the slot
+//!   never stops serving;
+//! - stop: the child is stopped gracefully and the slot ends.
+//!
+//! ```no_run
+//! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) {
+//! use forkless_supervisor::{slot::Slot, spawn::ChildLabel};
+//! let slot = Slot::spawn(ctx, ChildLabel { role: forkless_bus::Role::Worker, index: 0 });
+//! slot.replace().await.unwrap();
+//! slot.stop().await;
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::children::{launch, role_name, Context, Running};
+use crate::events::Event;
+use crate::processes::State;
+use crate::restart::{Backoff, ExitKind, Intensity};
+use crate::spawn::ChildLabel;
+
+/// How long a hung child gets between SIGTERM and SIGKILL.
+const HUNG_GRACE: Duration = Duration::from_secs(2);
+
+/// A running slot: its task, and how to talk to it.
+#[derive(Debug)]
+pub struct Slot {
+    pub label: ChildLabel,
+    stop: CancellationToken,
+    commands: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Slot {
+    pub fn spawn(ctx: Arc<Context>, label: ChildLabel) -> Slot {
+        let stop = CancellationToken::new();
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let task = tokio::spawn(supervise(ctx, label, stop.clone(), inbox));
+        Slot { label, stop, commands, task }
+    }
+
+    /// A handle that can ask this slot for replacements (for rolling restarts).
+    pub fn replacer(&self) -> Replacer {
+        Replacer { label: self.label, commands: self.commands.clone() }
+    }
+
+    /// Starts a new child, waits until it is ready, then stops the old one gracefully.
+    pub async fn replace(&self) -> Result<(), String> {
+        self.replacer().replace().await
+    }
+
+    /// Stops the child gracefully and ends the slot.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Asks the slot to stop without waiting for it.
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Asks one slot to replace its child.
+#[derive(Debug, Clone)]
+pub struct Replacer {
+    pub label: ChildLabel,
+    commands: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+}
+
+impl Replacer {
+    pub async fn replace(&self) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || format!("{} {} is stopping", role_name(self.label.role), self.label.index);
+        self.commands.send(reply).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// How a started child's start-up ended.
+enum Startup {
+    Ready,
+    Exited(std::io::Result<std::process::ExitStatus>),
+    TimedOut,
+    Stopped,
+}
+
+/// What ended a ready child's run.
+enum Ending {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Hung,
+    Replace(oneshot::Sender<Result<(), String>>),
+    Stop,
+}
+
+async fn wait_ready(running: &mut Running, timeout: Duration, stop: &CancellationToken) -> Startup {
+    tokio::select! {
+        ready = &mut running.ready => match ready {
+            Ok(()) => Startup::Ready,
+            // The bus connection ended without readiness: the child is dying; collect its status.
+            Err(_) => Startup::Exited(running.child.wait().await),
+        },
+        status = running.child.wait() => Startup::Exited(status),
+        _ = tokio::time::sleep(timeout) => Startup::TimedOut,
+        _ = stop.cancelled() => Startup::Stopped,
+    }
+}
+
+struct SlotLoop {
+    ctx: Arc<Context>,
+    label: ChildLabel,
+    stop: CancellationToken,
+    backoff: Backoff,
+    intensity: Intensity,
+}
+
+impl SlotLoop {
+    fn name(&self) -> String {
+        format!("{} {}", role_name(self.label.role), self.label.index)
+    }
+
+    fn start_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.ctx.config().workers.start_timeout_s)
+    }
+
+    /// Starts a child and waits for readiness; `Err` carries what to do about the failure.
+    async fn start(&mut self) -> Result<Running, Failure> {
+        let mut running = launch(&self.ctx, self.label).await.map_err(Failure::Spawn)?;
+        match wait_ready(&mut running, self.start_timeout(), &self.stop).await {
+            Startup::Ready => Ok(running),
+            Startup::Stopped => {
+                let _ = running.stop(self.ctx.grace()).await;
+                Err(Failure::Stopped)
+            }
+            Startup::TimedOut => {
+                let reason = format!("was not ready within {:?}", self.start_timeout());
+                let (_, tail) = running.stop(HUNG_GRACE).await;
+                Err(Failure::Crash { reason, tail, uptime: Duration::ZERO })
+            }
+            Startup::Exited(status) => {
+                let uptime = running.started.elapsed();
+                let (status, tail) = running.reaped(status).await;
+                Err(Failure::from_exit(status, tail, uptime))
+            }
+        }
+    }
+}
+
+/// Why a child is not running (any more).
+enum Failure {
+    Spawn(std::io::Error),
+    Stopped,
+    Planned,
+    Fatal { tail: String },
+    Temporary { reason: String },
+    Crash { reason: String, tail: String, uptime: Duration },
+}
+
+impl Failure {
+    fn from_exit(status: std::io::Result<std::process::ExitStatus>, tail: String, uptime: Duration) -> Failure {
+        let reason = describe(&status);
+        match ExitKind::of(&status) {
+            ExitKind::Planned => Failure::Planned,
+            ExitKind::Fatal => Failure::Fatal { tail },
+            ExitKind::Temporary => Failure::Temporary { reason },
+            ExitKind::Crash => Failure::Crash { reason, tail, uptime },
+        }
+    }
+}
+
+/// Runs one slot until `stop` (then stops its child gracefully) or a fatal failure.
+pub async fn supervise(
+    ctx: Arc<Context>,
+    label: ChildLabel,
+    stop: CancellationToken,
+    mut commands: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
+) {
+    let restart = ctx.config().restart.clone();
+    let mut slot = SlotLoop { ctx, label, stop, backoff: Backoff::new(&restart), intensity: Intensity::new(&restart) };
+    let mut next: Option<Running> = None;
+    loop {
+        if slot.stop.is_cancelled() {
+            if let Some(running) = next.take() {
+                let _ = running.stop(slot.ctx.grace()).await;
+            }
+            break;
+        }
+        let started = match next.take() {
+            Some(running) => Ok(running),
+            None => slot.start().await,
+        };
+        let failure = match started {
+            Ok(running) => match run_ready(&mut slot, running, &mut commands).await {
+                Continue::Next(running) => {
+                    next = Some(*running);
+                    continue;
+                }
+                Continue::Failed(failure) => failure,
+            },
+            Err(failure) => failure,
+        };
+        if !handle_failure(&mut slot, failure).await {
+            break;
+        }
+    }
+    slot.ctx.bus.processes.remove(label);
+    let _ = slot.ctx.events.send(Event::SlotEnded { label });
+}
+
+enum Continue {
+    /// Run this (replacement) child next.
+    Next(Box<Running>),
+    Failed(Failure),
+}
+
+/// Watches a ready child until it ends, hangs, is replaced or is stopped.
+async fn run_ready(
+    slot: &mut SlotLoop,
+    mut running: Running,
+    commands: &mut mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
+) -> Continue {
+    let ending = tokio::select! {
+        status = running.child.wait() => Ending::Exited(status),
+        _ = running.hung.cancelled() => Ending::Hung,
+        Some(reply) = commands.recv() => Ending::Replace(reply),
+        _ = slot.stop.cancelled() => Ending::Stop,
+    };
+    let uptime = running.started.elapsed();
+    let pid = running.pid;
+    match ending {
+        Ending::Stop => {
+            slot.ctx.bus.processes.set_state(slot.label, State::Stopping);
+            let (status, _) = running.stop(slot.ctx.grace()).await;
+            tracing::info!("{} (pid {pid}) stopped: {}", slot.name(), describe(&status));
+            Continue::Failed(Failure::Stopped)
+        }
+        Ending::Hung => {
+            let (_, tail) = running.stop(HUNG_GRACE).await;
+            let reason = format!(
+                "hung (no heartbeat for {:?})",
+                slot.ctx.heartbeat_timeout(slot.label.role).unwrap_or_default()
+            );
+            Continue::Failed(Failure::Crash { reason, tail, uptime })
+        }
+        Ending::Exited(status) => {
+            let (status, tail) = running.reaped(status).await;
+            Continue::Failed(Failure::from_exit(status, tail, uptime))
+        }
+        Ending::Replace(reply) => match slot.start().await {
+            Ok(replacement) => {
+                tracing::info!("{}: pid {} is ready; stopping pid {pid}", slot.name(), replacement.pid);
+                let (status, _) = running.stop(slot.ctx.grace()).await;
+                tracing::info!("{} (pid {pid}) replaced: {}", slot.name(), describe(&status));
+                slot.ctx.bus.processes.ready(slot.label, None);
+                let _ = reply.send(Ok(()));
+                Continue::Next(Box::new(replacement))
+            }
+            Err(failure) => {
+                let why = match &failure {
+                    Failure::Crash { reason, .. } => reason.clone(),
+                    Failure::Spawn(e) => e.to_string(),
+                    Failure::Stopped => "the slot is stopping".into(),
+                    _ => "the replacement exited".into(),
+                };
+                let _ = reply.send(Err(format!("replacement for {} failed: {why}", slot.name())));
+                tracing::warn!("replacement for {} failed: {why}; pid {pid} keeps serving", slot.name());
+                // The old child keeps serving; watch it again.
+                Box::pin(run_ready(slot, running, commands)).await
+            }
+        },
+    }
+}
+
+/// Applies the restart policy to a failure. Returns false when the slot must end.
+async fn handle_failure(slot: &mut SlotLoop, failure: Failure) -> bool {
+    let name = slot.name();
+    let delay = match failure {
+        Failure::Stopped => return false,
+        Failure::Planned => {
+            tracing::info!("{name} exited on its own (status 0): starting a fresh one");
+            metrics::counter!("forkless_restarts_total", "role" => role_name(slot.label.role), "reason" => "planned")
+                .increment(1);
+            Duration::ZERO
+        }
+        Failure::Fatal { tail } => {
+            let reason = format!(
+                "{name} failed and will not be restarted (exit status {}); its last words:\n{tail}",
+                crate::children::EXIT_FATAL
+            );
+            let _ = slot.ctx.events.send(Event::Fatal(reason));
+            return false;
+        }
+        Failure::Spawn(e) if cannot_ever_start(&e) => {
+            let _ = slot.ctx.events.send(Event::Fatal(format!("cannot start {name}: {e}")));
+            return false;
+        }
+        Failure::Spawn(e) => {
+            // EAGAIN, EMFILE, ENOMEM...: a bad moment, not a broken config.
+            let delay = slot.backoff.after_exit(Duration::ZERO);
+            tracing::error!("cannot start {name}: {e}; retrying in {delay:?}");
+            delay
+        }
+        Failure::Temporary { reason } => {
+            let delay = slot.backoff.after_exit(Duration::ZERO);
+            tracing::warn!(
+                "{name} {reason}: resources are not free yet; retrying in {delay:?} (not counted as a crash)"
+            );
+            delay
+        }
+        Failure::Crash { reason, tail, uptime } => {
+            slot.ctx.bus.processes.crashed(slot.label);
+            let _ = slot.ctx.events.send(Event::Crashed { label: slot.label });
+            metrics::counter!("forkless_restarts_total", "role" => role_name(slot.label.role), "reason" => "crash")
+                .increment(1);
+            if let Err(count) = slot.intensity.record(Instant::now()) {
+                let reason = format!(
+                    "{name} kept dying ({count} restarts within {:?}; last: {reason}); giving up. Its last words:\n{tail}",
+                    slot.intensity.window()
+                );
+                let _ = slot.ctx.events.send(Event::Fatal(reason));
+                return false;
+            }
+            let delay = slot.backoff.after_exit(uptime);
+            tracing::warn!("{name} {reason}; restarting in {delay:?}");
+            delay
+        }
+    };
+    slot.ctx.bus.processes.set_state(slot.label, State::Backoff);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = slot.stop.cancelled() => false,
+    }
+}
+
+fn describe(status: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (_, Some(sig)) => format!("was killed by signal {sig}"),
+            _ => format!("ended: {s}"),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+/// A program that is missing, not executable or not a program will not start next time either.
+fn cannot_ever_start(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{InvalidInput, NotFound, PermissionDenied};
+    matches!(e.kind(), NotFound | PermissionDenied | InvalidInput)
+}

@@ -1,0 +1,215 @@
+//! `supervisor`: run a forkless service (`supervisor run CONFIG`) and control it while it
+//! runs (`status`, `scale`, `restart`, `reload`, `reload-model`, `stop`, like systemctl).
+//!
+//! The same executable is the owner process (`supervisor owner`, started by `run` through a
+//! fresh `exec`, never a fork), so a deployment ships one binary besides its workers.
+#![forbid(unsafe_code)]
+
+mod prometheus;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use forkless_supervisor::config::Config;
+use forkless_supervisor::control::{request, Request, Response};
+use forkless_supervisor::logging::{self, LogFormat};
+use forkless_supervisor::service::{Health, RestartTarget, StatusReport};
+
+#[derive(Parser)]
+#[command(
+    name = "supervisor",
+    version,
+    about = "One copy of a model's weights, many worker processes, every crash repaired."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// The config the running supervisor was started with.
+    #[arg(short, long, default_value = "config.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the owner and the workers described by CONFIG and keep them running.
+    Run {
+        /// The config file (TOML), e.g. examples/linear/config.toml.
+        config: PathBuf,
+        /// Log lines as human-readable text or as JSON objects.
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
+    /// Show every process: role, index, pid, state, restarts, uptime, memory, generation.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run N workers.
+    Scale {
+        #[command(flatten)]
+        target: Target,
+        workers: u32,
+    },
+    /// Replace the owner, every worker (one at a time), or worker INDEX; each replacement is
+    /// ready before its predecessor stops.
+    Restart {
+        #[command(flatten)]
+        target: Target,
+        /// owner | workers | INDEX
+        what: RestartTarget,
+    },
+    /// Re-read the config and restart the workers on it, one at a time (like SIGHUP).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Hot swap: the running owner loads PATH (default: the config's [model] path) beside the
+    /// live generation; workers switch between requests; the old one is freed once unused.
+    ReloadModel {
+        #[command(flatten)]
+        target: Target,
+        /// The new weights file (safetensors).
+        path: Option<PathBuf>,
+    },
+    /// Stop gracefully: workers drain, then the owner stops (like SIGTERM).
+    Stop {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The owner process (started by `supervisor run`; not for direct use).
+    #[command(hide = true)]
+    Owner,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { config, log_format } => run(config, log_format),
+        Command::Owner => owner(),
+        Command::Status { target, json } => control(&target, Request::Status, json),
+        Command::Scale { target, workers } => control(&target, Request::Scale { workers }, false),
+        Command::Restart { target, what } => control(&target, Request::Restart { target: what }, false),
+        Command::Reload { target } => control(&target, Request::Reload, false),
+        Command::Stop { target } => control(&target, Request::Stop, false),
+        Command::ReloadModel { target, path } => {
+            // A relative PATH means relative to where this command runs, as for any CLI argument.
+            let path = path.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
+            control(&target, Request::ReloadModel { path }, false)
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+fn run(config: PathBuf, log_format: LogFormat) -> ExitCode {
+    logging::init(log_format);
+    let result = Config::load(&config).map_err(anyhow::Error::from).and_then(|config| {
+        runtime().block_on(async {
+            let (health, health_rx) = tokio::sync::watch::channel(Health::default());
+            if let Some(addr) = &config.supervisor.metrics_listen {
+                prometheus::serve(addr.parse()?, health_rx).await?;
+            }
+            forkless_supervisor::run(config, health).await
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("supervisor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn owner() -> ExitCode {
+    logging::init_child();
+    match runtime().block_on(forkless_owner::run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            let code = if e.is_fatal() { forkless_owner::EXIT_FATAL } else { 1 };
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// Sends one request to the supervisor running `target.config` and prints the answer.
+fn control(target: &Target, message: Request, json: bool) -> ExitCode {
+    let answer = Config::load(&target.config)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| runtime().block_on(request(&config, &message)));
+    match answer {
+        Ok(Response::Status { status }) if json => {
+            println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Status { status }) => {
+            print!("{}", status_table(&status));
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Done { message }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Reloaded { generation }) => {
+            println!("generation {generation} is live; workers switch between requests");
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Failed { error }) => {
+            eprintln!("supervisor: {error}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("supervisor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status_table(status: &StatusReport) -> String {
+    let mib = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1048576.0));
+    let mut out = format!(
+        "supervisor {}  up {:.0}s  config {}\ngeneration {}{}  escrow {} MiB  workers wanted {}\n\n",
+        status.supervisor_pid,
+        status.uptime_s,
+        status.config,
+        status.generation.map_or("-".into(), |g| g.to_string()),
+        status.retiring_generation.map_or(String::new(), |g| format!(" (retiring {g})")),
+        mib(Some(status.escrow_bytes)),
+        status.workers_wanted,
+    );
+    out += &format!(
+        "{:<7} {:>5} {:>8} {:<9} {:>8} {:>9} {:>9} {:>8} {:>4} {:>9}\n",
+        "ROLE", "INDEX", "PID", "STATE", "RESTARTS", "UPTIME", "RSS MiB", "GPU MiB", "GEN", "REQUESTS"
+    );
+    for p in &status.processes {
+        out += &format!(
+            "{:<7} {:>5} {:>8} {:<9} {:>8} {:>9} {:>9} {:>8} {:>4} {:>9}\n",
+            p.role,
+            p.index,
+            p.pid.map_or("-".into(), |p| p.to_string()),
+            p.state,
+            p.restarts,
+            p.uptime_s.map_or("-".into(), |u| format!("{u:.0}s")),
+            mib(p.rss_bytes),
+            mib(p.gpu_bytes),
+            p.generation.map_or("-".into(), |g| g.to_string()),
+            p.requests,
+        );
+    }
+    out
+}
