@@ -3,14 +3,19 @@
 //! and stops everything, workers first, on SIGTERM/SIGINT. It never maps the weights and never
 //! touches CUDA, so it can never be the process a fork breaks.
 //!
-//! Where things live: the restart policy in [`restart`], the escrow in [`escrow`], spawning
-//! (one long-lived thread, `PR_SET_PDEATHSIG`-safe) in [`spawn`], child slots in [`children`],
-//! the bus protocol's server side in [`bus_server`].
+//! Where things live:
+//! - the restart policy (backoff, intensity, what an exit status means): [`restart`];
+//! - one slot's life (start timeout, hangs, replacement): [`slot`]; starting and stopping one
+//!   child: [`children`]; spawning from one long-lived, `PR_SET_PDEATHSIG`-safe thread: [`spawn`];
+//! - the job API (status, scale, restart, reload, stop) and signals: [`service`], [`shutdown`],
+//!   reached through [`control`];
+//! - the escrow of generations: [`escrow`]; the bus protocol's server side: [`bus_server`].
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
 //! let config = forkless_supervisor::config::Config::load("examples/linear/config.toml".as_ref())?;
-//! forkless_supervisor::run(config).await?;
+//! let (health, _) = tokio::sync::watch::channel(Default::default());
+//! forkless_supervisor::run(config, health).await?;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]

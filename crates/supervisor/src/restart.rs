@@ -6,7 +6,8 @@
 //! ```
 //! use std::time::Duration;
 //! use forkless_supervisor::{config::RestartConfig, restart::Backoff};
-//! let mut backoff = Backoff::new(&RestartConfig { backoff_initial_ms: 100, backoff_max_ms: 400, reset_after_s: 10.0 });
+//! let config = RestartConfig { backoff_initial_ms: 100, backoff_max_ms: 400, reset_after_s: 10.0, ..Default::default() };
+//! let mut backoff = Backoff::new(&config);
 //! let quick = Duration::from_millis(5);
 //! assert_eq!(backoff.after_exit(quick), Duration::ZERO);
 //! assert_eq!(backoff.after_exit(quick), Duration::from_millis(100));
