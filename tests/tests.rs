@@ -7,5 +7,6 @@ mod escrow;
 mod failures;
 mod hot_swap;
 mod lifecycle;
+mod policies;
 mod serving;
 mod sharing;

@@ -75,16 +75,51 @@ impl TestDir {
 
     /// Like [`TestDir::write_config`], with the given `listen` addresses.
     pub fn write_config_listening(&self, workers: u32, model_extra: &str, listen: &[&str]) -> PathBuf {
+        self.write_config_with(&ConfigExtra { workers, model: model_extra, listen, ..ConfigExtra::default() })
+    }
+
+    /// Writes `config.toml` with extra lines in each table.
+    pub fn write_config_with(&self, extra: &ConfigExtra) -> PathBuf {
+        let command = match &extra.command {
+            Some(command) => format!("{command:?}"),
+            None => format!("[{:?}]", worker_exe().display().to_string()),
+        };
         let config = format!(
-            "[model]\npath = \"weights.safetensors\"\n{model_extra}\n\
-             [workers]\ncommand = [{:?}]\ncount = {workers}\nlisten = {listen:?}\n\
-             [supervisor]\ngraceful_timeout_s = 5\n\
-             [restart]\nbackoff_initial_ms = 50\n",
-            worker_exe().display().to_string()
+            "[model]\npath = \"weights.safetensors\"\n{}\n\
+             [workers]\ncommand = {command}\ncount = {}\nlisten = {:?}\n{}\n\
+             [supervisor]\ngraceful_timeout_s = 5\n{}\n\
+             [restart]\nbackoff_initial_ms = 50\n{}\n",
+            extra.model, extra.workers, extra.listen, extra.workers_table, extra.supervisor, extra.restart
         );
         let path = self.path().join("config.toml");
         std::fs::write(&path, config).unwrap();
         path
+    }
+}
+
+/// Extra config for [`TestDir::write_config_with`].
+pub struct ConfigExtra<'a> {
+    pub workers: u32,
+    pub listen: &'a [&'a str],
+    /// Worker program and arguments (default: the demo worker).
+    pub command: Option<Vec<String>>,
+    pub model: &'a str,
+    pub workers_table: &'a str,
+    pub supervisor: &'a str,
+    pub restart: &'a str,
+}
+
+impl Default for ConfigExtra<'_> {
+    fn default() -> Self {
+        ConfigExtra {
+            workers: 1,
+            listen: &["127.0.0.1:0"],
+            command: None,
+            model: "",
+            workers_table: "",
+            supervisor: "",
+            restart: "",
+        }
     }
 }
 
@@ -101,9 +136,15 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn start(config: &Path) -> Supervisor {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts with extra environment variables.
+    pub fn start_with_env(config: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
         let mut child = Command::new(supervisor_exe())
             .args(["run", "--log-format", "json"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -411,4 +452,11 @@ pub fn supervisor_command(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     let output = Command::new(supervisor_exe()).args(args).output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// `supervisor SUBCOMMAND -c CONFIG ARGS...`, to completion: (success, stdout, stderr).
+pub fn control(config: &Path, subcommand: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all: Vec<&std::ffi::OsStr> = vec![subcommand.as_ref(), "-c".as_ref(), config.as_os_str()];
+    all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    supervisor_command(&all)
 }

@@ -34,6 +34,7 @@ impl RuntimeDir {
         let parent = parent.map(Path::to_path_buf).unwrap_or_else(default_parent);
         let err = |source| RuntimeDirError { path: parent.clone(), source };
         std::fs::create_dir_all(&parent).map_err(err)?;
+        remove_stale(&parent);
         let dir = tempfile::Builder::new()
             .prefix("forkless-")
             .permissions(std::fs::Permissions::from_mode(0o700))
@@ -49,6 +50,34 @@ impl RuntimeDir {
     /// Where the bus socket lives.
     pub fn bus_socket(&self) -> PathBuf {
         self.path().join("bus.sock")
+    }
+}
+
+/// A runtime folder younger than this is never taken for stale: its supervisor may be about
+/// to bind its bus socket.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Removes runtime folders (`forkless-*`, ours) left by supervisors that were killed: their
+/// bus socket no longer answers (or was never made), and they are older than [`STALE_AFTER`].
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let uid = rustix::process::getuid().as_raw();
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let is_ours = entry.file_name().to_string_lossy().starts_with("forkless-")
+            && entry.metadata().is_ok_and(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.is_dir()
+                    && m.uid() == uid
+                    && m.modified().is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_AFTER)
+            });
+        if !is_ours || std::os::unix::net::UnixStream::connect(path.join("bus.sock")).is_ok() {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::warn!("removed the stale runtime folder {} of a supervisor that died", path.display()),
+            Err(e) => tracing::warn!("cannot remove the stale runtime folder {}: {e}", path.display()),
+        }
     }
 }
 
