@@ -127,11 +127,11 @@ impl Context {
 }
 
 /// Heartbeat period and request budget for a worker: heartbeats come four times per timeout
-/// (at least every 5 s); the budget is `max_requests` plus a per-worker draw of the jitter.
+/// (at least every second, which also keeps the request counts fresh); the budget is `max_requests` plus a per-worker draw of the jitter.
 fn worker_lifecycle_env(config: &Config, index: u32) -> Vec<(String, String)> {
     let mut env = Vec::new();
     if config.workers.timeout_s > 0.0 {
-        let period_ms = (config.workers.timeout_s * 1000.0 / 4.0).clamp(10.0, 5000.0) as u64;
+        let period_ms = (config.workers.timeout_s * 1000.0 / 4.0).clamp(10.0, 1000.0) as u64;
         env.push((forkless_bus::ENV_HEARTBEAT_MS.into(), period_ms.to_string()));
     }
     if config.workers.max_requests > 0 {
