@@ -108,14 +108,18 @@ pub fn main() -> ExitCode {
 }
 
 fn fail(message: impl std::fmt::Display, fatal: bool) -> ExitCode {
+    fail_with(message, if fatal { EXIT_FATAL } else { 1 })
+}
+
+fn fail_with(message: impl std::fmt::Display, code: i32) -> ExitCode {
     tracing::error!("{message}");
-    ExitCode::from(if fatal { EXIT_FATAL as u8 } else { 1 })
+    ExitCode::from(code as u8)
 }
 
 async fn serve() -> ExitCode {
     let mut worker = match Worker::from_env().await {
         Ok(worker) => worker,
-        Err(e) => return fail(format!("cannot attach: {e}"), e.is_fatal()),
+        Err(e) => return fail_with(format!("cannot attach: {e}"), e.exit_code()),
     };
     let model = match Linear::new(worker.generation()) {
         Ok(model) => model,

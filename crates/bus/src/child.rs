@@ -31,6 +31,16 @@ use crate::{ENV_BUS_FD, ENV_SUPERVISOR_PID};
 /// stops and reports the child's last stderr lines instead of restarting it.
 pub const EXIT_FATAL: i32 = 78;
 
+/// Exit status of a child that could not get a resource that should free up soon (memory, GPU
+/// memory still held by a process that just died): sysexits' `EX_TEMPFAIL`. The supervisor
+/// retries it with backoff and does not count it as a crash.
+pub const EXIT_TEMPORARY: i32 = 75;
+
+/// True for the errors that mean "out of memory for now": ENOMEM, and ENOSPC from a full shmem.
+pub fn is_out_of_memory(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::NOMEM.raw_os_error() || code == rustix::io::Errno::NOSPC.raw_os_error())
+}
+
 /// Why a child could not tie itself to its supervisor.
 #[derive(Debug, thiserror::Error)]
 pub enum OrphanError {

@@ -49,6 +49,25 @@ pub enum OwnerError {
 }
 
 impl OwnerError {
+    /// The exit status for the supervisor: 78 (fatal), 75 (out of memory for now) or 1.
+    pub fn exit_code(&self) -> i32 {
+        let out_of_memory = match self {
+            OwnerError::Load(LoadError::Store {
+                source: forkless_bus::host::ArenaError::Resize { source, .. },
+                ..
+            })
+            | OwnerError::Load(LoadError::Store { source: forkless_bus::host::ArenaError::Write(source), .. }) => {
+                forkless_bus::child::is_out_of_memory(source)
+            }
+            _ => false,
+        };
+        match () {
+            _ if out_of_memory => forkless_bus::child::EXIT_TEMPORARY,
+            _ if self.is_fatal() => EXIT_FATAL,
+            _ => 1,
+        }
+    }
+
     /// True when restarting the owner would fail the same way.
     pub fn is_fatal(&self) -> bool {
         matches!(self, OwnerError::Load(_) | OwnerError::Env(_) | OwnerError::Orphan(_) | OwnerError::Refused(_))

@@ -290,6 +290,19 @@ mod tests {
     }
 
     #[test]
+    fn shipped_configs_are_valid() {
+        for (name, text) in [
+            ("examples/linear/config.toml", include_str!("../../../examples/linear/config.toml")),
+            ("examples/linear/config-seed.toml", include_str!("../../../examples/linear/config-seed.toml")),
+            ("deploy/config.toml", include_str!("../../../deploy/config.toml")),
+        ] {
+            if let Err(e) = Config::parse(text, Path::new(name)) {
+                panic!("{name}: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn relative_program_paths_resolve_against_the_config() {
         assert_eq!(resolve_program("./bin/w", Path::new("/srv")), Path::new("/srv/./bin/w"));
         assert_eq!(

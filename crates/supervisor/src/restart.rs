@@ -106,8 +106,7 @@ pub enum ExitKind {
     Crash,
 }
 
-/// Exit status for "temporarily out of resources, retry" (sysexits' `EX_TEMPFAIL`).
-pub const EXIT_TEMPORARY: i32 = 75;
+pub use forkless_bus::child::EXIT_TEMPORARY;
 
 impl ExitKind {
     pub fn of(status: &std::io::Result<std::process::ExitStatus>) -> ExitKind {

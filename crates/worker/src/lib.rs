@@ -64,6 +64,22 @@ pub enum AttachError {
 }
 
 impl AttachError {
+    /// The exit status that tells the supervisor what to do: [`EXIT_FATAL`] (restarting cannot
+    /// help), [`forkless_bus::child::EXIT_TEMPORARY`] (out of memory for now: retry later) or 1.
+    pub fn exit_code(&self) -> i32 {
+        let out_of_memory = match self {
+            AttachError::Map { source: forkless_bus::host::MapError::Mmap(e), .. } => {
+                forkless_bus::child::is_out_of_memory(e)
+            }
+            _ => false,
+        };
+        match () {
+            _ if out_of_memory => forkless_bus::child::EXIT_TEMPORARY,
+            _ if self.is_fatal() => EXIT_FATAL,
+            _ => 1,
+        }
+    }
+
     /// True when restarting the worker would fail the same way (exit with
     /// [`forkless_bus::child::EXIT_FATAL`] so the supervisor reports instead of restarting).
     pub fn is_fatal(&self) -> bool {
@@ -369,4 +385,18 @@ pub fn inherited_listeners() -> Result<Vec<tokio::net::TcpListener>, ListenerErr
         })
         .collect::<Result<_, _>>()
         .map_err(ListenerError::Register)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_tell_the_supervisor_what_to_do() {
+        let enomem = std::io::Error::from_raw_os_error(rustix::io::Errno::NOMEM.raw_os_error());
+        let oom = AttachError::Map { arena: 0, source: forkless_bus::host::MapError::Mmap(enomem) };
+        assert_eq!(oom.exit_code(), forkless_bus::child::EXIT_TEMPORARY);
+        assert_eq!(AttachError::Env("X").exit_code(), EXIT_FATAL);
+        assert_eq!(AttachError::Refused("no".into()).exit_code(), 1);
+    }
 }

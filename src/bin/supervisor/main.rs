@@ -141,8 +141,7 @@ fn owner() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            let code = if e.is_fatal() { forkless_owner::EXIT_FATAL } else { 1 };
-            ExitCode::from(code as u8)
+            ExitCode::from(e.exit_code() as u8)
         }
     }
 }
