@@ -3,6 +3,7 @@
 
 mod util;
 
+mod chaos;
 mod escrow;
 mod failures;
 mod hot_swap;

@@ -38,7 +38,7 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new() -> Self {
-        TestDir { dir: tempfile::Builder::new().prefix("forkless-test").tempdir().unwrap() }
+        TestDir { dir: tempfile::Builder::new().prefix("fl-test-").tempdir().unwrap() }
     }
 
     pub fn path(&self) -> &Path {

@@ -40,6 +40,8 @@ impl RuntimeDir {
             .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(&parent)
             .map_err(err)?;
+        std::fs::write(dir.path().join(MARKER), std::process::id().to_string())
+            .map_err(|source| RuntimeDirError { path: dir.path().into(), source })?;
         Ok(RuntimeDir { dir })
     }
 
@@ -57,14 +59,19 @@ impl RuntimeDir {
 /// to bind its bus socket.
 const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Removes runtime folders (`forkless-*`, ours) left by supervisors that were killed: their
-/// bus socket no longer answers (or was never made), and they are older than [`STALE_AFTER`].
+/// The file inside a runtime folder that marks it as one (and names its supervisor's pid).
+const MARKER: &str = "supervisor.pid";
+
+/// Removes runtime folders left by supervisors that were killed. Only folders that carry our
+/// marker file are considered, so no other `forkless-*` folder is ever touched; one is stale
+/// when it is older than [`STALE_AFTER`] and its bus socket no longer answers.
 fn remove_stale(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     let uid = rustix::process::getuid().as_raw();
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         let is_ours = entry.file_name().to_string_lossy().starts_with("forkless-")
+            && path.join(MARKER).is_file()
             && entry.metadata().is_ok_and(|m| {
                 use std::os::unix::fs::MetadataExt;
                 m.is_dir()
@@ -98,5 +105,24 @@ mod tests {
         let path = dir.path().to_path_buf();
         drop(dir);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn only_marked_stale_folders_are_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let old = |path: &Path| {
+            let status = std::process::Command::new("touch").args(["-d", "1 hour ago"]).arg(path).status().unwrap();
+            assert!(status.success());
+        };
+        let users_folder = base.path().join("forkless-models");
+        std::fs::create_dir(&users_folder).unwrap();
+        old(&users_folder);
+        let dead = RuntimeDir::create(Some(base.path())).unwrap();
+        let dead_path = dead.path().to_path_buf();
+        std::mem::forget(dead); // as if its supervisor was SIGKILLed
+        old(&dead_path);
+        let _fresh = RuntimeDir::create(Some(base.path())).unwrap();
+        assert!(users_folder.exists(), "a folder without our marker is never touched");
+        assert!(!dead_path.exists(), "a marked folder whose bus socket is dead is removed");
     }
 }

@@ -1,0 +1,344 @@
+//! The chaos harness: starts the real supervisor, drives load at it, kills its processes on a
+//! seeded schedule, checks every answer against an independent reference, and reports what
+//! broke and how fast it healed. It exits non-zero when an invariant fails:
+//! - no wrong answer, ever;
+//! - no failure caused by killing the owner (workers never depend on it once attached);
+//! - a SIGKILLed worker fails at most the requests that were in flight on it; a SIGTERMed one
+//!   fails none (it drains); no failure that no kill explains;
+//! - every victim is replaced and serving again;
+//! - after shutdown nothing is left: no process, no arena memfd, no `/dev/shm` entry, no
+//!   runtime folder or control socket (and, with a GPU, no extra VRAM).
+//!
+//! ```no_run
+//! # async fn f() -> anyhow::Result<()> {
+//! let options = forkless_chaos::Options::new("examples/linear/config.toml".into());
+//! let report = forkless_chaos::run(options).await?;
+//! assert!(report.passed());
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod load;
+pub mod reference;
+pub mod report;
+pub mod schedule;
+mod supervisor;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use forkless_supervisor::config::Config;
+use tokio_util_free::Flag;
+
+use crate::load::{request, Connection, Outcome};
+use crate::reference::Reference;
+use crate::report::{Kill, Report};
+use crate::schedule::{Plan, Rng, Target};
+use crate::supervisor::SupervisorProcess;
+
+/// Seeds of the requests: a fixed set, so the reference is computed once per seed.
+pub const SEEDS: u64 = 64;
+/// The window after a kill whose latencies are reported apart.
+pub const AFTER_KILL: Duration = Duration::from_secs(2);
+
+/// Which signal the kills send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum KillSignal {
+    #[serde(rename = "KILL")]
+    Kill,
+    #[serde(rename = "TERM")]
+    Term,
+    /// SIGSTOP: the process hangs; the supervisor must notice (`[workers] timeout_s`).
+    #[serde(rename = "STOP")]
+    Stop,
+}
+
+impl KillSignal {
+    fn raw(self) -> rustix::process::Signal {
+        match self {
+            KillSignal::Kill => rustix::process::Signal::KILL,
+            KillSignal::Term => rustix::process::Signal::TERM,
+            KillSignal::Stop => rustix::process::Signal::STOP,
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    pub duration: Duration,
+    /// Keep-alive connections, each with one request outstanding.
+    pub connections: usize,
+    /// Requests per second across all connections; `None`: as fast as answers come.
+    pub rate: Option<f64>,
+    pub plans: Vec<Plan>,
+    pub signal: KillSignal,
+    pub seed: u64,
+    /// The `supervisor` executable (default: beside this one).
+    pub supervisor: PathBuf,
+}
+
+impl Options {
+    pub fn new(config: PathBuf) -> Options {
+        let supervisor = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("supervisor")))
+            .unwrap_or_else(|| "supervisor".into());
+        Options {
+            config,
+            duration: Duration::from_secs(30),
+            connections: 8,
+            rate: None,
+            plans: schedule::parse_plans("owner,worker", 3.0).expect("valid"),
+            signal: KillSignal::Kill,
+            seed: 1,
+            supervisor,
+        }
+    }
+}
+
+/// Connection state the kill scheduler reads: which worker each connection talks to, and
+/// whether a request is outstanding on it.
+#[derive(Debug, Clone, Copy, Default)]
+struct ConnState {
+    worker: Option<u32>,
+    in_flight: bool,
+}
+
+/// A minimal stop flag (the harness needs nothing more).
+mod tokio_util_free {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Debug, Clone, Default)]
+    pub struct Flag(Arc<AtomicBool>);
+
+    impl Flag {
+        pub fn raise(&self) {
+            self.0.store(true, Ordering::Relaxed)
+        }
+        pub fn is_raised(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// Runs one chaos scenario and returns its report.
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    let config = Config::load(&options.config)?;
+    let baseline = report::LeakBaseline::take();
+    let mut sup = SupervisorProcess::start(&options.supervisor, &options.config)?;
+    let addr: SocketAddr = sup.wait_ready().await?;
+    tracing::info!("service ready on {addr}; computing the reference answers from {}", config.model.path.display());
+    let seeds: Vec<u64> = (0..SEEDS).collect();
+    let reference = Arc::new(Reference::load(&config.model.path, &seeds)?);
+    let supervisor_fds_before = report::fd_count(sup.pid());
+
+    let started = Instant::now();
+    let stop = Flag::default();
+    let states = Arc::new(Mutex::new(vec![ConnState::default(); options.connections.max(1)]));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let mut load = tokio::task::JoinSet::new();
+    for index in 0..options.connections.max(1) {
+        let pace = options.rate.map(|r| Duration::from_secs_f64(options.connections.max(1) as f64 / r));
+        let worker = LoadWorker {
+            addr,
+            index,
+            pace,
+            seed: options.seed.wrapping_add(index as u64),
+            states: states.clone(),
+            outcomes: outcomes.clone(),
+            stop: stop.clone(),
+            started,
+        };
+        load.spawn(worker.run());
+    }
+    let kills = Arc::new(Mutex::new(Vec::<Kill>::new()));
+    let mut killers = tokio::task::JoinSet::new();
+    for (n, plan) in options.plans.iter().enumerate() {
+        let killer = Killer {
+            config: config.clone(),
+            plan: *plan,
+            signal: options.signal,
+            rng: Rng::new(options.seed.wrapping_mul(31).wrapping_add(n as u64)),
+            states: states.clone(),
+            kills: kills.clone(),
+            stop: stop.clone(),
+            started,
+        };
+        killers.spawn(killer.run());
+    }
+
+    let deadline = started + options.duration;
+    while Instant::now() < deadline {
+        sup.pump_events(&kills, started);
+        if let Some(status) = sup.exited() {
+            stop.raise();
+            anyhow::bail!("the supervisor exited during the run ({status}); its log:\n{}", sup.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.raise();
+    while killers.join_next().await.is_some() {}
+    while load.join_next().await.is_some() {}
+    let load_ended = started.elapsed();
+    // Give the last victims time to come back before judging recovery.
+    let settle = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < settle && kills.lock().expect("kills").iter().any(|k| k.recovered_s.is_none()) {
+        sup.pump_events(&kills, started);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let supervisor_fds_after = report::fd_count(sup.pid());
+    let pids_seen = sup.pids_seen();
+    let shutdown = sup.stop().await;
+    let leaks = baseline.check(&pids_seen, &sup.leftover_paths());
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
+    let kills = std::mem::take(&mut *kills.lock().expect("kills"));
+    Ok(Report::build(report::Inputs {
+        options: &options,
+        outcomes,
+        kills,
+        reference: &reference,
+        load_ended,
+        shutdown,
+        leaks,
+        supervisor_fd_growth: supervisor_fds_after as i64 - supervisor_fds_before as i64,
+    }))
+}
+
+/// One closed-loop connection.
+struct LoadWorker {
+    addr: SocketAddr,
+    index: usize,
+    pace: Option<Duration>,
+    seed: u64,
+    states: Arc<Mutex<Vec<ConnState>>>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    stop: Flag,
+    started: Instant,
+}
+
+impl LoadWorker {
+    async fn run(self) {
+        let mut rng = Rng::new(self.seed);
+        let mut connection: Option<Connection> = None;
+        let mut next = Instant::now();
+        while !self.stop.is_raised() {
+            if let Some(pace) = self.pace {
+                tokio::time::sleep_until(next.into()).await;
+                next += pace;
+            }
+            let seed = rng.below(SEEDS as usize) as u64;
+            let on_worker = {
+                let mut states = self.states.lock().expect("states");
+                states[self.index].in_flight = true;
+                states[self.index].worker
+            };
+            let mut outcome = request(self.addr, &mut connection, seed, self.started).await;
+            if outcome.result.is_err() {
+                outcome.worker = on_worker;
+            }
+            if outcome.retried {
+                outcome.retried_from = on_worker;
+            }
+            {
+                let mut states = self.states.lock().expect("states");
+                let state = &mut states[self.index];
+                state.in_flight = false;
+                state.worker = if connection.is_some() { outcome.worker } else { None };
+            }
+            self.outcomes.lock().expect("outcomes").push(outcome);
+        }
+    }
+}
+
+/// Kills on one plan's schedule.
+struct Killer {
+    config: Config,
+    plan: Plan,
+    signal: KillSignal,
+    rng: Rng,
+    states: Arc<Mutex<Vec<ConnState>>>,
+    kills: Arc<Mutex<Vec<Kill>>>,
+    stop: Flag,
+    started: Instant,
+}
+
+impl Killer {
+    async fn run(mut self) {
+        loop {
+            let wait = self.rng.jitter(self.plan.every);
+            let until = Instant::now() + wait;
+            while Instant::now() < until {
+                if self.stop.is_raised() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Err(e) = self.strike().await {
+                tracing::warn!("kill skipped: {e:#}");
+            }
+        }
+    }
+
+    async fn strike(&mut self) -> anyhow::Result<()> {
+        let status = supervisor::status(&self.config).await?;
+        let ready = |role: &str| -> Vec<(u32, u32)> {
+            status
+                .processes
+                .iter()
+                .filter(|p| p.role == role && p.state == "ready")
+                .filter_map(|p| p.pid.map(|pid| (p.index, pid)))
+                .collect()
+        };
+        let (role, mut candidates) = match self.plan.target {
+            Target::Owner => ("owner", ready("owner")),
+            Target::Worker | Target::Workers(_) => ("worker", ready("worker")),
+        };
+        let count = match self.plan.target {
+            Target::Workers(n) => n.min(candidates.len().saturating_sub(1)).max(1),
+            _ => 1,
+        };
+        if candidates.is_empty() {
+            anyhow::bail!("no ready {role} to kill right now");
+        }
+        for _ in 0..count {
+            if candidates.is_empty() {
+                break;
+            }
+            let (index, pid) = candidates.swap_remove(self.rng.below(candidates.len()));
+            let in_flight = {
+                let states = self.states.lock().expect("states");
+                states.iter().filter(|s| s.in_flight && s.worker == Some(pid)).count()
+            };
+            let at_s = self.started.elapsed().as_secs_f64();
+            let target = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
+            rustix::process::kill_process(target, self.signal.raw()).with_context(|| format!("kill {pid}"))?;
+            tracing::info!(
+                "t={at_s:.2}s: {:?} → {role} {index} (pid {pid}), {in_flight} requests in flight on it",
+                self.signal
+            );
+            self.kills.lock().expect("kills").push(Kill {
+                role: role.into(),
+                index,
+                pid,
+                signal: self.signal,
+                at_s,
+                in_flight,
+                recovered_s: None,
+                failures: 0,
+                retried: 0,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Counts per cause, for the report.
+pub type Counts = BTreeMap<String, u64>;

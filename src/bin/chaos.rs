@@ -1,0 +1,118 @@
+//! `chaos`: kill a forkless service's processes under load and prove nothing is lost and no
+//! answer is wrong. See `crates/chaos` and docs/CHAOS.md.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use forkless_chaos::{schedule, KillSignal, Options};
+
+#[derive(Parser)]
+#[command(name = "chaos", version, about = "Kill a forkless service's processes under load and check every answer.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Signal {
+    #[value(name = "KILL")]
+    Kill,
+    #[value(name = "TERM")]
+    Term,
+    #[value(name = "STOP")]
+    Stop,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the supervisor with CONFIG, drive load, kill on schedule, report.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Requests per second in all (default: as fast as answers come).
+        #[arg(long, conflicts_with = "connections")]
+        rate: Option<f64>,
+        /// Keep-alive connections, each with one request outstanding.
+        #[arg(long)]
+        connections: Option<usize>,
+        /// What to kill: owner, worker, workers[:N]; each may carry its own period (owner@5).
+        #[arg(long, default_value = "owner,worker")]
+        kill: String,
+        /// Seconds between kills (for targets without @SECS); jittered ±20 %.
+        #[arg(long, default_value_t = 3.0)]
+        every: f64,
+        #[arg(long, value_enum, default_value_t = Signal::Kill)]
+        signal: Signal,
+        /// Seed of every random choice (kill schedule, victims, request seeds).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write a self-contained HTML report (timeline with the kills marked) here.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// The supervisor executable (default: beside this one).
+        #[arg(long)]
+        supervisor: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    forkless_supervisor::logging::init(forkless_supervisor::logging::LogFormat::Human);
+    let Command::Run { config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor } =
+        Cli::parse().command;
+    let plans = match schedule::parse_plans(&kill, every) {
+        Ok(plans) => plans,
+        Err(e) => {
+            eprintln!("chaos: --kill: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut options = Options::new(config);
+    options.duration = Duration::from_secs_f64(duration);
+    options.rate = rate;
+    options.connections = connections.unwrap_or(if rate.is_some() { 8 } else { options.connections });
+    options.plans = plans;
+    options.signal = match signal {
+        Signal::Kill => KillSignal::Kill,
+        Signal::Term => KillSignal::Term,
+        Signal::Stop => KillSignal::Stop,
+    };
+    options.seed = seed;
+    if let Some(supervisor) = supervisor {
+        options.supervisor = supervisor;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let report = match runtime.block_on(forkless_chaos::run(options)) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("chaos: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.summary());
+    if let Some(path) = json {
+        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&report).expect("serialises")) {
+            eprintln!("chaos: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = html {
+        if let Err(e) = std::fs::write(&path, report.html()) {
+            eprintln!("chaos: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
