@@ -6,6 +6,7 @@
 //!   the context (most of its ~0.5 GiB is the per-thread stack reservation).
 //! - [`VmmArena`]: device memory from `cuMemCreate` that can be exported as a POSIX fd;
 //!   [`ImportedArena`]: such an fd mapped in another process, read-only for workers.
+//! - [`nvml`]: GPU memory per process (NVML; no CUDA context), for status and metrics.
 //!
 //! The crate builds and its tests pass without a CUDA toolkit or driver: cudarc is used with
 //! dynamic loading and an explicit CUDA version (13.0), and every entry point first checks that
@@ -22,6 +23,7 @@
 
 mod device;
 mod error;
+pub mod nvml;
 mod vmm;
 
 pub use device::{available, cublas_available, driver, nvrtc_available, probe, DeviceInfo, Gpu};

@@ -34,13 +34,18 @@ pub async fn record_periodically(ctx: Arc<Context>, stop: CancellationToken) {
 
 fn record(ctx: &Context) {
     let mut processes = ctx.bus.processes.snapshot();
-    measure_memory(&mut processes);
+    if let Some(unattributed) = measure_memory(&mut processes) {
+        metrics::gauge!("forkless_gpu_unattributed_bytes").set(unattributed as f64);
+    }
     for p in &processes {
         let labels = [("role", p.role.to_string()), ("index", p.index.to_string())];
         let up = p.pid.is_some() && p.state == State::Ready;
         metrics::gauge!("forkless_process_up", &labels).set(if up { 1.0 } else { 0.0 });
         metrics::gauge!("forkless_process_rss_bytes", &labels).set(p.rss_bytes.unwrap_or(0) as f64);
         metrics::gauge!("forkless_process_restarts", &labels).set(f64::from(p.restarts));
+        if let Some(gpu) = p.gpu_bytes {
+            metrics::gauge!("forkless_process_gpu_bytes", &labels).set(gpu as f64);
+        }
         if p.role == "worker" {
             metrics::gauge!("forkless_worker_requests_served", &labels).set(p.requests as f64);
         }

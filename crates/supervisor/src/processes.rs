@@ -170,8 +170,10 @@ impl ProcessTable {
     }
 }
 
-/// Fills in `rss_bytes` from the kernel's current figures (sysinfo).
-pub fn measure_memory(infos: &mut [ProcessInfo]) {
+/// Fills in `rss_bytes` from the kernel's current figures (sysinfo) and `gpu_bytes` from NVML
+/// when there is a GPU. Returns the GPU memory that no process accounts for (escrowed arenas
+/// held only by fds, and the driver's own), or `None` without NVML.
+pub fn measure_memory(infos: &mut [ProcessInfo]) -> Option<u64> {
     use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
     let pids: Vec<Pid> = infos.iter().filter_map(|i| i.pid).map(Pid::from_u32).collect();
     let mut system = System::new();
@@ -180,7 +182,10 @@ pub fn measure_memory(infos: &mut [ProcessInfo]) {
         true,
         ProcessRefreshKind::nothing().with_memory(),
     );
+    let gpu = forkless_gpu::nvml::snapshot();
     for info in infos {
         info.rss_bytes = info.pid.and_then(|pid| system.process(Pid::from_u32(pid))).map(|p| p.memory());
+        info.gpu_bytes = gpu.as_ref().and_then(|g| info.pid.map(|pid| g.per_process.get(&pid).copied().unwrap_or(0)));
     }
+    gpu.map(|g| g.unattributed)
 }

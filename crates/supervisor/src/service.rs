@@ -100,6 +100,9 @@ pub struct StatusReport {
     pub retiring_generation: Option<u64>,
     /// Bytes of weights held in escrow (memory no process may show as its own).
     pub escrow_bytes: u64,
+    /// GPU memory in use that no process accounts for (escrowed arenas, the driver's own);
+    /// `None` without a GPU.
+    pub gpu_unattributed_bytes: Option<u64>,
     pub workers_wanted: u32,
     pub processes: Vec<ProcessInfoJson>,
 }
@@ -400,7 +403,7 @@ impl Service {
 
     fn status(&self) -> StatusReport {
         let mut processes = self.ctx.bus.processes.snapshot();
-        measure_memory(&mut processes);
+        let gpu_unattributed_bytes = measure_memory(&mut processes);
         let escrow = &self.ctx.bus.escrow;
         StatusReport {
             supervisor_pid: std::process::id(),
@@ -410,6 +413,7 @@ impl Service {
             generation: escrow.current().map(|g| g.manifest.generation),
             retiring_generation: escrow.retiring(),
             escrow_bytes: escrow.bytes_held(),
+            gpu_unattributed_bytes,
             workers_wanted: self.workers_wanted,
             processes: processes.into_iter().map(Into::into).collect(),
         }

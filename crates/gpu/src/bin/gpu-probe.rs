@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         "export" => role_export(&args[1..]),
         "import" => role_import(&args[1..]),
         "ctx" => role_ctx(&args[1..]),
+        "nvml" => role_nvml(),
         "check" | "--size-mib" => orchestrate(&args),
         other => Err(format!("unknown role {other:?}: run `gpu-probe [--size-mib N]`")),
     };
@@ -593,6 +594,19 @@ fn print_table(rows: &[Row], ex: &Report) {
     }
     let failed = rows.iter().filter(|r| r.pass == Some(false)).count();
     println!("{}", if failed == 0 { "ALL PASS".to_string() } else { format!("{failed} FAILED") });
+}
+
+/// `gpu-probe nvml`: GPU memory per process and unattributed, as the supervisor reads it.
+fn role_nvml() -> Result<ExitCode, String> {
+    let memory = forkless_gpu::nvml::snapshot().ok_or("NVML (libnvidia-ml.so.1) is not available")?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("nvml: used {:.0} MiB, unattributed {:.0} MiB", mib(memory.used), mib(memory.unattributed));
+    let mut pids: Vec<_> = memory.per_process.iter().collect();
+    pids.sort();
+    for (pid, bytes) in pids {
+        println!("nvml: pid {pid} uses {:.0} MiB", mib(*bytes));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
