@@ -62,12 +62,24 @@ enum Command {
         #[arg(long)]
         supervisor: Option<PathBuf>,
     },
+    /// Turn a JSON report into the summary and the HTML page again.
+    Render {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     forkless_supervisor::logging::init(forkless_supervisor::logging::LogFormat::Human);
-    let Command::Run { config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor } =
-        Cli::parse().command;
+    let (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor) =
+        match Cli::parse().command {
+            Command::Run { config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor } => {
+                (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor)
+            }
+            Command::Render { json, html } => return render(&json, html.as_deref()),
+        };
     let plans = match schedule::parse_plans(&kill, every) {
         Ok(plans) => plans,
         Err(e) => {
@@ -106,6 +118,31 @@ fn main() -> ExitCode {
     }
     if let Some(path) = html {
         if let Err(e) = std::fs::write(&path, report.html()) {
+            eprintln!("chaos: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn render(json: &std::path::Path, html: Option<&std::path::Path>) -> ExitCode {
+    let report: forkless_chaos::report::Report = match std::fs::read_to_string(json)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("chaos: cannot read the report {}: {e}", json.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.summary());
+    if let Some(path) = html {
+        if let Err(e) = std::fs::write(path, report.html()) {
             eprintln!("chaos: cannot write {}: {e}", path.display());
             return ExitCode::FAILURE;
         }

@@ -46,7 +46,7 @@ pub const SEEDS: u64 = 64;
 pub const AFTER_KILL: Duration = Duration::from_secs(2);
 
 /// Which signal the kills send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KillSignal {
     #[serde(rename = "KILL")]
     Kill,

@@ -12,14 +12,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::Outcome;
 use crate::reference::Reference;
 use crate::{Counts, KillSignal, Options, AFTER_KILL};
 
 /// One kill and what followed it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Kill {
     pub role: String,
     pub index: u32,
@@ -37,7 +37,7 @@ pub struct Kill {
 }
 
 /// How the supervisor ended when asked to stop.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Shutdown {
     pub exit_code: Option<i32>,
     pub clean: bool,
@@ -45,7 +45,7 @@ pub struct Shutdown {
 }
 
 /// What was left behind after shutdown.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Leaks {
     /// Processes of the run (supervisor, owners, workers) still alive.
     pub processes: Vec<u32>,
@@ -131,7 +131,7 @@ fn vram_used_mib() -> Option<i64> {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
     pub p50: f64,
     pub p99: f64,
@@ -152,7 +152,7 @@ impl Latency {
 }
 
 /// One slice of the timeline.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bucket {
     pub start_s: f64,
     pub ok: u64,
@@ -161,7 +161,7 @@ pub struct Bucket {
 }
 
 /// The whole report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub config: String,
     pub duration_s: f64,
@@ -339,8 +339,12 @@ impl Report {
         self.violations.is_empty()
     }
 
-    /// The human summary.
+    /// The human summary: headline, the kill table (up to `max_kill_rows` rows), verdict.
     pub fn summary(&self) -> String {
+        self.summary_with(40)
+    }
+
+    fn summary_with(&self, max_kill_rows: usize) -> String {
         let mut s = String::new();
         let l = &self.latency_ms;
         let a = &self.latency_after_kills_ms;
@@ -371,8 +375,10 @@ impl Report {
             a.samples
         );
         s += &format!("kills: {}\n", self.kills.len());
-        s += "  at_s     signal  role    index  pid      in_flight  failures  retried  recovered_ms\n";
-        for k in &self.kills {
+        if max_kill_rows > 0 {
+            s += "  at_s     signal  role    index  pid      in_flight  failures  retried  recovered_ms\n";
+        }
+        for k in self.kills.iter().take(max_kill_rows) {
             s += &format!(
                 "  {:<8.2} {:<7} {:<7} {:<6} {:<8} {:<10} {:<9} {:<8} {}\n",
                 k.at_s,
@@ -385,6 +391,9 @@ impl Report {
                 k.retried,
                 k.recovered_s.map_or("never".into(), |r| format!("{:.1}", r * 1000.0))
             );
+        }
+        if self.kills.len() > max_kill_rows && max_kill_rows > 0 {
+            s += &format!("  … {} more (all of them in the JSON report)\n", self.kills.len() - max_kill_rows);
         }
         let recovered: Vec<f64> = self.kills.iter().filter_map(|k| k.recovered_s).collect();
         if !recovered.is_empty() {
@@ -500,7 +509,7 @@ impl Report {
              <span style='color:#d62728'>● failed requests</span></p>\
              {c1}{c2}<h3>Kills</h3><table><tr><th>at s</th><th>signal</th><th>role</th><th>index</th><th>pid</th>\
              <th>in flight</th><th>failures</th><th>retried</th><th>recovered ms</th></tr>{rows}</table></body></html>",
-            summary = escape(&self.summary()),
+            summary = escape(&self.summary_with(0)),
             c1 = chart("Throughput (answered requests per second, per 0.5 s)", &rps, "#1f77b4", max_rps, "req/s"),
             c2 = chart("Latency p99 (ms, per 0.5 s)", &p99, "#2ca02c", max_ms, "ms"),
         )
