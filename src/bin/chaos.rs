@@ -109,17 +109,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    finish(&report, json.as_deref(), html.as_deref())
+}
+
+/// Prints the summary, writes the files asked for, and exits non-zero if an invariant failed.
+fn finish(
+    report: &forkless_chaos::report::Report,
+    json: Option<&std::path::Path>,
+    html: Option<&std::path::Path>,
+) -> ExitCode {
     print!("{}", report.summary());
-    if let Some(path) = json {
-        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&report).expect("serialises")) {
-            eprintln!("chaos: cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-    }
-    if let Some(path) = html {
-        if let Err(e) = std::fs::write(&path, report.html()) {
-            eprintln!("chaos: cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
+    let outputs = [
+        (json, json.map(|_| serde_json::to_string_pretty(report).expect("serialises"))),
+        (html, html.map(|_| report.html())),
+    ];
+    for (path, text) in outputs {
+        if let (Some(path), Some(text)) = (path, text) {
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("chaos: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
         }
     }
     if report.passed() {
@@ -140,16 +149,5 @@ fn render(json: &std::path::Path, html: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    print!("{}", report.summary());
-    if let Some(path) = html {
-        if let Err(e) = std::fs::write(path, report.html()) {
-            eprintln!("chaos: cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-    }
-    if report.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    finish(&report, None, html)
 }

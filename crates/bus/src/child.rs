@@ -36,6 +36,16 @@ pub const EXIT_FATAL: i32 = 78;
 /// retries it with backoff and does not count it as a crash.
 pub const EXIT_TEMPORARY: i32 = 75;
 
+/// The exit status a child should end with: [`EXIT_TEMPORARY`] when it ran out of memory for
+/// now, [`EXIT_FATAL`] when restarting cannot help, 1 otherwise.
+pub fn exit_status(out_of_memory: bool, fatal: bool) -> i32 {
+    match (out_of_memory, fatal) {
+        (true, _) => EXIT_TEMPORARY,
+        (false, true) => EXIT_FATAL,
+        (false, false) => 1,
+    }
+}
+
 /// True for the errors that mean "out of memory for now": ENOMEM, and ENOSPC from a full shmem.
 pub fn is_out_of_memory(error: &std::io::Error) -> bool {
     matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::NOMEM.raw_os_error() || code == rustix::io::Errno::NOSPC.raw_os_error())

@@ -293,7 +293,7 @@ impl Killer {
             status
                 .processes
                 .iter()
-                .filter(|p| p.role == role && p.state == "ready")
+                .filter(|p| p.role == role && p.state == forkless_supervisor::processes::State::Ready)
                 .filter_map(|p| p.pid.map(|pid| (p.index, pid)))
                 .collect()
         };

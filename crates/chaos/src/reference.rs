@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _};
 
 #[path = "../../../examples/linear/seeded.rs"]
 #[allow(dead_code)]
-mod seeded;
+pub(crate) mod seeded;
 
 /// Expected `y_sum` and `y_head` per request seed.
 #[derive(Debug, Clone)]

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus_server::BusState;
 use crate::config::Config;
-use crate::service::{Command, RestartTarget, StatusReport};
+use crate::service::{Command, Reply, RestartTarget, StatusReport};
 
 /// Largest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
@@ -146,17 +146,6 @@ async fn answer(stream: UnixStream, bus: BusState, commands: mpsc::UnboundedSend
 
 async fn handle(request: Request, bus: &BusState, commands: &mpsc::UnboundedSender<Command>) -> Response {
     let gone = || Response::Failed { error: "the supervisor is stopping".into() };
-    let ask = |command: fn(oneshot::Sender<Result<String, String>>) -> Command| {
-        let (reply, answer) = oneshot::channel();
-        let sent = commands.send(command(reply)).is_ok();
-        async move {
-            match (sent, answer.await) {
-                (true, Ok(Ok(message))) => Response::Done { message },
-                (true, Ok(Err(error))) => Response::Failed { error },
-                _ => gone(),
-            }
-        }
-    };
     match request {
         Request::Status => {
             let (reply, answer) = oneshot::channel();
@@ -168,25 +157,9 @@ async fn handle(request: Request, bus: &BusState, commands: &mpsc::UnboundedSend
                 Err(_) => gone(),
             }
         }
-        Request::Scale { workers } => {
-            let (reply, answer) = oneshot::channel();
-            let _ = commands.send(Command::Scale { workers, reply });
-            match answer.await {
-                Ok(Ok(message)) => Response::Done { message },
-                Ok(Err(error)) => Response::Failed { error },
-                Err(_) => gone(),
-            }
-        }
-        Request::Restart { target } => {
-            let (reply, answer) = oneshot::channel();
-            let _ = commands.send(Command::Restart { target, reply });
-            match answer.await {
-                Ok(Ok(message)) => Response::Done { message },
-                Ok(Err(error)) => Response::Failed { error },
-                Err(_) => gone(),
-            }
-        }
-        Request::Reload => ask(|reply| Command::Reload { reply: Some(reply) }).await,
+        Request::Scale { workers } => ask(commands, |reply| Command::Scale { workers, reply }).await,
+        Request::Restart { target } => ask(commands, |reply| Command::Restart { target, reply }).await,
+        Request::Reload => ask(commands, |reply| Command::Reload { reply: Some(reply) }).await,
         Request::Stop => {
             tracing::info!("stop requested through the control socket");
             match commands.send(Command::Stop) {
@@ -202,6 +175,19 @@ async fn handle(request: Request, bus: &BusState, commands: &mpsc::UnboundedSend
                 Err(error) => Response::Failed { error },
             }
         }
+    }
+}
+
+/// Sends the service a command carrying a reply channel, and turns the reply into a response.
+async fn ask(commands: &mpsc::UnboundedSender<Command>, command: impl FnOnce(Reply) -> Command) -> Response {
+    let (reply, answer) = oneshot::channel();
+    if commands.send(command(reply)).is_err() {
+        return Response::Failed { error: "the supervisor is stopping".into() };
+    }
+    match answer.await {
+        Ok(Ok(message)) => Response::Done { message },
+        Ok(Err(error)) => Response::Failed { error },
+        Err(_) => Response::Failed { error: "the supervisor is stopping".into() },
     }
 }
 

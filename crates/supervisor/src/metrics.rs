@@ -38,7 +38,7 @@ fn record(ctx: &Context) {
         metrics::gauge!("forkless_gpu_unattributed_bytes").set(unattributed as f64);
     }
     for p in &processes {
-        let labels = [("role", p.role.to_string()), ("index", p.index.to_string())];
+        let labels = [("role", p.role.clone()), ("index", p.index.to_string())];
         let up = p.pid.is_some() && p.state == State::Ready;
         metrics::gauge!("forkless_process_up", &labels).set(if up { 1.0 } else { 0.0 });
         metrics::gauge!("forkless_process_rss_bytes", &labels).set(p.rss_bytes.unwrap_or(0) as f64);

@@ -17,12 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use forkless_bus::Role;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::spawn::ChildLabel;
 
 /// Where a slot's child is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Exec'd, not ready yet (attaching, loading, warming up).
@@ -35,10 +35,22 @@ pub enum State {
     Backoff,
 }
 
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Stopping => "stopping",
+            State::Backoff => "backoff",
+        };
+        f.pad(name)
+    }
+}
+
 /// One slot, as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessInfo {
-    pub role: &'static str,
+    pub role: String,
     pub index: u32,
     pub pid: Option<u32>,
     pub state: State,
@@ -155,7 +167,7 @@ impl ProcessTable {
         table
             .iter()
             .map(|(&(role, index), e)| ProcessInfo {
-                role: if role == 0 { "owner" } else { "worker" },
+                role: if role == 0 { "owner" } else { "worker" }.into(),
                 index,
                 pid: e.pid,
                 state: e.state,

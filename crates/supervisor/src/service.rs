@@ -104,40 +104,7 @@ pub struct StatusReport {
     /// `None` without a GPU.
     pub gpu_unattributed_bytes: Option<u64>,
     pub workers_wanted: u32,
-    pub processes: Vec<ProcessInfoJson>,
-}
-
-/// One row of the status (the serialised form of [`ProcessInfo`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProcessInfoJson {
-    pub role: String,
-    pub index: u32,
-    pub pid: Option<u32>,
-    pub state: String,
-    pub restarts: u32,
-    pub uptime_s: Option<f64>,
-    pub rss_bytes: Option<u64>,
-    pub gpu_bytes: Option<u64>,
-    pub generation: Option<u64>,
-    pub requests: u64,
-}
-
-impl From<ProcessInfo> for ProcessInfoJson {
-    fn from(p: ProcessInfo) -> Self {
-        let state = serde_json::to_value(p.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        ProcessInfoJson {
-            role: p.role.into(),
-            index: p.index,
-            pid: p.pid,
-            state,
-            restarts: p.restarts,
-            uptime_s: p.uptime_s,
-            rss_bytes: p.rss_bytes,
-            gpu_bytes: p.gpu_bytes,
-            generation: p.generation,
-            requests: p.requests,
-        }
-    }
+    pub processes: Vec<ProcessInfo>,
 }
 
 /// Liveness and readiness, for `/livez` and `/readyz`.
@@ -415,7 +382,7 @@ impl Service {
             escrow_bytes: escrow.bytes_held(),
             gpu_unattributed_bytes,
             workers_wanted: self.workers_wanted,
-            processes: processes.into_iter().map(Into::into).collect(),
+            processes,
         }
     }
 

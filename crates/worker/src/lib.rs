@@ -73,11 +73,7 @@ impl AttachError {
             }
             _ => false,
         };
-        match () {
-            _ if out_of_memory => forkless_bus::child::EXIT_TEMPORARY,
-            _ if self.is_fatal() => EXIT_FATAL,
-            _ => 1,
-        }
+        forkless_bus::child::exit_status(out_of_memory, self.is_fatal())
     }
 
     /// True when restarting the worker would fail the same way (exit with
