@@ -42,6 +42,9 @@ pub struct Shutdown {
     pub exit_code: Option<i32>,
     pub clean: bool,
     pub seconds: f64,
+    /// The supervisor's last log lines, when it did not stop cleanly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
 }
 
 /// What was left behind after shutdown.
@@ -327,7 +330,12 @@ impl Report {
             }
         }
         if !self.shutdown.clean {
-            v.push(format!("the supervisor did not stop cleanly (exit code {:?})", self.shutdown.exit_code));
+            v.push(format!(
+                "the supervisor did not stop cleanly (exit code {:?} after {:.1}s); its last lines:\n{}",
+                self.shutdown.exit_code,
+                self.shutdown.seconds,
+                self.shutdown.log_tail.as_deref().unwrap_or("")
+            ));
         }
         if !self.leaks.is_clean() {
             v.push(format!("leaks after shutdown: {:?}", self.leaks));

@@ -21,6 +21,8 @@ use crate::report::{Kill, Shutdown};
 
 const LOG_TAIL: usize = 60;
 const READY_PATIENCE: Duration = Duration::from_secs(180);
+/// Longest a graceful stop may take: the config's grace for the workers, then the owner's.
+const STOP_PATIENCE: Duration = Duration::from_secs(90);
 
 pub struct SupervisorProcess {
     child: Child,
@@ -162,7 +164,7 @@ impl SupervisorProcess {
         paths
     }
 
-    /// SIGTERM and wait (up to two minutes, then SIGKILL).
+    /// SIGTERM and wait (up to [`STOP_PATIENCE`], then SIGKILL).
     pub async fn stop(&mut self) -> Shutdown {
         let started = Instant::now();
         if let Some(pid) = rustix::process::Pid::from_raw(self.pid() as i32) {
@@ -170,16 +172,23 @@ impl SupervisorProcess {
         }
         loop {
             if let Some(status) = self.exited() {
+                let log_tail = (!status.success()).then(|| self.log_tail());
                 return Shutdown {
                     exit_code: status.code(),
                     clean: status.success(),
                     seconds: started.elapsed().as_secs_f64(),
+                    log_tail,
                 };
             }
-            if started.elapsed() > Duration::from_secs(120) {
+            if started.elapsed() > STOP_PATIENCE {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return Shutdown { exit_code: None, clean: false, seconds: started.elapsed().as_secs_f64() };
+                return Shutdown {
+                    exit_code: None,
+                    clean: false,
+                    seconds: started.elapsed().as_secs_f64(),
+                    log_tail: Some(self.log_tail()),
+                };
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
