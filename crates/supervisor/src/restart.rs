@@ -1,7 +1,8 @@
 //! The restart policy: the first restart is immediate (as supervisord and Erlang/OTP do; for
 //! the owner that is what keeps recovery in milliseconds). A child that dies again before it
 //! has stayed up `reset_after_s` waits `backoff_initial_ms`, then twice that, and so on up to
-//! `backoff_max_ms`; staying up that long makes it healthy again.
+//! `backoff_max_ms`; staying up that long makes it healthy again. The slot spreads each delay
+//! by ±20 % ([`jittered`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -53,6 +54,18 @@ impl Backoff {
         self.quick_deaths = self.quick_deaths.saturating_add(1);
         delay
     }
+}
+
+/// Spreads a delay by ±20 % so that processes that died together do not restart in lockstep
+/// (a thundering herd on the GPU, the disk or the listener). Zero stays zero.
+pub fn jittered(delay: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let mut x = u64::from(nanos) ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let factor = 0.8 + 0.4 * (x >> 11) as f64 / (1u64 << 53) as f64;
+    delay.mul_f64(factor)
 }
 
 /// Restart intensity, as Erlang/OTP supervisors count it: more than `max_restarts` unplanned
@@ -135,6 +148,15 @@ mod tests {
         let mut intensity = Intensity::new(&config);
         for s in [0, 11, 22, 33] {
             assert_eq!(intensity.record(t0 + Duration::from_secs(s)), Ok(()));
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+        for _ in 0..100 {
+            let d = jittered(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(800) && d <= Duration::from_millis(1200), "{d:?}");
         }
     }
 

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::children::{launch, role_name, Context, Running};
 use crate::events::Event;
 use crate::processes::State;
-use crate::restart::{Backoff, ExitKind, Intensity};
+use crate::restart::{jittered, Backoff, ExitKind, Intensity};
 use crate::spawn::ChildLabel;
 
 /// How long a hung child gets between SIGTERM and SIGKILL.
@@ -343,6 +343,7 @@ async fn handle_failure(slot: &mut SlotLoop, failure: Failure) -> bool {
         }
     };
     slot.ctx.bus.processes.set_state(slot.label, State::Backoff);
+    let delay = jittered(delay);
     tokio::select! {
         _ = tokio::time::sleep(delay) => true,
         _ = slot.stop.cancelled() => false,
