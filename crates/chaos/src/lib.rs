@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use forkless_supervisor::config::Config;
-use tokio_util_free::Flag;
+use tokio_util::sync::CancellationToken;
 
 use crate::load::{request, Connection, Outcome};
 use crate::reference::Reference;
@@ -110,24 +110,6 @@ struct ConnState {
     in_flight: bool,
 }
 
-/// A minimal stop flag (the harness needs nothing more).
-mod tokio_util_free {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
-    #[derive(Debug, Clone, Default)]
-    pub struct Flag(Arc<AtomicBool>);
-
-    impl Flag {
-        pub fn raise(&self) {
-            self.0.store(true, Ordering::Relaxed)
-        }
-        pub fn is_raised(&self) -> bool {
-            self.0.load(Ordering::Relaxed)
-        }
-    }
-}
-
 /// Runs one chaos scenario and returns its report.
 pub async fn run(options: Options) -> anyhow::Result<Report> {
     let config = Config::load(&options.config)?;
@@ -140,7 +122,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let supervisor_fds_before = report::fd_count(sup.pid());
 
     let started = Instant::now();
-    let stop = Flag::default();
+    let stop = CancellationToken::new();
     let states = Arc::new(Mutex::new(vec![ConnState::default(); options.connections.max(1)]));
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let mut load = tokio::task::JoinSet::new();
@@ -178,12 +160,12 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     while Instant::now() < deadline {
         sup.pump_events(&kills, started);
         if let Some(status) = sup.exited() {
-            stop.raise();
+            stop.cancel();
             anyhow::bail!("the supervisor exited during the run ({status}); its log:\n{}", sup.log_tail());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.raise();
+    stop.cancel();
     while killers.join_next().await.is_some() {}
     while load.join_next().await.is_some() {}
     let load_ended = started.elapsed();
@@ -220,7 +202,7 @@ struct LoadWorker {
     seed: u64,
     states: Arc<Mutex<Vec<ConnState>>>,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
-    stop: Flag,
+    stop: CancellationToken,
     started: Instant,
 }
 
@@ -229,7 +211,7 @@ impl LoadWorker {
         let mut rng = Rng::new(self.seed);
         let mut connection: Option<Connection> = None;
         let mut next = Instant::now();
-        while !self.stop.is_raised() {
+        while !self.stop.is_cancelled() {
             if let Some(pace) = self.pace {
                 tokio::time::sleep_until(next.into()).await;
                 next += pace;
@@ -266,7 +248,7 @@ struct Killer {
     rng: Rng,
     states: Arc<Mutex<Vec<ConnState>>>,
     kills: Arc<Mutex<Vec<Kill>>>,
-    stop: Flag,
+    stop: CancellationToken,
     started: Instant,
 }
 
@@ -274,12 +256,9 @@ impl Killer {
     async fn run(mut self) {
         loop {
             let wait = self.rng.jitter(self.plan.every);
-            let until = Instant::now() + wait;
-            while Instant::now() < until {
-                if self.stop.is_raised() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.stop.cancelled() => return,
             }
             if let Err(e) = self.strike().await {
                 tracing::warn!("kill skipped: {e:#}");
