@@ -6,6 +6,8 @@
 //!   the context (most of its ~0.5 GiB is the per-thread stack reservation).
 //! - [`VmmArena`]: device memory from `cuMemCreate` that can be exported as a POSIX fd;
 //!   [`ImportedArena`]: such an fd mapped in another process, read-only for workers.
+//! - [`Kernels`]: the demo's CUDA kernels (`kernels/linear.cu`), compiled by NVRTC at run
+//!   time for the GPU at hand, with safe launch wrappers.
 //! - [`nvml`]: GPU memory per process (NVML; no CUDA context), for status and metrics.
 //!
 //! The crate builds and its tests pass without a CUDA toolkit or driver: cudarc is used with
@@ -23,11 +25,13 @@
 
 mod device;
 mod error;
+pub mod kernels;
 pub mod nvml;
 mod vmm;
 
 pub use device::{available, cublas_available, driver, nvrtc_available, probe, DeviceInfo, Gpu};
 pub use error::{CuResult, GpuError};
+pub use kernels::{KernelError, Kernels};
 pub use vmm::{round_up, Access, ImportedArena, VmmArena, WriteMethod};
 
 /// The cudarc version this crate is built on, re-exported for NVRTC modules and cuBLAS.
