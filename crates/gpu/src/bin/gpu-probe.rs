@@ -9,6 +9,9 @@
 //!   import+map, and optionally tries to write into it;
 //! - `ctx`: creates a context with a given stack limit and waits, so its memory can be measured.
 //!
+//! `gpu-probe kernels` (run on its own) compiles `kernels/linear.cu` with NVRTC and checks both
+//! kernels against host computations; `gpu-probe nvml` prints GPU memory per process.
+//!
 //! Children get fds by inheritance (close-on-exec cleared for the one spawn) and learn their
 //! numbers from environment variables. Nothing runs CUDA in a forked copy of another process.
 
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         "import" => role_import(&args[1..]),
         "ctx" => role_ctx(&args[1..]),
         "nvml" => role_nvml(),
+        "kernels" => role_kernels(),
         "check" | "--size-mib" => orchestrate(&args),
         other => Err(format!("unknown role {other:?}: run `gpu-probe [--size-mib N]`")),
     };
@@ -609,9 +613,136 @@ fn role_nvml() -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Role: kernels
+
+/// Host SplitMix64 (a copy of `examples/linear/seeded.rs`), the reference for `seeded_inputs`.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32) / (1u32 << 23) as f32 - 1.0
+    }
+}
+
+fn host_inputs(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = SplitMix64(seed);
+    (0..n).map(|_| rng.uniform()).collect()
+}
+
+fn verdict(pass: bool) -> &'static str {
+    if pass {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+/// `gpu-probe kernels`: NVRTC-compiles `kernels/linear.cu` and checks both kernels on the GPU.
+fn role_kernels() -> Result<ExitCode, String> {
+    use forkless_gpu::kernels::{self, Kernels};
+    let err = |e: forkless_gpu::KernelError| e.to_string();
+    let drv = |e: forkless_gpu::cudarc::driver::DriverError| format!("{e:?}");
+    let gpu = Gpu::open(0).map_err(gpu_err)?;
+    let nvrtc = kernels::nvrtc_version().map_err(err)?;
+    let k = Kernels::compile(&gpu).map_err(err)?;
+    println!(
+        "kernels: {} (cc {}.{}), NVRTC {}.{}, arch {}, loaded from {}, compile+load {:.1} ms",
+        gpu.info().name,
+        gpu.info().compute_capability.0,
+        gpu.info().compute_capability.1,
+        nvrtc.0,
+        nvrtc.1,
+        k.arch(),
+        k.loaded_from(),
+        k.compile_time().as_secs_f64() * 1e3,
+    );
+    let stream = gpu.context().default_stream();
+    let mut failed = 0;
+
+    // seeded_inputs: every value bit for bit against the host.
+    let seeds: Vec<u64> = vec![0, 1, 7, 12345];
+    let n = 2048;
+    let d_seeds = stream.clone_htod(&seeds).map_err(drv)?;
+    let mut d_x = stream.alloc_zeros::<f32>(seeds.len() * n).map_err(drv)?;
+    let t = Instant::now();
+    k.seeded_inputs(&stream, &mut d_x, &d_seeds, n).map_err(err)?;
+    stream.synchronize().map_err(drv)?;
+    let launch = t.elapsed();
+    let x = stream.clone_dtoh(&d_x).map_err(drv)?;
+    let expected: Vec<f32> = seeds.iter().flat_map(|&s| host_inputs(s, n)).collect();
+    let mismatches = x.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let first_bad = x.iter().zip(&expected).position(|(a, b)| a.to_bits() != b.to_bits());
+    let pass = mismatches == 0 && x.len() == expected.len();
+    failed += usize::from(!pass);
+    println!(
+        "{} seeded_inputs seeds {seeds:?} n {n}: {} values, {mismatches} differ bitwise{} (x[0]={}, launch+sync {:.0} us)",
+        verdict(pass),
+        x.len(),
+        first_bad.map(|i| format!(", first at {i}: gpu {} host {}", x[i], expected[i])).unwrap_or_default(),
+        x[0],
+        launch.as_secs_f64() * 1e6,
+    );
+
+    // bias_add_rowsum: y exactly (one f32 add), y_sum against a host f64 sum (1e-6 relative).
+    for (batch, out) in [(37usize, 1000usize), (3, 5), (8, 4096)] {
+        let y0 = host_inputs(1000 + batch as u64, batch * out);
+        let bias: Vec<f32> = host_inputs(2000 + out as u64, out).iter().map(|v| v / 10.0).collect();
+        let mut d_y = stream.clone_htod(&y0).map_err(drv)?;
+        let d_bias = stream.clone_htod(&bias).map_err(drv)?;
+        let mut d_sum = stream.clone_htod(&vec![f64::NAN; batch]).map_err(drv)?; // overwritten, not added to
+        k.bias_add_rowsum(&stream, &mut d_y, &d_bias, &mut d_sum).map_err(err)?;
+        stream.synchronize().map_err(drv)?;
+        let y = stream.clone_dtoh(&d_y).map_err(drv)?;
+        let sums = stream.clone_dtoh(&d_sum).map_err(drv)?;
+        let want_y: Vec<f32> = y0.chunks(out).flat_map(|row| row.iter().zip(&bias).map(|(a, b)| a + b)).collect();
+        let want_sum: Vec<f64> = want_y.chunks(out).map(|row| row.iter().map(|&v| f64::from(v)).sum()).collect();
+        let y_bad = y.iter().zip(&want_y).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let worst = sums
+            .iter()
+            .zip(&want_sum)
+            .map(|(g, h)| if g.is_finite() { (g - h).abs() / h.abs().max(1e-12) } else { f64::INFINITY })
+            .fold(0f64, f64::max);
+        let pass = y_bad == 0 && worst <= 1e-6;
+        failed += usize::from(!pass);
+        println!(
+            "{} bias_add_rowsum batch {batch} out {out}: y {y_bad} differ bitwise; y_sum worst relative error {worst:.2e} (y_sum[0] gpu {} host {})",
+            verdict(pass),
+            sums[0],
+            want_sum[0],
+        );
+    }
+    println!("{}", if failed == 0 { "ALL PASS".to_string() } else { format!("{failed} FAILED") });
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_splitmix_matches_the_reference_sequence() {
+        let mut rng = SplitMix64(0);
+        assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+        // Draw i is computable on its own, as the kernel does it.
+        let gamma = 0x9E37_79B9_7F4A_7C15u64;
+        let mut seq = SplitMix64(7);
+        let draws: Vec<u64> = (0..5).map(|_| seq.next_u64()).collect();
+        for (i, &d) in draws.iter().enumerate() {
+            let mut one = SplitMix64(7u64.wrapping_add((i as u64).wrapping_mul(gamma)));
+            assert_eq!(one.next_u64(), d);
+        }
+        assert!(host_inputs(3, 1000).iter().all(|v| (-1.0..1.0).contains(v)));
+    }
 
     #[test]
     fn pattern_is_consistent_at_any_offset() {
