@@ -8,7 +8,8 @@
 //!
 //! [`Kernels::compile`] checks that NVRTC is present first ([`nvrtc_available`]), compiles for
 //! the device's architecture (`sm_XY` from its compute capability), loads the module and looks up
-//! both functions. Compile once per process and hold the result (it takes tens of milliseconds).
+//! both functions. Compile once per process and hold the result (about 0.4 s on an H100 with
+//! NVRTC 13.0, most of it loading NVRTC and compiling).
 //! Where the driver cannot JIT the PTX of a newer NVRTC (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`),
 //! the same source is compiled to a CUBIN instead.
 //!
