@@ -20,20 +20,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn pss_bytes(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    kb * 1024
-}
-
 /// Pss of a process outside the weights arena mapping (its own overhead).
 fn overhead_bytes(pid: u32) -> u64 {
     let arena: u64 = smaps(pid).iter().filter(|m| m.path.starts_with("/memfd:forkless-arena")).map(|m| m.pss_kb).sum();
-    pss_bytes(pid) - arena * 1024
+    pss_bytes_of(pid) - arena * 1024
 }
 
 struct Row {
@@ -66,8 +56,8 @@ fn run_case(dir: &TestDir, sharing: &'static str, workers: u32) -> Row {
     let others: Vec<u32> = sup.children("owner").into_iter().chain([sup.pid()]).collect();
     let mut overheads: Vec<u64> = worker_pids.iter().map(|&p| overhead_bytes(p)).collect();
     overheads.sort_unstable();
-    let total = worker_pids.iter().chain(&others).map(|&p| pss_bytes(p)).sum();
-    let supervisor_and_owner = others.iter().map(|&p| pss_bytes(p)).sum();
+    let total = worker_pids.iter().chain(&others).map(|&p| pss_bytes_of(p)).sum();
+    let supervisor_and_owner = others.iter().map(|&p| pss_bytes_of(p)).sum();
     attach_us.sort_unstable();
     attach_cpu_us.sort_unstable();
     sup.signal(libc::SIGTERM);

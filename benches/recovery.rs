@@ -19,18 +19,9 @@ use util::*;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn pss(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
 fn total_pss(sup: &Supervisor) -> f64 {
     let pids = children_of(sup.pid()).into_iter().chain([sup.pid()]);
-    pids.map(pss).sum::<u64>() as f64 / MIB
+    pids.map(pss_bytes_of).sum::<u64>() as f64 / MIB
 }
 
 /// System-wide shared memory (`Shmem` in /proc/meminfo), in MiB. Memfd pages count here

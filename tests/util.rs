@@ -460,3 +460,15 @@ pub fn control(config: &Path, subcommand: &str, args: &[&str]) -> (bool, String,
     all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
     supervisor_command(&all)
 }
+
+/// Proportional set size of `pid` in bytes (a page shared by k processes counts 1/k), from
+/// `/proc/PID/smaps_rollup`; 0 if the process is gone.
+pub fn pss_bytes_of(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    kb * 1024
+}
