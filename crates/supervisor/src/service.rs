@@ -147,6 +147,9 @@ pub struct Service {
     workers_wanted: u32,
     workers_started: bool,
     announced: bool,
+    /// Workers whose readiness this loop has reported (and not seen die since).
+    reported_ready: std::collections::BTreeSet<u32>,
+
     owner_lost_at: Option<Instant>,
 }
 
@@ -163,6 +166,8 @@ impl Service {
             workers_wanted,
             workers_started: false,
             announced: false,
+            reported_ready: Default::default(),
+
             owner_lost_at: None,
         }
     }
@@ -215,7 +220,10 @@ impl Service {
             Event::WorkerReady { index, pid, generation, attach } => {
                 let (attach_us, attach_cpu_us) = (attach.wall_us, attach.cpu_us);
                 tracing::info!(index, pid, generation, attach_us, attach_cpu_us, "worker {index} ready");
-                let ready = self.ctx.bus.processes.ready_workers();
+                // Counted from the events this loop has logged, so "all N ready" always comes
+                // after the N-th worker's own line.
+                self.reported_ready.insert(index);
+                let ready = self.reported_ready.range(..self.workers_wanted).count();
                 if ready >= self.workers_wanted as usize && !self.announced {
                     self.announced = true;
                     let cold_start_ms = self.started.elapsed().as_millis() as u64;
@@ -223,12 +231,17 @@ impl Service {
                     crate::sd_notify::notify("READY=1");
                 }
             }
-            Event::Crashed { label } => {
-                if label.role == Role::Owner {
-                    self.owner_lost_at = Some(Instant::now());
+            Event::Crashed { label } => match label.role {
+                Role::Owner => self.owner_lost_at = Some(Instant::now()),
+                Role::Worker => {
+                    self.reported_ready.remove(&label.index);
+                }
+            },
+            Event::SlotEnded { label } => {
+                if label.role == Role::Worker {
+                    self.reported_ready.remove(&label.index);
                 }
             }
-            Event::SlotEnded { .. } => {}
             Event::Freed { generation } => {
                 tracing::info!(
                     generation,
