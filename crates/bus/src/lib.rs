@@ -56,3 +56,14 @@ pub const ENV_HEARTBEAT_MS: &str = "FORKLESS_HEARTBEAT_MS";
 pub const ENV_MAX_REQUESTS: &str = "FORKLESS_MAX_REQUESTS";
 /// Environment variable with the sharing mode: `shared` (default) or `none`.
 pub const ENV_SHARING: &str = "FORKLESS_SHARING";
+/// Environment variable with the resolved memory backend of owner and workers: `host` or
+/// `cuda` (the supervisor resolves `auto` before starting anyone).
+pub const ENV_BACKEND: &str = "FORKLESS_BACKEND";
+/// Environment variable with the CUDA device ordinal the arena lives on (backend `cuda`).
+pub const ENV_CUDA_DEVICE: &str = "FORKLESS_CUDA_DEVICE";
+/// Environment variable with the per-thread stack limit in bytes for CUDA contexts
+/// (`cuCtxSetLimit(CU_LIMIT_STACK_SIZE)`): most of a context's memory is this reservation.
+pub const ENV_CUDA_STACK_BYTES: &str = "FORKLESS_CUDA_STACK_BYTES";
+/// Environment variable naming a folder where compiled CUDA kernels are cached (by source,
+/// architecture and NVRTC version), so restarted processes skip NVRTC.
+pub const ENV_KERNEL_CACHE: &str = "FORKLESS_KERNEL_CACHE";

@@ -62,7 +62,22 @@ impl Dtype {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemoryKind {
     /// A sealed memfd (`F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW`), mapped read-only.
+    /// [`ArenaDesc::checksum`] is the xxh3-64 of its bytes.
     Host,
+    /// Device memory from `cuMemCreate` on CUDA device `device`, exported as a POSIX fd
+    /// (`cuMemExportToShareableHandle`) and mapped by workers with
+    /// `CU_MEM_ACCESS_FLAGS_PROT_READ`. Its size is a multiple of the device's allocation
+    /// granularity. [`ArenaDesc::checksum`] is `forkless_gpu::checksum::arena_checksum` of its
+    /// bytes, computed on the GPU (reading 2 GB back to hash it would cost the re-adoption
+    /// hundreds of milliseconds).
+    CudaVmm { device: u32 },
+}
+
+impl MemoryKind {
+    /// True for device memory.
+    pub fn is_gpu(self) -> bool {
+        matches!(self, MemoryKind::CudaVmm { .. })
+    }
 }
 
 /// One allocation holding tensors; travels as one file descriptor.
@@ -73,8 +88,9 @@ pub struct ArenaDesc {
     pub kind: MemoryKind,
     /// Size in bytes, a multiple of [`ARENA_ALIGN`].
     pub size: u64,
-    /// xxh3-64 of the arena's bytes, recorded when it was filled; a re-adopting owner checks
-    /// the memory still holds exactly this. 0 until computed.
+    /// A checksum of the arena's bytes (which one depends on [`MemoryKind`]), recorded when it
+    /// was filled; a re-adopting owner checks the memory still holds exactly this. 0 until
+    /// computed.
     pub checksum: u64,
 }
 
