@@ -6,7 +6,9 @@
 //! - [`wire`]: the messages of the bus protocol and the version handshake;
 //! - [`channel`]: length-prefixed frames over a Unix stream socket, with file descriptors
 //!   travelling as `SCM_RIGHTS` beside the frame that names them;
-//! - [`host`]: the `host` memory kind, one sealed memfd per arena, mapped read-only by readers.
+//! - [`host`]: the `host` memory kind, one sealed memfd per arena, mapped read-only by readers;
+//! - [`arena`]: an arena fd as the escrow holds it, of either memory kind, and the fds it hands
+//!   to readers.
 //!
 //! `unsafe` in this crate is limited to mapping memory ([`host`]); every block says why it holds.
 //!
@@ -27,6 +29,7 @@
 //! assert_eq!(bias, &[1.0, 2.0, 3.0, 4.0]);
 //! ```
 
+pub mod arena;
 pub mod channel;
 pub mod child;
 pub mod codec;

@@ -48,8 +48,8 @@ enum ConnError {
     Recv(#[from] RecvError),
     #[error(transparent)]
     Send(#[from] SendError),
-    #[error("cannot reopen arena read-only: {0}")]
-    Reopen(#[from] forkless_bus::host::ArenaError),
+    #[error("cannot make an arena fd for the reader: {0}")]
+    ReaderFd(#[from] forkless_bus::arena::ReaderFdError),
 }
 
 /// What every bus connection shares.
@@ -433,7 +433,7 @@ impl Connection {
             self.bus.send(&Message::Load { path }, &[]).await?;
             return Ok(());
         };
-        let fds = generation.arenas.iter().map(|a| a.read_only_fd()).collect::<Result<Vec<_>, _>>()?;
+        let fds = generation.arenas.iter().map(|a| a.reader_fd()).collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
         self.bus.send(&Message::Adopt { manifest: generation.manifest.clone() }, &borrowed).await?;
         Ok(())
@@ -453,9 +453,10 @@ impl Connection {
         Ok(Pushed { current, generation: generation.manifest.generation })
     }
 
-    /// Sends `generation` with fresh read-only fds, counting this worker as a holder.
+    /// Sends `generation` with fresh reader fds (read-only for host memory; CUDA memory is
+    /// mapped read-only by the worker), counting this worker as a holder.
     async fn send_generation(&mut self, generation: &EscrowedGeneration) -> Result<(), ConnError> {
-        let fds = generation.arenas.iter().map(|a| a.read_only_fd()).collect::<Result<Vec<_>, _>>()?;
+        let fds = generation.arenas.iter().map(|a| a.reader_fd()).collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
         self.state.escrow.hold(generation.manifest.generation);
         let sent = self.bus.send(&Message::Generation { manifest: generation.manifest.clone() }, &borrowed).await;

@@ -5,8 +5,10 @@
 //! keeps one fd per arena, the weights outlive the owner that made them, and a worker started
 //! while no owner runs still attaches from here.
 //!
-//! Every deposit is validated (manifest invariants; each fd a sealed memfd of the declared
-//! size) before a generation number is assigned and workers can see it.
+//! Every deposit is validated before a generation number is assigned and workers can see it:
+//! the manifest's invariants, and each fd against its arena's declared memory kind
+//! ([`HeldArena::adopt`]: a host arena must be a sealed memfd of the declared size; a CUDA
+//! arena must be an open fd that is not a file — a memfd published as device memory is refused).
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -28,7 +30,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-use forkless_bus::host::{MapError, SealedArena};
+use forkless_bus::arena::{AdoptError, HeldArena};
 use forkless_bus::manifest::ManifestError;
 use forkless_bus::Manifest;
 use tokio::sync::watch;
@@ -39,7 +41,7 @@ pub enum DepositError {
     #[error("invalid manifest: {0}")]
     Manifest(#[from] ManifestError),
     #[error("arena {arena}: {source}")]
-    Arena { arena: u32, source: MapError },
+    Arena { arena: u32, source: AdoptError },
     #[error("{fds} fds for {arenas} arenas")]
     FdCount { fds: usize, arenas: usize },
     #[error("generation {generation} is still in use by workers; try again once they have switched")]
@@ -50,7 +52,7 @@ pub enum DepositError {
 #[derive(Debug)]
 pub struct EscrowedGeneration {
     pub manifest: Manifest,
-    pub arenas: Vec<SealedArena>,
+    pub arenas: Vec<HeldArena>,
 }
 
 /// The generations in escrow: the current one, observable by every bus connection, and at most
@@ -89,7 +91,7 @@ impl Escrow {
             .iter()
             .zip(fds)
             .map(|(arena, fd)| {
-                SealedArena::adopt(fd, arena.size).map_err(|source| DepositError::Arena { arena: arena.id, source })
+                HeldArena::adopt(arena, fd).map_err(|source| DepositError::Arena { arena: arena.id, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut held = self.held.lock().expect("escrow poisoned");
@@ -169,15 +171,31 @@ impl Escrow {
 mod tests {
     use super::*;
     use forkless_bus::host::ArenaWriter;
-    use forkless_bus::manifest::{Dtype, LayoutBuilder};
+    use forkless_bus::manifest::{Dtype, LayoutBuilder, MemoryKind};
 
     fn publish(escrow: &Escrow) -> Result<u64, DepositError> {
+        let sealed = ArenaWriter::create("test", 4096).unwrap().seal().unwrap();
+        publish_as(escrow, MemoryKind::Host, sealed.fd().try_clone_to_owned().unwrap())
+    }
+
+    fn publish_as(escrow: &Escrow, kind: MemoryKind, fd: OwnedFd) -> Result<u64, DepositError> {
         let mut layout = LayoutBuilder::default();
         layout.push("w", Dtype::F32, vec![2]);
-        let (arena, tensors) = layout.finish();
-        let sealed = ArenaWriter::create("test", arena.size).unwrap().seal().unwrap();
-        let fd = sealed.fd().try_clone_to_owned().unwrap();
+        let (mut arena, tensors) = layout.finish();
+        arena.kind = kind;
         escrow.deposit(Manifest::new("t".into(), vec![arena], tensors), vec![fd])
+    }
+
+    #[test]
+    fn cuda_arenas_are_held_and_memfds_posing_as_them_refused() {
+        let escrow = Escrow::default();
+        let kind = MemoryKind::CudaVmm { device: 0 };
+        let (pipe, _writer) = rustix::pipe::pipe().unwrap(); // stands in for an exported VMM handle
+        assert_eq!(publish_as(&escrow, kind, pipe).unwrap(), 1);
+        assert_eq!(escrow.current().unwrap().arenas[0].kind(), kind);
+        let memfd = ArenaWriter::create("test", 4096).unwrap().seal().unwrap().fd().try_clone_to_owned().unwrap();
+        let err = publish_as(&escrow, kind, memfd).unwrap_err();
+        assert!(matches!(err, DepositError::Arena { arena: 0, .. }), "{err}");
     }
 
     #[test]
