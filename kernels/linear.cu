@@ -3,9 +3,11 @@
 //
 // seeded_inputs:   x[b*n + i] = the i-th uniform draw of SplitMix64 seeded with seeds[b], bit for bit
 //                  the same as the host (examples/linear/seeded.rs).
-// bias_add_rowsum: y[b*out + o] += bias[o]; y_sum[b] = sum over o of the new row, in double.
-//                  One block of exactly 256 threads per row; y_sum[b] is WRITTEN (not accumulated),
-//                  so it needs no zeroing, and the summation order is fixed (bit-identical reruns).
+// bias_add_rowsum: y[b*out + o] += bias[o]; y_sum[b] = sum over o of the new row, in double;
+//                  y_head[b*head + o] = the new y[b*out + o] for o < head (the answer's first values,
+//                  gathered so one small copy brings them back). One block of exactly 256 threads
+//                  per row; y_sum[b] is WRITTEN (not accumulated), so it needs no zeroing, and the
+//                  summation order is fixed (bit-identical reruns).
 
 #define SPLITMIX_GAMMA 0x9E3779B97F4A7C15ULL
 #define ROWSUM_THREADS 256
@@ -35,9 +37,10 @@ extern "C" __global__ void seeded_inputs(float* x, const unsigned long long* see
     }
 }
 
-// y: [batch, out] row-major; bias: [out]; y_sum: [batch].
+// y: [batch, out] row-major; bias: [out]; y_sum: [batch]; y_head: [batch, head], head <= out.
 // Launch with blockDim.x == 256 (ROWSUM_THREADS); any gridDim.x (grid-stride loop over rows).
-extern "C" __global__ void bias_add_rowsum(float* y, const float* bias, double* y_sum, int batch, int out) {
+extern "C" __global__ void bias_add_rowsum(float* y, const float* bias, double* y_sum, float* y_head,
+                                           int batch, int out, int head) {
     __shared__ double partial[ROWSUM_THREADS];
     for (long long b = blockIdx.x; b < batch; b += gridDim.x) {
         float* row = y + b * (long long)out;
@@ -45,6 +48,9 @@ extern "C" __global__ void bias_add_rowsum(float* y, const float* bias, double* 
         for (int o = threadIdx.x; o < out; o += blockDim.x) {
             float v = row[o] + bias[o];
             row[o] = v;
+            if (o < head) {
+                y_head[b * (long long)head + o] = v;
+            }
             acc += (double)v;
         }
         partial[threadIdx.x] = acc;

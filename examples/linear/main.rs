@@ -2,11 +2,15 @@
 //!
 //! - `POST /infer` with `{"seed": n}` or `{"x": [f32; in]}` →
 //!   `{"y_sum": f64, "y_head": [first 8 of y], "generation": G, "worker": pid}`
-//! - `GET /healthz` → `{"status": "ok", "generation": G, "worker": pid}`
+//! - `GET /healthz` → `{"status": "ok", "generation": G, "worker": pid, "backend": ..., "batches": ...}`
+//! - With the weights on a GPU (`supervisor run --backend cuda`), requests are answered in
+//!   dynamic batches by cuBLAS and the kernels of `kernels/` ([`gpu`]):
+//!   `linear-worker serve --max-batch 32 --max-wait-us 0`.
 //! - `linear-worker make-weights --in I --out O --seed S [PATH]` writes the weights file
 //!   (PATH defaults to `$FORKLESS_MODEL`, as set by `[model] make_if_missing`).
 #![forbid(unsafe_code)]
 
+mod gpu;
 mod model;
 mod seeded;
 mod service;
@@ -26,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve under `supervisor run` (the default).
-    Serve,
+    Serve(ServeArgs),
     /// Write deterministic weights (see model.rs for the generator).
     MakeWeights {
         #[arg(long = "in", default_value_t = 2048)]
@@ -40,10 +44,37 @@ enum Command {
     },
 }
 
+/// Dynamic batching on the GPU backend (ignored on the host backend).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct ServeArgs {
+    /// At most this many requests share one pass over the weights.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_batch: u32,
+    /// After a batch's first request, wait at most this many microseconds for more (0: take
+    /// what is queued; under load, requests queue while the GPU runs the previous batch).
+    #[arg(long, default_value_t = 0)]
+    max_wait_us: u64,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        ServeArgs { max_batch: 32, max_wait_us: 0 }
+    }
+}
+
+impl ServeArgs {
+    fn batching(self) -> gpu::BatchSettings {
+        gpu::BatchSettings {
+            max_batch: self.max_batch as usize,
+            max_wait: std::time::Duration::from_micros(self.max_wait_us),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     forkless_supervisor::logging::init_child();
-    match Cli::parse().command.unwrap_or(Command::Serve) {
-        Command::Serve => service::main(),
+    match Cli::parse().command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => service::main(args.batching()),
         Command::MakeWeights { inputs, outputs, seed, path } => make_weights(inputs, outputs, seed, path),
     }
 }

@@ -27,8 +27,13 @@ impl Linear {
     pub fn new(generation: Arc<Generation>) -> Result<Self, ModelError> {
         let weight = generation.shape("weight")?.to_vec();
         let bias = generation.shape("bias")?.to_vec();
-        generation.tensor::<f32>("weight")?;
-        generation.tensor::<f32>("bias")?;
+        if generation.on_gpu() {
+            generation.device_tensor::<f32>("weight")?;
+            generation.device_tensor::<f32>("bias")?;
+        } else {
+            generation.tensor::<f32>("weight")?;
+            generation.tensor::<f32>("bias")?;
+        }
         match (weight.as_slice(), bias.as_slice()) {
             ([out, inp], [b]) if out == b => {
                 Ok(Linear { inputs: *inp as usize, outputs: *out as usize, generation: generation.clone() })
@@ -41,7 +46,12 @@ impl Linear {
         self.generation.number()
     }
 
-    /// `y = W x + b`. `x.len()` must equal `inputs`.
+    /// True when the weights are on a GPU (answered by the [`crate::gpu::GpuEngine`]).
+    pub fn on_gpu(&self) -> bool {
+        self.generation.on_gpu()
+    }
+
+    /// `y = W x + b` on the CPU (host backend). `x.len()` must equal `inputs`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         assert_eq!(x.len(), self.inputs, "caller checks the input length");
         let w = self.generation.tensor::<f32>("weight").expect("checked in new");

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use forkless_worker::{Generations, Requests, Worker, EXIT_FATAL};
 use serde::{Deserialize, Serialize};
 
+use crate::gpu::{BatchSettings, GpuEngine, Input};
 use crate::model::Linear;
 use crate::seeded::input_from_seed;
 
@@ -35,6 +36,8 @@ struct AppState {
     generations: Generations,
     requests: Requests,
     pid: u32,
+    /// The GPU engine, when the weights are on a GPU; `None` computes on the CPU.
+    engine: Option<GpuEngine>,
 }
 
 impl AppState {
@@ -62,26 +65,41 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Err(response) => return *response,
     };
     let inputs = model.inputs;
-    let x = match (request.seed, request.x) {
-        (Some(seed), None) => input_from_seed(seed, inputs),
-        (None, Some(x)) if x.len() == inputs => x,
+    let input = match (request.seed, request.x) {
+        (Some(seed), None) => Input::Seed(seed),
+        (None, Some(x)) if x.len() == inputs => Input::X(x),
         (None, Some(x)) => return bad_request(format!("x has {} elements; this model takes {inputs}", x.len())),
         _ => return bad_request("give exactly one of {\"seed\": u64} or {\"x\": [f32]}".into()),
     };
-    // The matrix-vector product is CPU-bound: keep it off the async threads.
-    let generation = model.generation();
-    let y = match tokio::task::spawn_blocking(move || model.forward(&x)).await {
-        Ok(y) => y,
+    let answer = match &state.engine {
+        Some(engine) => {
+            drop(model); // the engine takes the generation per batch
+            engine.infer(input).await
+        }
+        None => forward_on_cpu(model, input).await,
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {e}")).into_response(),
     };
     state.requests.finished();
-    Json(InferResponse {
+    Json(InferResponse { y_sum: answer.y_sum, y_head: answer.y_head, generation: answer.generation, worker: state.pid })
+        .into_response()
+}
+
+/// The host backend: the matrix-vector product is CPU-bound, so it runs off the async threads.
+async fn forward_on_cpu(model: Linear, input: Input) -> Result<crate::gpu::Answer, String> {
+    let generation = model.generation();
+    let x = match input {
+        Input::Seed(seed) => input_from_seed(seed, model.inputs),
+        Input::X(x) => x,
+    };
+    let y = tokio::task::spawn_blocking(move || model.forward(&x)).await.map_err(|e| e.to_string())?;
+    Ok(crate::gpu::Answer {
         y_sum: y.iter().map(|&v| v as f64).sum(),
-        y_head: y.iter().take(8).copied().collect(),
+        y_head: y.iter().take(crate::gpu::HEAD).copied().collect(),
         generation,
-        worker: state.pid,
     })
-    .into_response()
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
@@ -94,17 +112,19 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
         "generation": model.generation(),
         "worker": state.pid,
         "model": { "in": model.inputs, "out": model.outputs },
+        "backend": if model.on_gpu() { "cuda" } else { "host" },
+        "batches": state.engine.as_ref().map(|engine| engine.stats().summary()),
     }))
     .into_response()
 }
 
-pub fn main() -> ExitCode {
+pub fn main(batching: BatchSettings) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    runtime.block_on(serve())
+    runtime.block_on(serve(batching))
 }
 
 fn fail(message: impl std::fmt::Display, fatal: bool) -> ExitCode {
@@ -116,7 +136,7 @@ fn fail_with(message: impl std::fmt::Display, code: i32) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-async fn serve() -> ExitCode {
+async fn serve(batching: BatchSettings) -> ExitCode {
     let mut worker = match Worker::from_env().await {
         Ok(worker) => worker,
         Err(e) => return fail_with(format!("cannot attach: {e}"), e.exit_code()),
@@ -129,11 +149,28 @@ async fn serve() -> ExitCode {
         Ok(listeners) => listeners,
         Err(e) => return fail(e, true),
     };
-    // Warm-up: one pass touches every weight page, so the first request is not the slow one.
-    // It consumes `model`: holding the generation here would keep it mapped after a swap.
-    let _ = tokio::task::spawn_blocking(move || model.forward(&input_from_seed(0, model.inputs))).await;
-    let state =
-        Arc::new(AppState { generations: worker.generations(), requests: worker.requests(), pid: std::process::id() });
+    // Warm-up: one pass touches every weight page (or, on the GPU, loads the kernels and picks
+    // cuBLAS's), so the first request is not the slow one. It consumes `model`: holding the
+    // generation here would keep it mapped after a swap.
+    let engine = if model.on_gpu() {
+        drop(model);
+        let generations = worker.generations();
+        match tokio::task::spawn_blocking(move || GpuEngine::start(generations, batching)).await {
+            Ok(Ok(engine)) => Some(engine),
+            Ok(Err(e)) => return fail(format!("cannot start the GPU engine: {e}"), false),
+            Err(e) => return fail(format!("cannot start the GPU engine: {e}"), false),
+        }
+    } else {
+        let _ = tokio::task::spawn_blocking(move || model.forward(&input_from_seed(0, model.inputs))).await;
+        None
+    };
+    let engine_stats = engine.clone();
+    let state = Arc::new(AppState {
+        generations: worker.generations(),
+        requests: worker.requests(),
+        pid: std::process::id(),
+        engine,
+    });
     let app = Router::new().route("/infer", post(infer)).route("/healthz", get(healthz)).with_state(state);
     if let Err(e) = worker.ready().await {
         return fail(format!("cannot report ready: {e}"), false);
@@ -153,6 +190,9 @@ async fn serve() -> ExitCode {
             code = fail(format!("server error: {e}"), false);
         }
     }
-    tracing::info!("drained; exiting");
+    match engine_stats {
+        Some(engine) => tracing::info!(batches = %engine.stats().summary(), "drained; exiting"),
+        None => tracing::info!("drained; exiting"),
+    }
     code
 }

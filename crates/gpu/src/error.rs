@@ -131,6 +131,15 @@ pub enum GpuError {
     /// An imported arena's size is not a multiple of the allocation granularity.
     #[error("arena size {size} is not a multiple of the GPU's {granularity}-byte granularity: send the exporter's rounded size (VmmArena::size)")]
     Misaligned { size: u64, granularity: u64 },
+    /// A typed view would start at an address not aligned for its element type.
+    #[error("a view at byte offset {offset} is not aligned to {align} bytes: place tensors at aligned offsets")]
+    ViewMisaligned { offset: u64, align: u64 },
+    /// Reading the weights file for an upload failed.
+    #[error("cannot read {len} bytes at offset {offset} of the weights file: {source}: check the file is complete and readable")]
+    Read { offset: u64, len: usize, source: std::io::Error },
+    /// cuBLAS reported an error.
+    #[error("{op} failed: {status}: check the shapes passed to Blas, and that libcublas.so.13 matches the driver")]
+    Cublas { op: &'static str, status: String },
     /// An arena of zero bytes was requested.
     #[error("an arena of 0 bytes was requested: ask for at least 1 byte")]
     Empty,
@@ -192,6 +201,9 @@ mod tests {
             GpuError::Driver { op: "cuMemMap", result: CuResult(1) },
             GpuError::OutOfBounds { offset: 8, len: 9, size: 16 },
             GpuError::Misaligned { size: 3, granularity: 2 << 20 },
+            GpuError::ViewMisaligned { offset: 2, align: 4 },
+            GpuError::Read { offset: 0, len: 8, source: std::io::Error::other("x") },
+            GpuError::Cublas { op: "cublasSgemm", status: "X".into() },
             GpuError::Empty,
             GpuError::ReadOnly,
             GpuError::Fd(std::io::Error::other("x")),

@@ -1,23 +1,25 @@
-//! The demo's CUDA kernels (`kernels/linear.cu`), compiled at run time by NVRTC for the GPU at
-//! hand, with safe launch wrappers.
+//! forkless's CUDA kernels, compiled at run time by NVRTC for the GPU at hand, with safe launch
+//! wrappers:
 //!
-//! - `seeded_inputs`: the input rows of `{"seed": n}` requests, generated on the GPU, bit for bit
-//!   the same as the host's SplitMix64 (`examples/linear/seeded.rs`);
-//! - `bias_add_rowsum`: `y += bias` row by row, and each row's sum in f64 (written, not
-//!   accumulated: `y_sum` needs no zeroing).
+//! - `arena_checksum` (`kernels/arena.cu`): the checksum of a cuda-vmm arena
+//!   ([`crate::checksum`] defines it), read at HBM speed;
+//! - `seeded_inputs` (`kernels/linear.cu`): the input rows of `{"seed": n}` requests, generated
+//!   on the GPU, bit for bit the same as the host's SplitMix64 (`examples/linear/seeded.rs`);
+//! - `bias_add_rowsum`: `y += bias` row by row, each row's sum in f64 (written, not
+//!   accumulated: `y_sum` needs no zeroing), and each row's first values gathered.
 //!
-//! [`Kernels::compile`] checks that NVRTC is present first ([`nvrtc_available`]), compiles for
-//! the device's architecture (`sm_XY` from its compute capability), loads the module and looks up
-//! both functions. Compile once per process and hold the result (about 0.4 s on an H100 with
-//! NVRTC 13.0, most of it loading NVRTC and compiling).
-//! Where the driver cannot JIT the PTX of a newer NVRTC (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`),
-//! the same source is compiled to a CUBIN instead.
+//! [`Kernels::load`] checks that NVRTC is present first ([`nvrtc_available`]), compiles both
+//! files as one program to a CUBIN for the device's exact architecture (`sm_XY`), loads it and
+//! looks the functions up. Compiling costs about 0.4 s on an H100 (most of it loading NVRTC),
+//! so the CUBIN is cached in a folder (the supervisor passes one to its children), keyed by the
+//! source, the architecture and NVRTC's version: a restarted process loads it in milliseconds.
 //!
-//! The wrappers take cudarc-owned buffers ([`CudaSlice`]) that this process allocated; imported
-//! memory must never be wrapped in a `CudaSlice` (its drop would free it).
+//! The wrappers take the caller's cudarc buffers (anything `DevicePtr`/`DevicePtrMut`) for
+//! scratch data, and a [`DeviceView`] where they read weights: imported memory must never be
+//! wrapped in a `CudaSlice` (its drop would free it).
 //!
 //! ```
-//! assert!(forkless_gpu::kernels::LINEAR_SOURCE.contains("seeded_inputs"));
+//! assert!(forkless_gpu::kernels::SOURCE.contains("seeded_inputs"));
 //! match forkless_gpu::Kernels::open(0) {
 //!     Ok(k) => println!("kernels for {} ({})", k.arch(), k.loaded_from()),
 //!     Err(e) => assert!(e.to_string().contains(": ")), // every error says what to do
@@ -28,14 +30,26 @@ use std::ffi::{c_char, c_int, CStr, CString};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::path::{Path, PathBuf};
+
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{self, CompileOptions, Ptx};
 
 use crate::device::{nvrtc_available, Gpu};
-use crate::error::{CuResult, GpuError};
+use crate::error::GpuError;
+use crate::view::DeviceView;
 
 /// The CUDA source of the demo's kernels.
 pub const LINEAR_SOURCE: &str = include_str!("../../../kernels/linear.cu");
+/// The CUDA source of the arena kernels.
+pub const ARENA_SOURCE: &str = include_str!("../../../kernels/arena.cu");
+/// Everything NVRTC compiles: both files, as one program.
+pub const SOURCE: &str =
+    concat!(include_str!("../../../kernels/arena.cu"), "\n", include_str!("../../../kernels/linear.cu"));
+/// Threads per block of `arena_checksum`.
+const CHECKSUM_THREADS: u32 = 256;
+/// Largest head (first values per row) `bias_add_rowsum` gathers: one block's threads.
+pub const MAX_HEAD: usize = ROWSUM_THREADS as usize;
 
 /// Threads per block of `bias_add_rowsum` (the kernel's `ROWSUM_THREADS`).
 const ROWSUM_THREADS: u32 = 256;
@@ -44,9 +58,6 @@ const SEEDED_THREADS: u32 = 256;
 /// At most this many blocks for grid-stride kernels (plenty to fill an H100).
 const MAX_BLOCKS: u32 = 65_535;
 
-/// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION`: the PTX is newer than the driver's JIT.
-const UNSUPPORTED_PTX_VERSION: u32 = 222;
-
 /// What can go wrong compiling or launching the kernels. Every message ends with what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -54,7 +65,7 @@ pub enum KernelError {
     #[error(transparent)]
     Gpu(#[from] GpuError),
     /// NVRTC rejected the source (or failed to produce code).
-    #[error("NVRTC could not compile kernels/linear.cu for {arch} ({nvrtc}); log: {log}: fix the kernel source, or install an NVRTC 13 that knows {arch}")]
+    #[error("NVRTC could not compile kernels/*.cu for {arch} ({nvrtc}); log: {log}: fix the kernel source, or install an NVRTC 13 that knows {arch}")]
     Compile { arch: String, nvrtc: String, log: String },
     /// Buffer lengths that do not fit the kernel's shape.
     #[error("{kernel}: {detail}: pass buffers whose lengths match the shape")]
@@ -64,29 +75,30 @@ pub enum KernelError {
     WrongContext { kernel: &'static str },
 }
 
-/// How the module was loaded: from NVRTC's PTX (JIT by the driver) or from a CUBIN.
+/// Where the loaded CUBIN came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadedFrom {
-    /// PTX from `compile_ptx_with_opts`, JIT-compiled by the driver.
-    Ptx,
-    /// A CUBIN from NVRTC (the driver could not JIT the PTX of a newer NVRTC).
-    Cubin,
+    /// Compiled by NVRTC in this process.
+    Compiled,
+    /// Read from the kernel cache folder (compiled earlier by another process).
+    Cache,
 }
 
 impl std::fmt::Display for LoadedFrom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            LoadedFrom::Ptx => "PTX",
-            LoadedFrom::Cubin => "CUBIN",
+            LoadedFrom::Compiled => "a CUBIN compiled by NVRTC",
+            LoadedFrom::Cache => "the kernel cache",
         })
     }
 }
 
-/// The compiled kernels of `kernels/linear.cu`, loaded into one GPU's context.
+/// The compiled kernels of `kernels/*.cu`, loaded into one GPU's context.
 #[derive(Debug)]
 pub struct Kernels {
     gpu: Gpu,
     _module: Arc<CudaModule>,
+    arena_checksum: CudaFunction,
     seeded_inputs: CudaFunction,
     bias_add_rowsum: CudaFunction,
     arch: String,
@@ -114,15 +126,16 @@ pub fn nvrtc_version() -> Result<(i32, i32), KernelError> {
     Ok((major, minor))
 }
 
-/// Compiles [`LINEAR_SOURCE`] to PTX for `arch` (e.g. `sm_90`). Checks for NVRTC first.
-pub fn compile_linear_ptx(arch: &str) -> Result<Ptx, KernelError> {
+/// Compiles [`SOURCE`] to PTX for `arch` (e.g. `sm_90`). Checks for NVRTC first. (The
+/// kernels load from a CUBIN; PTX is for inspecting what NVRTC makes of the source.)
+pub fn compile_ptx(arch: &str) -> Result<Ptx, KernelError> {
     nvrtc_available()?;
     let opts = CompileOptions {
-        name: Some("linear.cu".into()),
+        name: Some("forkless.cu".into()),
         options: vec![format!("--gpu-architecture={arch}")],
         ..Default::default()
     };
-    nvrtc::compile_ptx_with_opts(LINEAR_SOURCE, opts).map_err(|e| compile_error(arch, e))
+    nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| compile_error(arch, e))
 }
 
 fn compile_error(arch: &str, e: nvrtc::CompileError) -> KernelError {
@@ -136,9 +149,9 @@ fn compile_error(arch: &str, e: nvrtc::CompileError) -> KernelError {
     }
 }
 
-/// Compiles [`LINEAR_SOURCE`] to a CUBIN for the real architecture `arch` (e.g. `sm_90`).
+/// Compiles [`SOURCE`] to a CUBIN for the real architecture `arch` (e.g. `sm_90`).
 /// cudarc's safe API only returns PTX, so this goes through NVRTC's C API.
-pub fn compile_linear_cubin(arch: &str) -> Result<Vec<u8>, KernelError> {
+pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, KernelError> {
     use nvrtc::{result, sys};
     nvrtc_available()?;
     let fail = |what: &str, e: result::NvrtcError| KernelError::Compile {
@@ -146,12 +159,12 @@ pub fn compile_linear_cubin(arch: &str) -> Result<Vec<u8>, KernelError> {
         nvrtc: format!("{e}"),
         log: format!("{what} failed"),
     };
-    let src = CString::new(LINEAR_SOURCE).map_err(|_| KernelError::Compile {
+    let src = CString::new(SOURCE).map_err(|_| KernelError::Compile {
         arch: arch.into(),
         nvrtc: "-".into(),
         log: "the source contains a NUL byte".into(),
     })?;
-    let prog = result::create_program(&src, Some(c"linear.cu")).map_err(|e| fail("nvrtcCreateProgram", e))?;
+    let prog = result::create_program(&src, Some(c"forkless.cu")).map_err(|e| fail("nvrtcCreateProgram", e))?;
     /// Destroys the program on every path out.
     struct Program(sys::nvrtcProgram);
     impl Drop for Program {
@@ -184,39 +197,69 @@ pub fn compile_linear_cubin(arch: &str) -> Result<Vec<u8>, KernelError> {
     Ok(cubin)
 }
 
+/// The cache file for this source, architecture and NVRTC version inside `folder`.
+pub fn cache_path(folder: &Path, arch: &str, nvrtc: (i32, i32)) -> PathBuf {
+    let key = xxhash_rust::xxh3::xxh3_64(format!("{SOURCE}\0{arch}\0{}.{}", nvrtc.0, nvrtc.1).as_bytes());
+    folder.join(format!("forkless-kernels-{arch}-{key:016x}.cubin"))
+}
+
+/// Writes `cubin` to `path` atomically (a sibling temp file, then rename), so a reader never
+/// sees half a file. Failure only costs the next process a compile, so it is ignored.
+fn store_in_cache(path: &Path, cubin: &[u8]) {
+    let partial = path.with_extension(format!("partial.{}", std::process::id()));
+    if std::fs::write(&partial, cubin).and_then(|()| std::fs::rename(&partial, path)).is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+}
+
 impl Kernels {
-    /// Opens GPU `ordinal` and compiles the kernels for it; an error, never a panic, where the
-    /// driver, the GPU or NVRTC is missing.
+    /// Opens GPU `ordinal` and compiles the kernels for it (no cache); an error, never a
+    /// panic, where the driver, the GPU or NVRTC is missing.
     pub fn open(ordinal: usize) -> Result<Kernels, KernelError> {
         nvrtc_available()?;
         let gpu = Gpu::open(ordinal)?;
         Kernels::compile(&gpu)
     }
 
-    /// Compiles [`LINEAR_SOURCE`] for `gpu`'s architecture, loads it and looks up both kernels.
+    /// Compiles the kernels for `gpu` with NVRTC, without a cache.
     pub fn compile(gpu: &Gpu) -> Result<Kernels, KernelError> {
+        Kernels::load(gpu, None)
+    }
+
+    /// Loads the kernels for `gpu`'s architecture: from `cache` when it holds a CUBIN of
+    /// this exact source, architecture and NVRTC version, else compiled by NVRTC (and stored
+    /// there for the next process). NVRTC must be installed either way: its version is part
+    /// of the key.
+    pub fn load(gpu: &Gpu, cache: Option<&Path>) -> Result<Kernels, KernelError> {
         nvrtc_available()?;
         let arch = arch_for(gpu.info().compute_capability);
-        let ctx = gpu.context();
         let start = Instant::now();
-        let ptx = compile_linear_ptx(&arch)?;
-        let (module, loaded_from) = match ctx.load_module(ptx) {
-            Ok(m) => (m, LoadedFrom::Ptx),
-            Err(e) if CuResult::from(e).0 == UNSUPPORTED_PTX_VERSION => {
-                let cubin = compile_linear_cubin(&arch)?;
-                let m = ctx.load_module(Ptx::from_binary(cubin)).map_err(load_err("cuModuleLoadData(cubin)"))?;
-                (m, LoadedFrom::Cubin)
+        let cached = match cache {
+            Some(folder) => Some(cache_path(folder, &arch, nvrtc_version()?)),
+            None => None,
+        };
+        let from_cache = cached.as_deref().and_then(|path| std::fs::read(path).ok());
+        let ctx = gpu.context();
+        let (module, loaded_from) = match from_cache.map(|cubin| ctx.load_module(Ptx::from_binary(cubin))) {
+            Some(Ok(module)) => (module, LoadedFrom::Cache),
+            // A missing or unloadable cache entry (another driver, a torn file): compile.
+            _ => {
+                let cubin = compile_cubin(&arch)?;
+                if let Some(path) = &cached {
+                    store_in_cache(path, &cubin);
+                }
+                let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(load_err("cuModuleLoadData(cubin)"))?;
+                (module, LoadedFrom::Compiled)
             }
-            Err(e) => return Err(load_err("cuModuleLoadData(ptx)")(e)),
         };
         let compile_time = start.elapsed();
-        let seeded_inputs = module.load_function("seeded_inputs").map_err(load_err("cuModuleGetFunction"))?;
-        let bias_add_rowsum = module.load_function("bias_add_rowsum").map_err(load_err("cuModuleGetFunction"))?;
+        let function = |name: &str| module.load_function(name).map_err(load_err("cuModuleGetFunction"));
         Ok(Kernels {
             gpu: gpu.clone(),
+            arena_checksum: function("arena_checksum")?,
+            seeded_inputs: function("seeded_inputs")?,
+            bias_add_rowsum: function("bias_add_rowsum")?,
             _module: module,
-            seeded_inputs,
-            bias_add_rowsum,
             arch,
             compile_time,
             loaded_from,
@@ -228,12 +271,12 @@ impl Kernels {
         &self.arch
     }
 
-    /// How long compiling and loading took (NVRTC plus the driver's module load).
+    /// How long loading took (NVRTC, if it ran, plus the driver's module load).
     pub fn compile_time(&self) -> Duration {
         self.compile_time
     }
 
-    /// Whether the module came from PTX or (fallback) a CUBIN.
+    /// Whether the CUBIN was compiled here or read from the cache.
     pub fn loaded_from(&self) -> LoadedFrom {
         self.loaded_from
     }
@@ -251,22 +294,53 @@ impl Kernels {
         }
     }
 
-    /// Fills `x` (`[seeds.len(), n]` row-major) with the inputs of `{"seed": seeds[b]}`:
-    /// `x[b*n + i]` is draw `i` of SplitMix64 seeded with `seeds[b]`, as on the host.
-    /// Asynchronous on `stream`.
+    /// The checksum ([`crate::checksum`]) of the bytes behind `arena` (whole 8-byte words),
+    /// computed on the GPU; waits for the result.
+    pub fn arena_checksum(&self, stream: &Arc<CudaStream>, arena: DeviceView<'_, u64>) -> Result<u64, KernelError> {
+        const K: &str = "arena_checksum";
+        self.check_stream(stream, K)?;
+        let mut sum = stream.alloc_zeros::<u64>(1).map_err(load_err("cuMemAlloc"))?;
+        let words = arena.len() as u64;
+        let blocks = (arena.len().div_ceil(CHECKSUM_THREADS as usize)).clamp(1, MAX_BLOCKS as usize) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (CHECKSUM_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let arena_ptr = arena.ptr();
+        {
+            let (sum_ptr, _sum_done) = sum.device_ptr_mut(stream);
+            let mut launch = stream.launch_builder(&self.arena_checksum);
+            launch.arg(&arena_ptr).arg(&words).arg(&sum_ptr);
+            // SAFETY: the arguments match `arena_checksum(const u64*, u64, u64*)` in order and
+            // type; the kernel reads exactly `words` words from the view (borrowed, so mapped)
+            // and adds into the one word of `sum`; the block size is a multiple of 32 (warp
+            // shuffles); all memory belongs to this stream's context (checked).
+            unsafe { launch.launch(cfg) }.map_err(launch_err("cuLaunchKernel(arena_checksum)"))?;
+        }
+        let total = stream.clone_dtoh(&sum).map_err(load_err("cuMemcpyDtoH"))?;
+        stream.synchronize().map_err(load_err("cuStreamSynchronize"))?;
+        Ok(crate::checksum::finish(total[0], arena.num_bytes() as u64))
+    }
+
+    /// Fills the first `batch × n` elements of `x` (row-major `[batch, n]`) with the inputs of
+    /// `{"seed": seeds[b]}`: `x[b*n + i]` is draw `i` of SplitMix64 seeded with `seeds[b]`, as
+    /// on the host. Asynchronous on `stream`.
     pub fn seeded_inputs(
         &self,
-        stream: &CudaStream,
-        x: &mut CudaSlice<f32>,
-        seeds: &CudaSlice<u64>,
+        stream: &Arc<CudaStream>,
+        x: &mut impl DevicePtrMut<f32>,
+        seeds: &impl DevicePtr<u64>,
+        batch: usize,
         n: usize,
     ) -> Result<(), KernelError> {
         const K: &str = "seeded_inputs";
         self.check_stream(stream, K)?;
-        let batch = seeds.len();
-        let total = batch.checked_mul(n).filter(|&t| t == x.len()).ok_or_else(|| KernelError::Shape {
-            kernel: K,
-            detail: format!("x has {} elements, seeds {batch} x n {n} need {}", x.len(), batch.saturating_mul(n)),
+        let total = batch.checked_mul(n).filter(|&t| t <= x.len() && batch <= seeds.len()).ok_or_else(|| {
+            KernelError::Shape {
+                kernel: K,
+                detail: format!(
+                    "x has {} elements and seeds {}; batch {batch} x n {n} do not fit",
+                    x.len(),
+                    seeds.len()
+                ),
+            }
         })?;
         let (batch_i, n_i) = (to_i32(K, "batch", batch)?, to_i32(K, "n", n)?);
         if total == 0 {
@@ -274,48 +348,67 @@ impl Kernels {
         }
         let blocks = total.div_ceil(SEEDED_THREADS as usize).min(MAX_BLOCKS as usize) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (SEEDED_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (x_ptr, _x_done) = x.device_ptr_mut(stream);
+        let (seeds_ptr, _seeds_done) = seeds.device_ptr(stream);
         let mut launch = stream.launch_builder(&self.seeded_inputs);
-        launch.arg(x).arg(seeds).arg(&batch_i).arg(&n_i);
+        launch.arg(&x_ptr).arg(&seeds_ptr).arg(&batch_i).arg(&n_i);
         // SAFETY: the arguments match `seeded_inputs(float*, const unsigned long long*, int, int)`
-        // in order and type; x holds exactly batch*n floats and seeds batch u64 (checked above),
-        // so the kernel stays in bounds; both buffers belong to this stream's context (checked).
+        // in order and type; x holds at least batch*n floats and seeds batch u64 (checked
+        // above), so the kernel stays in bounds; both buffers belong to this stream's context.
         unsafe { launch.launch(cfg) }.map_err(launch_err("cuLaunchKernel(seeded_inputs)"))?;
         Ok(())
     }
 
-    /// `y[b*out + o] += bias[o]` for `y` of shape `[y_sum.len(), bias.len()]`, then
-    /// `y_sum[b] = Σ_o y[b*out + o]` in f64. `y_sum` is overwritten (no zeroing needed); the
-    /// summation order is fixed, so reruns are bit-identical. Asynchronous on `stream`.
+    /// For each row `b < batch` of `y` (row-major `[batch, bias.len()]`): `y[b][o] += bias[o]`,
+    /// `y_sum[b] = Σ_o y[b][o]` in f64, and `y_head[b*head + o] = y[b][o]` for `o < head`
+    /// (`head <= MAX_HEAD`). `y_sum` is overwritten (no zeroing needed); the summation order is
+    /// fixed, so reruns are bit-identical. Asynchronous on `stream`.
+    #[allow(clippy::too_many_arguments)] // one per kernel parameter, each a distinct buffer
     pub fn bias_add_rowsum(
         &self,
-        stream: &CudaStream,
-        y: &mut CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
-        y_sum: &mut CudaSlice<f64>,
+        stream: &Arc<CudaStream>,
+        y: &mut impl DevicePtrMut<f32>,
+        bias: DeviceView<'_, f32>,
+        y_sum: &mut impl DevicePtrMut<f64>,
+        y_head: &mut impl DevicePtrMut<f32>,
+        batch: usize,
+        head: usize,
     ) -> Result<(), KernelError> {
         const K: &str = "bias_add_rowsum";
         self.check_stream(stream, K)?;
-        let (batch, out) = (y_sum.len(), bias.len());
-        batch.checked_mul(out).filter(|&t| t == y.len()).ok_or_else(|| KernelError::Shape {
-            kernel: K,
-            detail: format!(
-                "y has {} elements, y_sum {batch} x bias {out} need {}",
-                y.len(),
-                batch.saturating_mul(out)
-            ),
-        })?;
-        let (batch_i, out_i) = (to_i32(K, "batch", batch)?, to_i32(K, "out", out)?);
+        let out = bias.len();
+        let fits = batch.checked_mul(out).is_some_and(|t| t <= y.len())
+            && batch <= y_sum.len()
+            && head <= out.min(MAX_HEAD)
+            && batch.checked_mul(head).is_some_and(|t| t <= y_head.len());
+        if !fits {
+            return Err(KernelError::Shape {
+                kernel: K,
+                detail: format!(
+                    "y has {}, y_sum {}, y_head {} elements; batch {batch} x out {out} with head {head} do not fit",
+                    y.len(),
+                    y_sum.len(),
+                    y_head.len()
+                ),
+            });
+        }
+        let (batch_i, out_i, head_i) = (to_i32(K, "batch", batch)?, to_i32(K, "out", out)?, to_i32(K, "head", head)?);
         if batch == 0 {
             return Ok(());
         }
         let blocks = batch.min(MAX_BLOCKS as usize) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROWSUM_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let bias_ptr = bias.ptr();
+        let (y_ptr, _y_done) = y.device_ptr_mut(stream);
+        let (sum_ptr, _sum_done) = y_sum.device_ptr_mut(stream);
+        let (head_ptr, _head_done) = y_head.device_ptr_mut(stream);
         let mut launch = stream.launch_builder(&self.bias_add_rowsum);
-        launch.arg(y).arg(bias).arg(y_sum).arg(&batch_i).arg(&out_i);
-        // SAFETY: the arguments match `bias_add_rowsum(float*, const float*, double*, int, int)`
-        // in order and type; y holds batch*out floats, bias out, y_sum batch (checked above); the
-        // block has the 256 threads the kernel's shared array is sized for; all buffers belong to
-        // this stream's context (checked).
+        launch.arg(&y_ptr).arg(&bias_ptr).arg(&sum_ptr).arg(&head_ptr).arg(&batch_i).arg(&out_i).arg(&head_i);
+        // SAFETY: the arguments match `bias_add_rowsum(float*, const float*, double*, float*,
+        // int, int, int)` in order and type; the extents were checked above (y batch*out,
+        // y_sum batch, y_head batch*head, bias out through its borrowed view); the block has
+        // the 256 threads the kernel's shared array is sized for; all memory belongs to this
+        // stream's context.
         unsafe { launch.launch(cfg) }.map_err(launch_err("cuLaunchKernel(bias_add_rowsum)"))?;
         Ok(())
     }
@@ -339,7 +432,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn source_has_both_entry_points() {
+    fn source_has_every_entry_point() {
+        assert!(SOURCE.starts_with(ARENA_SOURCE) && SOURCE.ends_with(LINEAR_SOURCE));
+        assert!(ARENA_SOURCE.contains("extern \"C\" __global__ void arena_checksum("));
+        assert!(!ARENA_SOURCE.contains("#include"), "NVRTC gets no headers");
+        assert!(ARENA_SOURCE.contains("0x9E3779B97F4A7C15ULL"), "same gamma as checksum.rs");
         assert!(LINEAR_SOURCE.contains("extern \"C\" __global__ void seeded_inputs("));
         assert!(LINEAR_SOURCE.contains("extern \"C\" __global__ void bias_add_rowsum("));
         assert!(!LINEAR_SOURCE.contains("#include"), "NVRTC gets no headers");
@@ -354,8 +451,8 @@ mod tests {
 
     #[test]
     fn without_nvrtc_compiling_is_an_error_not_a_panic() {
-        let ptx = std::panic::catch_unwind(|| compile_linear_ptx("sm_90").map(|_| ())).expect("no panic");
-        let cubin = std::panic::catch_unwind(|| compile_linear_cubin("sm_90").map(|_| ())).expect("no panic");
+        let ptx = std::panic::catch_unwind(|| compile_ptx("sm_90").map(|_| ())).expect("no panic");
+        let cubin = std::panic::catch_unwind(|| compile_cubin("sm_90").map(|_| ())).expect("no panic");
         let open = std::panic::catch_unwind(|| Kernels::open(0).map(|_| ())).expect("no panic");
         let version = std::panic::catch_unwind(nvrtc_version).expect("no panic");
         if nvrtc_available().is_err() {
@@ -368,6 +465,28 @@ mod tests {
             let text = open.unwrap_err().to_string();
             assert!(text.contains(": "), "{text}");
         }
+    }
+
+    #[test]
+    fn cache_entries_are_keyed_by_source_arch_and_nvrtc() {
+        let folder = Path::new("/cache");
+        let a = cache_path(folder, "sm_90", (13, 0));
+        assert!(a.starts_with(folder) && a.to_string_lossy().ends_with(".cubin"), "{a:?}");
+        assert_ne!(a, cache_path(folder, "sm_80", (13, 0)));
+        assert_ne!(a, cache_path(folder, "sm_90", (13, 1)));
+        assert_eq!(a, cache_path(folder, "sm_90", (13, 0)));
+    }
+
+    #[test]
+    fn cache_writes_are_whole_files() {
+        let dir = std::env::temp_dir().join(format!("forkless-kcache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k.cubin");
+        store_in_cache(&path, b"cubin bytes");
+        assert_eq!(std::fs::read(&path).unwrap(), b"cubin bytes");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no partial file left behind");
+        store_in_cache(&dir.join("missing-folder/k.cubin"), b"x"); // ignored, no panic
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   [`ImportedArena`]: such an fd mapped in another process, read-only for workers.
 //! - [`Kernels`]: the demo's CUDA kernels (`kernels/linear.cu`), compiled by NVRTC at run
 //!   time for the GPU at hand, with safe launch wrappers.
+//! - [`DeviceView`]: a typed, non-owning window into such memory; [`Blas`]: cuBLAS on views
+//!   (`y = W x` for a batch), [`checksum`]: the arena checksum the owner records and verifies.
 //! - [`nvml`]: GPU memory per process (NVML; no CUDA context), for status and metrics.
 //!
 //! The crate builds and its tests pass without a CUDA toolkit or driver: cudarc is used with
@@ -23,15 +25,20 @@
 //! }
 //! ```
 
+mod blas;
+pub mod checksum;
 mod device;
 mod error;
 pub mod kernels;
 pub mod nvml;
+mod view;
 mod vmm;
 
+pub use blas::Blas;
 pub use device::{available, cublas_available, driver, nvrtc_available, probe, DeviceInfo, Gpu};
 pub use error::{CuResult, GpuError};
 pub use kernels::{KernelError, Kernels};
+pub use view::DeviceView;
 pub use vmm::{round_up, Access, ImportedArena, VmmArena, WriteMethod};
 
 /// The cudarc version this crate is built on, re-exported for NVRTC modules and cuBLAS.

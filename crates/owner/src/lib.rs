@@ -1,5 +1,5 @@
-//! The owner: loads a safetensors file once into one sealed arena and publishes it to the
-//! supervisor as a generation. It is started by the supervisor by `exec` (as `supervisor owner`),
+//! The owner: loads a safetensors file once into one arena (a sealed memfd, or GPU memory with
+//! the `cuda` backend, see [`cuda`]) and publishes it to the supervisor as a generation. It is started by the supervisor by `exec` (as `supervisor owner`),
 //! never forked from a process that could hold a CUDA context.
 //!
 //! Exit status tells the supervisor what to do: [`EXIT_FATAL`] means "restarting me will not
@@ -13,6 +13,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cuda;
 pub mod model_file;
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -46,12 +47,15 @@ pub enum OwnerError {
     Refused(String),
     #[error("supervisor answered {0} where a different message was expected")]
     Unexpected(&'static str),
+    #[error("{name}={value:?} is not valid: {expected}; it is set by `supervisor run`")]
+    BadEnv { name: &'static str, value: String, expected: &'static str },
 }
 
 impl OwnerError {
     /// The exit status for the supervisor: 78 (fatal), 75 (out of memory for now) or 1.
     pub fn exit_code(&self) -> i32 {
         let out_of_memory = match self {
+            OwnerError::Load(LoadError::Gpu { source, .. }) => source.is_out_of_memory(),
             OwnerError::Load(LoadError::Store {
                 source: forkless_bus::host::ArenaError::Resize { source, .. },
                 ..
@@ -66,8 +70,17 @@ impl OwnerError {
 
     /// True when restarting the owner would fail the same way.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, OwnerError::Load(_) | OwnerError::Env(_) | OwnerError::Orphan(_) | OwnerError::Refused(_))
-            || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
+        if let OwnerError::Load(LoadError::Gpu { .. }) = self {
+            return false; // a GPU hiccup or a full GPU: a restart (with backoff) may succeed
+        }
+        matches!(
+            self,
+            OwnerError::Load(_)
+                | OwnerError::Env(_)
+                | OwnerError::BadEnv { .. }
+                | OwnerError::Orphan(_)
+                | OwnerError::Refused(_)
+        ) || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
     }
 }
 
@@ -94,19 +107,74 @@ fn env(name: &'static str) -> Result<String, OwnerError> {
     std::env::var(name).map_err(|_| OwnerError::Env(name))
 }
 
+/// Where the owner puts the weights: `FORKLESS_BACKEND` and, for `cuda`, the device, the
+/// context's stack limit and the kernel cache, all set by the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Host,
+    Cuda(cuda::CudaSettings),
+}
+
+impl Backend {
+    /// Reads the backend from the environment; unset means `host`.
+    pub fn from_env() -> Result<Backend, OwnerError> {
+        let backend = std::env::var(forkless_bus::ENV_BACKEND).unwrap_or_else(|_| "host".into());
+        match backend.as_str() {
+            "host" => Ok(Backend::Host),
+            "cuda" => Ok(Backend::Cuda(cuda_settings_from_env()?)),
+            _ => Err(OwnerError::BadEnv { name: forkless_bus::ENV_BACKEND, value: backend, expected: "host or cuda" }),
+        }
+    }
+}
+
+/// The `[cuda]` settings the supervisor passes to owner and workers alike.
+pub fn cuda_settings_from_env() -> Result<cuda::CudaSettings, OwnerError> {
+    let number = |name: &'static str| -> Result<Option<u64>, OwnerError> {
+        match std::env::var(name) {
+            Err(_) => Ok(None),
+            Ok(value) => value.parse().map(Some).map_err(|_| OwnerError::BadEnv {
+                name,
+                value,
+                expected: "a non-negative integer",
+            }),
+        }
+    };
+    Ok(cuda::CudaSettings {
+        device: number(forkless_bus::ENV_CUDA_DEVICE)?.unwrap_or(0) as u32,
+        stack_limit: number(forkless_bus::ENV_CUDA_STACK_BYTES)?.map(|b| b as usize),
+        kernel_cache: std::env::var_os(forkless_bus::ENV_KERNEL_CACHE).map(PathBuf::from),
+    })
+}
+
+/// Loads `path` with `backend`: the manifest (generation 0) and one fd per arena.
+pub fn load(path: &Path, backend: &Backend) -> Result<(Manifest, Vec<OwnedFd>), OwnerError> {
+    match backend {
+        Backend::Host => {
+            let (manifest, arena) = load_host_arena(path)?;
+            let fd = arena.fd().try_clone_to_owned().map_err(|source| LoadError::Read { path: path.into(), source })?;
+            Ok((manifest, vec![fd]))
+        }
+        Backend::Cuda(settings) => {
+            let loaded = cuda::load(path, settings)?;
+            Ok((loaded.manifest, vec![loaded.fd]))
+        }
+    }
+}
+
 /// The owner process: tie to the supervisor, load, publish, then stay until the supervisor
 /// closes the bus or SIGTERM arrives.
 pub async fn run() -> Result<(), OwnerError> {
     forkless_bus::child::die_with_supervisor()?;
     let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
+    let backend = Backend::from_env()?;
     let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(OwnerError::Signal)?;
     match bus.recv().await? {
         (Message::Load { path }, _) => {
-            load_and_publish(&mut bus, Path::new(&path)).await?;
+            load_and_publish(&mut bus, Path::new(&path), &backend).await?;
         }
-        (Message::Adopt { manifest }, fds) => adopt_or_reload(&mut bus, manifest, fds, &model).await?,
+        (Message::Adopt { manifest }, fds) => adopt_or_reload(&mut bus, manifest, fds, &model, &backend).await?,
         (Message::Refused { reason }, _) => return Err(OwnerError::Refused(reason)),
         (other, _) => return Err(OwnerError::Unexpected(other.kind())),
     }
@@ -114,7 +182,7 @@ pub async fn run() -> Result<(), OwnerError> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             received = bus.recv() => match received {
-                Ok((Message::Load { path }, _)) => hot_swap(&mut bus, Path::new(&path)).await?,
+                Ok((Message::Load { path }, _)) => hot_swap(&mut bus, Path::new(&path), &backend).await?,
                 Err(forkless_bus::channel::RecvError::Closed) => return Ok(()),
                 Err(e) => return Err(e.into()),
                 Ok((msg, _)) => return Err(OwnerError::Unexpected(msg.kind())),
@@ -129,9 +197,17 @@ async fn adopt_or_reload(
     manifest: Manifest,
     fds: Vec<OwnedFd>,
     model: &Path,
+    backend: &Backend,
 ) -> Result<(), OwnerError> {
     let started = Instant::now();
-    match verify_escrowed(&manifest, fds) {
+    let verified = match backend {
+        Backend::Host => verify_escrowed(&manifest, fds).map_err(|e| e.to_string()),
+        Backend::Cuda(settings) => manifest
+            .validate()
+            .map_err(|e| e.to_string())
+            .and_then(|()| cuda::verify_escrowed(&manifest, fds, settings).map_err(|e| e.to_string())),
+    };
+    match verified {
         Ok(()) => {
             let generation = manifest.generation;
             bus.send(&Message::Adopted { generation }, &[]).await?;
@@ -144,7 +220,7 @@ async fn adopt_or_reload(
         }
         Err(e) => {
             tracing::warn!("escrowed generation failed its check ({e}): loading {} again", model.display());
-            load_and_publish(bus, model).await?;
+            load_and_publish(bus, model, backend).await?;
         }
     }
     Ok(())
@@ -152,8 +228,8 @@ async fn adopt_or_reload(
 
 /// A hot swap: a weights file that cannot be loaded is reported to the supervisor (and to
 /// whoever asked for the swap); the owner keeps running and the live generation keeps serving.
-async fn hot_swap(bus: &mut BusStream, path: &Path) -> Result<(), OwnerError> {
-    match load_and_publish(bus, path).await {
+async fn hot_swap(bus: &mut BusStream, path: &Path, backend: &Backend) -> Result<(), OwnerError> {
+    match load_and_publish(bus, path, backend).await {
         Err(OwnerError::Load(e)) => {
             tracing::warn!("hot swap failed: {e}");
             bus.send(&Message::LoadFailed { reason: e.to_string() }, &[]).await?;
@@ -166,11 +242,13 @@ async fn hot_swap(bus: &mut BusStream, path: &Path) -> Result<(), OwnerError> {
 /// Loads a weights file into a new arena and publishes it. Returns the generation number, or
 /// `None` when the supervisor declined it (a hot swap that cannot be taken now); the new
 /// arena is then dropped, and its memory with it.
-async fn load_and_publish(bus: &mut BusStream, model: &Path) -> Result<Option<u64>, OwnerError> {
+async fn load_and_publish(bus: &mut BusStream, model: &Path, backend: &Backend) -> Result<Option<u64>, OwnerError> {
     let started = Instant::now();
-    let (manifest, arena) = load_host_arena(model)?;
+    let (manifest, fds) = load(model, backend)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    bus.send(&Message::Publish { manifest: manifest.clone() }, &[arena.fd().as_fd()]).await?;
+    let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+    bus.send(&Message::Publish { manifest: manifest.clone() }, &borrowed).await?;
+    drop(fds); // the escrow holds the arena now
     let generation = match bus.recv().await?.0 {
         Message::Published { generation } => generation,
         Message::LoadFailed { reason } => {

@@ -43,6 +43,8 @@ pub enum LoadError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot store weights of {path}: {source}")]
     Store { path: PathBuf, source: ArenaError },
+    #[error("cannot put weights of {path} on the GPU: {source}")]
+    Gpu { path: PathBuf, source: Box<crate::cuda::CudaError> },
 }
 
 struct FileTensor {
@@ -126,6 +128,21 @@ impl ModelFile {
             layout.push(name.clone(), t.dtype, t.shape.clone());
         }
         layout.finish()
+    }
+
+    /// `(file_offset, arena_offset, len)` of every tensor of `layout`: what a bulk copy (the
+    /// GPU upload) reads from [`Self::file`] and where it puts it.
+    pub fn pieces(&self, layout: &[TensorEntry]) -> Vec<(u64, u64, u64)> {
+        layout
+            .iter()
+            .filter_map(|entry| self.tensors.get(&entry.name).map(|t| (t.start, entry.offset, t.end - t.start)))
+            .collect()
+    }
+
+    /// The open file (read with `pread`, never mapped: a file truncated under a mapping
+    /// would kill the reader with SIGBUS).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Copies every tensor of `layout` into the arena through `write(arena_offset, bytes)`.

@@ -1,4 +1,6 @@
-//! An attached generation: its manifest and its arenas' bytes, with typed read-only views.
+//! An attached generation: its manifest and its arenas, with typed read-only views: host
+//! slices ([`Generation::tensor`]) for the `host` kind, device views
+//! ([`Generation::device_tensor`]) for `cuda-vmm`.
 //!
 //! The views borrow from the [`Generation`], which a service holds in an `Arc` for as long as a
 //! request uses it; so a request never sees two generations, and the memory stays mapped for
@@ -15,6 +17,18 @@
 
 use forkless_bus::host::ArenaMap;
 use forkless_bus::{Dtype, Manifest, TensorEntry};
+use forkless_gpu::{DeviceView, Gpu, ImportedArena, VmmArena};
+
+/// Where one arena of a generation is mapped in this process.
+#[derive(Debug)]
+pub(crate) enum MappedArena {
+    /// A read-only mapping of host memory (shared memfd or private copy).
+    Host(ArenaMap),
+    /// GPU memory imported from the escrow, mapped with `CU_MEM_ACCESS_FLAGS_PROT_READ`.
+    Device(ImportedArena),
+    /// A private GPU copy (the `sharing = none` baseline).
+    PrivateDevice(VmmArena),
+}
 
 impl Drop for Generation {
     fn drop(&mut self) {
@@ -64,13 +78,19 @@ pub enum ViewError {
     NoSuchTensor { generation: u64, name: String },
     #[error("tensor {name:?} is {actual:?}, not {requested:?}")]
     WrongDtype { name: String, actual: Dtype, requested: Dtype },
+    #[error("tensor {name:?} is in GPU memory: use device_tensor() (or run the host backend)")]
+    OnDevice { name: String },
+    #[error("tensor {name:?} is in host memory: use tensor() (or run the cuda backend)")]
+    OnHost { name: String },
 }
 
 /// Read-only weights of one generation, mapped into this process.
 #[derive(Debug)]
 pub struct Generation {
     manifest: Manifest,
-    arenas: Vec<ArenaMap>,
+    arenas: Vec<MappedArena>,
+    /// The GPU the device arenas are mapped on (absent on the host backend).
+    gpu: Option<Gpu>,
     /// Told this generation's number once it is unmapped (the supervisor frees a retiring
     /// generation when no worker maps it any more).
     on_release: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
@@ -78,9 +98,9 @@ pub struct Generation {
 
 impl Generation {
     /// Pairs a validated manifest with its mapped arenas (same order, same sizes).
-    pub(crate) fn new(manifest: Manifest, arenas: Vec<ArenaMap>) -> Self {
+    pub(crate) fn new(manifest: Manifest, arenas: Vec<MappedArena>, gpu: Option<Gpu>) -> Self {
         debug_assert_eq!(manifest.arenas.len(), arenas.len());
-        Generation { manifest, arenas, on_release: None }
+        Generation { manifest, arenas, gpu, on_release: None }
     }
 
     /// Reports this generation's number on `notice` once it is dropped and unmapped.
@@ -103,12 +123,42 @@ impl Generation {
             .ok_or_else(|| ViewError::NoSuchTensor { generation: self.manifest.generation, name: name.into() })
     }
 
-    /// The raw bytes of a tensor.
+    /// True when the weights are in GPU memory (use [`Self::device_tensor`]).
+    pub fn on_gpu(&self) -> bool {
+        self.arenas.iter().any(|a| !matches!(a, MappedArena::Host(_)))
+    }
+
+    /// The GPU the weights are mapped on, with its context; `None` on the host backend.
+    pub fn gpu(&self) -> Option<&Gpu> {
+        self.gpu.as_ref()
+    }
+
+    /// The raw bytes of a tensor in host memory.
     pub fn bytes(&self, name: &str) -> Result<&[u8], ViewError> {
         let t = self.entry(name)?;
-        // In bounds: the manifest was validated against the arena sizes, which the mapping
-        // checked against the real fd sizes.
-        Ok(&self.arenas[t.arena as usize].bytes()[t.offset as usize..][..t.len as usize])
+        match &self.arenas[t.arena as usize] {
+            // In bounds: the manifest was validated against the arena sizes, which the mapping
+            // checked against the real fd sizes.
+            MappedArena::Host(map) => Ok(&map.bytes()[t.offset as usize..][..t.len as usize]),
+            _ => Err(ViewError::OnDevice { name: name.into() }),
+        }
+    }
+
+    /// A tensor in GPU memory as a typed, read-only device view (for cuBLAS and kernels),
+    /// valid while this generation is held.
+    pub fn device_tensor<T: Element>(&self, name: &str) -> Result<DeviceView<'_, T>, ViewError> {
+        let t = self.entry(name)?;
+        if t.dtype != T::DTYPE {
+            return Err(ViewError::WrongDtype { name: name.into(), actual: t.dtype, requested: T::DTYPE });
+        }
+        let len = (t.len / T::DTYPE.size()) as usize;
+        // Cannot fail: validated bounds and TENSOR_ALIGN offsets in granularity-aligned mappings.
+        let view = match &self.arenas[t.arena as usize] {
+            MappedArena::Device(arena) => arena.view::<T>(t.offset, len),
+            MappedArena::PrivateDevice(arena) => arena.view::<T>(t.offset, len),
+            MappedArena::Host(_) => return Err(ViewError::OnHost { name: name.into() }),
+        };
+        Ok(view.expect("validated manifest fits its mapping"))
     }
 
     /// A tensor as a slice of `T`, row-major.

@@ -36,6 +36,8 @@ use forkless_owner::model_file::{LoadError, ModelFile};
 use tokio_util::sync::CancellationToken;
 
 pub use forkless_bus::wire::AttachTiming;
+pub use forkless_gpu::{DeviceView, Gpu};
+use generation::MappedArena;
 pub use generation::{Element, Generation, Generations, ViewError};
 
 /// Why a worker could not attach.
@@ -61,6 +63,12 @@ pub enum AttachError {
     Map { arena: u32, source: MapError },
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Settings(#[from] forkless_owner::OwnerError),
+    #[error("GPU {device}: {source}")]
+    Gpu { device: u32, source: forkless_gpu::GpuError },
+    #[error("arena {arena} is on GPU {found}, but this worker runs {configured}: the supervisor's backend and the owner disagree; restart the supervisor")]
+    WrongPlace { arena: u32, found: String, configured: String },
 }
 
 impl AttachError {
@@ -71,6 +79,7 @@ impl AttachError {
             AttachError::Map { source: forkless_bus::host::MapError::Mmap(e), .. } => {
                 forkless_bus::child::is_out_of_memory(e)
             }
+            AttachError::Gpu { source, .. } => source.cu_result() == Some(forkless_gpu::CuResult(2)),
             _ => false,
         };
         forkless_bus::child::exit_status(out_of_memory, self.is_fatal())
@@ -79,7 +88,15 @@ impl AttachError {
     /// True when restarting the worker would fail the same way (exit with
     /// [`forkless_bus::child::EXIT_FATAL`] so the supervisor reports instead of restarting).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, AttachError::Env(_) | AttachError::Orphan(_) | AttachError::Load(_) | AttachError::Manifest(_))
+        matches!(
+            self,
+            AttachError::Env(_)
+                | AttachError::Orphan(_)
+                | AttachError::Load(_)
+                | AttachError::Manifest(_)
+                | AttachError::Settings(_)
+                | AttachError::WrongPlace { .. }
+        )
     }
 }
 
@@ -133,6 +150,8 @@ impl Requests {
 pub struct Worker {
     bus: Option<BusStream>,
     generations: Generations,
+    /// The GPU this worker maps weights on (backend `cuda`).
+    gpu: Option<Gpu>,
     /// Numbers of generations this process has unmapped; drained by the link after `ready`.
     released: Option<tokio::sync::mpsc::UnboundedReceiver<u64>>,
     release_notice: tokio::sync::mpsc::UnboundedSender<u64>,
@@ -156,10 +175,11 @@ impl Worker {
             _ => None,
         };
         let (started, cpu_started) = (Instant::now(), forkless_bus::child::thread_cpu_time());
+        let gpu = open_gpu()?;
         let mut bus = forkless_bus::child::connect_to_supervisor(Role::Worker).await?;
         let generation = match private_model {
-            Some(path) => load_private_copy(&path)?,
-            None => receive_generation(&mut bus).await?,
+            Some(path) => load_private_copy(&path, gpu.as_ref())?,
+            None => receive_generation(&mut bus, gpu.as_ref()).await?,
         };
         let attach = AttachTiming {
             wall_us: started.elapsed().as_micros() as u64,
@@ -173,6 +193,7 @@ impl Worker {
         Ok(Worker {
             bus: Some(bus),
             generations: Generations::new(generation),
+            gpu,
             released: Some(released),
             release_notice,
             index,
@@ -198,6 +219,11 @@ impl Worker {
     /// Services take `generations().current()` once per request.
     pub fn generations(&self) -> Generations {
         self.generations.clone()
+    }
+
+    /// The GPU (with its context) this worker maps the weights on; `None` on the host backend.
+    pub fn gpu(&self) -> Option<&Gpu> {
+        self.gpu.as_ref()
     }
 
     /// This worker's index among its siblings (0..N-1).
@@ -232,6 +258,7 @@ impl Worker {
             .filter(|&ms: &u64| ms > 0)
             .map(std::time::Duration::from_millis);
         let link = SupervisorLink {
+            gpu: self.gpu.clone(),
             heartbeat,
             requests: self.requests.clone(),
             bus,
@@ -245,30 +272,73 @@ impl Worker {
     }
 }
 
+/// With the `cuda` backend (`FORKLESS_BACKEND=cuda`), opens the configured GPU and shrinks
+/// its context to the configured stack limit; `None` on the host backend.
+fn open_gpu() -> Result<Option<Gpu>, AttachError> {
+    if std::env::var(forkless_bus::ENV_BACKEND).as_deref() != Ok("cuda") {
+        return Ok(None);
+    }
+    let settings = forkless_owner::cuda_settings_from_env()?;
+    let device = settings.device;
+    let gpu = Gpu::open(device as usize).map_err(|source| AttachError::Gpu { device, source })?;
+    if let Some(bytes) = settings.stack_limit {
+        gpu.set_stack_limit(bytes).map_err(|source| AttachError::Gpu { device, source })?;
+    }
+    Ok(Some(gpu))
+}
+
 /// Receives the generation the supervisor pushes right behind its welcome.
-async fn receive_generation(bus: &mut BusStream) -> Result<Generation, AttachError> {
+async fn receive_generation(bus: &mut BusStream, gpu: Option<&Gpu>) -> Result<Generation, AttachError> {
     match bus.recv().await? {
-        (Message::Generation { manifest }, fds) => map_generation(manifest, fds),
+        (Message::Generation { manifest }, fds) => map_generation(manifest, fds, gpu),
         (Message::Refused { reason }, _) => Err(AttachError::Refused(reason)),
         (other, _) => Err(AttachError::Unexpected(other.kind())),
     }
 }
 
-/// Validates the manifest, then maps each arena's fd after checking it is sealed and sized.
-fn map_generation(manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Generation, AttachError> {
+/// Validates the manifest, then maps each arena's fd: host memory after checking it is sealed
+/// and sized, GPU memory read-only on this worker's GPU.
+fn map_generation(manifest: Manifest, fds: Vec<OwnedFd>, gpu: Option<&Gpu>) -> Result<Generation, AttachError> {
     manifest.validate()?;
-    let arenas = manifest
-        .arenas
-        .iter()
-        .zip(fds)
-        .map(|(arena, fd)| ArenaMap::map(fd, arena.size).map_err(|source| AttachError::Map { arena: arena.id, source }))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Generation::new(manifest, arenas))
+    let arenas =
+        manifest.arenas.iter().zip(fds).map(|(arena, fd)| map_arena(arena, fd, gpu)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Generation::new(manifest, arenas, gpu.cloned()))
 }
 
-/// The `sharing = none` baseline: this process reads its own copy of the weights.
-fn load_private_copy(path: &Path) -> Result<Generation, AttachError> {
+fn map_arena(
+    arena: &forkless_bus::manifest::ArenaDesc,
+    fd: OwnedFd,
+    gpu: Option<&Gpu>,
+) -> Result<MappedArena, AttachError> {
+    use forkless_bus::manifest::MemoryKind;
+    let place = |gpu: Option<&Gpu>| gpu.map_or("the host backend".to_string(), |g| format!("GPU {}", g.ordinal()));
+    match (arena.kind, gpu) {
+        (MemoryKind::Host, None) => ArenaMap::map(fd, arena.size)
+            .map(MappedArena::Host)
+            .map_err(|source| AttachError::Map { arena: arena.id, source }),
+        (MemoryKind::CudaVmm { device }, Some(gpu)) if gpu.ordinal() == device as usize => {
+            forkless_gpu::ImportedArena::import(gpu, fd, arena.size, forkless_gpu::Access::ReadOnly)
+                .map(MappedArena::Device)
+                .map_err(|source| AttachError::Gpu { device, source })
+        }
+        (kind, gpu) => Err(AttachError::WrongPlace {
+            arena: arena.id,
+            found: match kind {
+                MemoryKind::Host => "host memory".into(),
+                MemoryKind::CudaVmm { device } => format!("GPU {device}"),
+            },
+            configured: place(gpu),
+        }),
+    }
+}
+
+/// The `sharing = none` baseline: this process reads its own copy of the weights, into host
+/// memory or onto its GPU.
+fn load_private_copy(path: &Path, gpu: Option<&Gpu>) -> Result<Generation, AttachError> {
     let file = ModelFile::open(path)?;
+    if let Some(gpu) = gpu {
+        return load_private_gpu_copy(&file, gpu);
+    }
     let (arena, tensors) = file.layout();
     let mut copied = Ok(());
     let map = ArenaMap::private(arena.size, |bytes| {
@@ -281,7 +351,25 @@ fn load_private_copy(path: &Path) -> Result<Generation, AttachError> {
     copied?;
     let manifest = Manifest::new(path.display().to_string(), vec![arena], tensors);
     manifest.validate()?;
-    Ok(Generation::new(manifest, vec![map]))
+    Ok(Generation::new(manifest, vec![MappedArena::Host(map)], None))
+}
+
+fn load_private_gpu_copy(file: &ModelFile, gpu: &Gpu) -> Result<Generation, AttachError> {
+    let device = gpu.ordinal() as u32;
+    let on_gpu = |source| AttachError::Gpu { device, source };
+    let (mut desc, tensors) = file.layout();
+    let arena = forkless_gpu::VmmArena::create(gpu, desc.size).map_err(on_gpu)?;
+    arena.upload_file(file.file(), &file.pieces(&tensors)).map_err(|e| match e {
+        forkless_gpu::GpuError::Read { source, .. } => {
+            AttachError::Load(LoadError::Read { path: file.path().into(), source })
+        }
+        other => on_gpu(other),
+    })?;
+    desc.size = arena.size();
+    desc.kind = forkless_bus::manifest::MemoryKind::CudaVmm { device };
+    let manifest = Manifest::new(file.path().display().to_string(), vec![desc], tensors);
+    manifest.validate()?;
+    Ok(Generation::new(manifest, vec![MappedArena::PrivateDevice(arena)], Some(gpu.clone())))
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
@@ -304,6 +392,7 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 /// After ready, the bus carries hot swaps in (new generations) and releases out; its closing
 /// means the supervisor is gone, and the worker drains.
 struct SupervisorLink {
+    gpu: Option<Gpu>,
     heartbeat: Option<std::time::Duration>,
     requests: Requests,
     bus: BusStream,
@@ -352,7 +441,7 @@ impl SupervisorLink {
     /// generation that cannot be mapped is reported released at once, so it never pins memory.
     fn switch(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) {
         let number = manifest.generation;
-        match map_generation(manifest, fds) {
+        match map_generation(manifest, fds, self.gpu.as_ref()) {
             Ok(next) => {
                 let previous = self.generations.replace(Arc::new(next.notify_release(self.notice.clone())));
                 tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");

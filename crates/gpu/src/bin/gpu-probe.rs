@@ -674,7 +674,7 @@ fn role_kernels() -> Result<ExitCode, String> {
     let d_seeds = stream.clone_htod(&seeds).map_err(drv)?;
     let mut d_x = stream.alloc_zeros::<f32>(seeds.len() * n).map_err(drv)?;
     let t = Instant::now();
-    k.seeded_inputs(&stream, &mut d_x, &d_seeds, n).map_err(err)?;
+    k.seeded_inputs(&stream, &mut d_x, &d_seeds, seeds.len(), n).map_err(err)?;
     stream.synchronize().map_err(drv)?;
     let launch = t.elapsed();
     let x = stream.clone_dtoh(&d_x).map_err(drv)?;
@@ -692,36 +692,150 @@ fn role_kernels() -> Result<ExitCode, String> {
         launch.as_secs_f64() * 1e6,
     );
 
-    // bias_add_rowsum: y exactly (one f32 add), y_sum against a host f64 sum (1e-6 relative).
-    for (batch, out) in [(37usize, 1000usize), (3, 5), (8, 4096)] {
+    // bias_add_rowsum: y exactly (one f32 add), y_sum against a host f64 sum (1e-6 relative),
+    // the head exactly. The bias is read through a view of a VMM arena, as workers read weights.
+    for (batch, out, head) in [(37usize, 1000usize, 8usize), (3, 5, 5), (8, 4096, 0)] {
         let y0 = host_inputs(1000 + batch as u64, batch * out);
         let bias: Vec<f32> = host_inputs(2000 + out as u64, out).iter().map(|v| v / 10.0).collect();
+        let arena = VmmArena::create(&gpu, (out * 4) as u64).map_err(gpu_err)?;
+        arena.write_at(0, &f32_bytes(&bias)).map_err(gpu_err)?;
+        let d_bias = arena.view::<f32>(0, out).map_err(gpu_err)?;
         let mut d_y = stream.clone_htod(&y0).map_err(drv)?;
-        let d_bias = stream.clone_htod(&bias).map_err(drv)?;
         let mut d_sum = stream.clone_htod(&vec![f64::NAN; batch]).map_err(drv)?; // overwritten, not added to
-        k.bias_add_rowsum(&stream, &mut d_y, &d_bias, &mut d_sum).map_err(err)?;
+        let mut d_head = stream.alloc_zeros::<f32>((batch * head).max(1)).map_err(drv)?;
+        k.bias_add_rowsum(&stream, &mut d_y, d_bias, &mut d_sum, &mut d_head, batch, head).map_err(err)?;
         stream.synchronize().map_err(drv)?;
         let y = stream.clone_dtoh(&d_y).map_err(drv)?;
         let sums = stream.clone_dtoh(&d_sum).map_err(drv)?;
+        let heads = stream.clone_dtoh(&d_head).map_err(drv)?;
         let want_y: Vec<f32> = y0.chunks(out).flat_map(|row| row.iter().zip(&bias).map(|(a, b)| a + b)).collect();
         let want_sum: Vec<f64> = want_y.chunks(out).map(|row| row.iter().map(|&v| f64::from(v)).sum()).collect();
+        let want_head: Vec<f32> = want_y.chunks(out).flat_map(|row| row[..head].to_vec()).collect();
         let y_bad = y.iter().zip(&want_y).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let head_bad = want_head.iter().zip(&heads).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         let worst = sums
             .iter()
             .zip(&want_sum)
             .map(|(g, h)| if g.is_finite() { (g - h).abs() / h.abs().max(1e-12) } else { f64::INFINITY })
             .fold(0f64, f64::max);
-        let pass = y_bad == 0 && worst <= 1e-6;
+        let pass = y_bad == 0 && head_bad == 0 && worst <= 1e-6;
         failed += usize::from(!pass);
         println!(
-            "{} bias_add_rowsum batch {batch} out {out}: y {y_bad} differ bitwise; y_sum worst relative error {worst:.2e} (y_sum[0] gpu {} host {})",
+            "{} bias_add_rowsum batch {batch} out {out} head {head}: y {y_bad} and head {head_bad} differ bitwise; y_sum worst relative error {worst:.2e} (y_sum[0] gpu {} host {})",
             verdict(pass),
             sums[0],
             want_sum[0],
         );
     }
+
+    failed += check_arena_checksum(&gpu, &k)?;
+    failed += check_blas(&gpu)?;
+    failed += check_kernel_cache(&gpu)?;
     println!("{}", if failed == 0 { "ALL PASS".to_string() } else { format!("{failed} FAILED") });
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// `arena_checksum` on the GPU against the host definition, on a patterned arena; then the
+/// speed on 1 GiB (what a re-adopting owner pays on the seed's 1.9 GiB model).
+fn check_arena_checksum(gpu: &Gpu, k: &forkless_gpu::Kernels) -> Result<usize, String> {
+    let err = |e: forkless_gpu::KernelError| e.to_string();
+    let stream = gpu.context().default_stream();
+    let mut failed = 0;
+    for size in [4096u64, 3 << 20, 64 << 20] {
+        let arena = VmmArena::create(gpu, size).map_err(gpu_err)?;
+        let bytes = pattern(size, arena.size() as usize);
+        arena.write_at(0, &bytes).map_err(gpu_err)?;
+        let words = arena.view::<u64>(0, arena.size() as usize / 8).map_err(gpu_err)?;
+        let t = Instant::now();
+        let on_gpu = k.arena_checksum(&stream, words).map_err(err)?;
+        let took = t.elapsed();
+        let on_host = forkless_gpu::checksum::arena_checksum(&bytes);
+        let pass = on_gpu == on_host;
+        failed += usize::from(!pass);
+        println!(
+            "{} arena_checksum {} bytes: gpu {on_gpu:#018x} host {on_host:#018x} ({:.2} ms)",
+            verdict(pass),
+            arena.size(),
+            took.as_secs_f64() * 1e3
+        );
+    }
+    let big = VmmArena::create(gpu, 1 << 30).map_err(gpu_err)?;
+    big.fill(0, 0x5a, big.size() as usize).map_err(gpu_err)?;
+    let words = big.view::<u64>(0, big.size() as usize / 8).map_err(gpu_err)?;
+    k.arena_checksum(&stream, words).map_err(err)?; // warm
+    let t = Instant::now();
+    k.arena_checksum(&stream, words).map_err(err)?;
+    let took = t.elapsed().as_secs_f64();
+    println!("     arena_checksum 1 GiB: {:.2} ms ({:.0} GB/s)", took * 1e3, (1u64 << 30) as f64 / took / 1e9);
+    Ok(failed)
+}
+
+/// cuBLAS `linear` (W read through a view of a VMM arena) plus `bias_add_rowsum`, against a
+/// host f64 computation of `y = W x + b`.
+fn check_blas(gpu: &Gpu) -> Result<usize, String> {
+    let err = |e: forkless_gpu::KernelError| e.to_string();
+    let drv = |e: forkless_gpu::cudarc::driver::DriverError| format!("{e:?}");
+    let (outputs, inputs, batch) = (300usize, 200usize, 5usize);
+    let w: Vec<f32> = host_inputs(11, outputs * inputs).iter().map(|v| v / (inputs as f32).sqrt()).collect();
+    let b: Vec<f32> = host_inputs(12, outputs).iter().map(|v| v / 10.0).collect();
+    let x: Vec<f32> = (0..batch as u64).flat_map(|s| host_inputs(100 + s, inputs)).collect();
+    let bias_at = forkless_gpu::round_up((w.len() * 4) as u64, 256).unwrap_or(0);
+    let arena = VmmArena::create(gpu, bias_at + (b.len() * 4) as u64).map_err(gpu_err)?;
+    arena.write_at(0, &f32_bytes(&w)).map_err(gpu_err)?;
+    arena.write_at(bias_at, &f32_bytes(&b)).map_err(gpu_err)?;
+    let stream = gpu.context().default_stream();
+    let blas = forkless_gpu::Blas::new(stream.clone()).map_err(gpu_err)?;
+    let kernels = forkless_gpu::Kernels::compile(gpu).map_err(err)?;
+    let d_x = stream.clone_htod(&x).map_err(drv)?;
+    let mut d_y = stream.alloc_zeros::<f32>(batch * outputs).map_err(drv)?;
+    let mut d_sum = stream.alloc_zeros::<f64>(batch).map_err(drv)?;
+    let mut d_head = stream.alloc_zeros::<f32>(batch * 8).map_err(drv)?;
+    let w_view = arena.view::<f32>(0, w.len()).map_err(gpu_err)?;
+    let b_view = arena.view::<f32>(bias_at, b.len()).map_err(gpu_err)?;
+    blas.linear(w_view, outputs, inputs, &d_x, &mut d_y, batch).map_err(gpu_err)?;
+    kernels.bias_add_rowsum(&stream, &mut d_y, b_view, &mut d_sum, &mut d_head, batch, 8).map_err(err)?;
+    stream.synchronize().map_err(drv)?;
+    let y = stream.clone_dtoh(&d_y).map_err(drv)?;
+    let mut worst = 0f64;
+    for (row, xs) in x.chunks(inputs).enumerate() {
+        for o in 0..outputs {
+            let want: f64 =
+                w[o * inputs..][..inputs].iter().zip(xs).map(|(a, c)| f64::from(*a) * f64::from(*c)).sum::<f64>()
+                    + f64::from(b[o]);
+            worst = worst.max((f64::from(y[row * outputs + o]) - want).abs());
+        }
+    }
+    let pass = worst < 1e-4;
+    println!(
+        "{} cublas linear {outputs}x{inputs} batch {batch} (weights via a view): worst abs error {worst:.2e}",
+        verdict(pass)
+    );
+    Ok(usize::from(!pass))
+}
+
+/// Loading twice with a cache folder: the second load reads the CUBIN the first one stored.
+fn check_kernel_cache(gpu: &Gpu) -> Result<usize, String> {
+    let err = |e: forkless_gpu::KernelError| e.to_string();
+    let folder = std::env::temp_dir().join(format!("forkless-gpu-probe-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
+    let first = forkless_gpu::Kernels::load(gpu, Some(&folder)).map_err(err)?;
+    let second = forkless_gpu::Kernels::load(gpu, Some(&folder)).map_err(err)?;
+    let _ = std::fs::remove_dir_all(&folder);
+    let pass = first.loaded_from() == forkless_gpu::kernels::LoadedFrom::Compiled
+        && second.loaded_from() == forkless_gpu::kernels::LoadedFrom::Cache;
+    println!(
+        "{} kernel cache: first load from {} in {:.1} ms, second from {} in {:.1} ms",
+        verdict(pass),
+        first.loaded_from(),
+        first.compile_time().as_secs_f64() * 1e3,
+        second.loaded_from(),
+        second.compile_time().as_secs_f64() * 1e3
+    );
+    Ok(usize::from(!pass))
 }
 
 #[cfg(test)]

@@ -1,0 +1,104 @@
+//! cuBLAS on weights this crate mapped: `Y = X Wᵀ` for a batch of inputs, where `W` is a
+//! row-major `[out, in]` matrix read in place through a [`DeviceView`] (imported memory is
+//! never a cudarc `CudaSlice`), and `X`, `Y` are the caller's own cudarc buffers.
+//!
+//! ```no_run
+//! # fn f(gpu: &forkless_gpu::Gpu, w: forkless_gpu::DeviceView<'_, f32>) -> Result<(), forkless_gpu::GpuError> {
+//! let stream = gpu.context().default_stream();
+//! let blas = forkless_gpu::Blas::new(stream.clone())?;
+//! let (outputs, inputs, batch) = (4, 3, 2);
+//! let x = stream.clone_htod(&[1f32; 6]).unwrap();
+//! let mut y = stream.alloc_zeros::<f32>(batch * outputs).unwrap();
+//! blas.linear(w, outputs, inputs, &x, &mut y, batch)?;
+//! # Ok(()) }
+//! ```
+
+use std::ffi::c_int;
+use std::sync::Arc;
+
+use cudarc::cublas::{sys, CudaBlas};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::device::cublas_available;
+use crate::error::GpuError;
+use crate::view::DeviceView;
+
+/// A cuBLAS handle bound to one stream.
+#[derive(Debug)]
+pub struct Blas {
+    blas: CudaBlas,
+    stream: Arc<CudaStream>,
+}
+
+impl Blas {
+    /// Creates a cuBLAS handle on `stream`; an error (not cudarc's panic) where
+    /// `libcublas.so.13` is missing.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Blas, GpuError> {
+        cublas_available()?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| GpuError::Cublas { op: "cublasCreate", status: format!("{e:?}") })?;
+        Ok(Blas { blas, stream })
+    }
+
+    /// The stream every call is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// `y[b][o] = Σ_i w[o][i] · x[b][i]` for `b < batch`: `w` is `[outputs, inputs]`
+    /// row-major, `x` holds at least `batch × inputs` and `y` at least `batch × outputs`
+    /// floats, both row-major. One pass over `w` serves the whole batch. Asynchronous.
+    pub fn linear(
+        &self,
+        w: DeviceView<'_, f32>,
+        outputs: usize,
+        inputs: usize,
+        x: &impl DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<f32>,
+        batch: usize,
+    ) -> Result<(), GpuError> {
+        let shape = |detail: String| GpuError::Cublas { op: "cublasSgemm", status: detail };
+        if outputs.checked_mul(inputs) != Some(w.len()) {
+            return Err(shape(format!("weight has {} elements, not {outputs} x {inputs}", w.len())));
+        }
+        if batch.checked_mul(inputs).is_none_or(|n| n > x.len())
+            || batch.checked_mul(outputs).is_none_or(|n| n > y.len())
+        {
+            return Err(shape(format!("batch {batch}: x has {} and y {} elements, too few", x.len(), y.len())));
+        }
+        let int = |v: usize| c_int::try_from(v).map_err(|_| shape(format!("{v} does not fit cuBLAS's int")));
+        let (m, n, k) = (int(outputs)?, int(batch)?, int(inputs)?);
+        if batch == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1f32, 0f32);
+        let (x_ptr, _x_done) = x.device_ptr(&self.stream);
+        let (y_ptr, _y_done) = y.device_ptr_mut(&self.stream);
+        // Column-major view: w (row-major [out, in]) is wᵀ with leading dimension `in`, so
+        // op(A) = T gives [out, in]; x is [in, batch] (ld in); y is [out, batch] (ld out),
+        // which is y row-major [batch, out].
+        // SAFETY: the handle is live and bound to `self.stream`; all three pointers are device
+        // memory of this context with at least the extents checked above (w borrowed for the
+        // call, x and y kept alive by their borrows, with cudarc's events recorded on drop of
+        // the guards after the call is queued).
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                &alpha,
+                w.ptr() as *const f32,
+                k,
+                x_ptr as *const f32,
+                k,
+                &beta,
+                y_ptr as *mut f32,
+                m,
+            )
+        }
+        .map_err(|e| GpuError::Cublas { op: "cublasSgemm", status: format!("{e:?}") })
+    }
+}

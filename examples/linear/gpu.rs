@@ -1,0 +1,368 @@
+//! The model on the GPU: one engine thread per worker owns the CUDA stream, cuBLAS and the
+//! kernels, and serves requests in **dynamic batches**: whatever requests are queued when the
+//! GPU is free (up to `max_batch`, waiting at most `max_wait` after the first for more) share
+//! one pass over the weights, which is what the cost is made of (2 GB read per pass).
+//!
+//! Per batch: the inputs of `{"seed": n}` requests are generated on the GPU
+//! (`seeded_inputs`), explicit `x` rows are copied in, `Y = X Wᵀ` is one cuBLAS SGEMM reading
+//! `W` in place from the shared, read-only arena, and `bias_add_rowsum` adds the bias, sums
+//! each row in f64 and gathers the first values; two small copies bring the answers back.
+//! A batch uses one generation from start to end (taken once per batch), so a hot swap never
+//! mixes two in one answer, and the old one is unmapped after the last batch that used it.
+//!
+//! ```no_run
+//! # async fn f(worker: &forkless_worker::Worker) -> anyhow::Result<()> {
+//! let settings = BatchSettings { max_batch: 32, max_wait: std::time::Duration::ZERO };
+//! let engine = GpuEngine::start(worker.generations(), settings)?;
+//! let answer = engine.infer(Input::Seed(7)).await?;
+//! println!("y_sum = {} (batch stats: {:?})", answer.y_sum, engine.stats());
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkless_gpu::cudarc::driver::{CudaSlice, CudaStream};
+use forkless_gpu::{Blas, Kernels};
+use forkless_worker::{Generation, Generations};
+use tokio::sync::oneshot;
+
+/// How many first values of `y` an answer carries (`y_head`).
+pub const HEAD: usize = 8;
+
+/// Dynamic batching knobs (`linear-worker --max-batch N --max-wait-us U`).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// At most this many requests share one pass over the weights.
+    pub max_batch: usize,
+    /// After the first request of a batch, wait at most this long for more (0: take only what
+    /// is already queued; under load, requests queue while the GPU runs the previous batch).
+    pub max_wait: Duration,
+}
+
+/// One request's input.
+#[derive(Debug)]
+pub enum Input {
+    Seed(u64),
+    X(Vec<f32>),
+}
+
+/// One request's answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub y_sum: f64,
+    pub y_head: Vec<f32>,
+    pub generation: u64,
+}
+
+/// Why the engine could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the weights are not on a GPU: start the worker with the cuda backend")]
+    NotOnGpu,
+    #[error("GPU: {0}")]
+    Gpu(#[from] forkless_gpu::GpuError),
+    #[error("GPU kernels: {0}")]
+    Kernels(#[from] forkless_gpu::KernelError),
+    #[error("CUDA: {0}")]
+    Driver(String),
+    #[error("the weights are not a linear layer: {0}")]
+    Model(String),
+    #[error("the GPU engine thread stopped: {0}")]
+    Stopped(String),
+}
+
+fn driver(e: forkless_gpu::cudarc::driver::DriverError) -> EngineError {
+    EngineError::Driver(format!("{e:?}"))
+}
+
+struct Job {
+    input: Input,
+    reply: oneshot::Sender<Result<Answer, String>>,
+}
+
+/// Counts of batch sizes seen, for `/healthz` and the drain log.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    sizes: Mutex<BTreeMap<usize, u64>>,
+}
+
+impl BatchStats {
+    fn record(&self, size: usize) {
+        *self.sizes.lock().expect("stats lock").entry(size).or_default() += 1;
+    }
+
+    /// `{size: passes}` so far.
+    pub fn histogram(&self) -> BTreeMap<usize, u64> {
+        self.sizes.lock().expect("stats lock").clone()
+    }
+
+    /// Passes, requests and the mean batch size.
+    pub fn summary(&self) -> serde_json::Value {
+        let sizes = self.histogram();
+        let passes: u64 = sizes.values().sum();
+        let requests: u64 = sizes.iter().map(|(size, n)| *size as u64 * n).sum();
+        serde_json::json!({
+            "passes": passes,
+            "requests": requests,
+            "mean": if passes > 0 { requests as f64 / passes as f64 } else { 0.0 },
+            "max": sizes.keys().next_back().copied().unwrap_or(0),
+            "sizes": sizes,
+        })
+    }
+}
+
+/// The handle services use; cheap to clone.
+#[derive(Clone)]
+pub struct GpuEngine {
+    jobs: Sender<Job>,
+    stats: Arc<BatchStats>,
+}
+
+impl GpuEngine {
+    /// Starts the engine thread on the GPU the current generation is mapped on, loads the
+    /// kernels (from the supervisor's cache when there) and cuBLAS, and runs one warm-up batch.
+    pub fn start(generations: Generations, settings: BatchSettings) -> Result<GpuEngine, EngineError> {
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let (started, started_rx) = std::sync::mpsc::sync_channel(1);
+        let stats = Arc::new(BatchStats::default());
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("gpu-engine".into())
+            .spawn(move || match Engine::new(generations, settings, thread_stats) {
+                Ok(engine) => {
+                    let _ = started.send(Ok(()));
+                    engine.run(queue);
+                }
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                }
+            })
+            .map_err(|e| EngineError::Stopped(e.to_string()))?;
+        started_rx.recv().map_err(|_| EngineError::Stopped("it exited while starting".into()))??;
+        let engine = GpuEngine { jobs, stats };
+        engine.warm_up()?;
+        Ok(engine)
+    }
+
+    /// One pass before serving: the first cuBLAS call picks its kernel and loads it.
+    fn warm_up(&self) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { input: Input::Seed(0), reply }).map_err(|_| EngineError::Stopped("warm-up".into()))?;
+        answer.blocking_recv().map_err(|_| EngineError::Stopped("warm-up".into()))?.map_err(EngineError::Stopped)?;
+        Ok(())
+    }
+
+    /// Queues one request and waits for its answer.
+    pub async fn infer(&self, input: Input) -> Result<Answer, String> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { input, reply }).map_err(|_| "the GPU engine has stopped".to_string())?;
+        answer.await.map_err(|_| "the GPU engine dropped the request".to_string())?
+    }
+
+    /// Batch sizes seen so far.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
+    }
+}
+
+/// Device buffers for one batch shape, reused across batches.
+struct Scratch {
+    inputs: usize,
+    outputs: usize,
+    seeds: CudaSlice<u64>,
+    x: CudaSlice<f32>,
+    y: CudaSlice<f32>,
+    y_sum: CudaSlice<f64>,
+    y_head: CudaSlice<f32>,
+}
+
+impl Scratch {
+    fn new(stream: &Arc<CudaStream>, inputs: usize, outputs: usize, max_batch: usize) -> Result<Scratch, EngineError> {
+        Ok(Scratch {
+            inputs,
+            outputs,
+            seeds: stream.alloc_zeros(max_batch).map_err(driver)?,
+            x: stream.alloc_zeros(max_batch * inputs).map_err(driver)?,
+            y: stream.alloc_zeros(max_batch * outputs).map_err(driver)?,
+            y_sum: stream.alloc_zeros(max_batch).map_err(driver)?,
+            y_head: stream.alloc_zeros(max_batch * HEAD).map_err(driver)?,
+        })
+    }
+}
+
+/// Everything the engine thread owns.
+struct Engine {
+    generations: Generations,
+    settings: BatchSettings,
+    stats: Arc<BatchStats>,
+    stream: Arc<CudaStream>,
+    blas: Blas,
+    kernels: Kernels,
+    scratch: Option<Scratch>,
+}
+
+impl Engine {
+    fn new(generations: Generations, settings: BatchSettings, stats: Arc<BatchStats>) -> Result<Engine, EngineError> {
+        let current = generations.current();
+        let gpu = current.gpu().filter(|_| current.on_gpu()).ok_or(EngineError::NotOnGpu)?.clone();
+        let cache = std::env::var_os(forkless_bus::ENV_KERNEL_CACHE).map(std::path::PathBuf::from);
+        let kernels = Kernels::load(&gpu, cache.as_deref())?;
+        let stream = gpu.context().new_stream().map_err(driver)?;
+        let blas = Blas::new(stream.clone())?;
+        tracing::info!(
+            kernels = %kernels.loaded_from(),
+            kernels_ms = format!("{:.1}", kernels.compile_time().as_secs_f64() * 1e3),
+            max_batch = settings.max_batch,
+            max_wait_us = settings.max_wait.as_micros() as u64,
+            "GPU engine on {} ({})",
+            gpu.info().name,
+            kernels.arch()
+        );
+        Ok(Engine { generations, settings, stats, stream, blas, kernels, scratch: None })
+    }
+
+    /// Serves batches until every sender is gone (the service stopped).
+    fn run(mut self, queue: Receiver<Job>) {
+        while let Some(batch) = next_batch(&queue, self.settings) {
+            self.stats.record(batch.len());
+            let generation = self.generations.current();
+            match self.run_batch(&generation, &batch) {
+                Ok(answers) => {
+                    for (job, answer) in batch.into_iter().zip(answers) {
+                        let _ = job.reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("GPU batch of {} failed: {e}", batch.len());
+                    for job in batch {
+                        let _ = job.reply.send(Err(format!("GPU batch failed: {e}")));
+                    }
+                }
+            }
+        }
+        tracing::info!(batches = %self.stats.summary(), "GPU engine stopped");
+    }
+
+    fn run_batch(&mut self, generation: &Generation, batch: &[Job]) -> Result<Vec<Answer>, EngineError> {
+        let (outputs, inputs) = match generation.shape("weight").map_err(|e| EngineError::Model(e.to_string()))? {
+            [o, i] => (*o as usize, *i as usize),
+            other => return Err(EngineError::Model(format!("weight has shape {other:?}, expected [out, in]"))),
+        };
+        let w = generation.device_tensor::<f32>("weight").map_err(|e| EngineError::Model(e.to_string()))?;
+        let bias = generation.device_tensor::<f32>("bias").map_err(|e| EngineError::Model(e.to_string()))?;
+        if bias.len() != outputs {
+            return Err(EngineError::Model(format!("bias has {} elements, weight {outputs} rows", bias.len())));
+        }
+        let scratch = match self.scratch.take() {
+            Some(s) if s.inputs == inputs && s.outputs == outputs => s,
+            _ => Scratch::new(&self.stream, inputs, outputs, self.settings.max_batch)?,
+        };
+        let scratch = self.scratch.insert(scratch);
+        let stream = &self.stream;
+        let n = batch.len();
+        let seeds: Vec<u64> = batch.iter().map(|j| if let Input::Seed(s) = j.input { s } else { 0 }).collect();
+        stream.memcpy_htod(&seeds, &mut scratch.seeds.slice_mut(0..n)).map_err(driver)?;
+        self.kernels.seeded_inputs(stream, &mut scratch.x, &scratch.seeds, n, inputs)?;
+        for (row, job) in batch.iter().enumerate() {
+            if let Input::X(x) = &job.input {
+                if x.len() != inputs {
+                    return Err(EngineError::Model(format!("x has {} elements; the model takes {inputs}", x.len())));
+                }
+                stream.memcpy_htod(x, &mut scratch.x.slice_mut(row * inputs..(row + 1) * inputs)).map_err(driver)?;
+            }
+        }
+        self.blas.linear(w, outputs, inputs, &scratch.x, &mut scratch.y, n)?;
+        let head = HEAD.min(outputs);
+        self.kernels.bias_add_rowsum(stream, &mut scratch.y, bias, &mut scratch.y_sum, &mut scratch.y_head, n, head)?;
+        let sums = stream.clone_dtoh(&scratch.y_sum.slice(0..n)).map_err(driver)?;
+        let heads = stream.clone_dtoh(&scratch.y_head.slice(0..n * head)).map_err(driver)?;
+        stream.synchronize().map_err(driver)?;
+        let number = generation.number();
+        Ok((0..n)
+            .map(|row| Answer { y_sum: sums[row], y_head: heads[row * head..][..head].to_vec(), generation: number })
+            .collect())
+    }
+}
+
+/// Waits for a first job, then gathers what is queued (and what arrives within `max_wait`)
+/// up to `max_batch`. `None` once the service has dropped every sender.
+fn next_batch(queue: &Receiver<Job>, settings: BatchSettings) -> Option<Vec<Job>> {
+    let first = queue.recv().ok()?;
+    let deadline = Instant::now() + settings.max_wait;
+    let mut batch = vec![first];
+    while batch.len() < settings.max_batch.max(1) {
+        match queue.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match queue.recv_timeout(left) {
+                    Ok(job) => batch.push(job),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+    }
+    Some(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(seed: u64) -> (Job, oneshot::Receiver<Result<Answer, String>>) {
+        let (reply, rx) = oneshot::channel();
+        (Job { input: Input::Seed(seed), reply }, rx)
+    }
+
+    #[test]
+    fn batches_take_what_is_queued_up_to_max_batch() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _replies: Vec<_> = (0..5)
+            .map(|s| {
+                let (j, r) = job(s);
+                tx.send(j).unwrap();
+                r
+            })
+            .collect();
+        let settings = BatchSettings { max_batch: 3, max_wait: Duration::ZERO };
+        assert_eq!(next_batch(&rx, settings).unwrap().len(), 3);
+        assert_eq!(next_batch(&rx, settings).unwrap().len(), 2);
+        drop(tx);
+        assert!(next_batch(&rx, settings).is_none());
+    }
+
+    #[test]
+    fn max_wait_gathers_late_arrivals() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (first, _r1) = job(1);
+        tx.send(first).unwrap();
+        let late = std::thread::spawn(move || {
+            let (second, r2) = job(2);
+            tx.send(second).unwrap();
+            r2
+        });
+        let _r2 = late.join().unwrap(); // sent before the batch is taken: always within the wait
+        let settings = BatchSettings { max_batch: 8, max_wait: Duration::from_secs(30) };
+        // The sender is gone after the late job, so the wait ends there instead of at 30 s.
+        assert_eq!(next_batch(&rx, settings).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn stats_summarise_batch_sizes() {
+        let stats = BatchStats::default();
+        for size in [1, 4, 4] {
+            stats.record(size);
+        }
+        let summary = stats.summary();
+        assert_eq!(summary["passes"], 3);
+        assert_eq!(summary["requests"], 9);
+        assert_eq!(summary["max"], 4);
+    }
+}
