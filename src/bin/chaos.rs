@@ -41,7 +41,7 @@ enum Command {
         /// Keep-alive connections, each with one request outstanding.
         #[arg(long)]
         connections: Option<usize>,
-        /// What to kill: owner, worker, workers[:N]; each may carry its own period (owner@5).
+        /// What to kill: owner, worker, workers[:N]; each may carry its own period (owner@5); `none`: load only.
         #[arg(long, default_value = "owner,worker")]
         kill: String,
         /// Seconds between kills (for targets without @SECS); jittered ±20 %.
@@ -61,6 +61,9 @@ enum Command {
         /// The supervisor executable (default: beside this one).
         #[arg(long)]
         supervisor: Option<PathBuf>,
+        /// Copy the supervisor's log (JSON lines, workers' lines included) to this file.
+        #[arg(long)]
+        supervisor_log: Option<PathBuf>,
     },
     /// Turn a JSON report into the summary and the HTML page again.
     Render {
@@ -73,11 +76,22 @@ enum Command {
 
 fn main() -> ExitCode {
     forkless_supervisor::logging::init(forkless_supervisor::logging::LogFormat::Human);
-    let (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor) =
+    let (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor, supervisor_log) =
         match Cli::parse().command {
-            Command::Run { config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor } => {
-                (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor)
-            }
+            Command::Run {
+                config,
+                duration,
+                rate,
+                connections,
+                kill,
+                every,
+                signal,
+                seed,
+                json,
+                html,
+                supervisor,
+                supervisor_log,
+            } => (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor, supervisor_log),
             Command::Render { json, html } => return render(&json, html.as_deref()),
         };
     let plans = match schedule::parse_plans(&kill, every) {
@@ -98,6 +112,7 @@ fn main() -> ExitCode {
         Signal::Stop => KillSignal::Stop,
     };
     options.seed = seed;
+    options.supervisor_log = supervisor_log;
     if let Some(supervisor) = supervisor {
         options.supervisor = supervisor;
     }

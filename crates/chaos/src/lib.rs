@@ -81,6 +81,8 @@ pub struct Options {
     pub seed: u64,
     /// The `supervisor` executable (default: beside this one).
     pub supervisor: PathBuf,
+    /// Where to copy the supervisor's whole log (JSON lines), e.g. for workers' batch stats.
+    pub supervisor_log: Option<PathBuf>,
 }
 
 impl Options {
@@ -98,6 +100,7 @@ impl Options {
             signal: KillSignal::Kill,
             seed: 1,
             supervisor,
+            supervisor_log: None,
         }
     }
 }
@@ -114,7 +117,7 @@ struct ConnState {
 pub async fn run(options: Options) -> anyhow::Result<Report> {
     let config = Config::load(&options.config)?;
     let baseline = report::LeakBaseline::take();
-    let mut sup = SupervisorProcess::start(&options.supervisor, &options.config)?;
+    let mut sup = SupervisorProcess::start(&options.supervisor, &options.config, options.supervisor_log.as_deref())?;
     let addr: SocketAddr = sup.wait_ready().await?;
     tracing::info!("service ready on {addr}; computing the reference answers from {}", config.model.path.display());
     let seeds: Vec<u64> = (0..SEEDS).collect();

@@ -29,8 +29,12 @@ pub struct Plan {
     pub every: Duration,
 }
 
-/// Parses `--kill` (`owner`, `worker`, `workers[:N]`, each with an optional `@SECS`).
+/// Parses `--kill` (`owner`, `worker`, `workers[:N]`, each with an optional `@SECS`; or
+/// `none` for a load run without kills, a benchmark).
 pub fn parse_plans(text: &str, default_every: f64) -> Result<Vec<Plan>, String> {
+    if text.trim() == "none" {
+        return Ok(Vec::new());
+    }
     text.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -82,6 +86,12 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn none_means_no_kills() {
+        assert!(parse_plans("none", 3.0).unwrap().is_empty());
+        assert!(parse_plans("none,owner", 3.0).is_err());
+    }
 
     #[test]
     fn plans_parse_and_reject() {

@@ -34,7 +34,14 @@ pub struct SupervisorProcess {
 }
 
 impl SupervisorProcess {
-    pub fn start(exe: &Path, config: &Path) -> anyhow::Result<SupervisorProcess> {
+    /// Starts `exe run CONFIG`; with `log`, every log line is also appended to that file.
+    pub fn start(exe: &Path, config: &Path, log: Option<&Path>) -> anyhow::Result<SupervisorProcess> {
+        let mut copy = match log {
+            Some(path) => Some(
+                std::fs::File::create(path).with_context(|| format!("cannot create the log copy {}", path.display()))?,
+            ),
+            None => None,
+        };
         let mut child = Command::new(exe)
             .args(["run", "--log-format", "json"])
             .arg(config)
@@ -50,6 +57,12 @@ impl SupervisorProcess {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 let at = Instant::now();
+                if let Some(file) = copy.as_mut() {
+                    use std::io::Write;
+                    if writeln!(file, "{line}").is_err() {
+                        copy = None; // a full disk must not stop the run; the report still comes
+                    }
+                }
                 {
                     let mut keep = keep.lock().expect("tail");
                     if keep.len() == LOG_TAIL {
