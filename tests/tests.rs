@@ -3,6 +3,7 @@
 
 mod util;
 
+mod backend;
 mod chaos;
 mod escrow;
 mod failures;

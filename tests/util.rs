@@ -141,8 +141,14 @@ impl Supervisor {
 
     /// Starts with extra environment variables.
     pub fn start_with_env(config: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
+        Self::start_with(config, &[], env)
+    }
+
+    /// Starts with extra `supervisor run` arguments (e.g. `--backend host`) and environment.
+    pub fn start_with(config: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
         let mut child = Command::new(supervisor_exe())
             .args(["run", "--log-format", "json"])
+            .args(args)
             .arg(config)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

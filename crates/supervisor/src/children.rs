@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::RunningBackend;
 use crate::bus_server::{serve_child, BusState, ChildLink};
 use crate::config::{resolve_program, Config, Sharing};
 use crate::events::Event;
@@ -47,22 +48,27 @@ pub struct Context {
     pub bus_socket: PathBuf,
     pub bus: BusState,
     pub events: mpsc::UnboundedSender<Event>,
+    /// Resolved once at start; a reload never changes it.
+    pub backend: RunningBackend,
     /// Set by a fast stop (SIGQUIT): children get no grace.
     pub fast_stop: AtomicBool,
 }
 
 impl Context {
+    /// Events go where the bus state sends its own ([`BusState::events`]).
     pub fn new(
         config: Config,
+        backend: RunningBackend,
         spawner: Spawner,
         pids: PidTable,
         listeners: Listeners,
         bus_socket: PathBuf,
         bus: BusState,
-        events: mpsc::UnboundedSender<Event>,
     ) -> Self {
         let config = RwLock::new(Arc::new(config));
-        Context { config, spawner, pids, listeners, bus_socket, bus, events, fast_stop: AtomicBool::new(false) }
+        let events = bus.events.clone();
+        let fast_stop = AtomicBool::new(false);
+        Context { config, spawner, pids, listeners, bus_socket, bus, events, backend, fast_stop }
     }
 
     /// The configuration in force.
@@ -107,6 +113,7 @@ impl Context {
             (forkless_bus::ENV_MODEL.into(), config.model.path.display().to_string()),
             (forkless_bus::ENV_SHARING.into(), sharing.into()),
         ]);
+        spec.env.extend(self.backend.child_env(&config));
         spec.label = Some((self.pids.clone(), label));
         Ok(spec)
     }

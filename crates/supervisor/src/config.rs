@@ -41,6 +41,8 @@ pub struct Config {
     pub workers: WorkersConfig,
     #[serde(default)]
     pub restart: RestartConfig,
+    #[serde(default)]
+    pub cuda: CudaConfig,
     /// The file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -74,6 +76,52 @@ pub enum Sharing {
     None,
 }
 
+/// Which memory holds the weights (see [`crate::backend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `cuda` where `[cuda] device` is a usable GPU, else `host`; decided once, at start.
+    #[default]
+    Auto,
+    /// Sealed memfds in host memory: runs on any Linux machine.
+    Host,
+    /// VMM allocations on `[cuda] device`; `supervisor run` fails if that GPU is not usable.
+    Cuda,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Host => "host",
+            Backend::Cuda => "cuda",
+        }
+    }
+}
+
+/// The driver's default per-thread stack limit is 1024 B, which costs ~520 MiB per context
+/// on an H100; 256 B costs ~322 MiB and is enough for the demo's kernels.
+pub const DEFAULT_CUDA_STACK_BYTES: u64 = 256;
+/// Largest `stack_limit_bytes` accepted (a typo guard: 1 MiB per thread would not fit).
+pub const MAX_CUDA_STACK_BYTES: u64 = 64 * 1024;
+
+/// `[cuda]`: used when the backend is `cuda` (or `auto` finds a GPU).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CudaConfig {
+    /// The GPU the arena lives on; the owner and every worker use it.
+    pub device: u32,
+    /// Per-thread stack limit (`CU_LIMIT_STACK_SIZE`) of every CUDA context forkless starts:
+    /// most of a context's memory is this reservation times the threads the GPU holds.
+    pub stack_limit_bytes: u64,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig { device: 0, stack_limit_bytes: DEFAULT_CUDA_STACK_BYTES }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -85,6 +133,9 @@ pub struct ModelConfig {
     /// the file, whose path it finds in `FORKLESS_MODEL`.
     #[serde(default)]
     pub make_if_missing: Option<Vec<String>>,
+    /// `auto` (default), `host` or `cuda`; `supervisor run --backend` overrides it.
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +276,14 @@ impl Config {
         if self.model.make_if_missing.as_ref().is_some_and(|c| c.is_empty()) {
             return Err(self.invalid("model.make_if_missing", "must name a program or be left out"));
         }
+        if !(1..=MAX_CUDA_STACK_BYTES).contains(&self.cuda.stack_limit_bytes) {
+            return Err(self.invalid(
+                "cuda.stack_limit_bytes",
+                format!(
+                    "must be between 1 and {MAX_CUDA_STACK_BYTES} bytes (default {DEFAULT_CUDA_STACK_BYTES}; the driver's own is 1024)"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -287,6 +346,32 @@ mod tests {
         assert!(err.contains("workers.listen"), "{err}");
         let err = parse(&GOOD.replace("path = \"m.safetensors\"", "path = \"m\"\nsharing = \"some\"")).unwrap_err();
         assert!(err.to_string().contains("sharing"), "{err}");
+    }
+
+    #[test]
+    fn backend_and_cuda_keys_parse_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.model.backend, Backend::Auto);
+        assert_eq!(c.cuda, CudaConfig { device: 0, stack_limit_bytes: 256 });
+        let text =
+            GOOD.replace("[workers]", "backend = \"cuda\"\n[workers]") + "[cuda]\ndevice = 1\nstack_limit_bytes = 64\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.model.backend, Backend::Cuda);
+        assert_eq!(c.cuda, CudaConfig { device: 1, stack_limit_bytes: 64 });
+        let c = parse(&GOOD.replace("[workers]", "backend = \"host\"\n[workers]")).unwrap();
+        assert_eq!(c.model.backend, Backend::Host);
+    }
+
+    #[test]
+    fn bad_backend_values_and_cuda_keys_are_named() {
+        let err = parse(&GOOD.replace("[workers]", "backend = \"gpu\"\n[workers]")).unwrap_err().to_string();
+        assert!(err.contains("config.toml") && err.contains("backend") && err.contains("cuda"), "{err}");
+        let err = parse(&format!("{GOOD}[cuda]\ndevise = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("config.toml") && err.contains("devise"), "{err}");
+        let err = parse(&format!("{GOOD}[cuda]\nstack_limit_bytes = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("config.toml") && err.contains("cuda.stack_limit_bytes"), "{err}");
+        let err = parse(&format!("{GOOD}[cuda]\ndevice = -1\n")).unwrap_err().to_string();
+        assert!(err.contains("config.toml") && err.contains("device"), "{err}");
     }
 
     #[test]

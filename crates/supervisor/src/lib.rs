@@ -9,17 +9,19 @@
 //!   child: [`children`]; spawning from one long-lived, `PR_SET_PDEATHSIG`-safe thread: [`spawn`];
 //! - the job API (status, scale, restart, reload, stop) and signals: [`service`], [`shutdown`],
 //!   reached through [`control`];
-//! - the escrow of generations: [`escrow`]; the bus protocol's server side: [`bus_server`].
+//! - the escrow of generations: [`escrow`]; the bus protocol's server side: [`bus_server`];
+//! - which memory holds the weights (host or a GPU), resolved once at start: [`backend`].
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
 //! let config = forkless_supervisor::config::Config::load("examples/linear/config.toml".as_ref())?;
 //! let (health, _) = tokio::sync::watch::channel(Default::default());
-//! forkless_supervisor::run(config, health).await?;
+//! forkless_supervisor::run(config, forkless_supervisor::RunOptions::default(), health).await?;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod bus_server;
 pub mod children;
 pub mod config;
@@ -38,6 +40,7 @@ pub mod shutdown;
 pub mod slot;
 pub mod spawn;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
@@ -46,9 +49,10 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::{ResolvedBackend, RunningBackend};
 use crate::bus_server::{BusServer, BusState};
 use crate::children::Context;
-use crate::config::{Config, Sharing};
+use crate::config::{Backend, Config, Sharing};
 use crate::escrow::Escrow;
 use crate::listeners::Listeners;
 use crate::runtime_dir::RuntimeDir;
@@ -56,15 +60,31 @@ use crate::service::{Health, Service};
 use crate::shutdown::Stop;
 use crate::spawn::{ChildSpec, PidTable, Spawner};
 
+/// What `supervisor run` was told on its command line, beside the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// `--backend`: overrides `[model] backend`.
+    pub backend: Option<Backend>,
+}
+
+/// The executable that answers `owner` and `probe-gpu`: not `current_exe()`, since after an
+/// in-place upgrade that path names the new binary (or nothing), while `/proc/self/exe` is
+/// always the supervisor that is running.
+const SELF_EXE: &str = "/proc/self/exe";
+
 /// Runs the supervisor until a stop signal (`Ok`) or a fatal failure (`Err` with the reason).
 /// `health` receives liveness and readiness (for `/livez` and `/readyz`).
-pub async fn run(config: Config, health: watch::Sender<Health>) -> anyhow::Result<()> {
+pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Health>) -> anyhow::Result<()> {
     let spawner = Spawner::start(tokio::runtime::Handle::current());
     let stop = Stop::default();
     shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
     let control = control::ControlSocket::bind(&control::socket_path(&config), &config.source).await?;
+    let requested = options.backend.unwrap_or(config.model.backend);
+    let resolved = backend::resolve(requested, &config, &spawner, Path::new(SELF_EXE)).await?;
+    tracing::info!(backend = resolved.env_value(), "backend {resolved}");
     ensure_model(&config, &spawner, &stop.token()).await?;
     let runtime_dir = RuntimeDir::create(config.supervisor.runtime_dir.as_deref())?;
+    let backend = running_backend(resolved, &config, &runtime_dir)?;
     let listeners = Listeners::bind(&config.workers.listen, config.workers.backlog)?;
     let addrs: Vec<String> = listeners.local_addrs().iter().map(ToString::to_string).collect();
     let bus_socket = runtime_dir.bus_socket();
@@ -87,7 +107,7 @@ pub async fn run(config: Config, health: watch::Sender<Health>) -> anyhow::Resul
     let bus_stop = CancellationToken::new();
     let bus_state = BusState::new(
         Escrow::default(),
-        events.clone(),
+        events,
         config.model.sharing == Sharing::Shared,
         config.model.path.display().to_string(),
     );
@@ -95,7 +115,7 @@ pub async fn run(config: Config, health: watch::Sender<Health>) -> anyhow::Resul
         BusServer { listener: bus_listener, pids: pids.clone(), state: bus_state.clone(), stop: bus_stop.clone() };
     let bus_task = tokio::spawn(bus.serve());
     let control_task = tokio::spawn(control.serve(bus_state.clone(), commands, bus_stop.clone()));
-    let ctx = Arc::new(Context::new(config, spawner, pids, listeners, bus_socket, bus_state, events));
+    let ctx = Arc::new(Context::new(config, backend, spawner, pids, listeners, bus_socket, bus_state));
     let metrics_task = tokio::spawn(metrics::record_periodically(ctx.clone(), bus_stop.clone()));
 
     let failure = Service::new(ctx, stop, health).run(event_inbox, command_inbox).await;
@@ -110,6 +130,15 @@ pub async fn run(config: Config, health: watch::Sender<Health>) -> anyhow::Resul
             Ok(())
         }
     }
+}
+
+/// The resolved backend with what its children need: for cuda, a private kernel cache.
+fn running_backend(resolved: ResolvedBackend, config: &Config, dir: &RuntimeDir) -> anyhow::Result<RunningBackend> {
+    let kernel_cache = match resolved {
+        ResolvedBackend::Cuda { .. } => Some(dir.kernel_cache()?),
+        ResolvedBackend::Host => None,
+    };
+    Ok(RunningBackend { resolved, configured: config.model.backend, kernel_cache })
 }
 
 /// Makes sure the weights file exists before anything starts: a missing file is a clear

@@ -7,7 +7,7 @@
 //! assert!(dir.bus_socket().starts_with(base.path()));
 //! ```
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Failure to prepare the runtime folder.
@@ -52,6 +52,20 @@ impl RuntimeDir {
     /// Where the bus socket lives.
     pub fn bus_socket(&self) -> PathBuf {
         self.path().join("bus.sock")
+    }
+
+    /// Creates (mode 0700) and returns the folder where CUDA children cache compiled kernels:
+    /// private like the rest of this folder, since a planted kernel would run in every worker.
+    /// It goes with the folder when the supervisor exits, so a cache never outlives the binaries
+    /// (and driver) that filled it.
+    pub fn kernel_cache(&self) -> Result<PathBuf, RuntimeDirError> {
+        let path = self.path().join("kernels");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .or_else(|e| if path.is_dir() { Ok(()) } else { Err(e) })
+            .map_err(|source| RuntimeDirError { path: path.clone(), source })?;
+        Ok(path)
     }
 }
 
@@ -102,6 +116,9 @@ mod tests {
         let dir = RuntimeDir::create(Some(base.path())).unwrap();
         let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+        let kernels = dir.kernel_cache().unwrap();
+        assert_eq!(std::fs::metadata(&kernels).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(dir.kernel_cache().unwrap(), kernels, "asking twice is fine");
         let path = dir.path().to_path_buf();
         drop(dir);
         assert!(!path.exists());

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::backend::ResolvedBackend;
 use crate::children::Context;
 use crate::config::{Config, Sharing};
 use crate::events::Event;
@@ -95,6 +96,9 @@ pub struct StatusReport {
     pub config: String,
     pub bus_socket: String,
     pub uptime_s: f64,
+    /// Where the weights live: `{"kind": "host"}` or `{"kind": "cuda", "device": 0, "name": …}`.
+    #[serde(default)]
+    pub backend: ResolvedBackend,
     /// The generation workers are given now, and an older one still in use, if any.
     pub generation: Option<u64>,
     pub retiring_generation: Option<u64>,
@@ -352,6 +356,9 @@ impl Service {
             if fresh.model.sharing != current.model.sharing {
                 return Err("[model] sharing changed: restart the supervisor to change it".into());
             }
+            if let Some(warning) = self.ctx.backend.reload_warning(&fresh) {
+                tracing::warn!("{warning}");
+            }
             Ok(fresh)
         });
         let fresh = match result {
@@ -390,6 +397,7 @@ impl Service {
             config: self.ctx.config().source.display().to_string(),
             bus_socket: self.ctx.bus_socket.display().to_string(),
             uptime_s: self.started.elapsed().as_secs_f64(),
+            backend: self.ctx.backend.resolved.clone(),
             generation: escrow.current().map(|g| g.manifest.generation),
             retiring_generation: escrow.retiring(),
             escrow_bytes: escrow.bytes_held(),

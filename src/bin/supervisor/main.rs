@@ -11,10 +11,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use forkless_supervisor::config::Config;
+use forkless_supervisor::backend::ProbeReport;
+use forkless_supervisor::config::{Backend, Config};
 use forkless_supervisor::control::{request, Request, Response};
 use forkless_supervisor::logging::{self, LogFormat};
 use forkless_supervisor::service::{Health, RestartTarget, StatusReport};
+use forkless_supervisor::RunOptions;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +45,10 @@ enum Command {
         /// Log lines as human-readable text or as JSON objects.
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
+        /// Where the weights live: a GPU if one is usable (auto), host memory, or the GPU
+        /// `[cuda] device` (cuda: fail if it is not usable). Overrides `[model] backend`.
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
     },
     /// Show every process: role, index, pid, state, restarts, uptime, memory, generation.
     Status {
@@ -87,12 +93,20 @@ enum Command {
     /// The owner process (started by `supervisor run`; not for direct use).
     #[command(hide = true)]
     Owner,
+    /// Says whether GPU DEVICE can hold shared weights: one JSON line, exit 0 (usable) or 1.
+    /// `supervisor run` asks this of a child so that it never loads CUDA itself.
+    #[command(hide = true)]
+    ProbeGpu {
+        #[arg(long, default_value_t = 0)]
+        device: u32,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { config, log_format } => run(config, log_format),
+        Command::Run { config, log_format, backend } => run(config, log_format, RunOptions { backend }),
         Command::Owner => owner(),
+        Command::ProbeGpu { device } => probe_gpu(device),
         Command::Status { target, json } => control(&target, Request::Status, json),
         Command::Scale { target, workers } => control(&target, Request::Scale { workers }, false),
         Command::Restart { target, what } => control(&target, Request::Restart { target: what }, false),
@@ -114,7 +128,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("cannot start the tokio runtime")
 }
 
-fn run(config: PathBuf, log_format: LogFormat) -> ExitCode {
+fn run(config: PathBuf, log_format: LogFormat, options: RunOptions) -> ExitCode {
     logging::init(log_format);
     let result = Config::load(&config).map_err(anyhow::Error::from).and_then(|config| {
         runtime().block_on(async {
@@ -122,7 +136,7 @@ fn run(config: PathBuf, log_format: LogFormat) -> ExitCode {
             if let Some(addr) = &config.supervisor.metrics_listen {
                 prometheus::serve(addr.parse()?, health_rx).await?;
             }
-            forkless_supervisor::run(config, health).await
+            forkless_supervisor::run(config, options, health).await
         })
     });
     match result {
@@ -143,6 +157,17 @@ fn owner() -> ExitCode {
             tracing::error!("{e}");
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+/// `probe-gpu`: the only place this executable touches the CUDA driver outside the owner.
+fn probe_gpu(device: u32) -> ExitCode {
+    let report = ProbeReport::probe_in_this_process(device);
+    println!("{}", serde_json::to_string(&report).expect("a probe report serialises"));
+    if report.usable {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -182,10 +207,11 @@ fn control(target: &Target, message: Request, json: bool) -> ExitCode {
 fn status_table(status: &StatusReport) -> String {
     let mib = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1048576.0));
     let mut out = format!(
-        "supervisor {}  up {:.0}s  config {}\ngeneration {}{}  escrow {} MiB  workers wanted {}\n\n",
+        "supervisor {}  up {:.0}s  config {}\nbackend {}\ngeneration {}{}  escrow {} MiB  workers wanted {}\n\n",
         status.supervisor_pid,
         status.uptime_s,
         status.config,
+        status.backend,
         status.generation.map_or("-".into(), |g| g.to_string()),
         status.retiring_generation.map_or(String::new(), |g| format!(" (retiring {g})")),
         mib(Some(status.escrow_bytes)),

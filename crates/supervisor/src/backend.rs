@@ -1,0 +1,326 @@
+//! Which memory the weights live in: `host` (sealed memfds, any Linux machine) or `cuda`
+//! (VMM allocations on one GPU). Resolved once, at start, and kept for the supervisor's life:
+//! changing the memory kind of a live generation would need every process restarted anyway.
+//!
+//! The supervisor never loads CUDA itself (a driver initialised in it would be inherited by
+//! nothing, but it would cost memory, and a hung driver would hang the supervisor). So whether
+//! a GPU is usable is asked of a short-lived child: `supervisor probe-gpu --device N`, which
+//! prints one [`ProbeReport`] line and exits 0 (usable) or 1 (not usable).
+//!
+//! | asked for | probe | result |
+//! |---|---|---|
+//! | `host` | not run | host |
+//! | `auto` | usable / not | cuda / host (logged with the reason) |
+//! | `cuda` | usable / not | cuda / `supervisor run` fails, saying to use `--backend host` |
+//!
+//! ```
+//! use forkless_supervisor::backend::{ProbeReport, ResolvedBackend};
+//! let line = r#"{"usable":false,"device":0,"error":"no CUDA driver found"}"#;
+//! let report: ProbeReport = serde_json::from_str(line).unwrap();
+//! assert_eq!(report.into_result(), Err("no CUDA driver found".to_string()));
+//! assert_eq!(ResolvedBackend::Host.to_string(), "host");
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Backend, Config};
+use crate::spawn::{ChildSpec, Spawner};
+
+/// The longest a probe may take. `cuInit` on a GPU without the persistence daemon can take
+/// seconds; a probe still running after this is taken as a driver that hangs.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The backend the supervisor runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ResolvedBackend {
+    /// Sealed memfds in host memory.
+    #[default]
+    Host,
+    /// VMM allocations on GPU `device` (`name` as the driver reports it).
+    Cuda { device: u32, name: String },
+}
+
+impl ResolvedBackend {
+    /// The value of `FORKLESS_BACKEND` for the children.
+    pub fn env_value(&self) -> &'static str {
+        match self {
+            ResolvedBackend::Host => "host",
+            ResolvedBackend::Cuda { .. } => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for ResolvedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResolvedBackend::Host => f.write_str("host"),
+            ResolvedBackend::Cuda { device, name } => write!(f, "cuda: {name} (device {device})"),
+        }
+    }
+}
+
+/// The backend in force for the supervisor's life, and what its children need to use it.
+#[derive(Debug, Clone, Default)]
+pub struct RunningBackend {
+    pub resolved: ResolvedBackend,
+    /// `[model] backend` as the config file said at start (a `--backend` flag aside), so a
+    /// reload that changes it can be told apart from one that does not.
+    pub configured: Backend,
+    /// Where CUDA children cache compiled kernels (`FORKLESS_KERNEL_CACHE`); backend cuda only.
+    pub kernel_cache: Option<PathBuf>,
+}
+
+impl RunningBackend {
+    /// `FORKLESS_BACKEND`, and with cuda the device, the stack limit and the kernel cache, for
+    /// the owner and every worker. The stack limit comes from the config in force, so a reload
+    /// applies it to the processes it restarts; the device never changes.
+    pub fn child_env(&self, config: &Config) -> Vec<(String, String)> {
+        let mut env = vec![(forkless_bus::ENV_BACKEND.into(), self.resolved.env_value().into())];
+        if let ResolvedBackend::Cuda { device, .. } = &self.resolved {
+            env.push((forkless_bus::ENV_CUDA_DEVICE.into(), device.to_string()));
+            env.push((forkless_bus::ENV_CUDA_STACK_BYTES.into(), config.cuda.stack_limit_bytes.to_string()));
+            if let Some(cache) = &self.kernel_cache {
+                env.push((forkless_bus::ENV_KERNEL_CACHE.into(), cache.display().to_string()));
+            }
+        }
+        env
+    }
+
+    /// What a reloaded config asks that cannot take effect without a restart (the backend or
+    /// the GPU), as a warning to log; the running backend is kept either way.
+    pub fn reload_warning(&self, fresh: &Config) -> Option<String> {
+        let keep = format!(
+            "keeping backend {} until the supervisor restarts (the memory kind of live weights cannot change)",
+            self.resolved
+        );
+        if fresh.model.backend != self.configured {
+            let (was, now) = (self.configured.name(), fresh.model.backend.name());
+            return Some(format!("[model] backend changed from {was} to {now} in {}: {keep}", fresh.source.display()));
+        }
+        match &self.resolved {
+            ResolvedBackend::Cuda { device, .. } if fresh.cuda.device != *device => Some(format!(
+                "[cuda] device changed from {device} to {} in {}: {keep}",
+                fresh.cuda.device,
+                fresh.source.display()
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Why `supervisor run` cannot start with the backend it was asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend cuda: no usable GPU on device {device}: {reason}{}", advice(reason))]
+    NoGpu { device: u32, reason: String },
+}
+
+/// The way out, unless the reason already gives it.
+fn advice(reason: &str) -> &'static str {
+    if reason.contains("--backend host") {
+        ""
+    } else {
+        ": use --backend host (or auto)"
+    }
+}
+
+/// The one line `supervisor probe-gpu` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub usable: bool,
+    pub device: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Compute capability as `major.minor`, e.g. `9.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_capability: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_mem_bytes: Option<u64>,
+    /// The driver's CUDA version, `1000 * major + 10 * minor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<i32>,
+    /// Why the GPU is not usable, saying what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ProbeReport {
+    /// A GPU found unusable (or not found) for `reason`.
+    pub fn unusable(device: u32, reason: String) -> Self {
+        ProbeReport {
+            usable: false,
+            device,
+            name: None,
+            compute_capability: None,
+            total_mem_bytes: None,
+            driver_version: None,
+            error: Some(reason),
+        }
+    }
+
+    /// Probes GPU `device` from the calling process: loads the CUDA driver into it (no
+    /// context), so only `supervisor probe-gpu` calls this, never the supervisor itself.
+    pub fn probe_in_this_process(device: u32) -> Self {
+        let probed = forkless_gpu::probe(device as usize).and_then(|info| info.require_vmm().map(|()| info));
+        match probed {
+            Ok(info) => ProbeReport {
+                usable: true,
+                device,
+                compute_capability: Some(format!("{}.{}", info.compute_capability.0, info.compute_capability.1)),
+                total_mem_bytes: Some(info.total_mem),
+                driver_version: Some(info.driver_version),
+                name: Some(info.name),
+                error: None,
+            },
+            Err(e) => ProbeReport::unusable(device, e.to_string()),
+        }
+    }
+
+    /// The GPU's name, or why it cannot be used.
+    pub fn into_result(self) -> Result<String, String> {
+        match (self.usable, self.name) {
+            (true, Some(name)) => Ok(name),
+            (true, None) => Ok(format!("GPU {}", self.device)),
+            (false, _) => Err(self.error.unwrap_or_else(|| "the probe gave no reason".into())),
+        }
+    }
+}
+
+/// Resolves `requested` (the config's `[model] backend`, or `--backend`) for `config`,
+/// probing the GPU through `exe probe-gpu` where needed.
+pub async fn resolve(
+    requested: Backend,
+    config: &Config,
+    spawner: &Spawner,
+    exe: &Path,
+) -> Result<ResolvedBackend, BackendError> {
+    let device = config.cuda.device;
+    let probed = match requested {
+        Backend::Host => return Ok(ResolvedBackend::Host),
+        Backend::Auto | Backend::Cuda => probe(spawner, exe, device).await,
+    };
+    match (probed, requested) {
+        (Ok(name), _) => Ok(ResolvedBackend::Cuda { device, name }),
+        (Err(reason), Backend::Cuda) => Err(BackendError::NoGpu { device, reason }),
+        (Err(reason), _) => {
+            tracing::info!("no usable GPU ({reason}): backend host");
+            Ok(ResolvedBackend::Host)
+        }
+    }
+}
+
+/// Runs `exe probe-gpu --device N`: the GPU's name, or why it cannot be used.
+pub async fn probe(spawner: &Spawner, exe: &Path, device: u32) -> Result<String, String> {
+    let mut spec = ChildSpec::new(exe.to_path_buf());
+    spec.args = vec!["probe-gpu".into(), "--device".into(), device.to_string()];
+    let child = spawner.spawn(spec).await.map_err(|e| format!("cannot run the GPU probe: {e}"))?;
+    let pid = child.id().unwrap_or(0);
+    let output = match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
+        Ok(output) => output.map_err(|e| format!("the GPU probe failed: {e}"))?,
+        Err(_) => {
+            crate::children::signal_group(pid, rustix::process::Signal::KILL);
+            return Err(format!(
+                "the GPU probe did not answer within {PROBE_TIMEOUT:?}: the driver hangs; check nvidia-smi"
+            ));
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report = stdout.lines().rev().find_map(|line| serde_json::from_str::<ProbeReport>(line).ok());
+    match report {
+        Some(report) => report.into_result(),
+        None => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            Err(format!("the GPU probe ended with {} and no report: {}", output.status, stderr.trim()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reports_round_trip() {
+        let usable = ProbeReport {
+            usable: true,
+            device: 0,
+            name: Some("NVIDIA H100".into()),
+            compute_capability: Some("9.0".into()),
+            total_mem_bytes: Some(80 << 30),
+            driver_version: Some(13000),
+            error: None,
+        };
+        let line = serde_json::to_string(&usable).unwrap();
+        assert!(!line.contains("error"), "{line}");
+        let back: ProbeReport = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.into_result(), Ok("NVIDIA H100".into()));
+        let line = serde_json::to_string(&ProbeReport::unusable(1, "no GPU".into())).unwrap();
+        assert_eq!(line, r#"{"usable":false,"device":1,"error":"no GPU"}"#);
+    }
+
+    #[test]
+    fn the_cuda_error_says_what_to_do_once() {
+        let err = BackendError::NoGpu { device: 0, reason: "no CUDA driver found".into() }.to_string();
+        assert_eq!(err, "backend cuda: no usable GPU on device 0: no CUDA driver found: use --backend host (or auto)");
+        let err = BackendError::NoGpu { device: 2, reason: "no driver: install it, or use --backend host".into() };
+        assert_eq!(err.to_string().matches("--backend host").count(), 1, "{err}");
+    }
+
+    fn config(extra_model: &str, extra: &str) -> Config {
+        let text = format!(
+            "[model]\npath = \"m\"\n{extra_model}\n[workers]\ncommand = [\"w\"]\nlisten = [\"127.0.0.1:0\"]\n{extra}"
+        );
+        Config::parse(&text, Path::new("/srv/config.toml")).unwrap()
+    }
+
+    fn env_of(backend: &RunningBackend, config: &Config) -> std::collections::BTreeMap<String, String> {
+        backend.child_env(config).into_iter().collect()
+    }
+
+    #[test]
+    fn children_learn_the_backend_and_cuda_settings() {
+        let host = RunningBackend::default();
+        let env = env_of(&host, &config("", ""));
+        assert_eq!(env.len(), 1);
+        assert_eq!(env[forkless_bus::ENV_BACKEND], "host");
+        let cuda = RunningBackend {
+            resolved: ResolvedBackend::Cuda { device: 1, name: "GPU".into() },
+            configured: Backend::Auto,
+            kernel_cache: Some("/run/forkless-x/kernels".into()),
+        };
+        let env = env_of(&cuda, &config("", "[cuda]\ndevice = 1\nstack_limit_bytes = 64\n"));
+        assert_eq!(env[forkless_bus::ENV_BACKEND], "cuda");
+        assert_eq!(env[forkless_bus::ENV_CUDA_DEVICE], "1");
+        assert_eq!(env[forkless_bus::ENV_CUDA_STACK_BYTES], "64");
+        assert_eq!(env[forkless_bus::ENV_KERNEL_CACHE], "/run/forkless-x/kernels");
+    }
+
+    #[test]
+    fn reloads_that_change_the_backend_or_gpu_are_warned_about() {
+        let cuda = RunningBackend {
+            resolved: ResolvedBackend::Cuda { device: 0, name: "GPU".into() },
+            configured: Backend::Auto,
+            kernel_cache: None,
+        };
+        assert_eq!(cuda.reload_warning(&config("", "[cuda]\nstack_limit_bytes = 128\n")), None);
+        let warning = cuda.reload_warning(&config("backend = \"host\"", "")).unwrap();
+        assert!(warning.contains("from auto to host") && warning.contains("keeping backend cuda"), "{warning}");
+        let warning = cuda.reload_warning(&config("", "[cuda]\ndevice = 1\n")).unwrap();
+        assert!(warning.contains("[cuda] device changed from 0 to 1"), "{warning}");
+        let host = RunningBackend::default();
+        assert_eq!(host.reload_warning(&config("", "[cuda]\ndevice = 1\n")), None, "no GPU in use");
+    }
+
+    #[test]
+    fn resolved_backends_read_well_and_serialise_tagged() {
+        let cuda = ResolvedBackend::Cuda { device: 0, name: "NVIDIA H100".into() };
+        assert_eq!(cuda.to_string(), "cuda: NVIDIA H100 (device 0)");
+        assert_eq!(cuda.env_value(), "cuda");
+        assert_eq!(serde_json::to_string(&cuda).unwrap(), r#"{"kind":"cuda","device":0,"name":"NVIDIA H100"}"#);
+        assert_eq!(serde_json::to_string(&ResolvedBackend::Host).unwrap(), r#"{"kind":"host"}"#);
+    }
+}
