@@ -32,6 +32,10 @@ pub struct Expected {
 impl Reference {
     /// Reads `W` ("weight", `[out, in]`) and `b` ("bias") from `path` and computes the answers
     /// for `seeds` (inputs drawn by the demo's documented SplitMix64 generator).
+    ///
+    /// The file is read once and `W` is used in place (no converted copy: the full-size model
+    /// is 1.9 GiB). Seeds are shared out among the available cores; each core reads `W` once,
+    /// row by row, for all its seeds.
     pub fn load(path: &Path, seeds: &[u64]) -> anyhow::Result<Reference> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read weights file {}", path.display()))?;
         let tensors = safetensors::SafeTensors::deserialize(&bytes)
@@ -42,16 +46,17 @@ impl Reference {
             [o, i] => (*o, *i),
             shape => bail!("weight has shape {shape:?}, expected [out, in]"),
         };
+        if inputs == 0 {
+            bail!("weight has shape [{outputs}, 0]: a layer needs at least one input");
+        }
         if bias.shape() != [outputs]
             || weight.dtype() != safetensors::Dtype::F32
             || bias.dtype() != safetensors::Dtype::F32
         {
             bail!("expected fp32 weight [out, in] and bias [out]");
         }
-        let w = f32s(weight.data());
-        let b = f32s(bias.data());
-        let answers = seeds.iter().map(|&seed| (seed, answer(&w, &b, inputs, seed))).collect();
-        Ok(Reference { answers })
+        let layer = Layer { w: weight.data(), b: &f32s(bias.data()), inputs };
+        Ok(Reference { answers: layer.answers(seeds) })
     }
 
     pub fn expected(&self, seed: u64) -> Option<&Expected> {
@@ -79,14 +84,128 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
-fn answer(w: &[f32], b: &[f32], inputs: usize, seed: u64) -> Expected {
-    let x = seeded::input_from_seed(seed, inputs);
-    let y: Vec<f64> = w
-        .chunks_exact(inputs)
-        .zip(b)
-        .map(|(row, bias)| {
-            row.iter().zip(&x).map(|(w, x)| f64::from(*w) * f64::from(*x)).sum::<f64>() + f64::from(*bias)
+/// `y = W x + b` with `W` as little-endian f32 bytes, `[b.len(), inputs]` row-major.
+struct Layer<'a> {
+    w: &'a [u8],
+    b: &'a [f32],
+    inputs: usize,
+}
+
+impl Layer<'_> {
+    /// The answers for `seeds`, computed on every available core.
+    fn answers(&self, seeds: &[u64]) -> HashMap<u64, Expected> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = seeds.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let running: Vec<_> =
+                seeds.chunks(chunk).map(|seeds| scope.spawn(move || self.answer_all(seeds))).collect();
+            running.into_iter().flat_map(|thread| thread.join().expect("a reference thread panicked")).collect()
         })
-        .collect();
-    Expected { y_sum: y.iter().sum(), y_head: y.iter().take(8).copied().collect() }
+    }
+
+    /// One pass over `W` for several seeds: each row is decoded once and dotted with every
+    /// seed's input. Each dot product still adds its terms one by one, in index order, from the
+    /// same start as `Iterator::sum` (so the answers equal a plain per-seed loop bit for bit);
+    /// keeping one accumulator per seed lets those additions run side by side.
+    fn answer_all(&self, seeds: &[u64]) -> Vec<(u64, Expected)> {
+        let n = seeds.len();
+        // Inputs transposed, `x[k * n + s]`, so the innermost loop reads them contiguously.
+        let mut x = vec![0f64; self.inputs * n];
+        for (s, &seed) in seeds.iter().enumerate() {
+            for (k, v) in seeded::input_from_seed(seed, self.inputs).into_iter().enumerate() {
+                x[k * n + s] = f64::from(v);
+            }
+        }
+        let zero: f64 = std::iter::empty::<f64>().sum();
+        let mut sums = vec![zero; n];
+        let mut heads = vec![Vec::with_capacity(HEAD); n];
+        let mut row = vec![0f32; self.inputs];
+        let mut acc = vec![zero; n];
+        for (row_bytes, bias) in self.w.chunks_exact(self.inputs * 4).zip(self.b) {
+            decode_into(row_bytes, &mut row);
+            acc.fill(zero);
+            for (w, xs) in row.iter().zip(x.chunks_exact(n)) {
+                let w = f64::from(*w);
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    *a += w * x;
+                }
+            }
+            for s in 0..n {
+                let y = acc[s] + f64::from(*bias);
+                sums[s] += y;
+                if heads[s].len() < HEAD {
+                    heads[s].push(y);
+                }
+            }
+        }
+        let expected = sums.into_iter().zip(heads).map(|(y_sum, y_head)| Expected { y_sum, y_head });
+        seeds.iter().copied().zip(expected).collect()
+    }
+}
+
+/// How many leading outputs an answer carries (`y_head`).
+const HEAD: usize = 8;
+
+fn decode_into(bytes: &[u8], out: &mut [f32]) {
+    for (v, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The straightforward reference: one seed at a time, `W` converted to f32 first.
+    fn answer_serially(w: &[f32], b: &[f32], inputs: usize, seed: u64) -> Expected {
+        let x = seeded::input_from_seed(seed, inputs);
+        let y: Vec<f64> = w
+            .chunks_exact(inputs)
+            .zip(b)
+            .map(|(row, bias)| {
+                row.iter().zip(&x).map(|(w, x)| f64::from(*w) * f64::from(*x)).sum::<f64>() + f64::from(*bias)
+            })
+            .collect();
+        Expected { y_sum: y.iter().sum(), y_head: y.iter().take(HEAD).copied().collect() }
+    }
+
+    #[test]
+    fn parallel_answers_equal_serial_ones_bit_for_bit() {
+        let (inputs, outputs) = (37, 21);
+        let (w, b) = seeded::make_weights(inputs, outputs, 5);
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let seeds: Vec<u64> = (0..13).chain([u64::MAX]).collect();
+        let layer = Layer { w: &bytes, b: &b, inputs };
+        let answers = layer.answers(&seeds);
+        assert_eq!(answers.len(), seeds.len());
+        for &seed in &seeds {
+            let (got, want) = (&answers[&seed], answer_serially(&w, &b, inputs, seed));
+            assert_eq!(got.y_sum.to_bits(), want.y_sum.to_bits(), "seed {seed}");
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.y_head), bits(&want.y_head), "seed {seed}");
+        }
+        assert!(layer.answers(&[]).is_empty());
+    }
+
+    #[test]
+    fn load_reads_a_safetensors_file() {
+        let (inputs, outputs) = (16, 4);
+        let (w, b) = seeded::make_weights(inputs, outputs, 9);
+        let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (w_bytes, b_bytes) = (as_bytes(&w), as_bytes(&b));
+        let tensors = [
+            (
+                "weight",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![outputs, inputs], &w_bytes).unwrap(),
+            ),
+            ("bias", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![outputs], &b_bytes).unwrap()),
+        ];
+        let file = tempfile::NamedTempFile::new().unwrap();
+        safetensors::serialize_to_file(tensors, None, file.path()).unwrap();
+        let reference = Reference::load(file.path(), &[1, 2]).unwrap();
+        let want = answer_serially(&w, &b, inputs, 2);
+        assert_eq!(reference.expected(2).unwrap().y_sum, want.y_sum);
+        assert!(reference.check(2, want.y_sum, &want.y_head).is_ok());
+        assert!(reference.expected(3).is_none());
+    }
 }
