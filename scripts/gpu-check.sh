@@ -1,34 +1,21 @@
 #!/usr/bin/env bash
-# GPU check for forkless-gpu: runs gpu-probe on a machine with an NVIDIA GPU and prints a
-# PASS/FAIL table (VMM arena export/import by POSIX fd, read-only refusal, survival of the
-# exporter's SIGKILL with an fd-only holder, context memory per stack limit, import time).
+# The whole GPU check of forkless (issue #3, and the GPU halves of #5 and #6), on a machine with
+# an NVIDIA GPU (driver 580+, CUDA 13 libraries), run from the repository root. No Rust toolchain
+# is needed there: build the release binaries on any x86_64 Linux machine first,
 #
-# Build here (no CUDA needed to build):
-#   cargo build --release -p forkless-gpu --bin gpu-probe
-# then either run this script where target/release/gpu-probe exists, or copy the binary next
-# to this script (e.g. into .gpu-bin/) and run it there. GPU_PROBE=path overrides.
-set -uo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-probe="${GPU_PROBE:-}"
-if [[ -z "$probe" ]]; then
-  for candidate in "$here/gpu-probe" "$here/../target/release/gpu-probe"; do
-    [[ -x "$candidate" ]] && probe="$candidate" && break
-  done
-fi
-if [[ -z "$probe" ]]; then
-  echo "gpu-probe not found: build it with 'cargo build --release -p forkless-gpu --bin gpu-probe'" >&2
-  exit 2
-fi
-
-echo "== machine"
-uname -r
-nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,compute_mode --format=csv || echo "nvidia-smi failed"
-ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libnvrtc|libcublas\.so' || echo "(no CUDA libraries in the ldconfig cache)"
-echo "== gpu-probe ${*:-}"
-timeout 280 "$probe" "$@"
-rc=$?
-echo "== gpu-probe exit status $rc"
-echo "== nvidia-smi after"
-nvidia-smi --query-gpu=memory.used --format=csv
-dmesg 2>/dev/null | grep -i xid | tail -5 || true
-exit $rc
+#   cargo build --release --bins
+#   mkdir -p .gpu-bin && cp target/release/{supervisor,linear-worker,chaos,gpu-probe} .gpu-bin/
+#
+# then, on the GPU machine:
+#
+#   scripts/gpu-check.sh                 # every section (~15 min; writes a 1.9 GB model once)
+#   scripts/gpu-check.sh probe vram      # some sections: probe correctness vram coldstart
+#                                        #   throughput survive ownerkill hotswap soak
+#
+# Results: stdout, and $OUT (default /tmp/forkless-gpu): gpu-check.txt, JSON reports, logs,
+# chaos-gpu.html. FORKLESS_BIN=dir overrides .gpu-bin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== machine: $(uname -r)"
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,compute_mode --format=csv || true
+exec python3 scripts/gpu_check.py "$@"

@@ -91,7 +91,9 @@ fn main() -> ExitCode {
                 html,
                 supervisor,
                 supervisor_log,
-            } => (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor, supervisor_log),
+            } => {
+                (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor, supervisor_log)
+            }
             Command::Render { json, html } => return render(&json, html.as_deref()),
         };
     let plans = match schedule::parse_plans(&kill, every) {

@@ -38,7 +38,8 @@ impl SupervisorProcess {
     pub fn start(exe: &Path, config: &Path, log: Option<&Path>) -> anyhow::Result<SupervisorProcess> {
         let mut copy = match log {
             Some(path) => Some(
-                std::fs::File::create(path).with_context(|| format!("cannot create the log copy {}", path.display()))?,
+                std::fs::File::create(path)
+                    .with_context(|| format!("cannot create the log copy {}", path.display()))?,
             ),
             None => None,
         };

@@ -380,6 +380,7 @@ mod tests {
             ("examples/linear/config.toml", include_str!("../../../examples/linear/config.toml")),
             ("examples/linear/config-seed.toml", include_str!("../../../examples/linear/config-seed.toml")),
             ("examples/linear/config-chaos.toml", include_str!("../../../examples/linear/config-chaos.toml")),
+            ("examples/linear/config-gpu.toml", include_str!("../../../examples/linear/config-gpu.toml")),
             ("deploy/config.toml", include_str!("../../../deploy/config.toml")),
         ] {
             if let Err(e) = Config::parse(text, Path::new(name)) {

@@ -161,6 +161,11 @@ fn role_export(args: &[String]) -> Result<ExitCode, String> {
     let t = Instant::now();
     let fd = arena.export_fd().map_err(gpu_err)?;
     report.insert("export_us".into(), us(t.elapsed()));
+    // What the fd is, as the supervisor's escrow sees it (it never touches CUDA).
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map(|p| p.display().to_string());
+    let kind = rustix::fs::fstat(&fd).map(|st| format!("{:?}", rustix::fs::FileType::from_raw_mode(st.st_mode)));
+    let sealable = rustix::fs::fcntl_get_seals(&fd).is_ok();
+    report.insert("export_fd".into(), format!("{link:?} {kind:?} sealable={sealable}"));
     let (free, total) = gpu.mem_info().map_err(gpu_err)?;
     report.insert("owner_used_mib".into(), ((total - free) >> 20).to_string());
 

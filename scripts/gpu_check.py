@@ -1,0 +1,542 @@
+#!/usr/bin/env python3
+"""The GPU check of forkless: run on a machine with an NVIDIA GPU, from the repository root,
+with release binaries built elsewhere (the GPU machine needs no Rust toolchain):
+
+    cargo build --release --bins && mkdir -p .gpu-bin && \
+      cp target/release/{supervisor,linear-worker,chaos,gpu-probe} .gpu-bin/
+    python3 scripts/gpu_check.py all            # or a list of sections, see SECTIONS
+
+Every section prints what it measured and PASS/FAIL lines against the targets of issue #3
+(and the GPU halves of #5 and #6); the results also go to $OUT (default /tmp/forkless-gpu)
+as gpu-check.txt plus JSON reports, logs and the chaos HTML page. Only the standard library,
+nvidia-smi and the forkless binaries are used (numpy, if present, for the hot-swap reference).
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+SEED_MODEL = dict(inputs=10000, outputs=50000, seed=42)
+SMALL_MODEL = dict(inputs=2048, outputs=8192, seed=42)
+PORT = 18080
+
+
+class Check:
+    def __init__(self, out):
+        self.out = out
+        self.failed = 0
+        self.log = open(out / "gpu-check.txt", "a")
+
+    def say(self, text=""):
+        print(text, flush=True)
+        self.log.write(text + "\n")
+        self.log.flush()
+
+    def verdict(self, ok, text):
+        self.failed += 0 if ok else 1
+        self.say(f"{'PASS' if ok else 'FAIL'} {text}")
+
+
+def sh(*cmd, timeout=600, check=True, **kw):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=check, **kw)
+
+
+def gpu_used_mib():
+    out = sh("nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits").stdout
+    return int(out.split()[0])
+
+
+def gpu_apps_mib():
+    """{pid: MiB} of every process NVML attributes GPU memory to."""
+    out = sh("nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits").stdout
+    apps = {}
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            apps[int(parts[0])] = int(parts[1]) if parts[1].isdigit() else 0
+    return apps
+
+
+def settle_gpu(baseline, patience=20):
+    """Waits until GPU memory is back near `baseline` (processes of a previous run gone)."""
+    deadline = time.time() + patience
+    while time.time() < deadline and gpu_used_mib() > baseline + 8:
+        time.sleep(0.2)
+    return gpu_used_mib()
+
+
+def write_config(path, model, workers, sharing="shared", backend="cuda", stack=256, worker_args=(), extra=""):
+    args = ", ".join(json.dumps(str(a)) for a in ["serve", *worker_args])
+    path.write_text(
+        f"""[model]
+path = {json.dumps(str(model))}
+sharing = "{sharing}"
+backend = "{backend}"
+
+[cuda]
+device = 0
+stack_limit_bytes = {stack}
+
+[workers]
+command = [{json.dumps(str(BIN / "linear-worker"))}, {args}]
+count = {workers}
+listen = ["127.0.0.1:{PORT}"]
+
+[supervisor]
+graceful_timeout_s = 10
+{extra}"""
+    )
+    return path
+
+
+class Supervisor:
+    """`supervisor run CONFIG --log-format json`, its log kept in memory and on disk."""
+
+    def __init__(self, config, log_path):
+        self.config = config
+        self.lines = []
+        self.log = open(log_path, "w")
+        self.started = time.time()
+        self.proc = subprocess.Popen(
+            [str(BIN / "supervisor"), "run", "--log-format", "json", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            self.log.write(line)
+            self.log.flush()
+
+    def wait_for(self, pattern, timeout=180, start=0):
+        """The first log line (from index `start`) matching `pattern`; None on timeout/exit."""
+        regex = re.compile(pattern)
+        deadline = time.time() + timeout
+        seen = start
+        while time.time() < deadline:
+            while seen < len(self.lines):
+                if regex.search(self.lines[seen]):
+                    return self.lines[seen]
+                seen += 1
+            if self.proc.poll() is not None and seen >= len(self.lines):
+                return None
+            time.sleep(0.01)
+        return None
+
+    def status(self):
+        out = sh(BIN / "supervisor", "status", "--json", "-c", self.config, check=False, timeout=10)
+        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+
+    def control(self, *args):
+        return sh(BIN / "supervisor", *args, "-c", self.config, check=False, timeout=60)
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def field(line, name):
+    match = re.search(rf'"{name}":\s*"?([0-9.]+)', line or "")
+    return float(match.group(1)) if match else None
+
+
+def ensure_weights(check, name, shape):
+    path = ROOT / "examples" / "linear" / name
+    if not path.exists():
+        started = time.time()
+        sh(BIN / "linear-worker", "make-weights", "--in", shape["inputs"], "--out", shape["outputs"],
+           "--seed", shape["seed"], path)
+        check.say(f"wrote {path.name} ({path.stat().st_size / MIB:.0f} MiB) in {time.time() - started:.1f} s")
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL)  # into the page cache
+    return path
+
+
+def infer(seed, timeout=30):
+    body = json.dumps({"seed": seed}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{PORT}/infer", data=body,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        return json.loads(reply.read())
+
+
+def healthz():
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/healthz", timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def section_probe(check):
+    """gpu-probe: VMM export/import, read-only refusal, fd-holder survival, context sizes, kernels."""
+    for role in ([], ["kernels"]):
+        run = sh(BIN / "gpu-probe", *role, check=False, timeout=300)
+        check.say(run.stdout.strip())
+        if run.stderr.strip():
+            check.say(run.stderr.strip()[-2000:])
+        check.verdict(run.returncode == 0, f"gpu-probe {' '.join(role) or 'check'}")
+
+
+def section_correctness(check):
+    """The same seeds through the host backend and the cuda backend: answers must agree."""
+    model = ensure_weights(check, "weights.safetensors", SMALL_MODEL)
+    answers = {}
+    for backend in ("host", "cuda"):
+        config = write_config(WORK / f"correct-{backend}.toml", model, 2, backend=backend)
+        sup = Supervisor(config, OUT / f"correct-{backend}.log")
+        ready = sup.wait_for("workers ready")
+        answers[backend] = [infer(seed) for seed in range(16)] if ready else None
+        if backend == "cuda" and ready:
+            answers["health"] = healthz()
+        sup.stop()
+        check.verdict(ready is not None, f"{backend} backend started (small model)")
+    if answers.get("host") and answers.get("cuda"):
+        worst_sum = max(abs(h["y_sum"] - c["y_sum"]) / max(1.0, abs(h["y_sum"]))
+                        for h, c in zip(answers["host"], answers["cuda"]))
+        worst_head = max(abs(a - b) for h, c in zip(answers["host"], answers["cuda"])
+                         for a, b in zip(h["y_head"], c["y_head"]))
+        check.say(f"cuda health: {json.dumps(answers.get('health'))}")
+        check.verdict(worst_sum < 1e-4 and worst_head < 1e-4,
+                      f"cuda answers match host answers on 16 seeds: worst y_sum rel diff {worst_sum:.2e}, "
+                      f"worst y_head abs diff {worst_head:.2e}")
+
+
+def one_vram_run(check, model, workers, sharing):
+    settle_gpu(BASELINE)
+    before = gpu_used_mib()
+    config = write_config(WORK / f"vram-{sharing}-{workers}.toml", model, workers, sharing=sharing)
+    sup = Supervisor(config, OUT / f"vram-{sharing}-{workers}.log")
+    ready = sup.wait_for("workers ready", timeout=300)
+    time.sleep(1.0)
+    used = gpu_used_mib() - before
+    apps = gpu_apps_mib()
+    status = sup.status() or {}
+    sup.stop()
+    roles = {p.get("pid"): p.get("role") for p in status.get("processes", [])}
+    worker_mib = [mib for pid, mib in apps.items() if roles.get(pid) == "worker"]
+    owner_mib = sum(mib for pid, mib in apps.items() if roles.get(pid) == "owner")
+    return dict(ready=ready is not None, total=used, workers=worker_mib, owner=owner_mib,
+                cold_start_ms=field(ready, "cold_start_ms"))
+
+
+def section_vram(check):
+    """GPU memory with N = 1, 2, 4, 8 workers, shared against sharing = none, on the seed's model."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    model_mib = -(-model.stat().st_size // (2 * MIB)) * 2  # the arena, in 2 MiB granules
+    check.say(f"model file {model.stat().st_size / MIB:.0f} MiB (arena ~{model_mib} MiB); baseline used {BASELINE} MiB")
+    check.say("| workers | shared: total MiB | per worker MiB | owner MiB | bound MiB | none: total MiB | per worker MiB |")
+    check.say("|---|---|---|---|---|---|---|")
+    rows = []
+    for n in (1, 2, 4, 8):
+        shared = one_vram_run(check, model, n, "shared")
+        none = one_vram_run(check, model, n, "none")
+        context = max(shared["workers"], default=0)
+        bound = (model_mib + (n + 1) * context) * 1.02
+        rows.append((n, shared, none, context, bound))
+        check.say(f"| {n} | {shared['total']} | {'/'.join(map(str, shared['workers']))} | {shared['owner']} | "
+                  f"{bound:.0f} | {none['total']} | {'/'.join(map(str, none['workers']))} |")
+    for n, shared, none, context, bound in rows:
+        check.verdict(shared["ready"] and none["ready"], f"N={n}: both modes served")
+        check.verdict(shared["total"] <= bound, f"N={n}: shared total {shared['total']} MiB <= model + (N+1) x "
+                      f"{context} MiB + 2 % = {bound:.0f} MiB")
+        check.verdict(0 < context <= 330, f"N={n}: worker context {context} MiB <= 330 MiB")
+    (OUT / "vram.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def section_coldstart(check):
+    """4 workers, weights in the page cache: supervisor start to all ready (target <= 1.5 s)."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    times = []
+    for attempt in range(3):
+        settle_gpu(BASELINE)
+        config = write_config(WORK / "cold.toml", model, 4)
+        sup = Supervisor(config, OUT / f"cold-{attempt}.log")
+        ready = sup.wait_for("workers ready", timeout=120)
+        owner = sup.wait_for("onto GPU", timeout=1)
+        sup.stop()
+        times.append(field(ready, "cold_start_ms"))
+        check.say(f"run {attempt}: all 4 ready after {times[-1]} ms; owner: context {field(owner, 'context_ms')} ms, "
+                  f"copy {field(owner, 'copy_ms')} ms = {field(owner, 'copy_gb_per_s')} GB/s, "
+                  f"checksum {field(owner, 'checksum_ms')} ms")
+    ok = [t for t in times if t is not None]
+    check.verdict(len(ok) == 3 and max(ok) <= 1500, f"cold start, 4 workers: {ok} ms (target <= 1500)")
+
+
+def chaos(check, name, config, duration, kill="none", connections=16, extra=()):
+    report = OUT / f"{name}.json"
+    log = OUT / f"{name}.log"
+    run = sh(BIN / "chaos", "run", "--config", config, "--duration", duration, "--connections", connections,
+             "--kill", kill, "--json", report, "--supervisor-log", log, *extra, check=False, timeout=580)
+    check.say(run.stdout.strip())
+    if run.returncode != 0:
+        check.say(run.stderr.strip()[-3000:])
+    data = json.loads(report.read_text()) if report.exists() else {}
+    return run.returncode, data, log
+
+
+def batch_sizes(log):
+    """Batch-size histogram over all workers, from their drain lines."""
+    sizes = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if "drained; exiting" not in line:
+            continue
+        match = re.search(r'"sizes":\s*(\{[^}]*\})', line.replace('\\"', '"'))
+        for size, n in json.loads(match.group(1)).items() if match else []:
+            sizes[int(size)] = sizes.get(int(size), 0) + n
+    return dict(sorted(sizes.items()))
+
+
+def section_throughput(check):
+    """16 keep-alive connections, 4 workers, {"seed": n}: >= 3000 req/s with p99 <= 17 ms."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    check.say("| batching | req/s | p50 ms | p99 ms | max ms | failed | wrong | mean batch | batch sizes |")
+    check.say("|---|---|---|---|---|---|---|---|---|")
+    results = {}
+    for label, args in (("max_batch 32, max_wait 0", ()), ("max_batch 32, max_wait 500 us", ("--max-wait-us", 500)),
+                        ("max_batch 1 (unbatched)", ("--max-batch", 1))):
+        settle_gpu(BASELINE)
+        config = write_config(WORK / "bench.toml", model, 4, worker_args=args)
+        name = "throughput-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        rc, data, log = chaos(check, name, config, 20)
+        sizes = batch_sizes(log)
+        passes = sum(sizes.values())
+        mean = sum(k * v for k, v in sizes.items()) / passes if passes else 0
+        lat = data.get("latency_ms", {})
+        results[label] = (rc, data, mean)
+        check.say(f"| {label} | {data.get('throughput_rps', 0):.0f} | {lat.get('p50')} | {lat.get('p99')} | "
+                  f"{lat.get('max')} | {data.get('failed')} | {data.get('wrong_answers')} | {mean:.2f} | {sizes} |")
+    rc, data, _ = results["max_batch 32, max_wait 0"]
+    lat = data.get("latency_ms", {})
+    check.verdict(rc == 0 and data.get("failed") == 0 and data.get("wrong_answers") == 0,
+                  "throughput run: every answer checked against the f64 reference, none failed or wrong")
+    check.verdict(data.get("throughput_rps", 0) >= 3000 and lat.get("p99", 99) <= 17,
+                  f"{data.get('throughput_rps', 0):.0f} req/s >= 3000 with p99 {lat.get('p99')} ms <= 17")
+
+
+def sample_gpu(stop, samples):
+    while not stop.is_set():
+        samples.append((time.time(), gpu_used_mib()))
+        time.sleep(0.25)
+
+
+def section_ownerkill(check):
+    """kill -9 of the owner every ~1 s for 100 s under load: no failure, owner back < 1 s, no leak."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    settle_gpu(BASELINE)
+    config = write_config(WORK / "ownerkill.toml", model, 4)
+    stop, samples = threading.Event(), []
+    sampler = threading.Thread(target=sample_gpu, args=(stop, samples), daemon=True)
+    sampler.start()
+    rc, data, log = chaos(check, "owner-kills", config, 100, kill="owner@1")
+    stop.set()
+    sampler.join()
+    kills = [k for k in data.get("kills", []) if k["role"] == "owner"]
+    recovered = sorted(k["recovered_s"] for k in kills if k.get("recovered_s") is not None)
+    peak = max((m for _, m in samples), default=0) - BASELINE
+    check.say(f"{len(kills)} owner kills; recovered {len(recovered)}; time to re-adopted: median "
+              f"{statistics.median(recovered) * 1e3 if recovered else float('nan'):.0f} ms, max "
+              f"{recovered[-1] * 1e3 if recovered else float('nan'):.0f} ms; GPU used peak {peak} MiB over baseline; "
+              f"leaks {data.get('leaks')}")
+    check.verdict(rc == 0 and data.get("failed") == 0 and data.get("wrong_answers") == 0,
+                  f"owner kills under load: {data.get('requests')} requests, 0 failed, 0 wrong")
+    check.verdict(len(kills) >= 90 and len(recovered) == len(kills) and recovered and recovered[-1] < 1.0,
+                  "every owner re-adopted the escrow in < 1 s (CUDA context included)")
+
+
+def section_worker_after_owner(check):
+    """Weights file moved away, owner SIGKILLed and held down, a worker killed: it comes back attached."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    settle_gpu(BASELINE)
+    config = write_config(WORK / "survive.toml", model, 2)
+    sup = Supervisor(config, OUT / "survive.log")
+    ok = sup.wait_for("workers ready") is not None
+    moved = model.with_suffix(".moved")
+    model.rename(moved)
+    try:
+        before = [infer(s)["y_sum"] for s in range(4)]
+        status = sup.status()
+        owner = next(p for p in status["processes"] if p["role"] == "owner")
+        worker = next(p for p in status["processes"] if p["role"] == "worker")
+        os.kill(owner["pid"], signal.SIGKILL)
+        mark = len(sup.lines)
+        os.kill(worker["pid"], signal.SIGKILL)
+        back = sup.wait_for(r"worker \d+ ready", timeout=60, start=mark)
+        adopted = sup.wait_for("adopted", timeout=60, start=mark)
+        time.sleep(0.5)
+        after = [infer(s)["y_sum"] for s in range(4)]
+        check.verdict(ok and back is not None and adopted is not None and before == after,
+                      "weights file gone, owner and a worker SIGKILLed: worker re-attached, owner re-adopted, "
+                      "answers identical")
+    finally:
+        moved.rename(model)
+        sup.stop()
+
+
+def splitmix_inputs(seed, n):
+    """The demo's input generator (examples/linear/seeded.rs) in Python."""
+    mask = (1 << 64) - 1
+    out, state = [], seed
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append((z >> 40) / float(1 << 23) - 1.0)
+    return out
+
+
+def reference_sums(path, seeds):
+    """y_sum per seed, in f64, read straight from the safetensors file (numpy)."""
+    import numpy as np
+
+    raw = path.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])
+    base = 8 + header_len
+
+    def tensor(name):
+        start, end = header[name]["data_offsets"]
+        return np.frombuffer(raw, dtype="<f4", count=(end - start) // 4, offset=base + start).reshape(header[name]["shape"])
+
+    w, b = tensor("weight"), tensor("bias")
+    x = np.array([splitmix_inputs(s, w.shape[1]) for s in seeds], dtype=np.float64)
+    col = w.astype(np.float64).sum(axis=0)  # Σ_o W[o][i]: y_sum = Σ_i col[i] x[i] + Σ b
+    return {s: float(col @ x[k] + b.astype(np.float64).sum()) for k, s in enumerate(seeds)}
+
+
+def section_hotswap(check):
+    """reload-model under load: answers switch generation, none fails or mixes; VRAM back to one copy."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    other = ensure_weights(check, "weights-seed-43.safetensors", dict(SEED_MODEL, seed=43))
+    seeds = list(range(8))
+    refs = {1: reference_sums(model, seeds), 2: reference_sums(other, seeds)}
+    settle_gpu(BASELINE)
+    config = write_config(WORK / "swap.toml", model, 4)
+    sup = Supervisor(config, OUT / "swap.log")
+    sup.wait_for("workers ready")
+    one_copy = gpu_used_mib() - BASELINE
+    stop, samples, results, lock = threading.Event(), [], [], threading.Lock()
+    sampler = threading.Thread(target=sample_gpu, args=(stop, samples), daemon=True)
+
+    def load(index):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+        k = index
+        while not stop.is_set():
+            seed = seeds[k % len(seeds)]
+            k += 1
+            try:
+                conn.request("POST", "/infer", json.dumps({"seed": seed}), {"content-type": "application/json"})
+                answer = json.loads(conn.getresponse().read())
+                outcome = (seed, answer["generation"], answer["y_sum"])
+            except Exception as e:  # noqa: BLE001 - every failure is counted
+                outcome = (seed, None, repr(e))
+                conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(8)]
+    sampler.start()
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    swap = sup.control("reload-model", other)
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join()
+    sampler.join()
+    time.sleep(2)
+    after = gpu_used_mib() - BASELINE
+    sup.stop()
+    failed = [r for r in results if r[1] is None]
+    wrong = [r for r in results if r[1] is not None and abs(r[2] - refs.get(r[1], {}).get(r[0], float("inf")))
+             > 1e-4 * max(1.0, abs(r[2]))]
+    generations = sorted({r[1] for r in results if r[1] is not None})
+    peak = max((m for _, m in samples), default=0) - BASELINE
+    check.say(f"reload-model: {swap.stdout.strip() or swap.stderr.strip()}")
+    check.say(f"{len(results)} requests, generations seen {generations}, {len(failed)} failed, {len(wrong)} wrong "
+              f"or mixed; GPU used over baseline: {one_copy} MiB before, {peak} MiB peak, {after} MiB after")
+    check.verdict(not failed and not wrong and generations == [1, 2],
+                  "hot swap under load: old then new answers, no failure, no mixed answer")
+    check.verdict(after <= one_copy + 64, f"GPU memory back to one copy after the swap ({after} vs {one_copy} MiB)")
+
+
+def section_soak(check):
+    """The chaos run on the GPU: owner every 5 s, a worker every 3 s, 120 s, HTML report."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    settle_gpu(BASELINE)
+    config = write_config(WORK / "soak.toml", model, 4)
+    rc, data, _ = chaos(check, "chaos-gpu", config, 120, kill="owner@5,worker@3",
+                        extra=("--html", OUT / "chaos-gpu.html"))
+    check.verdict(rc == 0, f"GPU chaos run: {data.get('requests')} requests, {data.get('failed')} failed, "
+                  f"{data.get('wrong_answers')} wrong, {len(data.get('kills', []))} kills, leaks {data.get('leaks')}")
+
+
+SECTIONS = {
+    "probe": section_probe,
+    "correctness": section_correctness,
+    "vram": section_vram,
+    "coldstart": section_coldstart,
+    "throughput": section_throughput,
+    "survive": section_worker_after_owner,
+    "ownerkill": section_ownerkill,
+    "hotswap": section_hotswap,
+    "soak": section_soak,
+}
+
+
+def main():
+    global BIN, OUT, WORK, BASELINE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", default=["all"], help=f"all, or some of {', '.join(SECTIONS)}")
+    parser.add_argument("--bin", default=os.environ.get("FORKLESS_BIN", ROOT / ".gpu-bin"), type=Path)
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/forkless-gpu"), type=Path)
+    args = parser.parse_args()
+    BIN, OUT = args.bin.resolve(), args.out
+    OUT.mkdir(parents=True, exist_ok=True)
+    WORK = OUT / "configs"
+    WORK.mkdir(exist_ok=True)
+    check = Check(OUT)
+    names = list(SECTIONS) if args.sections == ["all"] else args.sections
+    check.say(f"== forkless gpu check {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(names)}")
+    check.say(sh("nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader").stdout.strip())
+    BASELINE = gpu_used_mib()
+    for name in names:
+        check.say(f"\n== {name}: {SECTIONS[name].__doc__.strip()}")
+        started = time.time()
+        try:
+            SECTIONS[name](check)
+        except Exception as e:  # noqa: BLE001 - report and go on with the next section
+            check.verdict(False, f"{name} raised {e!r}")
+        check.say(f"({name}: {time.time() - started:.0f} s)")
+    check.say(f"\n== {'ALL PASS' if check.failed == 0 else f'{check.failed} FAILED'}")
+    return 0 if check.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
