@@ -10,10 +10,16 @@
 //! A batch uses one generation from start to end (taken once per batch), so a hot swap never
 //! mixes two in one answer, and the old one is unmapped after the last batch that used it.
 //!
+//! The engine thread starts before the worker has attached ([`GpuEngine::prepare`]): opening
+//! the GPU, loading the kernels and creating the cuBLAS handle overlap with the owner loading the
+//! weights; [`PendingEngine::start`] then only checks the generation and runs one warm-up batch.
+//!
 //! ```no_run
-//! # async fn f(worker: &forkless_worker::Worker) -> anyhow::Result<()> {
-//! let settings = BatchSettings { max_batch: 32, max_wait: std::time::Duration::ZERO };
-//! let engine = GpuEngine::start(worker.generations(), settings)?;
+//! # async fn f() -> anyhow::Result<()> {
+//! let settings = BatchSettings { max_batch: 32, max_wait: std::time::Duration::from_micros(500), workspace: None };
+//! let pending = GpuEngine::prepare(settings); // while attaching
+//! let worker = forkless_worker::Worker::from_env().await?;
+//! let engine = pending.start(worker.generations())?;
 //! let answer = engine.infer(Input::Seed(7)).await?;
 //! println!("y_sum = {} (batch stats: {:?})", answer.y_sum, engine.stats());
 //! # Ok(()) }
@@ -40,6 +46,8 @@ pub struct BatchSettings {
     /// After the first request of a batch, wait at most this long for more (0: take only what
     /// is already queued; under load, requests queue while the GPU runs the previous batch).
     pub max_wait: Duration,
+    /// cuBLAS workspace in bytes (`None`: cuBLAS's own default, 32 MiB on Hopper).
+    pub workspace: Option<usize>,
 }
 
 /// One request's input.
@@ -121,17 +129,39 @@ pub struct GpuEngine {
     stats: Arc<BatchStats>,
 }
 
+/// An engine thread that is preparing the GPU, waiting for the worker's generations.
+pub struct PendingEngine {
+    jobs: Sender<Job>,
+    stats: Arc<BatchStats>,
+    generations: std::sync::mpsc::SyncSender<Generations>,
+    started: Receiver<Result<(), EngineError>>,
+}
+
+impl PendingEngine {
+    /// Hands the engine the worker's generations and waits until it has run its warm-up batch
+    /// (the first cuBLAS call picks and loads its kernel), or failed.
+    pub fn start(self, generations: Generations) -> Result<GpuEngine, EngineError> {
+        let stopped = || EngineError::Stopped("it exited while starting".into());
+        self.generations.send(generations).map_err(|_| stopped())?;
+        self.started.recv().map_err(|_| stopped())??;
+        Ok(GpuEngine { jobs: self.jobs, stats: self.stats })
+    }
+}
+
 impl GpuEngine {
-    /// Starts the engine thread on the GPU the current generation is mapped on, loads the
-    /// kernels (from the supervisor's cache when there) and cuBLAS, and runs one warm-up batch.
-    pub fn start(generations: Generations, settings: BatchSettings) -> Result<GpuEngine, EngineError> {
+    /// Spawns the engine thread, which at once opens the GPU named by the supervisor
+    /// (`FORKLESS_CUDA_DEVICE`, with its stack limit), loads the kernels (from the supervisor's
+    /// cache when there) and creates the cuBLAS handle, then waits for [`PendingEngine::start`].
+    pub fn prepare(settings: BatchSettings) -> PendingEngine {
         let (jobs, queue) = std::sync::mpsc::channel();
+        let (generations, generations_rx) = std::sync::mpsc::sync_channel(1);
         let (started, started_rx) = std::sync::mpsc::sync_channel(1);
         let stats = Arc::new(BatchStats::default());
         let thread_stats = stats.clone();
-        std::thread::Builder::new()
-            .name("gpu-engine".into())
-            .spawn(move || match Engine::new(generations, settings, thread_stats) {
+        let spawned = std::thread::Builder::new().name("gpu-engine".into()).spawn(move || {
+            let prepared = Engine::prepare(settings, thread_stats);
+            let Ok(generations) = generations_rx.recv() else { return };
+            match prepared.and_then(|engine| engine.attach(generations)) {
                 Ok(engine) => {
                     let _ = started.send(Ok(()));
                     engine.run(queue);
@@ -139,20 +169,14 @@ impl GpuEngine {
                 Err(e) => {
                     let _ = started.send(Err(e));
                 }
-            })
-            .map_err(|e| EngineError::Stopped(e.to_string()))?;
-        started_rx.recv().map_err(|_| EngineError::Stopped("it exited while starting".into()))??;
-        let engine = GpuEngine { jobs, stats };
-        engine.warm_up()?;
-        Ok(engine)
-    }
-
-    /// One pass before serving: the first cuBLAS call picks its kernel and loads it.
-    fn warm_up(&self) -> Result<(), EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { input: Input::Seed(0), reply }).map_err(|_| EngineError::Stopped("warm-up".into()))?;
-        answer.blocking_recv().map_err(|_| EngineError::Stopped("warm-up".into()))?.map_err(EngineError::Stopped)?;
-        Ok(())
+            }
+        });
+        if let Err(e) = spawned {
+            let (failed, started_rx) = std::sync::mpsc::sync_channel(1);
+            let _ = failed.send(Err(EngineError::Stopped(format!("cannot spawn its thread: {e}"))));
+            return PendingEngine { jobs, stats, generations, started: started_rx };
+        }
+        PendingEngine { jobs, stats, generations, started: started_rx }
     }
 
     /// Queues one request and waits for its answer.
@@ -195,7 +219,9 @@ impl Scratch {
 
 /// Everything the engine thread owns.
 struct Engine {
-    generations: Generations,
+    gpu: forkless_gpu::Gpu,
+    /// The worker's generation slot; `None` until attached.
+    generations: Option<Generations>,
     settings: BatchSettings,
     stats: Arc<BatchStats>,
     stream: Arc<CudaStream>,
@@ -204,31 +230,63 @@ struct Engine {
     scratch: Option<Scratch>,
 }
 
+/// This process's GPU memory in MiB, as NVML reports it (for the start-up breakdown log).
+fn own_gpu_mib() -> Option<u64> {
+    forkless_gpu::nvml::snapshot()?.per_process.get(&std::process::id()).map(|bytes| bytes >> 20)
+}
+
 impl Engine {
-    fn new(generations: Generations, settings: BatchSettings, stats: Arc<BatchStats>) -> Result<Engine, EngineError> {
-        let current = generations.current();
-        let gpu = current.gpu().filter(|_| current.on_gpu()).ok_or(EngineError::NotOnGpu)?.clone();
-        let cache = std::env::var_os(forkless_bus::ENV_KERNEL_CACHE).map(std::path::PathBuf::from);
-        let kernels = Kernels::load(&gpu, cache.as_deref())?;
+    /// Everything that needs no weights: the GPU context, the kernels, a stream, cuBLAS.
+    fn prepare(settings: BatchSettings, stats: Arc<BatchStats>) -> Result<Engine, EngineError> {
+        let started = Instant::now();
+        let cuda = forkless_owner::cuda_settings_from_env().map_err(|e| EngineError::Model(e.to_string()))?;
+        let gpu = forkless_gpu::Gpu::open(cuda.device as usize)?;
+        if let Some(bytes) = cuda.stack_limit {
+            gpu.set_stack_limit(bytes)?;
+        }
+        let context_mib = own_gpu_mib();
+        let kernels = Kernels::load(&gpu, cuda.kernel_cache.as_deref())?;
         let stream = gpu.context().new_stream().map_err(driver)?;
-        let blas = Blas::new(stream.clone())?;
+        let blas = match settings.workspace {
+            Some(bytes) => Blas::with_workspace(stream.clone(), bytes)?,
+            None => Blas::new(stream.clone())?,
+        };
         tracing::info!(
             kernels = %kernels.loaded_from(),
             kernels_ms = format!("{:.1}", kernels.compile_time().as_secs_f64() * 1e3),
+            prepare_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+            context_mib,
+            with_cublas_mib = own_gpu_mib(),
             max_batch = settings.max_batch,
             max_wait_us = settings.max_wait.as_micros() as u64,
-            "GPU engine on {} ({})",
+            "GPU engine prepared on {} ({})",
             gpu.info().name,
             kernels.arch()
         );
-        Ok(Engine { generations, settings, stats, stream, blas, kernels, scratch: None })
+        Ok(Engine { gpu, generations: None, settings, stats, stream, blas, kernels, scratch: None })
+    }
+
+    /// Takes the worker's generations (on this engine's GPU) and runs one warm-up batch.
+    fn attach(mut self, generations: Generations) -> Result<Engine, EngineError> {
+        let current = generations.current();
+        let on_this_gpu = current.gpu().is_some_and(|g| g.ordinal() == self.gpu.ordinal());
+        if !current.on_gpu() || !on_this_gpu {
+            return Err(EngineError::NotOnGpu);
+        }
+        let (reply, _) = oneshot::channel();
+        self.run_batch(&current, &[Job { input: Input::Seed(0), reply }])?;
+        tracing::info!(gpu_mib = own_gpu_mib(), "GPU engine warmed up");
+        drop(current);
+        self.generations = Some(generations);
+        Ok(self)
     }
 
     /// Serves batches until every sender is gone (the service stopped).
     fn run(mut self, queue: Receiver<Job>) {
+        let Some(generations) = self.generations.clone() else { return };
         while let Some(batch) = next_batch(&queue, self.settings) {
             self.stats.record(batch.len());
-            let generation = self.generations.current();
+            let generation = generations.current();
             match self.run_batch(&generation, &batch) {
                 Ok(answers) => {
                     for (job, answer) in batch.into_iter().zip(answers) {
@@ -331,7 +389,7 @@ mod tests {
                 r
             })
             .collect();
-        let settings = BatchSettings { max_batch: 3, max_wait: Duration::ZERO };
+        let settings = BatchSettings { max_batch: 3, max_wait: Duration::ZERO, workspace: None };
         assert_eq!(next_batch(&rx, settings).unwrap().len(), 3);
         assert_eq!(next_batch(&rx, settings).unwrap().len(), 2);
         drop(tx);
@@ -349,7 +407,7 @@ mod tests {
             r2
         });
         let _r2 = late.join().unwrap(); // sent before the batch is taken: always within the wait
-        let settings = BatchSettings { max_batch: 8, max_wait: Duration::from_secs(30) };
+        let settings = BatchSettings { max_batch: 8, max_wait: Duration::from_secs(30), workspace: None };
         // The sender is gone after the late job, so the wait ends there instead of at 30 s.
         assert_eq!(next_batch(&rx, settings).unwrap().len(), 2);
     }

@@ -137,6 +137,9 @@ fn fail_with(message: impl std::fmt::Display, code: i32) -> ExitCode {
 }
 
 async fn serve(batching: BatchSettings) -> ExitCode {
+    // On the GPU, the engine prepares (context, kernels, cuBLAS) while the worker attaches.
+    let on_gpu = std::env::var(forkless_bus::ENV_BACKEND).as_deref() == Ok("cuda");
+    let pending = on_gpu.then(|| GpuEngine::prepare(batching));
     let mut worker = match Worker::from_env().await {
         Ok(worker) => worker,
         Err(e) => return fail_with(format!("cannot attach: {e}"), e.exit_code()),
@@ -152,14 +155,16 @@ async fn serve(batching: BatchSettings) -> ExitCode {
     // Warm-up: one pass touches every weight page (or, on the GPU, loads the kernels and picks
     // cuBLAS's), so the first request is not the slow one. It consumes `model`: holding the
     // generation here would keep it mapped after a swap.
-    let engine = if model.on_gpu() {
+    let engine = if let Some(pending) = pending.filter(|_| model.on_gpu()) {
         drop(model);
         let generations = worker.generations();
-        match tokio::task::spawn_blocking(move || GpuEngine::start(generations, batching)).await {
+        match tokio::task::spawn_blocking(move || pending.start(generations)).await {
             Ok(Ok(engine)) => Some(engine),
             Ok(Err(e)) => return fail(format!("cannot start the GPU engine: {e}"), false),
             Err(e) => return fail(format!("cannot start the GPU engine: {e}"), false),
         }
+    } else if model.on_gpu() {
+        return fail("the weights are on a GPU, but FORKLESS_BACKEND is not cuda", true);
     } else {
         let _ = tokio::task::spawn_blocking(move || model.forward(&input_from_seed(0, model.inputs))).await;
         None

@@ -28,6 +28,8 @@ use crate::view::DeviceView;
 pub struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
+    /// The workspace given to cuBLAS instead of its own default one, if any.
+    _workspace: Option<cudarc::driver::CudaSlice<u8>>,
 }
 
 impl Blas {
@@ -37,7 +39,29 @@ impl Blas {
         cublas_available()?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| GpuError::Cublas { op: "cublasCreate", status: format!("{e:?}") })?;
-        Ok(Blas { blas, stream })
+        Ok(Blas { blas, stream, _workspace: None })
+    }
+
+    /// Like [`Blas::new`], with a workspace of `bytes` (`cublasSetWorkspace`) instead of the
+    /// one cuBLAS allocates per handle (32 MiB on Hopper): memory every worker pays. Kernels
+    /// that would need more workspace than given are not chosen.
+    pub fn with_workspace(stream: Arc<CudaStream>, bytes: usize) -> Result<Blas, GpuError> {
+        let mut blas = Blas::new(stream)?;
+        let workspace = blas
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| GpuError::Driver { op: "cuMemAlloc", result: e.into() })?;
+        {
+            let (ptr, _done) = workspace.device_ptr(&blas.stream);
+            // SAFETY: the handle is live; `ptr` is `bytes` of device memory of this context,
+            // owned by `Blas` next to the handle and dropped after it (field order), so cuBLAS
+            // never uses a freed workspace.
+            unsafe { sys::cublasSetWorkspace_v2(*blas.blas.handle(), ptr as *mut std::ffi::c_void, bytes) }
+                .result()
+                .map_err(|e| GpuError::Cublas { op: "cublasSetWorkspace", status: format!("{e:?}") })?;
+        }
+        blas._workspace = Some(workspace);
+        Ok(blas)
     }
 
     /// The stream every call is queued on.

@@ -44,7 +44,18 @@ const STAGING_CHUNK: usize = 16 << 20;
 /// full-speed DMA, small enough that pinning the buffers costs little at start.
 const UPLOAD_CHUNK: usize = 8 << 20;
 /// At most this many upload lanes (threads reading the file in parallel).
-const MAX_UPLOAD_LANES: usize = 8;
+const MAX_UPLOAD_LANES: usize = 12;
+
+/// How an upload went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Threads that read and copied in parallel.
+    pub lanes: usize,
+    /// The slowest lane's setup (stream, events and two pinned buffers).
+    pub setup: std::time::Duration,
+    /// The whole upload, setup included.
+    pub total: std::time::Duration,
+}
 
 /// How an importer may touch an arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,7 +453,8 @@ impl VmmArena {
     /// buffers of their own and copy them to the GPU on their own stream, so reading the page
     /// cache, which one thread does at ~10 GB/s, overlaps with the DMA of PCIe (~55 GB/s
     /// pinned). Returns once the GPU holds every byte, or the first error.
-    pub fn upload_file(&self, file: &std::fs::File, pieces: &[(u64, u64, u64)]) -> Result<(), GpuError> {
+    pub fn upload_file(&self, file: &std::fs::File, pieces: &[(u64, u64, u64)]) -> Result<UploadStats, GpuError> {
+        let started = std::time::Instant::now();
         let chunks = upload_chunks(pieces);
         for &(_, at, len) in &chunks {
             self.mapping.at(at, len)?;
@@ -451,15 +463,16 @@ impl VmmArena {
         let lanes = lanes.min(chunks.len()).max(1);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failed = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|scope| {
+        let setups = std::thread::scope(|scope| {
             let handles: Vec<_> =
                 (0..lanes).map(|_| scope.spawn(|| self.upload_lane(file, &chunks, &next, &failed))).collect();
             handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-                .collect::<Result<Vec<()>, _>>()
+                .collect::<Result<Vec<_>, _>>()
         })?;
-        Ok(())
+        let setup = setups.into_iter().max().unwrap_or_default();
+        Ok(UploadStats { lanes, setup, total: started.elapsed() })
     }
 
     /// One upload thread: takes chunks off the shared counter until none is left.
@@ -469,10 +482,12 @@ impl VmmArena {
         chunks: &[(u64, u64, usize)],
         next: &std::sync::atomic::AtomicUsize,
         failed: &std::sync::atomic::AtomicBool,
-    ) -> Result<(), GpuError> {
+    ) -> Result<std::time::Duration, GpuError> {
         use std::os::unix::fs::FileExt;
         use std::sync::atomic::Ordering;
+        let started = std::time::Instant::now();
         let mut staging = Staging::new(&self.mapping.gpu, UPLOAD_CHUNK)?;
+        let setup = started.elapsed();
         let result = loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(&(from, at, len)) = chunks.get(i) else { break Ok(()) };
@@ -488,7 +503,7 @@ impl VmmArena {
                 break Err(e);
             }
         };
-        result.and(staging.finish())
+        result.and(staging.finish()).map(|()| setup)
     }
 
     /// A typed view of `len` elements at byte `offset` (bounds and alignment checked).

@@ -88,12 +88,11 @@ pub fn load(path: &Path, settings: &CudaSettings) -> Result<Loaded, LoadError> {
     let (gpu, kernels) = open(settings).map_err(gpu_error)?;
     let context_ms = ms(started);
     let arena = VmmArena::create(&gpu, arena_desc.size).map_err(on_gpu)?;
-    let copy_started = Instant::now();
-    arena.upload_file(file.file(), &file.pieces(&tensors)).map_err(|e| match e {
+    let upload = arena.upload_file(file.file(), &file.pieces(&tensors)).map_err(|e| match e {
         GpuError::Read { source, .. } => LoadError::Read { path: path.into(), source },
         other => on_gpu(other),
     })?;
-    let copy_s = copy_started.elapsed().as_secs_f64();
+    let copy_s = upload.total.as_secs_f64();
     let checksum_started = Instant::now();
     let words = arena.view::<u64>(0, arena.size() as usize / 8).map_err(on_gpu)?;
     let stream = gpu.context().default_stream();
@@ -110,6 +109,8 @@ pub fn load(path: &Path, settings: &CudaSettings) -> Result<Loaded, LoadError> {
         kernels = %kernels.loaded_from(),
         copy_ms = format!("{:.1}", copy_s * 1e3),
         copy_gb_per_s = format!("{:.1}", bytes as f64 / copy_s / 1e9),
+        lanes = upload.lanes,
+        pinning_ms = format!("{:.1}", upload.setup.as_secs_f64() * 1e3),
         checksum_ms = ms(checksum_started),
         "loaded {} onto GPU {device}",
         path.display()

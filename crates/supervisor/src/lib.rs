@@ -75,6 +75,7 @@ const SELF_EXE: &str = "/proc/self/exe";
 /// Runs the supervisor until a stop signal (`Ok`) or a fatal failure (`Err` with the reason).
 /// `health` receives liveness and readiness (for `/livez` and `/readyz`).
 pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Health>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let spawner = Spawner::start(tokio::runtime::Handle::current());
     let stop = Stop::default();
     shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
@@ -118,7 +119,7 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     let ctx = Arc::new(Context::new(config, backend, spawner, pids, listeners, bus_socket, bus_state));
     let metrics_task = tokio::spawn(metrics::record_periodically(ctx.clone(), bus_stop.clone()));
 
-    let failure = Service::new(ctx, stop, health).run(event_inbox, command_inbox).await;
+    let failure = Service::new(ctx, stop, health).counting_from(started).run(event_inbox, command_inbox).await;
 
     bus_stop.cancel();
     let _ = tokio::join!(bus_task, control_task, metrics_task);

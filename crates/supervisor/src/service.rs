@@ -176,6 +176,13 @@ impl Service {
         }
     }
 
+    /// Counts the cold start (`all N workers ready`, `cold_start_ms`) from `started` (the
+    /// supervisor's own start, before it probed for a GPU) instead of from now.
+    pub fn counting_from(mut self, started: Instant) -> Self {
+        self.started = started;
+        self
+    }
+
     /// Runs until stopped (`None`) or a fatal failure (`Some(reason)`), then stops the children
     /// in the reverse order of their start: workers drain first, then the owner.
     pub async fn run(
@@ -185,7 +192,16 @@ impl Service {
     ) -> Option<String> {
         self.health.send_replace(Health { live: true, ready: false });
         match self.ctx.config().model.sharing {
-            Sharing::Shared => self.owner = Some(Slot::spawn(self.ctx.clone(), OWNER)),
+            Sharing::Shared => {
+                self.owner = Some(Slot::spawn(self.ctx.clone(), OWNER));
+                // A GPU worker spends ~0.5 s on its CUDA context, cuBLAS and kernels before it
+                // needs the weights: let that overlap with the owner's load. (On the host a
+                // worker starts in milliseconds, and a bad weights file should stop the
+                // supervisor before any worker runs.)
+                if self.ctx.backend.resolved != crate::backend::ResolvedBackend::Host {
+                    self.start_workers();
+                }
+            }
             Sharing::None => self.start_workers(),
         }
         let failure = loop {
