@@ -3,6 +3,9 @@
 //! GPU is free (up to `max_batch`, waiting at most `max_wait` after the first for more) share
 //! one pass over the weights, which is what the cost is made of (2 GB read per pass).
 //!
+//! Scratch buffers come from plain `cuMemAlloc` ([`DeviceBuffer`]), not cudarc's pool, which
+//! would reserve 32 MiB per worker for 8 MiB of use.
+//!
 //! Per batch: the inputs of `{"seed": n}` requests are generated on the GPU
 //! (`seeded_inputs`), explicit `x` rows are copied in, `Y = X Wᵀ` is one cuBLAS SGEMM reading
 //! `W` in place from the shared, read-only arena, and `bias_add_rowsum` adds the bias, sums
@@ -30,8 +33,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forkless_gpu::cudarc::driver::{CudaSlice, CudaStream};
-use forkless_gpu::{Blas, Kernels};
+use forkless_gpu::cudarc::driver::CudaStream;
+use forkless_gpu::{Blas, DeviceBuffer, Kernels};
 use forkless_worker::{Generation, Generations};
 use tokio::sync::oneshot;
 
@@ -196,11 +199,11 @@ impl GpuEngine {
 struct Scratch {
     inputs: usize,
     outputs: usize,
-    seeds: CudaSlice<u64>,
-    x: CudaSlice<f32>,
-    y: CudaSlice<f32>,
-    y_sum: CudaSlice<f64>,
-    y_head: CudaSlice<f32>,
+    seeds: DeviceBuffer<u64>,
+    x: DeviceBuffer<f32>,
+    y: DeviceBuffer<f32>,
+    y_sum: DeviceBuffer<f64>,
+    y_head: DeviceBuffer<f32>,
 }
 
 impl Scratch {
@@ -208,11 +211,11 @@ impl Scratch {
         Ok(Scratch {
             inputs,
             outputs,
-            seeds: stream.alloc_zeros(max_batch).map_err(driver)?,
-            x: stream.alloc_zeros(max_batch * inputs).map_err(driver)?,
-            y: stream.alloc_zeros(max_batch * outputs).map_err(driver)?,
-            y_sum: stream.alloc_zeros(max_batch).map_err(driver)?,
-            y_head: stream.alloc_zeros(max_batch * HEAD).map_err(driver)?,
+            seeds: DeviceBuffer::zeroed(stream, max_batch)?,
+            x: DeviceBuffer::zeroed(stream, max_batch * inputs)?,
+            y: DeviceBuffer::zeroed(stream, max_batch * outputs)?,
+            y_sum: DeviceBuffer::zeroed(stream, max_batch)?,
+            y_head: DeviceBuffer::zeroed(stream, max_batch * HEAD)?,
         })
     }
 }
@@ -323,7 +326,7 @@ impl Engine {
         let n = batch.len();
         let seeds: Vec<u64> = batch.iter().map(|j| if let Input::Seed(s) = j.input { s } else { 0 }).collect();
         stream.memcpy_htod(&seeds, &mut scratch.seeds.slice_mut(0..n)).map_err(driver)?;
-        self.kernels.seeded_inputs(stream, &mut scratch.x, &scratch.seeds, n, inputs)?;
+        self.kernels.seeded_inputs(stream, &mut *scratch.x, &*scratch.seeds, n, inputs)?;
         for (row, job) in batch.iter().enumerate() {
             if let Input::X(x) = &job.input {
                 if x.len() != inputs {
@@ -332,9 +335,17 @@ impl Engine {
                 stream.memcpy_htod(x, &mut scratch.x.slice_mut(row * inputs..(row + 1) * inputs)).map_err(driver)?;
             }
         }
-        self.blas.linear(w, outputs, inputs, &scratch.x, &mut scratch.y, n)?;
+        self.blas.linear(w, outputs, inputs, &*scratch.x, &mut *scratch.y, n)?;
         let head = HEAD.min(outputs);
-        self.kernels.bias_add_rowsum(stream, &mut scratch.y, bias, &mut scratch.y_sum, &mut scratch.y_head, n, head)?;
+        self.kernels.bias_add_rowsum(
+            stream,
+            &mut *scratch.y,
+            bias,
+            &mut *scratch.y_sum,
+            &mut *scratch.y_head,
+            n,
+            head,
+        )?;
         let sums = stream.clone_dtoh(&scratch.y_sum.slice(0..n)).map_err(driver)?;
         let heads = stream.clone_dtoh(&scratch.y_head.slice(0..n * head)).map_err(driver)?;
         stream.synchronize().map_err(driver)?;

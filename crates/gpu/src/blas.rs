@@ -29,7 +29,7 @@ pub struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
     /// The workspace given to cuBLAS instead of its own default one, if any.
-    _workspace: Option<cudarc::driver::CudaSlice<u8>>,
+    _workspace: Option<crate::DeviceBuffer<u8>>,
 }
 
 impl Blas {
@@ -47,10 +47,7 @@ impl Blas {
     /// that would need more workspace than given are not chosen.
     pub fn with_workspace(stream: Arc<CudaStream>, bytes: usize) -> Result<Blas, GpuError> {
         let mut blas = Blas::new(stream)?;
-        let workspace = blas
-            .stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(|e| GpuError::Driver { op: "cuMemAlloc", result: e.into() })?;
+        let workspace = crate::DeviceBuffer::<u8>::zeroed(&blas.stream, bytes)?;
         {
             let (ptr, _done) = workspace.device_ptr(&blas.stream);
             // SAFETY: the handle is live; `ptr` is `bytes` of device memory of this context,

@@ -26,6 +26,7 @@
 //! ```
 
 mod blas;
+mod buffer;
 pub mod checksum;
 mod device;
 mod error;
@@ -35,6 +36,7 @@ mod view;
 mod vmm;
 
 pub use blas::Blas;
+pub use buffer::DeviceBuffer;
 pub use device::{available, cublas_available, driver, nvrtc_available, probe, DeviceInfo, Gpu};
 pub use error::{CuResult, GpuError};
 pub use kernels::{KernelError, Kernels};
