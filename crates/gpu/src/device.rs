@@ -296,9 +296,9 @@ impl Gpu {
 
     /// Sets the per-thread stack size of kernels (`CU_LIMIT_STACK_SIZE`), in bytes.
     ///
-    /// The driver reserves this much for every thread the GPU can hold at once, which is most
-    /// of a context's memory: on an H100, 1 KiB (the default) costs ~520 MiB per process,
-    /// 256 B ~320 MiB, 64 B ~270 MiB. Kernels that need more stack than this fail to launch.
+    /// The driver reserves this much for every thread the GPU can hold at once: on an H100,
+    /// 1 KiB (the default) costs ~520 MiB per process, 256 B ~320 MiB, 64 B ~270 MiB. A small
+    /// limit is safe: the driver raises it for a kernel launch that needs more (and keeps it).
     pub fn set_stack_limit(&self, bytes: usize) -> Result<(), GpuError> {
         self.ctx
             .set_limit(sys::CUlimit::CU_LIMIT_STACK_SIZE, bytes)

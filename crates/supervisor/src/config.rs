@@ -100,8 +100,9 @@ impl Backend {
 }
 
 /// The driver's default per-thread stack limit is 1024 B, which costs ~520 MiB per context
-/// on an H100; 256 B costs ~322 MiB and is enough for the demo's kernels.
-pub const DEFAULT_CUDA_STACK_BYTES: u64 = 256;
+/// on an H100; 64 B costs ~270 MiB. Small is safe: the driver raises the limit for a kernel
+/// launch that needs more (and keeps it raised), so it only ever costs what kernels use.
+pub const DEFAULT_CUDA_STACK_BYTES: u64 = 64;
 /// Largest `stack_limit_bytes` accepted (a typo guard: 1 MiB per thread would not fit).
 pub const MAX_CUDA_STACK_BYTES: u64 = 64 * 1024;
 
@@ -112,7 +113,8 @@ pub struct CudaConfig {
     /// The GPU the arena lives on; the owner and every worker use it.
     pub device: u32,
     /// Per-thread stack limit (`CU_LIMIT_STACK_SIZE`) of every CUDA context forkless starts:
-    /// most of a context's memory is this reservation times the threads the GPU holds.
+    /// the driver reserves it for every thread the GPU can hold (1024 B: ~250 MiB of a
+    /// context's ~520 MiB on an H100).
     pub stack_limit_bytes: u64,
 }
 
@@ -352,12 +354,12 @@ mod tests {
     fn backend_and_cuda_keys_parse_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.model.backend, Backend::Auto);
-        assert_eq!(c.cuda, CudaConfig { device: 0, stack_limit_bytes: 256 });
-        let text =
-            GOOD.replace("[workers]", "backend = \"cuda\"\n[workers]") + "[cuda]\ndevice = 1\nstack_limit_bytes = 64\n";
+        assert_eq!(c.cuda, CudaConfig { device: 0, stack_limit_bytes: 64 });
+        let text = GOOD.replace("[workers]", "backend = \"cuda\"\n[workers]")
+            + "[cuda]\ndevice = 1\nstack_limit_bytes = 128\n";
         let c = parse(&text).unwrap();
         assert_eq!(c.model.backend, Backend::Cuda);
-        assert_eq!(c.cuda, CudaConfig { device: 1, stack_limit_bytes: 64 });
+        assert_eq!(c.cuda, CudaConfig { device: 1, stack_limit_bytes: 128 });
         let c = parse(&GOOD.replace("[workers]", "backend = \"host\"\n[workers]")).unwrap();
         assert_eq!(c.model.backend, Backend::Host);
     }
