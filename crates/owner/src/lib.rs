@@ -118,10 +118,15 @@ pub enum Backend {
 impl Backend {
     /// Reads the backend from the environment; unset means `host`.
     pub fn from_env() -> Result<Backend, OwnerError> {
-        let backend = std::env::var(forkless_bus::ENV_BACKEND).unwrap_or_else(|_| "host".into());
+        Backend::from_vars(&|name| std::env::var(name).ok())
+    }
+
+    /// The same, from any source of variables (`var(name)`).
+    pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<Backend, OwnerError> {
+        let backend = var(forkless_bus::ENV_BACKEND).unwrap_or_else(|| "host".into());
         match backend.as_str() {
             "host" => Ok(Backend::Host),
-            "cuda" => Ok(Backend::Cuda(cuda_settings_from_env()?)),
+            "cuda" => Ok(Backend::Cuda(cuda_settings_from_vars(var)?)),
             _ => Err(OwnerError::BadEnv { name: forkless_bus::ENV_BACKEND, value: backend, expected: "host or cuda" }),
         }
     }
@@ -129,20 +134,24 @@ impl Backend {
 
 /// The `[cuda]` settings the supervisor passes to owner and workers alike.
 pub fn cuda_settings_from_env() -> Result<cuda::CudaSettings, OwnerError> {
-    let number = |name: &'static str| -> Result<Option<u64>, OwnerError> {
-        match std::env::var(name) {
-            Err(_) => Ok(None),
-            Ok(value) => value.parse().map(Some).map_err(|_| OwnerError::BadEnv {
-                name,
-                value,
-                expected: "a non-negative integer",
-            }),
-        }
-    };
+    cuda_settings_from_vars(&|name| std::env::var(name).ok())
+}
+
+fn cuda_settings_from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<cuda::CudaSettings, OwnerError> {
+    fn number<T: std::str::FromStr>(
+        var: &dyn Fn(&str) -> Option<String>,
+        name: &'static str,
+    ) -> Result<Option<T>, OwnerError> {
+        var(name)
+            .map(|value| {
+                value.parse().map_err(|_| OwnerError::BadEnv { name, value, expected: "a small non-negative integer" })
+            })
+            .transpose()
+    }
     Ok(cuda::CudaSettings {
-        device: number(forkless_bus::ENV_CUDA_DEVICE)?.unwrap_or(0) as u32,
-        stack_limit: number(forkless_bus::ENV_CUDA_STACK_BYTES)?.map(|b| b as usize),
-        kernel_cache: std::env::var_os(forkless_bus::ENV_KERNEL_CACHE).map(PathBuf::from),
+        device: number(var, forkless_bus::ENV_CUDA_DEVICE)?.unwrap_or(0),
+        stack_limit: number(var, forkless_bus::ENV_CUDA_STACK_BYTES)?,
+        kernel_cache: var(forkless_bus::ENV_KERNEL_CACHE).map(PathBuf::from),
     })
 }
 
@@ -305,6 +314,41 @@ mod tests {
         model_file::write_f32_safetensors(&path, &[("w", vec![10, 100], &w), ("b", vec![10], &w[..10])]).unwrap();
         let (manifest, arena) = load_host_arena(&path).unwrap();
         (dir, manifest, arena)
+    }
+
+    fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn backend_comes_from_the_supervisors_variables() {
+        assert_eq!(Backend::from_vars(&vars(&[])).unwrap(), Backend::Host);
+        let cuda = Backend::from_vars(&vars(&[
+            ("FORKLESS_BACKEND", "cuda"),
+            ("FORKLESS_CUDA_DEVICE", "1"),
+            ("FORKLESS_CUDA_STACK_BYTES", "64"),
+            ("FORKLESS_KERNEL_CACHE", "/run/k"),
+        ]))
+        .unwrap();
+        let expected =
+            cuda::CudaSettings { device: 1, stack_limit: Some(64), kernel_cache: Some(PathBuf::from("/run/k")) };
+        assert_eq!(cuda, Backend::Cuda(expected));
+        let defaults = Backend::from_vars(&vars(&[("FORKLESS_BACKEND", "cuda")])).unwrap();
+        assert_eq!(defaults, Backend::Cuda(cuda::CudaSettings { device: 0, stack_limit: None, kernel_cache: None }));
+    }
+
+    #[test]
+    fn bad_backend_variables_are_fatal_and_named() {
+        for bad in [
+            &[("FORKLESS_BACKEND", "tpu")][..],
+            &[("FORKLESS_BACKEND", "cuda"), ("FORKLESS_CUDA_DEVICE", "-1")][..],
+            &[("FORKLESS_BACKEND", "cuda"), ("FORKLESS_CUDA_DEVICE", "99999999999")][..],
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] = bad;
+            let err = Backend::from_vars(&vars(pairs)).unwrap_err();
+            assert!(err.is_fatal(), "{err}");
+            assert!(err.to_string().contains("FORKLESS_"), "{err}");
+        }
     }
 
     #[test]

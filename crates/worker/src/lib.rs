@@ -174,8 +174,9 @@ impl Worker {
             Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
             _ => None,
         };
-        let (started, cpu_started) = (Instant::now(), forkless_bus::child::thread_cpu_time());
+        // The CUDA context (~0.3 s, once per process) is not part of attaching to a generation.
         let gpu = open_gpu()?;
+        let (started, cpu_started) = (Instant::now(), forkless_bus::child::thread_cpu_time());
         let mut bus = forkless_bus::child::connect_to_supervisor(Role::Worker).await?;
         let generation = match private_model {
             Some(path) => load_private_copy(&path, gpu.as_ref())?,
@@ -475,6 +476,18 @@ pub fn inherited_listeners() -> Result<Vec<tokio::net::TcpListener>, ListenerErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_memory_on_a_host_worker_is_a_fatal_mismatch() {
+        use forkless_bus::manifest::{ArenaDesc, MemoryKind};
+        let (fd, _other) = rustix::pipe::pipe().unwrap();
+        let desc = ArenaDesc { id: 0, kind: MemoryKind::CudaVmm { device: 0 }, size: 2 << 20, checksum: 0 };
+        let err = map_arena(&desc, fd, None).unwrap_err();
+        assert!(matches!(err, AttachError::WrongPlace { .. }), "{err}");
+        assert_eq!(err.exit_code(), EXIT_FATAL);
+        let text = err.to_string();
+        assert!(text.contains("GPU 0") && text.contains("host backend") && text.contains("restart"), "{text}");
+    }
 
     #[test]
     fn exit_codes_tell_the_supervisor_what_to_do() {
