@@ -242,7 +242,9 @@ impl Engine {
     /// Everything that needs no weights: the GPU context, the kernels, a stream, cuBLAS.
     fn prepare(settings: BatchSettings, stats: Arc<BatchStats>) -> Result<Engine, EngineError> {
         let started = Instant::now();
-        let cuda = forkless_owner::cuda_settings_from_env().map_err(|e| EngineError::Model(e.to_string()))?;
+        let cuda = forkless_worker::cuda_settings()
+            .map_err(|e| EngineError::Model(e.to_string()))?
+            .ok_or(EngineError::NotOnGpu)?;
         let gpu = forkless_gpu::Gpu::open(cuda.device as usize)?;
         if let Some(bytes) = cuda.stack_limit {
             gpu.set_stack_limit(bytes)?;

@@ -138,7 +138,7 @@ fn fail_with(message: impl std::fmt::Display, code: i32) -> ExitCode {
 
 async fn serve(batching: BatchSettings) -> ExitCode {
     // On the GPU, the engine prepares (context, kernels, cuBLAS) while the worker attaches.
-    let on_gpu = std::env::var(forkless_bus::ENV_BACKEND).as_deref() == Ok("cuda");
+    let on_gpu = matches!(forkless_worker::cuda_settings(), Ok(Some(_)));
     let pending = on_gpu.then(|| GpuEngine::prepare(batching));
     let mut worker = match Worker::from_env().await {
         Ok(worker) => worker,

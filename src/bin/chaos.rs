@@ -26,45 +26,48 @@ enum Signal {
     Stop,
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// Requests per second in all (default: as fast as answers come).
+    #[arg(long, conflicts_with = "connections")]
+    rate: Option<f64>,
+    /// Keep-alive connections, each with one request outstanding.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// What to kill: owner, worker, workers[:N]; each may carry its own period (owner@5); `none`: load only.
+    #[arg(long, default_value = "owner,worker")]
+    kill: String,
+    /// Seconds between kills (for targets without @SECS); jittered ±20 %.
+    #[arg(long, default_value_t = 3.0)]
+    every: f64,
+    #[arg(long, value_enum, default_value_t = Signal::Kill)]
+    signal: Signal,
+    /// Seed of every random choice (kill schedule, victims, request seeds).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML report (timeline with the kills marked) here.
+    #[arg(long)]
+    html: Option<PathBuf>,
+    /// The supervisor executable (default: beside this one).
+    #[arg(long)]
+    supervisor: Option<PathBuf>,
+    /// Copy the supervisor's log (JSON lines, workers' lines included) to this file.
+    #[arg(long)]
+    supervisor_log: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Start the supervisor with CONFIG, drive load, kill on schedule, report.
-    Run {
-        #[arg(long)]
-        config: PathBuf,
-        /// Seconds of load.
-        #[arg(long, default_value_t = 30.0)]
-        duration: f64,
-        /// Requests per second in all (default: as fast as answers come).
-        #[arg(long, conflicts_with = "connections")]
-        rate: Option<f64>,
-        /// Keep-alive connections, each with one request outstanding.
-        #[arg(long)]
-        connections: Option<usize>,
-        /// What to kill: owner, worker, workers[:N]; each may carry its own period (owner@5); `none`: load only.
-        #[arg(long, default_value = "owner,worker")]
-        kill: String,
-        /// Seconds between kills (for targets without @SECS); jittered ±20 %.
-        #[arg(long, default_value_t = 3.0)]
-        every: f64,
-        #[arg(long, value_enum, default_value_t = Signal::Kill)]
-        signal: Signal,
-        /// Seed of every random choice (kill schedule, victims, request seeds).
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Write a self-contained HTML report (timeline with the kills marked) here.
-        #[arg(long)]
-        html: Option<PathBuf>,
-        /// The supervisor executable (default: beside this one).
-        #[arg(long)]
-        supervisor: Option<PathBuf>,
-        /// Copy the supervisor's log (JSON lines, workers' lines included) to this file.
-        #[arg(long)]
-        supervisor_log: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// Turn a JSON report into the summary and the HTML page again.
     Render {
         #[arg(long)]
@@ -76,48 +79,17 @@ enum Command {
 
 fn main() -> ExitCode {
     forkless_supervisor::logging::init(forkless_supervisor::logging::LogFormat::Human);
-    let (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor, supervisor_log) =
-        match Cli::parse().command {
-            Command::Run {
-                config,
-                duration,
-                rate,
-                connections,
-                kill,
-                every,
-                signal,
-                seed,
-                json,
-                html,
-                supervisor,
-                supervisor_log,
-            } => {
-                (config, duration, rate, connections, kill, every, signal, seed, json, html, supervisor, supervisor_log)
-            }
-            Command::Render { json, html } => return render(&json, html.as_deref()),
-        };
-    let plans = match schedule::parse_plans(&kill, every) {
-        Ok(plans) => plans,
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Render { json, html } => return render(&json, html.as_deref()),
+    };
+    let options = match args.options() {
+        Ok(options) => options,
         Err(e) => {
             eprintln!("chaos: --kill: {e}");
             return ExitCode::from(2);
         }
     };
-    let mut options = Options::new(config);
-    options.duration = Duration::from_secs_f64(duration);
-    options.rate = rate;
-    options.connections = connections.unwrap_or(if rate.is_some() { 8 } else { options.connections });
-    options.plans = plans;
-    options.signal = match signal {
-        Signal::Kill => KillSignal::Kill,
-        Signal::Term => KillSignal::Term,
-        Signal::Stop => KillSignal::Stop,
-    };
-    options.seed = seed;
-    options.supervisor_log = supervisor_log;
-    if let Some(supervisor) = supervisor {
-        options.supervisor = supervisor;
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let report = match runtime.block_on(forkless_chaos::run(options)) {
         Ok(report) => report,
@@ -126,7 +98,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    finish(&report, json.as_deref(), html.as_deref())
+    finish(&report, args.json.as_deref(), args.html.as_deref())
+}
+
+impl RunArgs {
+    /// The harness's options; `Err` for an unreadable `--kill`.
+    fn options(&self) -> Result<Options, String> {
+        let mut options = Options::new(self.config.clone());
+        options.duration = Duration::from_secs_f64(self.duration);
+        options.rate = self.rate;
+        options.connections = self.connections.unwrap_or(if self.rate.is_some() { 8 } else { options.connections });
+        options.plans = schedule::parse_plans(&self.kill, self.every)?;
+        options.signal = match self.signal {
+            Signal::Kill => KillSignal::Kill,
+            Signal::Term => KillSignal::Term,
+            Signal::Stop => KillSignal::Stop,
+        };
+        options.seed = self.seed;
+        options.supervisor_log = self.supervisor_log.clone();
+        if let Some(supervisor) = &self.supervisor {
+            options.supervisor = supervisor.clone();
+        }
+        Ok(options)
+    }
 }
 
 /// Prints the summary, writes the files asked for, and exits non-zero if an invariant failed.

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use forkless_bus::wire::AttachTiming;
 pub use forkless_gpu::{DeviceView, Gpu};
+pub use forkless_owner::cuda::CudaSettings;
 use generation::MappedArena;
 pub use generation::{Element, Generation, Generations, ViewError};
 
@@ -273,13 +274,20 @@ impl Worker {
     }
 }
 
-/// With the `cuda` backend (`FORKLESS_BACKEND=cuda`), opens the configured GPU and shrinks
-/// its context to the configured stack limit; `None` on the host backend.
-fn open_gpu() -> Result<Option<Gpu>, AttachError> {
+/// The GPU settings the supervisor gave this process (`[cuda]`: device, stack limit, kernel
+/// cache), or `None` on the host backend. A service that prepares its GPU work while
+/// [`Worker::from_env`] attaches (as the demo's engine does) reads them here.
+pub fn cuda_settings() -> Result<Option<CudaSettings>, AttachError> {
     if std::env::var(forkless_bus::ENV_BACKEND).as_deref() != Ok("cuda") {
         return Ok(None);
     }
-    let settings = forkless_owner::cuda_settings_from_env()?;
+    Ok(Some(forkless_owner::cuda_settings_from_env()?))
+}
+
+/// With the `cuda` backend (`FORKLESS_BACKEND=cuda`), opens the configured GPU and shrinks
+/// its context to the configured stack limit; `None` on the host backend.
+fn open_gpu() -> Result<Option<Gpu>, AttachError> {
+    let Some(settings) = cuda_settings()? else { return Ok(None) };
     let device = settings.device;
     let gpu = Gpu::open(device as usize).map_err(|source| AttachError::Gpu { device, source })?;
     if let Some(bytes) = settings.stack_limit {
