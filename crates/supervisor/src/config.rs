@@ -392,6 +392,19 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_configmap_holds_a_valid_config() {
+        let manifest = include_str!("../../../deploy/kubernetes.yaml");
+        let (_, block) = manifest.split_once("config.toml: |\n").expect("a config.toml entry");
+        let text: String = block
+            .lines()
+            .take_while(|line| line.is_empty() || line.starts_with("    "))
+            .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
+            .collect();
+        let config = Config::parse(&text, Path::new("deploy/kubernetes.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.model.backend, Backend::Cuda);
+    }
+
+    #[test]
     fn relative_program_paths_resolve_against_the_config() {
         assert_eq!(resolve_program("./bin/w", Path::new("/srv")), Path::new("/srv/./bin/w"));
         assert_eq!(
