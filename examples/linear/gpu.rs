@@ -175,9 +175,8 @@ impl GpuEngine {
             }
         });
         if let Err(e) = spawned {
-            let (failed, started_rx) = std::sync::mpsc::sync_channel(1);
-            let _ = failed.send(Err(EngineError::Stopped(format!("cannot spawn its thread: {e}"))));
-            return PendingEngine { jobs, stats, generations, started: started_rx };
+            // `start` then finds the engine gone and says so.
+            tracing::error!("cannot spawn the GPU engine thread: {e}");
         }
         PendingEngine { jobs, stats, generations, started: started_rx }
     }
