@@ -254,8 +254,13 @@ def one_vram_run(check, model, workers, sharing):
     roles = {p.get("pid"): p.get("role") for p in status.get("processes", [])}
     worker_mib = [mib for pid, mib in apps.items() if roles.get(pid) == "worker"]
     owner_mib = sum(mib for pid, mib in apps.items() if roles.get(pid) == "owner")
+    # The supervisor's own account (NVML through nvml-wrapper): per process, and what no process
+    # holds, which is where the escrowed arena shows.
+    status_workers = sum(p.get("gpu_bytes") or 0 for p in status.get("processes", []) if p["role"] == "worker") >> 20
+    unattributed = (status.get("gpu_unattributed_bytes") or 0) >> 20
     return dict(ready=ready is not None, total=used, workers=worker_mib, owner=owner_mib,
-                cold_start_ms=field(ready, "cold_start_ms"))
+                cold_start_ms=field(ready, "cold_start_ms"), status_workers=status_workers,
+                unattributed=unattributed, escrow=(status.get("escrow_bytes") or 0) >> 20)
 
 
 def section_vram(check):
@@ -274,8 +279,16 @@ def section_vram(check):
         rows.append((n, shared, none, context, bound))
         check.say(f"| {n} | {shared['total']} | {'/'.join(map(str, shared['workers']))} | {shared['owner']} | "
                   f"{bound:.0f} | {none['total']} | {'/'.join(map(str, none['workers']))} |")
+    check.say("\nThe supervisor's own account (`supervisor status --json`, NVML), shared mode:")
+    check.say("| workers | workers' GPU MiB | unattributed MiB (no process: the escrow) | escrow MiB (manifest) |")
+    check.say("|---|---|---|---|")
+    for n, shared, _, _, _ in rows:
+        check.say(f"| {n} | {shared['status_workers']} | {shared['unattributed']} | {shared['escrow']} |")
     for n, shared, none, context, bound in rows:
         check.verdict(shared["ready"] and none["ready"], f"N={n}: both modes served")
+        check.verdict(abs(shared["unattributed"] - shared["escrow"]) <= 64,
+                      f"N={n}: status shows the escrowed arena as unattributed GPU memory "
+                      f"({shared['unattributed']} vs {shared['escrow']} MiB)")
         check.verdict(shared["total"] <= bound, f"N={n}: shared total {shared['total']} MiB <= model + (N+1) x "
                       f"{context} MiB + 2 % = {bound:.0f} MiB")
         check.verdict(0 < context <= 330, f"N={n}: worker context {context} MiB <= 330 MiB")
