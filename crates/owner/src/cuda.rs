@@ -77,21 +77,53 @@ fn ms(since: Instant) -> String {
     format!("{:.1}", since.elapsed().as_secs_f64() * 1e3)
 }
 
+/// A safetensors file copied into a new VMM arena on one GPU (not yet checksummed or exported).
+#[derive(Debug)]
+pub struct FilledArena {
+    /// The arena's layout, with its real (granularity-rounded) size and kind.
+    pub desc: forkless_bus::manifest::ArenaDesc,
+    pub tensors: Vec<forkless_bus::TensorEntry>,
+    pub arena: VmmArena,
+    pub upload: forkless_gpu::UploadStats,
+}
+
+/// Why a file could not be copied onto the GPU: reading it, or the GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("cannot read the weights file: {0}")]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Gpu(GpuError),
+}
+
+/// Lays `file` out in one arena on `gpu` and uploads every tensor (the owner's load, and a
+/// worker's private copy in the `sharing = "none"` baseline).
+pub fn fill_arena(file: &ModelFile, gpu: &forkless_gpu::Gpu) -> Result<FilledArena, FillError> {
+    let (mut desc, tensors) = file.layout();
+    let arena = VmmArena::create(gpu, desc.size).map_err(FillError::Gpu)?;
+    let upload = arena.upload_file(file.file(), &file.pieces(&tensors)).map_err(|e| match e {
+        GpuError::Read { source, .. } => FillError::Read(source),
+        other => FillError::Gpu(other),
+    })?;
+    desc.size = arena.size();
+    desc.kind = MemoryKind::CudaVmm { device: gpu.ordinal() as u32 };
+    Ok(FilledArena { desc, tensors, arena, upload })
+}
+
 /// Loads `path` into a new VMM arena on the configured GPU and exports it.
 pub fn load(path: &Path, settings: &CudaSettings) -> Result<Loaded, LoadError> {
     let started = Instant::now();
     let file = ModelFile::open(path)?;
-    let (mut arena_desc, tensors) = file.layout();
     let gpu_error = |source: CudaError| LoadError::Gpu { path: path.into(), source: Box::new(source) };
     let device = settings.device;
     let on_gpu = |source| gpu_error(CudaError::Gpu { device, source });
     let (gpu, kernels) = open(settings).map_err(gpu_error)?;
     let context_ms = ms(started);
-    let arena = VmmArena::create(&gpu, arena_desc.size).map_err(on_gpu)?;
-    let upload = arena.upload_file(file.file(), &file.pieces(&tensors)).map_err(|e| match e {
-        GpuError::Read { source, .. } => LoadError::Read { path: path.into(), source },
-        other => on_gpu(other),
-    })?;
+    let FilledArena { desc: mut arena_desc, tensors, arena, upload } =
+        fill_arena(&file, &gpu).map_err(|e| match e {
+            FillError::Read(source) => LoadError::Read { path: path.into(), source },
+            FillError::Gpu(source) => on_gpu(source),
+        })?;
     let copy_s = upload.total.as_secs_f64();
     let checksum_started = Instant::now();
     let words = arena.view::<u64>(0, arena.size() as usize / 8).map_err(on_gpu)?;
@@ -99,8 +131,6 @@ pub fn load(path: &Path, settings: &CudaSettings) -> Result<Loaded, LoadError> {
     let checksum =
         kernels.arena_checksum(&stream, words).map_err(|source| gpu_error(CudaError::Kernels { device, source }))?;
     let fd = arena.export_fd().map_err(on_gpu)?;
-    arena_desc.size = arena.size();
-    arena_desc.kind = MemoryKind::CudaVmm { device };
     arena_desc.checksum = checksum;
     let bytes: u64 = tensors.iter().map(|t| t.len).sum();
     tracing::info!(

@@ -364,21 +364,14 @@ fn load_private_copy(path: &Path, gpu: Option<&Gpu>) -> Result<Generation, Attac
 }
 
 fn load_private_gpu_copy(file: &ModelFile, gpu: &Gpu) -> Result<Generation, AttachError> {
-    let device = gpu.ordinal() as u32;
-    let on_gpu = |source| AttachError::Gpu { device, source };
-    let (mut desc, tensors) = file.layout();
-    let arena = forkless_gpu::VmmArena::create(gpu, desc.size).map_err(on_gpu)?;
-    arena.upload_file(file.file(), &file.pieces(&tensors)).map_err(|e| match e {
-        forkless_gpu::GpuError::Read { source, .. } => {
-            AttachError::Load(LoadError::Read { path: file.path().into(), source })
-        }
-        other => on_gpu(other),
+    use forkless_owner::cuda::{fill_arena, FillError};
+    let filled = fill_arena(file, gpu).map_err(|e| match e {
+        FillError::Read(source) => AttachError::Load(LoadError::Read { path: file.path().into(), source }),
+        FillError::Gpu(source) => AttachError::Gpu { device: gpu.ordinal() as u32, source },
     })?;
-    desc.size = arena.size();
-    desc.kind = forkless_bus::manifest::MemoryKind::CudaVmm { device };
-    let manifest = Manifest::new(file.path().display().to_string(), vec![desc], tensors);
+    let manifest = Manifest::new(file.path().display().to_string(), vec![filled.desc], filled.tensors);
     manifest.validate()?;
-    Ok(Generation::new(manifest, vec![MappedArena::PrivateDevice(arena)], Some(gpu.clone())))
+    Ok(Generation::new(manifest, vec![MappedArena::PrivateDevice(filled.arena)], Some(gpu.clone())))
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
