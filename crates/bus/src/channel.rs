@@ -267,10 +267,10 @@ mod tests {
         rt().block_on(async {
             let (mut a, mut b) = pair();
             let file = tempfile::tempfile().unwrap();
-            let msg = Message::Publish { manifest: manifest() };
-            a.send(&Message::Published { generation: 5 }, &[]).await.unwrap();
+            let msg = Message::Publish { request: 1, manifest: manifest() };
+            a.send(&Message::Published { request: 1, generation: 5 }, &[]).await.unwrap();
             a.send(&msg, &[file.as_fd()]).await.unwrap();
-            a.send(&Message::Published { generation: 5 }, &[]).await.unwrap();
+            a.send(&Message::Published { request: 1, generation: 5 }, &[]).await.unwrap();
             assert_eq!(b.recv().await.unwrap().1.len(), 0);
             let (got, fds) = b.recv().await.unwrap();
             assert_eq!(got, msg);
@@ -280,7 +280,7 @@ mod tests {
             assert_eq!((here.st_dev, here.st_ino), (there.st_dev, there.st_ino));
             let flags = rustix::io::fcntl_getfd(&fds[0]).unwrap();
             assert!(flags.contains(rustix::io::FdFlags::CLOEXEC), "received fds are close-on-exec");
-            assert_eq!(b.recv().await.unwrap().0, Message::Published { generation: 5 });
+            assert_eq!(b.recv().await.unwrap().0, Message::Published { request: 1, generation: 5 });
         });
     }
 
@@ -288,7 +288,7 @@ mod tests {
     fn refuses_wrong_fd_count_on_send() {
         rt().block_on(async {
             let (mut a, _b) = pair();
-            let err = a.send(&Message::Publish { manifest: manifest() }, &[]).await.unwrap_err();
+            let err = a.send(&Message::Publish { request: 1, manifest: manifest() }, &[]).await.unwrap_err();
             assert!(matches!(err, SendError::FdCount { expected: 1, given: 0, .. }));
         });
     }
@@ -297,7 +297,7 @@ mod tests {
     fn frame_without_its_fds_is_refused() {
         rt().block_on(async {
             let (mut a, mut b) = pair();
-            let payload = codec::encode(&Message::Publish { manifest: manifest() }).unwrap();
+            let payload = codec::encode(&Message::Publish { request: 1, manifest: manifest() }).unwrap();
             let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
             frame.extend(payload);
             a.send_raw_for_tests(&frame).await.unwrap();
@@ -311,7 +311,7 @@ mod tests {
             let (a, mut b) = pair();
             let file = tempfile::tempfile().unwrap();
             let frame = {
-                let payload = codec::encode(&Message::Published { generation: 5 }).unwrap();
+                let payload = codec::encode(&Message::Published { request: 1, generation: 5 }).unwrap();
                 let mut f = (payload.len() as u32).to_le_bytes().to_vec();
                 f.extend(payload);
                 f

@@ -1,25 +1,41 @@
-//! The bus protocol: the messages exchanged between the supervisor and its children.
+//! The bus protocol: every message exchanged between the supervisor and its children, with its
+//! direction, when it is sent and what answers it. This table is the contract; both sides
+//! implement it as explicit state machines (the owner's in `forkless-owner`, the supervisor's
+//! in its `owner_link` and `bus_server` modules, the worker's in `forkless-worker`).
 //!
 //! A connection starts with [`Message::Hello`] from the child (magic, protocol version, role,
 //! pid). The supervisor sends [`Message::Welcome`] (or [`Message::Refused`] and closes); both
-//! sides check the other's version. After that:
+//! sides check the other's version. On a child's inherited socketpair the welcome (and the
+//! first assignment) are already queued before the child runs, so attaching waits for nobody.
 //!
-//! ```text
-//! owner                                            ← Load{path} (escrow empty) | Adopt{manifest} + fds
-//! owner  → Publish{manifest} + one fd per arena    ← Published{generation}      (after Load, or a failed check)
-//! owner  → Adopted{generation}                                                   (after Adopt checked out)
-//! owner                                            ← Load{path}                 (hot swap, any time later)
-//! owner  → Publish{..} | LoadFailed{reason}
-//! worker                                           ← Generation{manifest} + one read-only fd per arena (pushed)
-//! worker → Ready{generation, attach timing}
-//! worker                                           ← Generation{manifest} + fds (hot swap: a newer one)
-//! worker → Released{generation}                                                  (old one unused and unmapped)
-//! worker → Heartbeat{requests}                                                   (every FORKLESS_HEARTBEAT_MS)
-//! ```
+//! **Owner** (requests carry a [`RequestId`] chosen by the supervisor; every answer names it):
 //!
-//! The supervisor pushes the generation to a worker unasked, right behind the welcome: on the
-//! socket a child inherits, both are already queued when the worker starts, so attaching
-//! waits for nobody.
+//! | dir | message | when | answered by |
+//! |---|---|---|---|
+//! | S→O | `Load{request, path}` | first assignment when the escrow is empty; later a hot swap | `Publish` or `LoadFailed` |
+//! | S→O | `Adopt{request, manifest}` + 1 fd/arena | first assignment when the escrow holds a generation | `Adopted`, or (check failed) `Publish`/`LoadFailed` |
+//! | O→S | `Publish{request, manifest}` + 1 fd/arena | the load of `request` finished | `Published` or `NotPublished` |
+//! | O→S | `LoadFailed{request, reason}` | the load of `request` failed; the owner keeps what it had | — |
+//! | O→S | `Adopted{request, generation}` | the escrowed generation checked out | — |
+//! | S→O | `Published{request, generation}` | the publish is in escrow as `generation` | — |
+//! | S→O | `NotPublished{request, reason}` | the publish was refused; the owner drops it | — |
+//!
+//! The supervisor sends an owner nothing but its first assignment until that assignment is
+//! answered, and at most one `Load` at a time: an owner never sees a request while it waits for
+//! the answer to its own publish.
+//!
+//! **Worker**:
+//!
+//! | dir | message | when | answered by |
+//! |---|---|---|---|
+//! | S→W | `Generation{manifest}` + 1 read-only fd/arena | right behind the welcome: the generation to serve | `Ready` (or exit 78 if the service refuses it) |
+//! | W→S | `Ready{generation, attach}` | mapped, checked, warmed up, listening | — |
+//! | S→W | `Offer{manifest}` + fds | hot swap: map and check this generation, do not serve it yet | `Accepted` or `Rejected` |
+//! | W→S | `Accepted{generation}` / `Rejected{generation, reason}` | the service's check of an offer | — |
+//! | S→W | `Commit{generation}` | every worker accepted the offer: serve it from the next request on | `Released` of the old one, later |
+//! | S→W | `Abort{generation, reason}` | some worker rejected it (or died, or timed out): drop it | `Released{generation}` |
+//! | W→S | `Released{generation}` | nothing in this worker maps `generation` any more | — |
+//! | W→S | `Heartbeat{requests}` | every `FORKLESS_HEARTBEAT_MS` after `Ready` | — |
 //!
 //! Which messages carry descriptors, and how many, is decided here by [`Message::fd_count`], so
 //! a frame that arrives with a different number of fds is refused rather than guessed at.
@@ -36,9 +52,13 @@ use serde::{Deserialize, Serialize};
 use crate::manifest::Manifest;
 
 /// Bump when a message changes shape; peers with another version are refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of every hello, so a stray client is recognised at once.
 pub const MAGIC: [u8; 8] = *b"FRKLSBUS";
+
+/// Numbers one request of the supervisor to the owner; the owner's answer carries it back, so
+/// an answer can never be taken for the answer to another request.
+pub type RequestId = u64;
 
 /// What a child is to the supervisor.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,36 +82,72 @@ pub enum Message {
     Refused {
         reason: String,
     },
-    /// Supervisor → owner: load this weights file into a new arena and publish it (at start
-    /// when nothing is in escrow, and for every hot swap).
+    /// Supervisor → owner: load this weights file into a new arena and publish it (the first
+    /// assignment when nothing is in escrow, and every hot swap).
     Load {
+        request: RequestId,
         path: String,
     },
-    /// Owner → supervisor: a `Load` failed (the owner keeps running and keeps what it had).
+    /// Owner → supervisor: the `Load` of `request` failed (the owner keeps running and keeps
+    /// what it had).
     LoadFailed {
+        request: RequestId,
         reason: String,
     },
     /// Supervisor → owner: the generation in escrow (one read-only fd per arena): verify it
     /// (layout hash, arena checksums) and adopt it instead of reading the disk.
     Adopt {
+        request: RequestId,
         manifest: Manifest,
     },
     /// Owner → supervisor: the escrowed generation checked out and is adopted.
     Adopted {
+        request: RequestId,
         generation: u64,
     },
-    /// Owner → supervisor: a new generation; carries one fd per arena.
+    /// Owner → supervisor: the generation loaded for `request`; carries one fd per arena.
     Publish {
+        request: RequestId,
         manifest: Manifest,
     },
-    /// Supervisor → owner: the generation number assigned to what was published.
+    /// Supervisor → owner: the publish of `request` is in escrow as `generation`.
     Published {
+        request: RequestId,
         generation: u64,
+    },
+    /// Supervisor → owner: the publish of `request` was refused; the owner drops its arena.
+    NotPublished {
+        request: RequestId,
+        reason: String,
     },
     /// Supervisor → worker: the current generation, pushed after the welcome and again at every
     /// hot swap; carries one read-only fd per arena.
     Generation {
         manifest: Manifest,
+    },
+    /// Supervisor → worker (hot swap): a new generation to map and check, not to serve yet;
+    /// carries one read-only fd per arena. Answered by `Accepted` or `Rejected`.
+    Offer {
+        manifest: Manifest,
+    },
+    /// Worker → supervisor: the service's check accepted the offered `generation`.
+    Accepted {
+        generation: u64,
+    },
+    /// Worker → supervisor: the service's check refused the offered `generation`.
+    Rejected {
+        generation: u64,
+        reason: String,
+    },
+    /// Supervisor → worker: every worker accepted `generation`: serve it from the next request.
+    Commit {
+        generation: u64,
+    },
+    /// Supervisor → worker: the offer of `generation` is withdrawn (a worker rejected it, died
+    /// or did not answer): drop it and keep serving the current one.
+    Abort {
+        generation: u64,
+        reason: String,
     },
     /// Worker → supervisor: mapped, verified, warmed up, listening.
     Ready {
@@ -151,9 +207,10 @@ impl Message {
     /// Number of file descriptors that travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Publish { manifest } | Message::Generation { manifest } | Message::Adopt { manifest } => {
-                manifest.arenas.len()
-            }
+            Message::Publish { manifest, .. }
+            | Message::Generation { manifest }
+            | Message::Offer { manifest }
+            | Message::Adopt { manifest, .. } => manifest.arenas.len(),
             _ => 0,
         }
     }
@@ -172,6 +229,12 @@ impl Message {
             Message::Adopt { .. } => "adopt",
             Message::Adopted { .. } => "adopted",
             Message::Published { .. } => "published",
+            Message::NotPublished { .. } => "not published",
+            Message::Offer { .. } => "offer",
+            Message::Accepted { .. } => "accepted",
+            Message::Rejected { .. } => "rejected",
+            Message::Commit { .. } => "commit",
+            Message::Abort { .. } => "abort",
             Message::Generation { .. } => "generation",
             Message::Ready { .. } => "ready",
         }
@@ -189,6 +252,6 @@ mod tests {
         assert_eq!(bad_magic.check_hello(), Err(HandshakeError::BadMagic));
         let bad_version = Message::Hello { magic: MAGIC, version: 99, role: Role::Owner, pid: 1 };
         assert_eq!(bad_version.check_hello(), Err(HandshakeError::Version { theirs: 99 }));
-        assert_eq!(Message::Published { generation: 1 }.check_hello(), Err(HandshakeError::NotHello));
+        assert_eq!(Message::Published { request: 1, generation: 1 }.check_hello(), Err(HandshakeError::NotHello));
     }
 }

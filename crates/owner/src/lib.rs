@@ -180,10 +180,12 @@ pub async fn run() -> Result<(), OwnerError> {
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(OwnerError::Signal)?;
     match bus.recv().await? {
-        (Message::Load { path }, _) => {
-            load_and_publish(&mut bus, Path::new(&path), &backend).await?;
+        (Message::Load { request, path }, _) => {
+            load_and_publish(&mut bus, request, Path::new(&path), &backend).await?;
         }
-        (Message::Adopt { manifest }, fds) => adopt_or_reload(&mut bus, manifest, fds, &model, &backend).await?,
+        (Message::Adopt { request, manifest }, fds) => {
+            adopt_or_reload(&mut bus, request, manifest, fds, &model, &backend).await?
+        }
         (Message::Refused { reason }, _) => return Err(OwnerError::Refused(reason)),
         (other, _) => return Err(OwnerError::Unexpected(other.kind())),
     }
@@ -191,7 +193,7 @@ pub async fn run() -> Result<(), OwnerError> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             received = bus.recv() => match received {
-                Ok((Message::Load { path }, _)) => hot_swap(&mut bus, Path::new(&path), &backend).await?,
+                Ok((Message::Load { request, path }, _)) => hot_swap(&mut bus, request, Path::new(&path), &backend).await?,
                 Err(forkless_bus::channel::RecvError::Closed) => return Ok(()),
                 Err(e) => return Err(e.into()),
                 Ok((msg, _)) => return Err(OwnerError::Unexpected(msg.kind())),
@@ -203,6 +205,7 @@ pub async fn run() -> Result<(), OwnerError> {
 /// Adopts the escrowed generation if it checks out; otherwise loads the weights file again.
 async fn adopt_or_reload(
     bus: &mut BusStream,
+    request: forkless_bus::wire::RequestId,
     manifest: Manifest,
     fds: Vec<OwnedFd>,
     model: &Path,
@@ -219,7 +222,7 @@ async fn adopt_or_reload(
     match verified {
         Ok(()) => {
             let generation = manifest.generation;
-            bus.send(&Message::Adopted { generation }, &[]).await?;
+            bus.send(&Message::Adopted { request, generation }, &[]).await?;
             tracing::info!(
                 generation,
                 bytes = manifest.total_bytes(),
@@ -229,7 +232,7 @@ async fn adopt_or_reload(
         }
         Err(e) => {
             tracing::warn!("escrowed generation failed its check ({e}): loading {} again", model.display());
-            load_and_publish(bus, model, backend).await?;
+            load_and_publish(bus, request, model, backend).await?;
         }
     }
     Ok(())
@@ -237,11 +240,16 @@ async fn adopt_or_reload(
 
 /// A hot swap: a weights file that cannot be loaded is reported to the supervisor (and to
 /// whoever asked for the swap); the owner keeps running and the live generation keeps serving.
-async fn hot_swap(bus: &mut BusStream, path: &Path, backend: &Backend) -> Result<(), OwnerError> {
-    match load_and_publish(bus, path, backend).await {
+async fn hot_swap(
+    bus: &mut BusStream,
+    request: forkless_bus::wire::RequestId,
+    path: &Path,
+    backend: &Backend,
+) -> Result<(), OwnerError> {
+    match load_and_publish(bus, request, path, backend).await {
         Err(OwnerError::Load(e)) => {
             tracing::warn!("hot swap failed: {e}");
-            bus.send(&Message::LoadFailed { reason: e.to_string() }, &[]).await?;
+            bus.send(&Message::LoadFailed { request, reason: e.to_string() }, &[]).await?;
             Ok(())
         }
         other => other.map(|_| ()),
@@ -251,16 +259,21 @@ async fn hot_swap(bus: &mut BusStream, path: &Path, backend: &Backend) -> Result
 /// Loads a weights file into a new arena and publishes it. Returns the generation number, or
 /// `None` when the supervisor declined it (a hot swap that cannot be taken now); the new
 /// arena is then dropped, and its memory with it.
-async fn load_and_publish(bus: &mut BusStream, model: &Path, backend: &Backend) -> Result<Option<u64>, OwnerError> {
+async fn load_and_publish(
+    bus: &mut BusStream,
+    request: forkless_bus::wire::RequestId,
+    model: &Path,
+    backend: &Backend,
+) -> Result<Option<u64>, OwnerError> {
     let started = Instant::now();
     let (manifest, fds) = load(model, backend)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-    bus.send(&Message::Publish { manifest: manifest.clone() }, &borrowed).await?;
+    bus.send(&Message::Publish { request, manifest: manifest.clone() }, &borrowed).await?;
     drop(fds); // the escrow holds the arena now
     let generation = match bus.recv().await?.0 {
-        Message::Published { generation } => generation,
-        Message::LoadFailed { reason } => {
+        Message::Published { generation, .. } => generation,
+        Message::NotPublished { reason, .. } => {
             tracing::warn!("supervisor declined the new generation: {reason}");
             return Ok(None);
         }

@@ -280,20 +280,20 @@ impl Connection {
                         let _ = request.reply.send(Err("another model load is in progress".into()));
                         continue;
                     }
-                    self.bus.send(&Message::Load { path: request.path }, &[]).await?;
+                    self.bus.send(&Message::Load { request: 2, path: request.path }, &[]).await?;
                     pending = Some(request.reply);
                 }
                 received = self.bus.recv() => match received? {
-                                        (Message::Publish { manifest }, fds) => {
+                                        (Message::Publish { manifest, .. }, fds) => {
                         if let Some(generation) = self.on_publish(manifest, fds, pending.take()).await? {
                             self.owner_ready(label, generation);
                         }
                     }
-                    (Message::LoadFailed { reason }, _) => match pending.take() {
+                    (Message::LoadFailed { reason, .. }, _) => match pending.take() {
                         Some(reply) => { let _ = reply.send(Err(reason)); }
                         None => return Err(ConnError::Refused(format!("load failed: {reason}"))),
                     },
-                    (Message::Adopted { generation }, _) => {
+                    (Message::Adopted { generation, .. }, _) => {
                         let current = self.state.escrow.current().map(|g| g.manifest.generation);
                         if current != Some(generation) {
                             return Err(ConnError::Refused(format!(
@@ -323,7 +323,7 @@ impl Connection {
         let (source, bytes) = (manifest.source.clone(), manifest.total_bytes());
         match self.state.escrow.deposit(manifest, fds) {
             Ok(generation) => {
-                self.bus.send(&Message::Published { generation }, &[]).await?;
+                self.bus.send(&Message::Published { request: 1, generation }, &[]).await?;
                 let _ = self.state.events.send(Event::Published { generation, source, bytes });
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(generation));
@@ -333,7 +333,7 @@ impl Connection {
             Err(e) => match reply {
                 Some(reply) => {
                     let reason = format!("generation refused: {e}");
-                    self.bus.send(&Message::LoadFailed { reason: reason.clone() }, &[]).await?;
+                    self.bus.send(&Message::NotPublished { request: 1, reason: reason.clone() }, &[]).await?;
                     let _ = reply.send(Err(reason));
                     Ok(None)
                 }
@@ -430,12 +430,12 @@ impl Connection {
     async fn send_assignment(&mut self) -> Result<(), ConnError> {
         let Some(generation) = self.state.escrow.current() else {
             let path = self.state.model_path.clone();
-            self.bus.send(&Message::Load { path }, &[]).await?;
+            self.bus.send(&Message::Load { request: 1, path }, &[]).await?;
             return Ok(());
         };
         let fds = generation.arenas.iter().map(|a| a.reader_fd()).collect::<Result<Vec<_>, _>>()?;
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        self.bus.send(&Message::Adopt { manifest: generation.manifest.clone() }, &borrowed).await?;
+        self.bus.send(&Message::Adopt { request: 1, manifest: generation.manifest.clone() }, &borrowed).await?;
         Ok(())
     }
 
