@@ -10,5 +10,6 @@ mod failures;
 mod hot_swap;
 mod lifecycle;
 mod policies;
+mod protocol;
 mod serving;
 mod sharing;

@@ -87,14 +87,44 @@ impl TestDir {
         let config = format!(
             "[model]\npath = \"weights.safetensors\"\n{}\n\
              [workers]\ncommand = {command}\ncount = {}\nlisten = {:?}\n{}\n\
-             [supervisor]\ngraceful_timeout_s = 5\n{}\n\
+             [supervisor]\n{}\n{}\n\
              [restart]\nbackoff_initial_ms = 50\n{}\n",
-            extra.model, extra.workers, extra.listen, extra.workers_table, extra.supervisor, extra.restart
+            extra.model,
+            extra.workers,
+            extra.listen,
+            extra.workers_table,
+            if extra.supervisor.contains("graceful_timeout_s") { "" } else { "graceful_timeout_s = 5" },
+            extra.supervisor,
+            extra.restart
         );
         let path = self.path().join("config.toml");
         std::fs::write(&path, config).unwrap();
         path
     }
+}
+
+/// Writes the standard test model plus a zero-filled `ballast` tensor of `ballast_bytes` (a
+/// sparse region of the file, so writing it costs nothing, while loading it takes a while):
+/// for tests that need the owner's load to take time. The demo ignores the extra tensor.
+pub fn write_model_with_ballast(path: &Path, ballast_bytes: u64) {
+    let (w, b) = seeded::make_weights(IN, OUT, WEIGHT_SEED);
+    let (w_len, b_len) = ((w.len() * 4) as u64, (b.len() * 4) as u64);
+    let mut header = serde_json::json!({
+        "weight": {"dtype": "F32", "shape": [OUT, IN], "data_offsets": [0, w_len]},
+        "bias": {"dtype": "F32", "shape": [OUT], "data_offsets": [w_len, w_len + b_len]},
+        "ballast": {"dtype": "U8", "shape": [ballast_bytes], "data_offsets": [w_len + b_len, w_len + b_len + ballast_bytes]},
+    })
+    .to_string();
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut file = std::fs::File::create(path).unwrap();
+    file.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(header.as_bytes()).unwrap();
+    for v in w.iter().chain(&b) {
+        file.write_all(&v.to_le_bytes()).unwrap();
+    }
+    file.set_len(8 + header.len() as u64 + w_len + b_len + ballast_bytes).unwrap();
 }
 
 /// Extra config for [`TestDir::write_config_with`].

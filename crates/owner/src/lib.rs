@@ -15,14 +15,17 @@
 
 pub mod cuda;
 pub mod model_file;
+pub mod protocol;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use forkless_bus::host::{ArenaMap, ArenaWriter, SealedArena};
+use forkless_bus::wire::RequestId;
 use forkless_bus::{BusStream, Manifest, Message, Role};
 use model_file::{LoadError, ModelFile};
+use protocol::{Incoming, OwnerProtocol};
 
 pub use forkless_bus::child::EXIT_FATAL;
 
@@ -45,8 +48,8 @@ pub enum OwnerError {
     Recv(#[from] forkless_bus::channel::RecvError),
     #[error("supervisor refused the owner: {0}")]
     Refused(String),
-    #[error("supervisor answered {0} where a different message was expected")]
-    Unexpected(&'static str),
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
     #[error("{name}={value:?} is not valid: {expected}; it is set by `supervisor run`")]
     BadEnv { name: &'static str, value: String, expected: &'static str },
 }
@@ -170,8 +173,8 @@ pub fn load(path: &Path, backend: &Backend) -> Result<(Manifest, Vec<OwnedFd>), 
     }
 }
 
-/// The owner process: tie to the supervisor, load, publish, then stay until the supervisor
-/// closes the bus or SIGTERM arrives.
+/// The owner process: tie to the supervisor, then follow the owner protocol
+/// ([`protocol::OwnerProtocol`]) until the supervisor closes the bus or SIGTERM arrives.
 pub async fn run() -> Result<(), OwnerError> {
     forkless_bus::child::die_with_supervisor()?;
     let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
@@ -179,33 +182,41 @@ pub async fn run() -> Result<(), OwnerError> {
     let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(OwnerError::Signal)?;
-    match bus.recv().await? {
-        (Message::Load { request, path }, _) => {
-            load_and_publish(&mut bus, request, Path::new(&path), &backend).await?;
-        }
-        (Message::Adopt { request, manifest }, fds) => {
-            adopt_or_reload(&mut bus, request, manifest, fds, &model, &backend).await?
-        }
-        (Message::Refused { reason }, _) => return Err(OwnerError::Refused(reason)),
-        (other, _) => return Err(OwnerError::Unexpected(other.kind())),
-    }
+    let mut protocol = OwnerProtocol::default();
     loop {
-        tokio::select! {
+        let (message, fds) = tokio::select! {
             _ = term.recv() => return Ok(()),
             received = bus.recv() => match received {
-                Ok((Message::Load { request, path }, _)) => hot_swap(&mut bus, request, Path::new(&path), &backend).await?,
+                Ok(frame) => frame,
                 Err(forkless_bus::channel::RecvError::Closed) => return Ok(()),
                 Err(e) => return Err(e.into()),
-                Ok((msg, _)) => return Err(OwnerError::Unexpected(msg.kind())),
             },
+        };
+        match protocol.receive(message, fds)? {
+            Incoming::Load { request, path, first } => {
+                load_and_publish(&mut bus, &mut protocol, request, Path::new(&path), &backend, first).await?
+            }
+            Incoming::Adopt { request, manifest, fds } => {
+                adopt_or_reload(&mut bus, &mut protocol, request, manifest, fds, &model, &backend).await?
+            }
+            Incoming::Deposited { result: Ok(generation), .. } => {
+                tracing::info!(generation, "the supervisor holds the new arena as generation {generation}");
+            }
+            Incoming::Deposited { result: Err(reason), first: true, .. } => return Err(OwnerError::Refused(reason)),
+            Incoming::Deposited { result: Err(reason), first: false, .. } => {
+                tracing::warn!("the supervisor declined the new generation: {reason}");
+            }
+            Incoming::Refused(reason) => return Err(OwnerError::Refused(reason)),
         }
     }
 }
 
-/// Adopts the escrowed generation if it checks out; otherwise loads the weights file again.
+/// Adopts the escrowed generation if it checks out; otherwise loads the weights file again
+/// and publishes it under the same request.
 async fn adopt_or_reload(
     bus: &mut BusStream,
-    request: forkless_bus::wire::RequestId,
+    protocol: &mut OwnerProtocol,
+    request: RequestId,
     manifest: Manifest,
     fds: Vec<OwnedFd>,
     model: &Path,
@@ -223,72 +234,55 @@ async fn adopt_or_reload(
         Ok(()) => {
             let generation = manifest.generation;
             bus.send(&Message::Adopted { request, generation }, &[]).await?;
+            protocol.settled();
             tracing::info!(
                 generation,
                 bytes = manifest.total_bytes(),
                 verify_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
                 "adopted generation {generation} from escrow (checksums verified; weights file not read)"
             );
+            Ok(())
         }
         Err(e) => {
             tracing::warn!("escrowed generation failed its check ({e}): loading {} again", model.display());
-            load_and_publish(bus, request, model, backend).await?;
+            load_and_publish(bus, protocol, request, model, backend, true).await
         }
-    }
-    Ok(())
-}
-
-/// A hot swap: a weights file that cannot be loaded is reported to the supervisor (and to
-/// whoever asked for the swap); the owner keeps running and the live generation keeps serving.
-async fn hot_swap(
-    bus: &mut BusStream,
-    request: forkless_bus::wire::RequestId,
-    path: &Path,
-    backend: &Backend,
-) -> Result<(), OwnerError> {
-    match load_and_publish(bus, request, path, backend).await {
-        Err(OwnerError::Load(e)) => {
-            tracing::warn!("hot swap failed: {e}");
-            bus.send(&Message::LoadFailed { request, reason: e.to_string() }, &[]).await?;
-            Ok(())
-        }
-        other => other.map(|_| ()),
     }
 }
 
-/// Loads a weights file into a new arena and publishes it. Returns the generation number, or
-/// `None` when the supervisor declined it (a hot swap that cannot be taken now); the new
-/// arena is then dropped, and its memory with it.
+/// Loads a weights file into a new arena and publishes it as `request`. A file that cannot be
+/// loaded ends the owner when it was the first assignment (there is nothing to serve); for a
+/// hot swap it is reported (`LoadFailed`) and the live generation keeps serving.
 async fn load_and_publish(
     bus: &mut BusStream,
-    request: forkless_bus::wire::RequestId,
-    model: &Path,
+    protocol: &mut OwnerProtocol,
+    request: RequestId,
+    path: &Path,
     backend: &Backend,
-) -> Result<Option<u64>, OwnerError> {
+    first: bool,
+) -> Result<(), OwnerError> {
     let started = Instant::now();
-    let (manifest, fds) = load(model, backend)?;
-    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (manifest, fds) = match load(path, backend) {
+        Ok(loaded) => loaded,
+        Err(OwnerError::Load(e)) if !first => {
+            tracing::warn!("hot swap failed: {e}");
+            bus.send(&Message::LoadFailed { request, reason: e.to_string() }, &[]).await?;
+            protocol.settled();
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
     bus.send(&Message::Publish { request, manifest: manifest.clone() }, &borrowed).await?;
-    drop(fds); // the escrow holds the arena now
-    let generation = match bus.recv().await?.0 {
-        Message::Published { generation, .. } => generation,
-        Message::NotPublished { reason, .. } => {
-            tracing::warn!("supervisor declined the new generation: {reason}");
-            return Ok(None);
-        }
-        Message::Refused { reason } => return Err(OwnerError::Refused(reason)),
-        other => return Err(OwnerError::Unexpected(other.kind())),
-    };
+    protocol.sent_publish(request);
     tracing::info!(
-        generation,
         tensors = manifest.tensors.len(),
         bytes = manifest.total_bytes(),
-        load_ms = format!("{load_ms:.1}"),
+        load_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
         "published {}",
-        model.display()
+        path.display()
     );
-    Ok(Some(generation))
+    Ok(()) // the fds drop here: the escrow holds the arena now
 }
 
 /// Why an escrowed generation was not adopted.

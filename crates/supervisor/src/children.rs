@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,9 +26,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::RunningBackend;
-use crate::bus_server::{serve_child, BusState, ChildLink};
+use crate::bus_server::serve_child;
 use crate::config::{resolve_program, Config, Sharing};
 use crate::events::Event;
+use crate::link::{BusState, ChildLink};
 use crate::listeners::Listeners;
 use crate::spawn::{ChildLabel, ChildSpec, PidTable, Spawner};
 
@@ -43,15 +43,15 @@ pub struct Context {
     /// Replaced on reload (SIGHUP); every start reads the current one.
     config: RwLock<Arc<Config>>,
     pub spawner: Spawner,
-    pub pids: PidTable,
     pub listeners: Listeners,
     pub bus_socket: PathBuf,
     pub bus: BusState,
     pub events: mpsc::UnboundedSender<Event>,
     /// Resolved once at start; a reload never changes it.
     pub backend: RunningBackend,
-    /// Set by a fast stop (SIGQUIT): children get no grace.
-    pub fast_stop: AtomicBool,
+    /// Cancelled by a fast stop (SIGQUIT, a second TERM/INT, `stop --now`): children still
+    /// in their grace period are killed at once, and later stops get no grace.
+    pub fast_stop: CancellationToken,
 }
 
 impl Context {
@@ -60,15 +60,14 @@ impl Context {
         config: Config,
         backend: RunningBackend,
         spawner: Spawner,
-        pids: PidTable,
         listeners: Listeners,
         bus_socket: PathBuf,
         bus: BusState,
+        fast_stop: CancellationToken,
     ) -> Self {
         let config = RwLock::new(Arc::new(config));
         let events = bus.events.clone();
-        let fast_stop = AtomicBool::new(false);
-        Context { config, spawner, pids, listeners, bus_socket, bus, events, backend, fast_stop }
+        Context { config, spawner, listeners, bus_socket, bus, events, backend, fast_stop }
     }
 
     /// The configuration in force.
@@ -107,29 +106,29 @@ impl Context {
         };
         spec.env.extend([
             (forkless_bus::ENV_BUS.into(), self.bus_socket.display().to_string()),
-            (forkless_bus::ENV_ROLE.into(), role_name(label.role).into()),
+            (forkless_bus::ENV_ROLE.into(), label.role_name().into()),
             (forkless_bus::ENV_INDEX.into(), label.index.to_string()),
             (forkless_bus::ENV_SUPERVISOR_PID.into(), std::process::id().to_string()),
             (forkless_bus::ENV_MODEL.into(), config.model.path.display().to_string()),
             (forkless_bus::ENV_SHARING.into(), sharing.into()),
         ]);
         spec.env.extend(self.backend.child_env(&config));
-        spec.label = Some((self.pids.clone(), label));
+        spec.label = Some((self.bus.pids.clone(), label));
         Ok(spec)
     }
 
     /// SIGTERM → SIGKILL grace for stopping a child (none during a fast stop).
     pub fn grace(&self) -> Duration {
-        if self.fast_stop.load(Ordering::Relaxed) {
+        if self.fast_stop.is_cancelled() {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64(self.config().supervisor.graceful_timeout_s)
+        Duration::try_from_secs_f64(self.config().supervisor.graceful_timeout_s).unwrap_or(Duration::MAX)
     }
 
     /// How long a ready worker may stay silent before it counts as hung.
     pub fn heartbeat_timeout(&self, role: Role) -> Option<Duration> {
         let timeout = self.config().workers.timeout_s;
-        (role == Role::Worker && timeout > 0.0).then(|| Duration::from_secs_f64(timeout))
+        (role == Role::Worker && timeout > 0.0).then(|| Duration::try_from_secs_f64(timeout).unwrap_or(Duration::MAX))
     }
 }
 
@@ -161,13 +160,6 @@ fn draw(index: u32) -> u64 {
     x
 }
 
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Owner => "owner",
-        Role::Worker => "worker",
-    }
-}
-
 /// Longest wait for the welcome and generation to be queued before spawning anyway (only a
 /// manifest larger than the socket buffer needs the child reading before it is all written).
 const QUEUE_WAIT: Duration = Duration::from_millis(50);
@@ -185,6 +177,8 @@ pub struct Running {
     pub hung: CancellationToken,
     output: Output,
     pids: PidTable,
+    processes: crate::processes::ProcessTable,
+    fast_stop: CancellationToken,
 }
 
 /// Spawns a child with a fresh bus socketpair. The welcome and the generation are queued on
@@ -208,22 +202,30 @@ pub async fn launch(ctx: &Context, label: ChildLabel) -> std::io::Result<Running
     let _ = tokio::time::timeout(QUEUE_WAIT, is_queued).await;
     let mut child = ctx.spawner.spawn(spec).await?;
     let pid = child.id().unwrap_or(0);
-    tracing::info!("started {} {} (pid {pid})", role_name(label.role), label.index);
-    ctx.bus.processes.started(label, pid);
+    tracing::info!("started {label} (pid {pid})");
+    ctx.bus.processes.spawned(label, pid);
     let output = Output::forward(&mut child, label, pid);
-    Ok(Running { label, child, pid, started: Instant::now(), ready, hung, output, pids: ctx.pids.clone() })
+    let (pids, processes, fast_stop) = (ctx.bus.pids.clone(), ctx.bus.processes.clone(), ctx.fast_stop.clone());
+    Ok(Running { label, child, pid, started: Instant::now(), ready, hung, output, pids, processes, fast_stop })
 }
 
 impl Running {
-    /// Stops the child (SIGTERM, then SIGKILL after `grace`), reaps it and anything left in its
-    /// process group, and returns its status and last stderr lines.
+    /// Stops the child (SIGTERM, then SIGKILL after `grace`, or at once when a fast stop is
+    /// asked meanwhile), reaps it and anything left in its process group, and returns its
+    /// status and last stderr lines.
     pub async fn stop(mut self, grace: Duration) -> (std::io::Result<ExitStatus>, String) {
+        self.processes.advance(self.label, self.pid, crate::processes::State::Stopping);
         signal_group(self.pid, Signal::TERM);
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+        let escalation = tokio::select! {
+            status = self.child.wait() => Ok(status),
+            () = tokio::time::sleep(grace) => Err(format!("still running {grace:?} after SIGTERM")),
+            () = self.fast_stop.cancelled() => Err("fast stop".to_string()),
+        };
+        let status = match escalation {
             Ok(status) => status,
-            Err(_) => {
+            Err(why) => {
                 if !grace.is_zero() {
-                    tracing::warn!("pid {} still running {grace:?} after SIGTERM: SIGKILL", self.pid);
+                    tracing::warn!("{} (pid {}) {why}: SIGKILL", self.label, self.pid);
                 }
                 signal_group(self.pid, Signal::KILL);
                 self.child.wait().await
@@ -238,6 +240,7 @@ impl Running {
         // holding its pipes, its sockets or its memory.
         signal_group(self.pid, Signal::KILL);
         self.pids.remove(self.pid);
+        self.processes.gone(self.label, self.pid);
         let tail = self.output.finish().await;
         (status, tail)
     }

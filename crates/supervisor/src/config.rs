@@ -138,6 +138,14 @@ pub struct ModelConfig {
     /// `auto` (default), `host` or `cuda`; `supervisor run --backend` overrides it.
     #[serde(default)]
     pub backend: Backend,
+    /// A hot swap's load (`reload-model`) that takes longer than this fails with that reason,
+    /// and the stuck owner is replaced (it re-adopts the live generation).
+    #[serde(default = "default_load_timeout")]
+    pub load_timeout_s: f64,
+}
+
+fn default_load_timeout() -> f64 {
+    300.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +267,7 @@ impl Config {
             ("workers.timeout_s", self.workers.timeout_s),
             ("workers.start_timeout_s", self.workers.start_timeout_s),
             ("restart.within_s", self.restart.within_s),
+            ("model.load_timeout_s", self.model.load_timeout_s),
         ] {
             if !(value.is_finite() && value >= 0.0) {
                 return Err(self.invalid(key, "must be a number of seconds >= 0"));

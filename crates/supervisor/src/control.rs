@@ -22,7 +22,6 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus_server::BusState;
 use crate::config::Config;
 use crate::service::{Command, Reply, RestartTarget, StatusReport};
 
@@ -45,8 +44,11 @@ pub enum Request {
     },
     /// Re-read the config file and restart the workers on it (like SIGHUP).
     Reload,
-    /// Stop gracefully (like SIGTERM).
-    Stop,
+    /// Stop gracefully (like SIGTERM); `now`: kill what remains at once, whatever the grace.
+    Stop {
+        #[serde(default)]
+        now: bool,
+    },
     /// Hot swap: load `path` (default: the config's `[model] path`) as a new generation.
     ReloadModel {
         path: Option<String>,
@@ -104,7 +106,7 @@ impl ControlSocket {
     }
 
     /// Answers requests until `stop`.
-    pub async fn serve(self, bus: BusState, commands: mpsc::UnboundedSender<Command>, stop: CancellationToken) {
+    pub async fn serve(self, commands: mpsc::UnboundedSender<Command>, stop: CancellationToken) {
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -117,7 +119,7 @@ impl ControlSocket {
                 },
                 _ = stop.cancelled() => return,
             };
-            tokio::spawn(answer(stream, bus.clone(), commands.clone()));
+            tokio::spawn(answer(stream, commands.clone()));
         }
     }
 }
@@ -128,13 +130,13 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn answer(stream: UnixStream, bus: BusState, commands: mpsc::UnboundedSender<Command>) {
+async fn answer(stream: UnixStream, commands: mpsc::UnboundedSender<Command>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_LINE as u64));
     let response = match reader.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(request, &bus, &commands).await,
+            Ok(request) => handle(request, &commands).await,
             Err(e) => Response::Failed { error: format!("bad request: {e}") },
         },
         Err(e) => Response::Failed { error: format!("cannot read request: {e}") },
@@ -144,7 +146,8 @@ async fn answer(stream: UnixStream, bus: BusState, commands: mpsc::UnboundedSend
     let _ = write.write_all(text.as_bytes()).await;
 }
 
-async fn handle(request: Request, bus: &BusState, commands: &mpsc::UnboundedSender<Command>) -> Response {
+/// Every request becomes a command for the one service task, which replies on a ticket.
+async fn handle(request: Request, commands: &mpsc::UnboundedSender<Command>) -> Response {
     let gone = || Response::Failed { error: "the supervisor is stopping".into() };
     match request {
         Request::Status => {
@@ -160,19 +163,22 @@ async fn handle(request: Request, bus: &BusState, commands: &mpsc::UnboundedSend
         Request::Scale { workers } => ask(commands, |reply| Command::Scale { workers, reply }).await,
         Request::Restart { target } => ask(commands, |reply| Command::Restart { target, reply }).await,
         Request::Reload => ask(commands, |reply| Command::Reload { reply: Some(reply) }).await,
-        Request::Stop => {
-            tracing::info!("stop requested through the control socket");
-            match commands.send(Command::Stop) {
-                Ok(()) => Response::Done { message: "stopping".into() },
+        Request::Stop { now } => {
+            tracing::info!(now, "stop requested through the control socket");
+            match commands.send(Command::Stop { now }) {
+                Ok(()) => Response::Done { message: if now { "stopping now" } else { "stopping" }.into() },
                 Err(_) => gone(),
             }
         }
         Request::ReloadModel { path } => {
-            let path = path.unwrap_or_else(|| bus.model_path.clone());
-            tracing::info!("hot swap requested: loading {path}");
-            match bus.load_new_generation(path).await {
-                Ok(generation) => Response::Reloaded { generation },
-                Err(error) => Response::Failed { error },
+            let (reply, answer) = oneshot::channel();
+            if commands.send(Command::ReloadModel { path, reply }).is_err() {
+                return gone();
+            }
+            match answer.await {
+                Ok(Ok(generation)) => Response::Reloaded { generation },
+                Ok(Err(error)) => Response::Failed { error },
+                Err(_) => gone(),
             }
         }
     }

@@ -1,4 +1,5 @@
-//! The escrow: the supervisor holds the file descriptors of the live generation.
+//! The escrow: the supervisor holds the file descriptors of every generation in memory, and
+//! decides which one workers serve.
 //!
 //! A memfd (like a CUDA VMM allocation exported as an fd) lives as long as any fd or mapping of
 //! it exists. Because the supervisor — which never maps the weights and never touches CUDA —
@@ -9,6 +10,21 @@
 //! the manifest's invariants, and each fd against its arena's declared memory kind
 //! ([`HeldArena::adopt`]: a host arena must be a sealed memfd of the declared size; a CUDA
 //! arena must be an open fd that is not a file — a memfd published as device memory is refused).
+//!
+//! **Generations are a state machine** (every transition is one step under one lock):
+//!
+//! | state | meaning | leaves for |
+//! |---|---|---|
+//! | live | what workers serve, and what a new worker attaches | retiring, when an offer is committed while workers still map it; gone, when committed past unheld |
+//! | offered | published for a hot swap: every worker maps and checks it, none serves it | live, once every worker connection accepted it; gone, on the first rejection, a timeout or [`Escrow::abort`] |
+//! | retiring | replaced, but some worker still finishes requests on it | gone, when its last holder releases it |
+//!
+//! The first generation goes live at once (no worker serves anything yet). At most two
+//! generations are ever held: the live one and one offered or retiring; a deposit beyond that
+//! is refused ([`DepositError::SwapInProgress`]). A worker connection counts as a holder of
+//! each generation it was sent ([`Escrow::acquire_live`] and [`Escrow::acquire_offer`] take the
+//! hold in the same step as they read, so no generation is freed between a read and a hold)
+//! until it reports it released or closes.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -21,12 +37,12 @@
 //! let fd: OwnedFd = sealed.fd().try_clone_to_owned().unwrap();
 //! let escrow = forkless_supervisor::escrow::Escrow::default();
 //! let manifest = Manifest::new("doc".into(), vec![arena], tensors);
-//! assert_eq!(escrow.deposit(manifest, vec![fd]).unwrap(), 1);
-//! assert_eq!(escrow.wait_current().await.manifest.generation, 1);
+//! assert_eq!(escrow.deposit(manifest, vec![fd]).unwrap(), forkless_supervisor::escrow::Deposited::Live(1));
+//! assert_eq!(escrow.wait_live().await.manifest.generation, 1);
 //! # });
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
@@ -44,8 +60,10 @@ pub enum DepositError {
     Arena { arena: u32, source: AdoptError },
     #[error("{fds} fds for {arenas} arenas")]
     FdCount { fds: usize, arenas: usize },
-    #[error("generation {generation} is still in use by workers; try again once they have switched")]
-    SwapInProgress { generation: u64 },
+    #[error(
+        "generation {generation} is still {state}: at most two generations are held at once; try again once it is done"
+    )]
+    SwapInProgress { generation: u64, state: &'static str },
 }
 
 /// One generation held in escrow: its manifest and one fd per arena.
@@ -55,116 +73,298 @@ pub struct EscrowedGeneration {
     pub arenas: Vec<HeldArena>,
 }
 
-/// The generations in escrow: the current one, observable by every bus connection, and at most
-/// one older generation that workers still use (a hot swap in progress).
+impl EscrowedGeneration {
+    pub fn number(&self) -> u64 {
+        self.manifest.generation
+    }
+}
+
+/// What became of a deposit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deposited {
+    /// The first generation: live at once.
+    Live(u64),
+    /// A hot swap: offered to the workers, live once every one of them accepts it.
+    Offered(u64),
+}
+
+impl Deposited {
+    pub fn generation(self) -> u64 {
+        match self {
+            Deposited::Live(g) | Deposited::Offered(g) => g,
+        }
+    }
+}
+
+/// How an offer ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Every worker accepted it: it is live.
+    Committed,
+    /// It was dropped, for this reason (a worker's refusal, names the worker).
+    Aborted(String),
+}
+
+/// A worker's bus connection, as the escrow tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerConn {
+    pub index: u32,
+    /// Tells apart two connections of the same slot (a replacement and its predecessor).
+    pub id: u64,
+}
+
+impl std::fmt::Display for WorkerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worker {}", self.index)
+    }
+}
+
+/// What every worker connection watches: what to serve, what to check, what was decided.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub live: Option<Arc<EscrowedGeneration>>,
+    pub offer: Option<Arc<EscrowedGeneration>>,
+    /// The most recent decisions on offers, by generation (a few are kept).
+    pub decisions: BTreeMap<u64, Decision>,
+}
+
+/// The generations in escrow. Cheap to clone; every clone is the same escrow.
 #[derive(Debug, Clone)]
 pub struct Escrow {
-    current: watch::Sender<Option<Arc<EscrowedGeneration>>>,
+    view: watch::Sender<View>,
     held: Arc<Mutex<Held>>,
 }
 
 #[derive(Debug, Default)]
 struct Held {
-    /// The previous generation while some worker still uses it.
     retiring: Option<Arc<EscrowedGeneration>>,
-    /// How many workers hold each generation.
+    /// How many worker connections hold each generation.
     holders: HashMap<u64, usize>,
+    /// Worker connections that must accept an offer before it goes live.
+    workers: BTreeSet<WorkerConn>,
+    /// Who accepted the current offer.
+    accepted: BTreeSet<WorkerConn>,
+    last_number: u64,
 }
+
+/// Decisions kept in the view for late readers (a connection that was busy sending).
+const DECISIONS_KEPT: usize = 8;
 
 impl Default for Escrow {
     fn default() -> Self {
-        Escrow { current: watch::Sender::new(None), held: Arc::default() }
+        Escrow { view: watch::Sender::new(View::default()), held: Arc::default() }
     }
 }
 
 impl Escrow {
-    /// Validates and stores a generation, which becomes current; returns its number. The
-    /// previous one stays in escrow while any worker holds it. Refused while an older
-    /// generation is still retiring: memory never holds more than two generations.
-    pub fn deposit(&self, mut manifest: Manifest, fds: Vec<OwnedFd>) -> Result<u64, DepositError> {
-        manifest.validate()?;
-        if fds.len() != manifest.arenas.len() {
-            return Err(DepositError::FdCount { fds: fds.len(), arenas: manifest.arenas.len() });
-        }
-        let arenas = manifest
-            .arenas
-            .iter()
-            .zip(fds)
-            .map(|(arena, fd)| {
-                HeldArena::adopt(arena, fd).map_err(|source| DepositError::Arena { arena: arena.id, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut held = self.held.lock().expect("escrow poisoned");
-        if let Some(retiring) = &held.retiring {
-            return Err(DepositError::SwapInProgress { generation: retiring.manifest.generation });
-        }
-        let mut number = 0;
-        let mut previous = None;
-        self.current.send_modify(|current| {
-            number = current.as_ref().map_or(0, |g| g.manifest.generation) + 1;
-            manifest.generation = number;
-            previous = current.replace(Arc::new(EscrowedGeneration { manifest, arenas }));
-        });
-        if let Some(previous) = previous {
-            if held.holders.get(&previous.manifest.generation).copied().unwrap_or(0) > 0 {
-                held.retiring = Some(previous);
+    /// Validates and stores a generation: live at once if it is the first, else offered to
+    /// the workers. Refused while another one is offered or retiring.
+    pub fn deposit(&self, mut manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Deposited, DepositError> {
+        let arenas = adopt_arenas(&manifest, fds)?;
+        let mut held = self.lock();
+        self.refuse_if_busy(&held)?;
+        held.last_number += 1;
+        manifest.generation = held.last_number;
+        let generation = Arc::new(EscrowedGeneration { manifest, arenas });
+        let number = generation.number();
+        let mut deposited = Deposited::Live(number);
+        self.view.send_modify(|view| match view.live {
+            None => view.live = Some(generation),
+            Some(_) => {
+                view.offer = Some(generation);
+                deposited = Deposited::Offered(number);
             }
+        });
+        held.accepted.clear();
+        if deposited == Deposited::Offered(number) {
+            self.decide_if_complete(&mut held);
         }
-        Ok(number)
+        Ok(deposited)
     }
 
-    /// The current generation, if any was published.
-    pub fn current(&self) -> Option<Arc<EscrowedGeneration>> {
-        self.current.borrow().clone()
+    fn refuse_if_busy(&self, held: &Held) -> Result<(), DepositError> {
+        if let Some(offer) = &self.view.borrow().offer {
+            return Err(DepositError::SwapInProgress { generation: offer.number(), state: "offered to the workers" });
+        }
+        if let Some(retiring) = &held.retiring {
+            return Err(DepositError::SwapInProgress { generation: retiring.number(), state: "in use by workers" });
+        }
+        Ok(())
     }
 
-    /// Waits until a generation exists and returns it.
-    pub async fn wait_current(&self) -> Arc<EscrowedGeneration> {
-        let mut rx = self.current.subscribe();
-        let current = rx.wait_for(Option::is_some).await.expect("escrow sender lives in self");
-        current.clone().expect("waited for Some")
+    /// The live generation, if any was published.
+    pub fn live(&self) -> Option<Arc<EscrowedGeneration>> {
+        self.view.borrow().live.clone()
     }
 
-    /// Notified whenever the current generation changes.
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<EscrowedGeneration>>> {
-        self.current.subscribe()
+    /// The offered generation, if a hot swap is being decided.
+    pub fn offer(&self) -> Option<Arc<EscrowedGeneration>> {
+        self.view.borrow().offer.clone()
     }
 
-    /// Bytes of all generations in escrow (current and retiring): memory that the arenas'
-    /// fds hold whether or not any process maps it.
-    pub fn bytes_held(&self) -> u64 {
-        let current = self.current().map_or(0, |g| g.manifest.total_bytes());
-        let held = self.held.lock().expect("escrow poisoned");
-        current + held.retiring.as_ref().map_or(0, |g| g.manifest.total_bytes())
-    }
-
-    /// The older generation still in use, if a hot swap is in progress.
+    /// The older generation still in use, if a hot swap finished while workers used it.
     pub fn retiring(&self) -> Option<u64> {
-        let held = self.held.lock().expect("escrow poisoned");
-        held.retiring.as_ref().map(|g| g.manifest.generation)
+        self.lock().retiring.as_ref().map(|g| g.number())
     }
 
-    /// A worker now maps `generation`.
-    pub fn hold(&self, generation: u64) {
-        *self.held.lock().expect("escrow poisoned").holders.entry(generation).or_default() += 1;
+    /// Waits until a generation is live and returns it (without holding it).
+    pub async fn wait_live(&self) -> Arc<EscrowedGeneration> {
+        let mut view = self.view.subscribe();
+        let view = view.wait_for(|v| v.live.is_some()).await.expect("the sender lives in self");
+        view.live.clone().expect("waited for it")
     }
 
-    /// A worker no longer maps `generation`. Returns it when that was the last holder of a
-    /// retiring generation: its fds are closed now, and its memory is freed.
+    /// Notified at every change of the live generation, the offer or a decision.
+    pub fn subscribe(&self) -> watch::Receiver<View> {
+        self.view.subscribe()
+    }
+
+    /// Waits until a generation is live, and takes a hold on it in the same step.
+    pub async fn acquire_live(&self) -> Arc<EscrowedGeneration> {
+        let mut view = self.view.subscribe();
+        loop {
+            {
+                let mut held = self.lock();
+                if let Some(live) = self.live() {
+                    *held.holders.entry(live.number()).or_default() += 1;
+                    return live;
+                }
+            }
+            view.changed().await.expect("the sender lives in self");
+        }
+    }
+
+    /// Takes a hold on the offered generation `number`, if it is still offered.
+    pub fn acquire_offer(&self, number: u64) -> Option<Arc<EscrowedGeneration>> {
+        let mut held = self.lock();
+        let offer = self.offer().filter(|o| o.number() == number)?;
+        *held.holders.entry(number).or_default() += 1;
+        Some(offer)
+    }
+
+    /// A worker connection no longer maps `generation`. Returns it when that was the last
+    /// holder of a retiring generation: its fds are closed now, and its memory freed.
     pub fn release(&self, generation: u64) -> Option<u64> {
-        let mut held = self.held.lock().expect("escrow poisoned");
+        let mut held = self.lock();
         let count = held.holders.entry(generation).or_default();
         *count = count.saturating_sub(1);
         if *count > 0 {
             return None;
         }
         held.holders.remove(&generation);
-        let retiring = held.retiring.as_ref().map(|g| g.manifest.generation);
+        let retiring = held.retiring.as_ref().map(|g| g.number());
         (retiring == Some(generation)).then(|| {
             held.retiring = None;
             generation
         })
     }
+
+    /// A worker connection that will have to accept offers.
+    pub fn join(&self, worker: WorkerConn) {
+        self.lock().workers.insert(worker);
+    }
+
+    /// A worker connection closed: it no longer has a say in offers (its replacement will
+    /// attach whatever is live). May complete the offer.
+    pub fn leave(&self, worker: WorkerConn) {
+        let mut held = self.lock();
+        held.workers.remove(&worker);
+        held.accepted.remove(&worker);
+        self.decide_if_complete(&mut held);
+    }
+
+    /// A worker's verdict on the offered generation `number`. A refusal aborts the offer; the
+    /// last acceptance commits it. Verdicts on anything but the current offer are ignored.
+    pub fn answer(&self, worker: WorkerConn, number: u64, verdict: Result<(), String>) {
+        let mut held = self.lock();
+        if self.offer().is_none_or(|o| o.number() != number) {
+            return;
+        }
+        match verdict {
+            Ok(()) => {
+                held.accepted.insert(worker);
+                self.decide_if_complete(&mut held);
+            }
+            Err(reason) => self.decide(&mut held, Decision::Aborted(format!("{worker} refused it: {reason}"))),
+        }
+    }
+
+    /// Withdraws the offered generation `number` (e.g. workers did not answer in time).
+    pub fn abort(&self, number: u64, reason: String) {
+        let mut held = self.lock();
+        if self.offer().is_some_and(|o| o.number() == number) {
+            self.decide(&mut held, Decision::Aborted(reason));
+        }
+    }
+
+    /// The workers that have not yet answered the current offer.
+    pub fn undecided(&self) -> Vec<WorkerConn> {
+        let held = self.lock();
+        held.workers.difference(&held.accepted).copied().collect()
+    }
+
+    /// Waits for the decision on offer `number`.
+    pub async fn decision(&self, number: u64) -> Decision {
+        let mut view = self.view.subscribe();
+        let view = view.wait_for(|v| v.decisions.contains_key(&number)).await.expect("the sender lives in self");
+        view.decisions[&number].clone()
+    }
+
+    fn decide_if_complete(&self, held: &mut Held) {
+        if self.offer().is_some() && held.workers.is_subset(&held.accepted) {
+            self.decide(held, Decision::Committed);
+        }
+    }
+
+    /// Applies a decision on the current offer: commit makes it live (the old live one retires
+    /// while held), abort drops it (workers that mapped it unmap it when told).
+    fn decide(&self, held: &mut Held, decision: Decision) {
+        let mut previous = None;
+        self.view.send_modify(|view| {
+            let Some(offer) = view.offer.take() else { return };
+            if decision == Decision::Committed {
+                previous = view.live.replace(offer.clone());
+            }
+            view.decisions.insert(offer.number(), decision);
+            while view.decisions.len() > DECISIONS_KEPT {
+                view.decisions.pop_first();
+            }
+        });
+        held.accepted.clear();
+        if let Some(previous) = previous.filter(|p| held.holders.get(&p.number()).copied().unwrap_or(0) > 0) {
+            held.retiring = Some(previous);
+        }
+    }
+
+    /// Bytes of all generations in escrow (live, offered, retiring): memory that the arenas'
+    /// fds hold whether or not any process maps it.
+    pub fn bytes_held(&self) -> u64 {
+        let bytes = |g: &Option<Arc<EscrowedGeneration>>| g.as_ref().map_or(0, |g| g.manifest.total_bytes());
+        let (live, offer) = {
+            let view = self.view.borrow();
+            (bytes(&view.live), bytes(&view.offer))
+        };
+        live + offer + bytes(&self.lock().retiring)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().expect("escrow poisoned")
+    }
+}
+
+fn adopt_arenas(manifest: &Manifest, fds: Vec<OwnedFd>) -> Result<Vec<HeldArena>, DepositError> {
+    manifest.validate()?;
+    if fds.len() != manifest.arenas.len() {
+        return Err(DepositError::FdCount { fds: fds.len(), arenas: manifest.arenas.len() });
+    }
+    manifest
+        .arenas
+        .iter()
+        .zip(fds)
+        .map(|(arena, fd)| {
+            HeldArena::adopt(arena, fd).map_err(|source| DepositError::Arena { arena: arena.id, source })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -173,12 +373,12 @@ mod tests {
     use forkless_bus::host::ArenaWriter;
     use forkless_bus::manifest::{Dtype, LayoutBuilder, MemoryKind};
 
-    fn publish(escrow: &Escrow) -> Result<u64, DepositError> {
+    fn publish(escrow: &Escrow) -> Result<Deposited, DepositError> {
         let sealed = ArenaWriter::create("test", 4096).unwrap().seal().unwrap();
         publish_as(escrow, MemoryKind::Host, sealed.fd().try_clone_to_owned().unwrap())
     }
 
-    fn publish_as(escrow: &Escrow, kind: MemoryKind, fd: OwnedFd) -> Result<u64, DepositError> {
+    fn publish_as(escrow: &Escrow, kind: MemoryKind, fd: OwnedFd) -> Result<Deposited, DepositError> {
         let mut layout = LayoutBuilder::default();
         layout.push("w", Dtype::F32, vec![2]);
         let (mut arena, tensors) = layout.finish();
@@ -186,38 +386,119 @@ mod tests {
         escrow.deposit(Manifest::new("t".into(), vec![arena], tensors), vec![fd])
     }
 
+    const W0: WorkerConn = WorkerConn { index: 0, id: 100 };
+    const W1: WorkerConn = WorkerConn { index: 1, id: 101 };
+
     #[test]
     fn cuda_arenas_are_held_and_memfds_posing_as_them_refused() {
         let escrow = Escrow::default();
         let kind = MemoryKind::CudaVmm { device: 0 };
         let (pipe, _writer) = rustix::pipe::pipe().unwrap(); // stands in for an exported VMM handle
-        assert_eq!(publish_as(&escrow, kind, pipe).unwrap(), 1);
-        assert_eq!(escrow.current().unwrap().arenas[0].kind(), kind);
+        assert_eq!(publish_as(&escrow, kind, pipe).unwrap(), Deposited::Live(1));
+        assert_eq!(escrow.live().unwrap().arenas[0].kind(), kind);
         let memfd = ArenaWriter::create("test", 4096).unwrap().seal().unwrap().fd().try_clone_to_owned().unwrap();
         let err = publish_as(&escrow, kind, memfd).unwrap_err();
         assert!(matches!(err, DepositError::Arena { arena: 0, .. }), "{err}");
     }
 
     #[test]
-    fn unheld_generations_are_dropped_at_once() {
+    fn the_first_generation_goes_live_and_later_ones_are_offered() {
         let escrow = Escrow::default();
-        assert_eq!(publish(&escrow).unwrap(), 1);
-        assert_eq!(publish(&escrow).unwrap(), 2);
-        assert_eq!(escrow.retiring(), None);
+        escrow.join(W0);
+        assert_eq!(publish(&escrow).unwrap(), Deposited::Live(1));
+        assert_eq!(publish(&escrow).unwrap(), Deposited::Offered(2));
+        assert_eq!(escrow.live().unwrap().number(), 1);
+        assert!(matches!(publish(&escrow), Err(DepositError::SwapInProgress { generation: 2, .. })));
+    }
+
+    #[test]
+    fn an_offer_goes_live_when_every_worker_accepted_it() {
+        let escrow = Escrow::default();
+        escrow.join(W0);
+        escrow.join(W1);
+        publish(&escrow).unwrap();
+        assert_eq!(publish(&escrow).unwrap(), Deposited::Offered(2));
+        escrow.answer(W0, 2, Ok(()));
+        assert_eq!(escrow.live().unwrap().number(), 1, "one worker has not answered");
+        assert_eq!(escrow.undecided(), vec![W1]);
+        escrow.answer(W1, 2, Ok(()));
+        assert_eq!(escrow.live().unwrap().number(), 2);
+        assert_eq!(escrow.subscribe().borrow().decisions[&2], Decision::Committed);
+        assert!(escrow.offer().is_none());
+    }
+
+    #[test]
+    fn one_refusal_drops_the_offer_and_the_live_generation_stays() {
+        let escrow = Escrow::default();
+        escrow.join(W0);
+        escrow.join(W1);
+        publish(&escrow).unwrap();
+        publish(&escrow).unwrap();
+        escrow.answer(W0, 2, Ok(()));
+        escrow.answer(W1, 2, Err("no tensor \"weight\" (pid 7)".into()));
+        assert_eq!(escrow.live().unwrap().number(), 1);
+        let decision = escrow.subscribe().borrow().decisions[&2].clone();
+        let Decision::Aborted(reason) = decision else { panic!("{decision:?}") };
+        assert!(reason.contains("worker 1 refused it") && reason.contains("weight"), "{reason}");
+        assert_eq!(publish(&escrow).unwrap(), Deposited::Offered(3), "numbers are never reused");
+    }
+
+    #[test]
+    fn a_worker_that_dies_has_no_say_and_late_verdicts_are_ignored() {
+        let escrow = Escrow::default();
+        escrow.join(W0);
+        escrow.join(W1);
+        publish(&escrow).unwrap();
+        publish(&escrow).unwrap();
+        escrow.answer(W0, 2, Ok(()));
+        escrow.leave(W1);
+        assert_eq!(escrow.live().unwrap().number(), 2);
+        escrow.answer(W1, 2, Err("too late".into()));
+        assert_eq!(escrow.live().unwrap().number(), 2);
+        escrow.answer(W0, 7, Err("not offered".into()));
+        assert_eq!(escrow.live().unwrap().number(), 2);
+    }
+
+    #[test]
+    fn with_no_worker_an_offer_commits_at_once() {
+        let escrow = Escrow::default();
+        publish(&escrow).unwrap();
+        publish(&escrow).unwrap();
+        assert_eq!(escrow.live().unwrap().number(), 2);
     }
 
     #[test]
     fn a_held_generation_retires_until_its_last_holder_lets_go() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let escrow = Escrow::default();
+        escrow.join(W0);
         publish(&escrow).unwrap();
-        escrow.hold(1);
-        escrow.hold(1);
-        assert_eq!(publish(&escrow).unwrap(), 2);
+        let first = runtime.block_on(escrow.acquire_live());
+        let again = runtime.block_on(escrow.acquire_live());
+        assert_eq!((first.number(), again.number()), (1, 1));
+        publish(&escrow).unwrap();
+        assert!(escrow.acquire_offer(2).is_some());
+        assert!(escrow.acquire_offer(3).is_none());
+        escrow.answer(W0, 2, Ok(()));
         assert_eq!(escrow.retiring(), Some(1));
-        assert!(matches!(publish(&escrow), Err(DepositError::SwapInProgress { generation: 1 })));
+        assert!(matches!(publish(&escrow), Err(DepositError::SwapInProgress { generation: 1, .. })));
         assert_eq!(escrow.release(1), None);
         assert_eq!(escrow.release(1), Some(1));
         assert_eq!(escrow.retiring(), None);
-        assert_eq!(publish(&escrow).unwrap(), 3);
+        assert_eq!(publish(&escrow).unwrap(), Deposited::Offered(3));
+    }
+
+    #[test]
+    fn an_aborted_offer_is_freed_when_its_holders_let_go() {
+        let escrow = Escrow::default();
+        escrow.join(W0);
+        publish(&escrow).unwrap();
+        publish(&escrow).unwrap();
+        let offer = escrow.acquire_offer(2).unwrap();
+        escrow.abort(2, "timed out".into());
+        assert!(escrow.offer().is_none());
+        assert_eq!(escrow.retiring(), None, "an aborted offer never retires");
+        assert_eq!(escrow.release(2), None);
+        assert_eq!(Arc::strong_count(&offer), 1, "the escrow let go of it; the last mapping frees it");
     }
 }

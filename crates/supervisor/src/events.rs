@@ -10,8 +10,9 @@ use crate::spawn::ChildLabel;
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The owner published a generation, now in escrow.
-    Published { generation: u64, source: String, bytes: u64 },
+    /// The owner published a generation, now in escrow: `live` (the first), or offered to
+    /// the workers (a hot swap).
+    Published { generation: u64, source: String, bytes: u64, live: bool },
     /// No worker uses this (older) generation any more: its fds are closed, its memory freed.
     Freed { generation: u64 },
     /// A restarted owner verified and adopted the generation in escrow (no disk read).

@@ -22,15 +22,17 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
-pub mod bus_server;
+mod bus_server;
 pub mod children;
 pub mod config;
 pub mod control;
 pub mod escrow;
 pub mod events;
+mod link;
 pub mod listeners;
 pub mod logging;
 pub mod metrics;
+mod owner_link;
 pub mod processes;
 pub mod restart;
 pub mod runtime_dir;
@@ -39,6 +41,7 @@ pub mod service;
 pub mod shutdown;
 pub mod slot;
 pub mod spawn;
+mod worker_link;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -50,15 +53,16 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{ResolvedBackend, RunningBackend};
-use crate::bus_server::{BusServer, BusState};
+use crate::bus_server::BusServer;
 use crate::children::Context;
 use crate::config::{Backend, Config, Sharing};
 use crate::escrow::Escrow;
+use crate::link::BusState;
 use crate::listeners::Listeners;
 use crate::runtime_dir::RuntimeDir;
 use crate::service::{Health, Service};
 use crate::shutdown::Stop;
-use crate::spawn::{ChildSpec, PidTable, Spawner};
+use crate::spawn::{ChildSpec, Spawner};
 
 /// What `supervisor run` was told on its command line, beside the config.
 #[derive(Debug, Clone, Default)]
@@ -104,19 +108,18 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     let (events, event_inbox) = mpsc::unbounded_channel();
     let (commands, command_inbox) = mpsc::unbounded_channel();
     service::forward_signals(commands.clone()).context("cannot install signal handlers")?;
-    let pids = PidTable::default();
     let bus_stop = CancellationToken::new();
     let bus_state = BusState::new(
         Escrow::default(),
         events,
         config.model.sharing == Sharing::Shared,
         config.model.path.display().to_string(),
+        std::time::Duration::try_from_secs_f64(config.model.load_timeout_s).unwrap_or(std::time::Duration::MAX),
     );
-    let bus =
-        BusServer { listener: bus_listener, pids: pids.clone(), state: bus_state.clone(), stop: bus_stop.clone() };
+    let bus = BusServer { listener: bus_listener, state: bus_state.clone(), stop: bus_stop.clone() };
     let bus_task = tokio::spawn(bus.serve());
-    let control_task = tokio::spawn(control.serve(bus_state.clone(), commands, bus_stop.clone()));
-    let ctx = Arc::new(Context::new(config, backend, spawner, pids, listeners, bus_socket, bus_state));
+    let control_task = tokio::spawn(control.serve(commands, bus_stop.clone()));
+    let ctx = Arc::new(Context::new(config, backend, spawner, listeners, bus_socket, bus_state, stop.fast_token()));
     let metrics_task = tokio::spawn(metrics::record_periodically(ctx.clone(), bus_stop.clone()));
 
     let failure = Service::new(ctx, stop, health).counting_from(started).run(event_inbox, command_inbox).await;

@@ -39,7 +39,7 @@ fn record(ctx: &Context) {
     }
     for p in &processes {
         let labels = [("role", p.role.clone()), ("index", p.index.to_string())];
-        let up = p.pid.is_some() && p.state == State::Ready;
+        let up = p.state == State::Ready;
         metrics::gauge!("forkless_process_up", &labels).set(if up { 1.0 } else { 0.0 });
         metrics::gauge!("forkless_process_rss_bytes", &labels).set(p.rss_bytes.unwrap_or(0) as f64);
         metrics::gauge!("forkless_process_restarts", &labels).set(f64::from(p.restarts));
@@ -52,8 +52,8 @@ fn record(ctx: &Context) {
     }
     let escrow = &ctx.bus.escrow;
     metrics::gauge!("forkless_escrow_bytes").set(escrow.bytes_held() as f64);
-    if let Some(generation) = escrow.current() {
-        metrics::gauge!("forkless_generation").set(generation.manifest.generation as f64);
+    if let Some(generation) = escrow.live() {
+        metrics::gauge!("forkless_generation").set(generation.number() as f64);
     }
     metrics::gauge!("forkless_workers_ready").set(ctx.bus.processes.ready_workers() as f64);
 }

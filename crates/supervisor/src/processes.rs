@@ -1,14 +1,20 @@
-//! The supervisor's view of its children, one entry per slot (the owner, worker 0..N-1): what
-//! runs there, in what state, since when, how often it was restarted, what it reported.
-//! `supervisor status` and the metrics read it; slots and bus connections write it.
+//! The supervisor's view of its children: one entry per slot (the owner, worker 0..N-1), and
+//! in it one record per live process of that slot (two during a rolling replacement). The
+//! slots, the bus connections and `supervisor status` all read and write it.
+//!
+//! A process's state only moves forward, **starting → ready → stopping**, and its record is
+//! removed when it is gone; every update names the pid, so a late event about an old process
+//! (or an early one about a new process, such as its bus connection reporting `Ready` before
+//! the spawner recorded the start) can never move a record backwards or touch another process.
 //!
 //! ```
 //! use forkless_supervisor::processes::{ProcessTable, State};
 //! use forkless_supervisor::spawn::ChildLabel;
 //! let table = ProcessTable::default();
 //! let label = ChildLabel { role: forkless_bus::Role::Worker, index: 0 };
-//! table.started(label, 4242);
-//! table.set_state(label, State::Ready);
+//! table.open_slot(label);
+//! table.advance(label, 4242, State::Ready);
+//! table.spawned(label, 4242); // late: does not move it back to starting
 //! assert_eq!(table.snapshot()[0].state, State::Ready);
 //! ```
 
@@ -21,8 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::spawn::ChildLabel;
 
-/// Where a slot's child is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a process, or a slot without one, is in its life. Ordered: a process only moves
+/// forward through `Starting < Ready < Stopping`; `Backoff` describes a slot with no process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Exec'd, not ready yet (attaching, loading, warming up).
@@ -31,7 +38,7 @@ pub enum State {
     Ready,
     /// Asked to stop, draining.
     Stopping,
-    /// Dead; waiting out the restart backoff.
+    /// No process: waiting out the restart backoff.
     Backoff,
 }
 
@@ -47,7 +54,7 @@ impl std::fmt::Display for State {
     }
 }
 
-/// One slot, as `status` shows it.
+/// One process (or one empty slot), as `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessInfo {
     pub role: String,
@@ -66,88 +73,89 @@ pub struct ProcessInfo {
 }
 
 #[derive(Debug)]
-struct Entry {
-    pid: Option<u32>,
+struct Process {
     state: State,
-    restarts: u32,
-    started: Option<Instant>,
+    started: Instant,
     generation: Option<u64>,
     requests: u64,
 }
 
+#[derive(Debug, Default)]
+struct SlotEntry {
+    restarts: u32,
+    processes: BTreeMap<u32, Process>,
+}
+
 /// Shared table of slots, keyed by (role, index).
 #[derive(Debug, Clone, Default)]
-pub struct ProcessTable(Arc<Mutex<BTreeMap<(u8, u32), Entry>>>);
+pub struct ProcessTable(Arc<Mutex<BTreeMap<(u8, u32), SlotEntry>>>);
 
 fn key(label: ChildLabel) -> (u8, u32) {
     (if label.role == Role::Owner { 0 } else { 1 }, label.index)
 }
 
 impl ProcessTable {
-    fn with<R>(&self, label: ChildLabel, f: impl FnOnce(&mut Entry) -> R) -> R {
-        let mut table = self.0.lock().expect("process table poisoned");
-        let entry = table.entry(key(label)).or_insert(Entry {
-            pid: None,
-            state: State::Starting,
-            restarts: 0,
-            started: None,
-            generation: None,
-            requests: 0,
-        });
-        f(entry)
+    /// A slot exists from [`Self::open_slot`] to [`Self::remove`]; an update about a slot that
+    /// is gone (a late message from a worker scaled away) changes nothing.
+    fn with_slot(&self, label: ChildLabel, f: impl FnOnce(&mut SlotEntry)) {
+        if let Some(slot) = self.0.lock().expect("process table poisoned").get_mut(&key(label)) {
+            f(slot)
+        }
     }
 
-    /// A new process now runs in this slot.
-    pub fn started(&self, label: ChildLabel, pid: u32) {
-        self.with(label, |e| {
-            *e = Entry {
-                pid: Some(pid),
+    /// The slot starts: it shows (in backoff, with no process) until its first process runs.
+    pub fn open_slot(&self, label: ChildLabel) {
+        self.0.lock().expect("process table poisoned").entry(key(label)).or_default();
+    }
+
+    fn with_process(&self, label: ChildLabel, pid: u32, f: impl FnOnce(&mut Process)) {
+        self.with_slot(label, |slot| {
+            let process = slot.processes.entry(pid).or_insert_with(|| Process {
                 state: State::Starting,
-                started: Some(Instant::now()),
+                started: Instant::now(),
                 generation: None,
                 requests: 0,
-                ..*e
-            }
+            });
+            f(process)
+        })
+    }
+
+    /// A process now runs in this slot (a no-op if its record exists already).
+    pub fn spawned(&self, label: ChildLabel, pid: u32) {
+        self.with_process(label, pid, |_| {});
+    }
+
+    /// Moves a process forward to `state`; an update that would move it back is ignored.
+    pub fn advance(&self, label: ChildLabel, pid: u32, state: State) {
+        self.with_process(label, pid, |p| p.state = p.state.max(state));
+    }
+
+    /// The process is ready and serves `generation`.
+    pub fn ready(&self, label: ChildLabel, pid: u32, generation: Option<u64>) {
+        self.with_process(label, pid, |p| {
+            p.state = p.state.max(State::Ready);
+            p.generation = generation.or(p.generation);
         });
     }
 
-    pub fn set_state(&self, label: ChildLabel, state: State) {
-        self.with(label, |e| e.state = state);
+    pub fn set_generation(&self, label: ChildLabel, pid: u32, generation: u64) {
+        self.with_process(label, pid, |p| p.generation = Some(generation));
     }
 
-    /// The slot's process is ready and serves `generation`.
-    pub fn ready(&self, label: ChildLabel, generation: Option<u64>) {
-        self.with(label, |e| {
-            e.state = State::Ready;
-            e.generation = generation.or(e.generation);
+    pub fn set_requests(&self, label: ChildLabel, pid: u32, requests: u64) {
+        self.with_process(label, pid, |p| p.requests = requests);
+    }
+
+    /// The process is gone (exited, killed, reaped).
+    pub fn gone(&self, label: ChildLabel, pid: u32) {
+        self.with_slot(label, |slot| {
+            slot.processes.remove(&pid);
         });
     }
 
-    pub fn set_generation(&self, label: ChildLabel, generation: u64) {
-        self.with(label, |e| e.generation = Some(generation));
-    }
-
-    pub fn set_requests(&self, label: ChildLabel, requests: u64) {
-        self.with(label, |e| e.requests = requests);
-    }
-
-    /// Counts an unplanned restart; the process is gone.
+    /// Counts an unplanned restart of this slot.
     pub fn crashed(&self, label: ChildLabel) {
-        self.with(label, |e| {
-            e.restarts += 1;
-            e.pid = None;
-            e.state = State::Backoff;
-        });
-    }
-
-    /// The process exited as planned (recycled, replaced).
-    pub fn exited(&self, label: ChildLabel, pid: u32) {
-        self.with(label, |e| {
-            if e.pid == Some(pid) {
-                e.pid = None;
-                e.state = State::Starting;
-            }
-        });
+        self.with_slot(label, |slot| slot.restarts += 1);
     }
 
     /// The slot is gone (scaled down or stopped).
@@ -155,30 +163,40 @@ impl ProcessTable {
         self.0.lock().expect("process table poisoned").remove(&key(label));
     }
 
-    /// Workers currently ready.
+    /// Workers with at least one ready process.
     pub fn ready_workers(&self) -> usize {
-        let table = self.0.lock().expect("process table poisoned");
-        table.iter().filter(|((role, _), e)| *role == 1 && e.state == State::Ready).count()
-    }
-
-    /// Every slot, owner first, with memory read now.
-    pub fn snapshot(&self) -> Vec<ProcessInfo> {
         let table = self.0.lock().expect("process table poisoned");
         table
             .iter()
-            .map(|(&(role, index), e)| ProcessInfo {
+            .filter(|((role, _), slot)| *role == 1 && slot.processes.values().any(|p| p.state == State::Ready))
+            .count()
+    }
+
+    /// Every process, owner first; a slot with none shows as one row in backoff.
+    pub fn snapshot(&self) -> Vec<ProcessInfo> {
+        let table = self.0.lock().expect("process table poisoned");
+        let mut rows = Vec::new();
+        for (&(role, index), slot) in table.iter() {
+            let row = |pid, state, process: Option<&Process>| ProcessInfo {
                 role: if role == 0 { "owner" } else { "worker" }.into(),
                 index,
-                pid: e.pid,
-                state: e.state,
-                restarts: e.restarts,
-                uptime_s: e.started.filter(|_| e.pid.is_some()).map(|t| t.elapsed().as_secs_f64()),
+                pid,
+                state,
+                restarts: slot.restarts,
+                uptime_s: process.map(|p| p.started.elapsed().as_secs_f64()),
                 rss_bytes: None,
                 gpu_bytes: None,
-                generation: e.generation,
-                requests: e.requests,
-            })
-            .collect()
+                generation: process.and_then(|p| p.generation),
+                requests: process.map_or(0, |p| p.requests),
+            };
+            if slot.processes.is_empty() {
+                rows.push(row(None, State::Backoff, None));
+            }
+            for (&pid, process) in &slot.processes {
+                rows.push(row(Some(pid), process.state, Some(process)));
+            }
+        }
+        rows
     }
 }
 
@@ -200,4 +218,60 @@ pub fn measure_memory(infos: &mut [ProcessInfo]) -> Option<u64> {
         info.gpu_bytes = gpu.as_ref().and_then(|g| info.pid.map(|pid| g.per_process.get(&pid).copied().unwrap_or(0)));
     }
     gpu.map(|g| g.unattributed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W0: ChildLabel = ChildLabel { role: Role::Worker, index: 0 };
+
+    #[test]
+    fn a_process_never_moves_back() {
+        let table = ProcessTable::default();
+        table.open_slot(W0);
+        table.spawned(W0, 10);
+        table.advance(W0, 10, State::Stopping);
+        table.ready(W0, 10, Some(1));
+        table.advance(W0, 10, State::Starting);
+        let row = &table.snapshot()[0];
+        assert_eq!((row.pid, row.state, row.generation), (Some(10), State::Stopping, Some(1)));
+    }
+
+    #[test]
+    fn a_replacement_and_its_predecessor_are_two_rows() {
+        let table = ProcessTable::default();
+        table.open_slot(W0);
+        table.ready(W0, 10, Some(1));
+        table.spawned(W0, 11);
+        assert_eq!(table.ready_workers(), 1, "the old one still serves");
+        let states: Vec<_> = table.snapshot().iter().map(|r| (r.pid, r.state)).collect();
+        assert_eq!(states, vec![(Some(10), State::Ready), (Some(11), State::Starting)]);
+        table.gone(W0, 10);
+        table.ready(W0, 11, Some(1));
+        table.gone(W0, 12); // a pid this slot never had: nothing happens
+        assert_eq!(table.snapshot().len(), 1);
+        assert_eq!(table.ready_workers(), 1);
+    }
+
+    #[test]
+    fn an_empty_slot_is_in_backoff_with_its_restarts() {
+        let table = ProcessTable::default();
+        table.open_slot(W0);
+        table.ready(W0, 10, None);
+        table.gone(W0, 10);
+        table.crashed(W0);
+        let row = &table.snapshot()[0];
+        assert_eq!((row.pid, row.state, row.restarts), (None, State::Backoff, 1));
+        assert_eq!(table.ready_workers(), 0);
+    }
+
+    #[test]
+    fn a_slot_that_is_gone_does_not_come_back() {
+        let table = ProcessTable::default();
+        table.open_slot(W0);
+        table.remove(W0);
+        table.ready(W0, 10, Some(1));
+        assert!(table.snapshot().is_empty());
+    }
 }

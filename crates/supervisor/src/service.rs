@@ -2,9 +2,13 @@
 //! named as systemctl and gunicorn users expect. Requests come from the control socket
 //! (`supervisor status|scale|restart|reload|stop`) and from signals:
 //!
+//! Every command, from the control socket or a signal, is handled by this one task, so no
+//! two of them race; long work (a rolling restart, a hot swap waiting for the workers' verdict)
+//! runs in a task it spawns, which replies when done.
+//!
 //! | signal | effect |
 //! |---|---|
-//! | TERM, INT | graceful stop: workers drain, then the owner stops; exit 0 |
+//! | TERM, INT | graceful stop: workers drain, then the owner stops; exit 0; a second one: fast |
 //! | QUIT | fast stop: no grace |
 //! | HUP | reload the config, then a rolling restart of the workers, one at a time, each replacement ready before its predecessor stops |
 //! | TTIN / TTOU | one worker more / less |
@@ -20,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use forkless_bus::Role;
 use serde::{Deserialize, Serialize};
@@ -30,7 +34,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::backend::ResolvedBackend;
 use crate::children::Context;
 use crate::config::{Config, Sharing};
+use crate::escrow::Decision;
 use crate::events::Event;
+use crate::link::LoadRequest;
 use crate::processes::{measure_memory, ProcessInfo};
 use crate::shutdown::Stop;
 use crate::slot::Slot;
@@ -67,6 +73,9 @@ impl std::str::FromStr for RestartTarget {
 /// A reply: a human sentence on success, the reason on failure.
 pub type Reply = oneshot::Sender<Result<String, String>>;
 
+/// How long workers get to check an offered generation before the hot swap is aborted.
+const OFFER_TIMEOUT_FLOOR: Duration = Duration::from_secs(30);
+
 /// A request to the running service.
 #[derive(Debug)]
 pub enum Command {
@@ -85,8 +94,16 @@ pub enum Command {
     Reload {
         reply: Option<Reply>,
     },
-    /// Stop gracefully (like TERM).
-    Stop,
+    /// Hot swap: the owner loads `path` (default: `[model] path`); live once every worker
+    /// accepted it. Replies with the new generation's number, or why not.
+    ReloadModel {
+        path: Option<String>,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// Stop gracefully (like TERM), or at once (`now`: no grace, even for a stop under way).
+    Stop {
+        now: bool,
+    },
 }
 
 /// `supervisor status --json`.
@@ -99,9 +116,12 @@ pub struct StatusReport {
     /// Where the weights live: `{"kind": "host"}` or `{"kind": "cuda", "device": 0, "name": …}`.
     #[serde(default)]
     pub backend: ResolvedBackend,
-    /// The generation workers are given now, and an older one still in use, if any.
+    /// The generation workers are given now, an older one still in use, and one offered to
+    /// the workers by a hot swap that is being decided, if any.
     pub generation: Option<u64>,
     pub retiring_generation: Option<u64>,
+    #[serde(default)]
+    pub offered_generation: Option<u64>,
     /// Bytes of weights held in escrow (memory no process may show as its own).
     pub escrow_bytes: u64,
     /// GPU memory in use that no process accounts for (escrowed arenas, the driver's own);
@@ -149,7 +169,6 @@ pub struct Service {
     owner: Option<Slot>,
     workers: BTreeMap<u32, Slot>,
     workers_wanted: u32,
-    workers_started: bool,
     announced: bool,
     /// Workers whose readiness this loop has reported (and not seen die since).
     reported_ready: std::collections::BTreeSet<u32>,
@@ -168,7 +187,6 @@ impl Service {
             owner: None,
             workers: BTreeMap::new(),
             workers_wanted,
-            workers_started: false,
             announced: false,
             reported_ready: Default::default(),
 
@@ -191,19 +209,10 @@ impl Service {
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Option<String> {
         self.health.send_replace(Health { live: true, ready: false });
-        match self.ctx.config().model.sharing {
-            Sharing::Shared => {
-                self.owner = Some(Slot::spawn(self.ctx.clone(), OWNER));
-                // A GPU worker spends ~0.5 s on its CUDA context, cuBLAS and kernels before it
-                // needs the weights: let that overlap with the owner's load. (On the host a
-                // worker starts in milliseconds, and a bad weights file should stop the
-                // supervisor before any worker runs.)
-                if self.ctx.backend.resolved != crate::backend::ResolvedBackend::Host {
-                    self.start_workers();
-                }
-            }
-            Sharing::None => self.start_workers(),
+        if self.ctx.config().model.sharing == Sharing::Shared {
+            self.owner = Some(Slot::spawn(self.ctx.clone(), OWNER));
         }
+        self.reconcile();
         let failure = loop {
             tokio::select! {
                 event = events.recv() => match event {
@@ -214,28 +223,67 @@ impl Service {
                 Some(command) = commands.recv() => self.on_command(command),
                 () = self.stop.requested() => break None,
             }
+            self.reconcile();
             self.update_health();
         };
         crate::sd_notify::notify("STOPPING=1");
-        self.ctx.fast_stop.store(self.stop.is_fast(), std::sync::atomic::Ordering::Relaxed);
         self.health.send_replace(Health { live: true, ready: false });
         let workers = std::mem::take(&mut self.workers);
-        let draining: Vec<_> = workers.into_values().map(|slot| tokio::spawn(slot.stop())).collect();
-        for worker in draining {
-            let _ = worker.await;
-        }
-        if let Some(owner) = self.owner.take() {
-            owner.stop().await;
+        let owner = self.owner.take();
+        let stopping = async move {
+            let draining: Vec<_> = workers.into_values().map(|slot| tokio::spawn(slot.stop())).collect();
+            for worker in draining {
+                let _ = worker.await;
+            }
+            if let Some(owner) = owner {
+                owner.stop().await;
+            }
+        };
+        tokio::pin!(stopping);
+        // Still the one place commands go: a stop can be hurried (`stop --now`) and status read.
+        loop {
+            tokio::select! {
+                () = &mut stopping => break,
+                Some(command) = commands.recv() => self.on_command_while_stopping(command),
+            }
         }
         failure
     }
 
+    fn on_command_while_stopping(&mut self, command: Command) {
+        let stopping = || "the supervisor is stopping".to_string();
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Stop { now } => self.stop.request(now),
+            Command::Scale { reply, .. } | Command::Restart { reply, .. } => {
+                let _ = reply.send(Err(stopping()));
+            }
+            Command::Reload { reply } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(stopping()));
+                }
+            }
+            Command::ReloadModel { reply, .. } => {
+                let _ = reply.send(Err(stopping()));
+            }
+            Command::ScaleBy(_) => {}
+        }
+    }
+
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Published { generation, source, bytes } => {
+            Event::Published { generation, source, bytes, live: true } => {
                 tracing::info!(generation, bytes, "generation {generation} of {source} is in escrow");
                 metrics::gauge!("forkless_generation").set(generation as f64);
-                self.start_workers();
+            }
+            Event::Published { generation, source, bytes, live: false } => {
+                tracing::info!(
+                    generation,
+                    bytes,
+                    "generation {generation} of {source} is in escrow, offered to the workers"
+                );
             }
             Event::WorkerReady { index, pid, generation, attach } => {
                 let (attach_us, attach_cpu_us) = (attach.wall_us, attach.cpu_us);
@@ -297,45 +345,125 @@ impl Service {
             }
             Command::Restart { target, reply } => self.restart(target, reply),
             Command::Reload { reply } => self.reload(reply),
-            Command::Stop => self.stop.request(false),
+            Command::ReloadModel { path, reply } => self.reload_model(path, reply),
+            Command::Stop { now } => self.stop.request(now),
         }
     }
 
-    /// Workers start once, after the first generation exists (or at once with sharing = none).
-    fn start_workers(&mut self) {
-        if self.workers_started {
+    /// Whether workers may run now: once a generation is live. With the weights on a GPU,
+    /// workers start with the owner instead: a GPU worker spends ~0.5 s on its CUDA context,
+    /// cuBLAS and kernels before it needs the weights, which then overlaps the owner's load
+    /// (it waits for the generation on its bus). On the host a worker starts in milliseconds,
+    /// and a bad weights file should stop the supervisor before any worker runs.
+    fn workers_may_run(&self) -> bool {
+        self.ctx.config().model.sharing == Sharing::None
+            || self.ctx.backend.resolved != crate::backend::ResolvedBackend::Host
+            || self.ctx.bus.escrow.live().is_some()
+    }
+
+    /// Makes the running slots match what is wanted. A level, not an edge: called after every
+    /// event and command, so no missed or reordered event can leave the service without
+    /// workers while a generation is live.
+    fn reconcile(&mut self) {
+        if self.stop.is_requested() || !self.workers_may_run() {
             return;
         }
-        self.workers_started = true;
-        let wanted = self.workers_wanted;
-        self.workers_wanted = 0;
-        let _ = self.scale(wanted);
-    }
-
-    fn scale(&mut self, workers: u32) -> Result<String, String> {
-        if workers == 0 {
-            return Err("a service needs at least one worker".into());
+        for index in 0..self.workers_wanted {
+            if !self.workers.contains_key(&index) {
+                let label = ChildLabel { role: Role::Worker, index };
+                self.workers.insert(index, Slot::spawn(self.ctx.clone(), label));
+            }
         }
-        if !self.workers_started {
-            self.workers_wanted = workers;
-            return Ok(format!("{workers} workers will start once the first generation is published"));
-        }
-        let before = self.workers_wanted;
-        for index in before..workers {
-            let label = ChildLabel { role: Role::Worker, index };
-            self.workers.insert(index, Slot::spawn(self.ctx.clone(), label));
-        }
-        for index in workers..before {
+        let surplus: Vec<u32> = self.workers.range(self.workers_wanted..).map(|(&index, _)| index).collect();
+        for index in surplus {
             if let Some(slot) = self.workers.remove(&index) {
+                // Stopping a slot also cancels a start still in progress.
                 tokio::spawn(slot.stop());
             }
         }
+    }
+
+    fn scale(&mut self, workers: u32) -> Result<String, String> {
+        let max = crate::config::MAX_WORKERS;
+        if workers == 0 {
+            return Err("a service needs at least one worker".into());
+        }
+        if workers > max {
+            return Err(format!("{workers} workers is more than {max}, the limit of [workers] count"));
+        }
+        let before = self.workers_wanted;
         self.workers_wanted = workers;
-        if workers != before {
-            self.announced = self.announced && workers <= before;
+        if workers > before {
+            self.announced = false;
         }
         metrics::gauge!("forkless_workers_wanted").set(f64::from(workers));
+        self.reconcile();
+        if !self.workers_may_run() {
+            return Ok(format!("{workers} workers will start once the first generation is live"));
+        }
         Ok(format!("scaled from {before} to {workers} workers"))
+    }
+
+    /// Hot swap: asks the owner to load `path`; once the new generation is in escrow, waits
+    /// (in a task of its own) for every worker's verdict and replies with the outcome.
+    fn reload_model(&mut self, path: Option<String>, reply: oneshot::Sender<Result<u64, String>>) {
+        if self.ctx.config().model.sharing == Sharing::None {
+            let _ = reply.send(Err(
+                "[model] sharing = \"none\": every worker loads its own copy; restart the workers instead".into(),
+            ));
+            return;
+        }
+        let path = path.unwrap_or_else(|| self.ctx.bus.model_path.clone());
+        tracing::info!("hot swap requested: loading {path}");
+        let (loaded, answer) = oneshot::channel();
+        if let Err((_, reason)) = self.ctx.bus.ask_owner(LoadRequest { path: path.clone(), reply: loaded }) {
+            let _ = reply.send(Err(reason));
+            return;
+        }
+        let escrow = self.ctx.bus.escrow.clone();
+        let patience = self.offer_timeout();
+        tokio::spawn(async move {
+            let generation = match answer.await {
+                Ok(Ok(generation)) => generation,
+                Ok(Err(reason)) => {
+                    tracing::error!("hot swap of {path} failed: {reason}");
+                    let _ = reply.send(Err(reason));
+                    return;
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(format!("the owner went away while loading {path}: try again")));
+                    return;
+                }
+            };
+            let result = match tokio::time::timeout(patience, escrow.decision(generation)).await {
+                Ok(Decision::Committed) => Ok(generation),
+                Ok(Decision::Aborted(reason)) => Err(reason),
+                Err(_) => {
+                    let silent: Vec<String> = escrow.undecided().iter().map(ToString::to_string).collect();
+                    let reason = format!("{} did not answer within {patience:?}", silent.join(", "));
+                    escrow.abort(generation, reason.clone());
+                    Err(reason)
+                }
+            };
+            match &result {
+                Ok(_) => {
+                    tracing::info!(generation, "generation {generation} of {path} is live: every worker accepted it")
+                }
+                Err(reason) => tracing::error!(
+                    generation,
+                    "hot swap to generation {generation} of {path} aborted, the live generation keeps serving: {reason}"
+                ),
+            }
+            let _ = reply.send(result.map_err(|reason| {
+                format!("generation {generation} ({path}) was not taken: {reason}; the live generation keeps serving")
+            }));
+        });
+    }
+
+    /// How long workers get to check an offered generation: as long as a start may take.
+    fn offer_timeout(&self) -> Duration {
+        let start = Duration::try_from_secs_f64(self.ctx.config().workers.start_timeout_s).unwrap_or(Duration::MAX);
+        start.max(OFFER_TIMEOUT_FLOOR)
     }
 
     fn restart(&mut self, target: RestartTarget, reply: Reply) {
@@ -391,7 +519,9 @@ impl Service {
         tracing::info!("reloaded {}: rolling restart of the workers", current.source.display());
         self.ctx.set_config(fresh);
         let replacers: Vec<_> = self.workers.values().map(Slot::replacer).collect();
-        let _ = self.scale(count);
+        if let Err(e) = self.scale(count) {
+            tracing::warn!("reload: {e}");
+        }
         tokio::spawn(async move {
             let result = roll(replacers).await;
             match &result {
@@ -414,8 +544,9 @@ impl Service {
             bus_socket: self.ctx.bus_socket.display().to_string(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             backend: self.ctx.backend.resolved.clone(),
-            generation: escrow.current().map(|g| g.manifest.generation),
+            generation: escrow.live().map(|g| g.number()),
             retiring_generation: escrow.retiring(),
+            offered_generation: escrow.offer().map(|g| g.number()),
             escrow_bytes: escrow.bytes_held(),
             gpu_unattributed_bytes,
             workers_wanted: self.workers_wanted,
@@ -424,7 +555,7 @@ impl Service {
     }
 
     fn update_health(&self) {
-        let generation_ok = self.ctx.config().model.sharing == Sharing::None || self.ctx.bus.escrow.current().is_some();
+        let generation_ok = self.ctx.config().model.sharing == Sharing::None || self.ctx.bus.escrow.live().is_some();
         let ready = generation_ok && self.ctx.bus.processes.ready_workers() > 0;
         self.health.send_if_modified(|health| {
             let changed = health.ready != ready;

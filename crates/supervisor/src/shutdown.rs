@@ -1,6 +1,7 @@
 //! Stop requests: SIGTERM and SIGINT ask for a graceful stop (workers drain up to
 //! `graceful_timeout_s`, then the owner stops, exit 0); SIGQUIT for a fast one (no grace).
-//! A second TERM/INT during a graceful stop turns it into a fast one.
+//! A second TERM/INT during a graceful stop (or `supervisor stop --now`) turns it into a fast
+//! one: children still in their grace period are killed at once.
 //!
 //! ```no_run
 //! # async fn f() -> std::io::Result<()> {
@@ -10,9 +11,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -20,14 +18,14 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Default)]
 pub struct Stop {
     token: CancellationToken,
-    fast: Arc<AtomicBool>,
+    fast: CancellationToken,
 }
 
 impl Stop {
-    /// Asks for a graceful stop (or a fast one).
+    /// Asks for a graceful stop (or a fast one; a fast one may follow a graceful one).
     pub fn request(&self, fast: bool) {
         if fast {
-            self.fast.store(true, Ordering::Relaxed);
+            self.fast.cancel();
         }
         self.token.cancel();
     }
@@ -41,11 +39,16 @@ impl Stop {
     }
 
     pub fn is_fast(&self) -> bool {
-        self.fast.load(Ordering::Relaxed)
+        self.fast.is_cancelled()
     }
 
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
+    }
+
+    /// Cancelled when the stop becomes fast: whatever waits out a grace period stops waiting.
+    pub fn fast_token(&self) -> CancellationToken {
+        self.fast.clone()
     }
 }
 

@@ -30,9 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::children::{launch, role_name, Context, Running};
+use crate::children::{launch, Context, Running};
 use crate::events::Event;
-use crate::processes::State;
 use crate::restart::{jittered, Backoff, ExitKind, Intensity};
 use crate::spawn::ChildLabel;
 
@@ -88,7 +87,7 @@ pub struct Replacer {
 impl Replacer {
     pub async fn replace(&self) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
-        let gone = || format!("{} {} is stopping", role_name(self.label.role), self.label.index);
+        let gone = || format!("{} is stopping", self.label);
         self.commands.send(reply).map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
@@ -133,11 +132,11 @@ struct SlotLoop {
 
 impl SlotLoop {
     fn name(&self) -> String {
-        format!("{} {}", role_name(self.label.role), self.label.index)
+        self.label.to_string()
     }
 
     fn start_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.ctx.config().workers.start_timeout_s)
+        Duration::try_from_secs_f64(self.ctx.config().workers.start_timeout_s).unwrap_or(Duration::MAX)
     }
 
     /// Starts a child and waits for readiness; `Err` carries what to do about the failure.
@@ -157,7 +156,7 @@ impl SlotLoop {
             Startup::Exited(status) => {
                 let uptime = running.started.elapsed();
                 let (status, tail) = running.reaped(status).await;
-                Err(Failure::from_exit(status, tail, uptime))
+                Err(Failure::before_ready(status, tail, uptime))
             }
         }
     }
@@ -174,6 +173,20 @@ enum Failure {
 }
 
 impl Failure {
+    /// A start that ends before the child was ready is a failed start, whatever its status:
+    /// status 0 too (a program that exits at once would otherwise restart in a tight loop),
+    /// so backoff and restart intensity apply. Statuses 78 and 75 keep their meaning.
+    fn before_ready(status: std::io::Result<std::process::ExitStatus>, tail: String, uptime: Duration) -> Failure {
+        match Failure::from_exit(status, tail, uptime) {
+            Failure::Planned => Failure::Crash {
+                reason: "exited with status 0 before it was ready (a failed start)".into(),
+                tail: String::new(),
+                uptime,
+            },
+            other => other,
+        }
+    }
+
     fn from_exit(status: std::io::Result<std::process::ExitStatus>, tail: String, uptime: Duration) -> Failure {
         let reason = describe(&status);
         match ExitKind::of(&status) {
@@ -193,6 +206,7 @@ pub async fn supervise(
     mut commands: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
 ) {
     let restart = ctx.config().restart.clone();
+    ctx.bus.processes.open_slot(label);
     let mut slot = SlotLoop { ctx, label, stop, backoff: Backoff::new(&restart), intensity: Intensity::new(&restart) };
     let mut next: Option<Running> = None;
     loop {
@@ -246,7 +260,6 @@ async fn run_ready(
     let pid = running.pid;
     match ending {
         Ending::Stop => {
-            slot.ctx.bus.processes.set_state(slot.label, State::Stopping);
             let (status, _) = running.stop(slot.ctx.grace()).await;
             tracing::info!("{} (pid {pid}) stopped: {}", slot.name(), describe(&status));
             Continue::Failed(Failure::Stopped)
@@ -268,7 +281,6 @@ async fn run_ready(
                 tracing::info!("{}: pid {} is ready; stopping pid {pid}", slot.name(), replacement.pid);
                 let (status, _) = running.stop(slot.ctx.grace()).await;
                 tracing::info!("{} (pid {pid}) replaced: {}", slot.name(), describe(&status));
-                slot.ctx.bus.processes.ready(slot.label, None);
                 let _ = reply.send(Ok(()));
                 Continue::Next(Box::new(replacement))
             }
@@ -295,7 +307,7 @@ async fn handle_failure(slot: &mut SlotLoop, failure: Failure) -> bool {
         Failure::Stopped => return false,
         Failure::Planned => {
             tracing::info!("{name} exited on its own (status 0): starting a fresh one");
-            metrics::counter!("forkless_restarts_total", "role" => role_name(slot.label.role), "reason" => "planned")
+            metrics::counter!("forkless_restarts_total", "role" => slot.label.role_name(), "reason" => "planned")
                 .increment(1);
             Duration::ZERO
         }
@@ -327,7 +339,7 @@ async fn handle_failure(slot: &mut SlotLoop, failure: Failure) -> bool {
         Failure::Crash { reason, tail, uptime } => {
             slot.ctx.bus.processes.crashed(slot.label);
             let _ = slot.ctx.events.send(Event::Crashed { label: slot.label });
-            metrics::counter!("forkless_restarts_total", "role" => role_name(slot.label.role), "reason" => "crash")
+            metrics::counter!("forkless_restarts_total", "role" => slot.label.role_name(), "reason" => "crash")
                 .increment(1);
             if let Err(count) = slot.intensity.record(Instant::now()) {
                 let reason = format!(
@@ -342,7 +354,6 @@ async fn handle_failure(slot: &mut SlotLoop, failure: Failure) -> bool {
             delay
         }
     };
-    slot.ctx.bus.processes.set_state(slot.label, State::Backoff);
     let delay = jittered(delay);
     tokio::select! {
         _ = tokio::time::sleep(delay) => true,

@@ -58,6 +58,25 @@ pub struct ChildLabel {
     pub index: u32,
 }
 
+impl ChildLabel {
+    /// `owner` or `worker`, as logs and metrics name the role.
+    pub fn role_name(self) -> &'static str {
+        match self.role {
+            forkless_bus::Role::Owner => "owner",
+            forkless_bus::Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::fmt::Display for ChildLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.role {
+            forkless_bus::Role::Owner => f.write_str("owner"),
+            forkless_bus::Role::Worker => write!(f, "worker {}", self.index),
+        }
+    }
+}
+
 /// Live children by pid: the bus hands memory only to pids found here.
 #[derive(Debug, Clone, Default)]
 pub struct PidTable(Arc<Mutex<HashMap<u32, ChildLabel>>>);

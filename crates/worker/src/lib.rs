@@ -268,6 +268,7 @@ impl Worker {
             notice,
             released,
             shutdown: self.shutdown.clone(),
+            staged: None,
         };
         tokio::spawn(link.run());
         Ok(())
@@ -402,6 +403,8 @@ struct SupervisorLink {
     notice: tokio::sync::mpsc::UnboundedSender<u64>,
     released: tokio::sync::mpsc::UnboundedReceiver<u64>,
     shutdown: CancellationToken,
+    /// An offered generation this worker accepted, waiting for the commit.
+    staged: Option<Arc<Generation>>,
 }
 
 impl SupervisorLink {
@@ -422,7 +425,16 @@ impl SupervisorLink {
                     }
                 }
                 received = self.bus.recv() => match received {
-                    Ok((Message::Generation { manifest }, fds)) => self.switch(manifest, fds),
+                    Ok((Message::Offer { manifest }, fds)) => {
+                        if let Err(e) = self.check_offer(manifest, fds).await {
+                            return self.end(&format!("bus error: {e}"));
+                        }
+                    }
+                    Ok((Message::Commit { generation }, _)) => self.commit(generation),
+                    Ok((Message::Abort { generation, reason }, _)) => {
+                        tracing::warn!(generation, "generation {generation} is not taken: {reason}");
+                        self.staged = None;
+                    }
                     Ok((msg, _)) => return self.end(&format!("unexpected {} from the supervisor", msg.kind())),
                     Err(RecvError::Closed) => return self.end("the supervisor closed the bus"),
                     Err(e) => return self.end(&format!("bus error: {e}")),
@@ -438,19 +450,36 @@ impl SupervisorLink {
         }
     }
 
-    /// Maps a pushed generation and makes it current; requests already running finish on the
-    /// old one, which is unmapped (and reported released) when the last of them ends. A
-    /// generation that cannot be mapped is reported released at once, so it never pins memory.
-    fn switch(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) {
+    /// Maps an offered generation and answers whether this worker can serve it; it stays
+    /// staged, unserved, until the supervisor commits or aborts it. A generation that cannot be
+    /// mapped is rejected (and reported released at once, so it never pins memory).
+    async fn check_offer(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) -> Result<(), SendError> {
         let number = manifest.generation;
-        match map_generation(manifest, fds, self.gpu.as_ref()) {
+        let verdict = match map_generation(manifest, fds, self.gpu.as_ref()) {
             Ok(next) => {
-                let previous = self.generations.replace(Arc::new(next.notify_release(self.notice.clone())));
-                tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");
+                self.staged = Some(Arc::new(next.notify_release(self.notice.clone())));
+                Message::Accepted { generation: number }
             }
             Err(e) => {
                 tracing::error!("cannot attach generation {number}: {e}; still serving the current one");
                 let _ = self.notice.send(number);
+                Message::Rejected { generation: number, reason: format!("cannot attach it: {e}") }
+            }
+        };
+        self.bus.send(&verdict, &[]).await
+    }
+
+    /// Makes the staged generation current; requests already running finish on the old one,
+    /// which is unmapped (and reported released) when the last of them ends.
+    fn commit(&mut self, number: u64) {
+        match self.staged.take() {
+            Some(next) if next.number() == number => {
+                let previous = self.generations.replace(next);
+                tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");
+            }
+            other => {
+                tracing::error!(generation = number, "commit of generation {number}, which is not staged here");
+                self.staged = other;
             }
         }
     }

@@ -89,6 +89,9 @@ enum Command {
     Stop {
         #[command(flatten)]
         target: Target,
+        /// Kill what still runs at once, whatever the grace (also ends a graceful stop under way).
+        #[arg(long)]
+        now: bool,
     },
     /// The owner process (started by `supervisor run`; not for direct use).
     #[command(hide = true)]
@@ -111,7 +114,7 @@ fn main() -> ExitCode {
         Command::Scale { target, workers } => control(&target, Request::Scale { workers }, false),
         Command::Restart { target, what } => control(&target, Request::Restart { target: what }, false),
         Command::Reload { target } => control(&target, Request::Reload, false),
-        Command::Stop { target } => control(&target, Request::Stop, false),
+        Command::Stop { target, now } => control(&target, Request::Stop { now }, false),
         Command::ReloadModel { target, path } => {
             // A relative PATH means relative to where this command runs, as for any CLI argument.
             let path = path.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
