@@ -359,23 +359,33 @@ impl Geometry {
 // The state machine.
 // ---------------------------------------------------------------------------------------------
 
+/// Who a slot belongs to, as its state word says: the requester's process table index and the
+/// low 16 bits of its incarnation. In the word itself, so a liveness check and the CAS that
+/// acts on it see the same requester (no torn read of separate words, no ABA across requests
+/// of different processes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Requester {
+    pub index: u8,
+    pub tag: u16,
+}
+
 /// The state of one slot, as encoded in its `u32` state word: the low 8 bits are the tag, the
-/// upper 24 bits a payload (the claimant while `Claimed`, the epoch while `Taken`).
+/// upper 24 bits a payload: the requester while it owns the slot, the epoch while a holder has
+/// taken it (the requester is then in the slot's fields, which nobody but the holder changes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SlotState {
     /// Nobody's: a requester may claim it.
     Free,
-    /// A requester (`owner`: its process table index; `tag`: the low 16 bits of its
-    /// incarnation) is writing its input.
-    Claimed { owner: u8, tag: u16 },
+    /// The requester is writing its input.
+    Claimed(Requester),
     /// Waiting for a pass.
-    Queued,
+    Queued(Requester),
     /// In the pass of the holder of `epoch` (24 bits).
     Taken { epoch: u32 },
     /// The output is written; the requester may read it.
-    Done,
+    Done(Requester),
     /// The pass (or recovery) failed it; the reason is in the slot.
-    Failed,
+    Failed(Requester),
 }
 
 const TAG_FREE: u32 = 0;
@@ -385,59 +395,79 @@ const TAG_TAKEN: u32 = 3;
 const TAG_DONE: u32 = 4;
 const TAG_FAILED: u32 = 5;
 
+impl Requester {
+    fn payload(self) -> u32 {
+        (self.index as u32) << 8 | (self.tag as u32) << 16
+    }
+
+    fn from_payload(word: u32) -> Requester {
+        Requester { index: (word >> 8) as u8, tag: (word >> 16) as u16 }
+    }
+}
+
 impl SlotState {
     /// The state word.
     pub fn encode(self) -> u32 {
         match self {
             SlotState::Free => TAG_FREE,
-            SlotState::Claimed { owner, tag } => TAG_CLAIMED | (owner as u32) << 8 | (tag as u32) << 16,
-            SlotState::Queued => TAG_QUEUED,
+            SlotState::Claimed(r) => TAG_CLAIMED | r.payload(),
+            SlotState::Queued(r) => TAG_QUEUED | r.payload(),
             SlotState::Taken { epoch } => TAG_TAKEN | (epoch & EPOCH_MASK) << 8,
-            SlotState::Done => TAG_DONE,
-            SlotState::Failed => TAG_FAILED,
+            SlotState::Done(r) => TAG_DONE | r.payload(),
+            SlotState::Failed(r) => TAG_FAILED | r.payload(),
         }
     }
 
     /// Reads a state word; `None` for a word no protocol step writes (a corrupt slot).
     pub fn decode(word: u32) -> Option<SlotState> {
-        let payload = word >> 8;
-        match (word & 0xFF, payload) {
-            (TAG_FREE, 0) => Some(SlotState::Free),
-            (TAG_CLAIMED, _) => Some(SlotState::Claimed { owner: payload as u8, tag: (payload >> 8) as u16 }),
-            (TAG_QUEUED, 0) => Some(SlotState::Queued),
-            (TAG_TAKEN, epoch) => Some(SlotState::Taken { epoch }),
-            (TAG_DONE, 0) => Some(SlotState::Done),
-            (TAG_FAILED, 0) => Some(SlotState::Failed),
+        let requester = Requester::from_payload(word);
+        match word & 0xFF {
+            TAG_FREE if word == TAG_FREE => Some(SlotState::Free),
+            TAG_CLAIMED => Some(SlotState::Claimed(requester)),
+            TAG_QUEUED => Some(SlotState::Queued(requester)),
+            TAG_TAKEN => Some(SlotState::Taken { epoch: word >> 8 }),
+            TAG_DONE => Some(SlotState::Done(requester)),
+            TAG_FAILED => Some(SlotState::Failed(requester)),
             _ => None,
+        }
+    }
+
+    /// The requester named in the word (`None` while free or taken).
+    pub fn requester(self) -> Option<Requester> {
+        match self {
+            SlotState::Claimed(r) | SlotState::Queued(r) | SlotState::Done(r) | SlotState::Failed(r) => Some(r),
+            SlotState::Free | SlotState::Taken { .. } => None,
         }
     }
 }
 
-/// A move of the protocol. Epochs are the 24-bit ones of [`SlotState::Taken`].
+/// A move of the protocol. `by` is the requester making a requester's move (it may move only
+/// its own slots); `of` is the requester a holder's move hands the slot back to (read from the
+/// slot's fields, stable while taken). Epochs are the 24-bit ones of [`SlotState::Taken`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// Requester: takes a free slot to write its request into.
-    Claim { owner: u8, tag: u16 },
+    Claim { by: Requester },
     /// Requester: the input is written; runners may take it.
-    Publish,
+    Publish { by: Requester },
     /// Requester: gives back a claimed slot without publishing (writing the input failed).
-    Abort,
+    Abort { by: Requester },
     /// Requester: withdraws a request nobody has taken yet (its waiter gave up).
-    Cancel,
+    Cancel { by: Requester },
     /// Holder of `epoch`: takes a queued request into its pass.
     Take { epoch: u32 },
-    /// Holder of `epoch`: its pass answered the request.
-    Complete { epoch: u32 },
-    /// Holder of `epoch`: its pass failed the request.
-    Fail { epoch: u32 },
+    /// Holder of `epoch`: its pass answered the request of `of`.
+    Complete { epoch: u32, of: Requester },
+    /// Holder of `epoch`: its pass failed the request of `of`.
+    Fail { epoch: u32, of: Requester },
     /// Holder of `current`: a request taken by an earlier holder, now gone, is queued again.
-    Requeue { current: u32 },
+    Requeue { current: u32, of: Requester },
     /// Holder of `current`: a request taken by earlier holders that all died fails for good.
-    GiveUp { current: u32 },
+    GiveUp { current: u32, of: Requester },
     /// Holder of `current`: the requester is dead; its slot is freed whatever it held.
     Reclaim { current: u32 },
     /// Requester: has read the answer (or the failure) and frees the slot.
-    Collect,
+    Collect { by: Requester },
 }
 
 /// A move the protocol does not allow from that state.
@@ -454,18 +484,18 @@ pub fn transition(from: SlotState, event: Event) -> Result<SlotState, IllegalTra
     use SlotState as S;
     let older = |epoch: u32, current: u32| epoch & EPOCH_MASK != current & EPOCH_MASK;
     let to = match (from, event) {
-        (S::Free, E::Claim { owner, tag }) => S::Claimed { owner, tag },
-        (S::Claimed { .. }, E::Publish) => S::Queued,
-        (S::Claimed { .. }, E::Abort) => S::Free,
-        (S::Queued, E::Cancel) => S::Free,
-        (S::Queued, E::Take { epoch }) => S::Taken { epoch: epoch & EPOCH_MASK },
-        (S::Taken { epoch }, E::Complete { epoch: by }) if !older(epoch, by) => S::Done,
-        (S::Taken { epoch }, E::Fail { epoch: by }) if !older(epoch, by) => S::Failed,
-        (S::Taken { epoch }, E::Requeue { current }) if older(epoch, current) => S::Queued,
-        (S::Taken { epoch }, E::GiveUp { current }) if older(epoch, current) => S::Failed,
+        (S::Free, E::Claim { by }) => S::Claimed(by),
+        (S::Claimed(r), E::Publish { by }) if r == by => S::Queued(r),
+        (S::Claimed(r), E::Abort { by }) if r == by => S::Free,
+        (S::Queued(r), E::Cancel { by }) if r == by => S::Free,
+        (S::Queued(_), E::Take { epoch }) => S::Taken { epoch: epoch & EPOCH_MASK },
+        (S::Taken { epoch }, E::Complete { epoch: by, of }) if !older(epoch, by) => S::Done(of),
+        (S::Taken { epoch }, E::Fail { epoch: by, of }) if !older(epoch, by) => S::Failed(of),
+        (S::Taken { epoch }, E::Requeue { current, of }) if older(epoch, current) => S::Queued(of),
+        (S::Taken { epoch }, E::GiveUp { current, of }) if older(epoch, current) => S::Failed(of),
         (S::Taken { epoch }, E::Reclaim { current }) if older(epoch, current) => S::Free,
-        (S::Claimed { .. } | S::Queued | S::Done | S::Failed, E::Reclaim { .. }) => S::Free,
-        (S::Done | S::Failed, E::Collect) => S::Free,
+        (S::Claimed(_) | S::Queued(_) | S::Done(_) | S::Failed(_), E::Reclaim { .. }) => S::Free,
+        (S::Done(r) | S::Failed(r), E::Collect { by }) if r == by => S::Free,
         _ => return Err(IllegalTransition { from, event }),
     };
     Ok(to)
@@ -593,10 +623,8 @@ fn realtime_deadline(after: Duration) -> libc::timespec {
 /// caller re-checks its condition). Shared, not `FUTEX_PRIVATE_FLAG`: the wakers are other
 /// processes.
 pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let timeout = futex::Timespec {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as _,
-        tv_nsec: timeout.subsec_nanos() as _,
-    };
+    let timeout =
+        futex::Timespec { tv_sec: timeout.as_secs().min(i32::MAX as u64) as _, tv_nsec: timeout.subsec_nanos() as _ };
     // EAGAIN (the word already changed), ETIMEDOUT and EINTR all mean "look again".
     let _ = futex::wait(word, futex::Flags::empty(), expected, Some(&timeout));
 }
@@ -709,8 +737,9 @@ pub(crate) struct Owner {
 }
 
 impl Owner {
-    fn tag(&self) -> u16 {
-        self.incarnation as u16
+    /// How the state words of this process's slots name it.
+    pub(crate) fn requester(&self) -> Requester {
+        Requester { index: self.index as u8, tag: self.incarnation as u16 }
     }
 }
 
@@ -723,9 +752,15 @@ pub(crate) enum Swept {
     Reclaimed,
 }
 
-/// Whether a slot's requester lives, probed once per process per sweep or pass.
+/// Whether requesters live, as one holder's sweep or pass judges them.
+///
+/// Only "alive" verdicts are cached: a process found alive may die a moment later, and then a
+/// later sweep reclaims its slots, which is merely late. A "dead" verdict always comes from a
+/// fresh probe at the moment of the decision: an entry found free can be registered by a new
+/// process right after, and that process's slots must never be judged by the old verdict.
 pub(crate) struct Liveness {
-    known: Vec<Option<Probe>>,
+    /// Per process entry: the incarnation last found alive there (0: none known).
+    alive: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -740,32 +775,29 @@ enum Probe {
 
 impl Liveness {
     pub(crate) fn new(region: &Region) -> Liveness {
-        Liveness { known: vec![None; region.geo.layout.processes as usize] }
+        Liveness { alive: vec![0; region.geo.layout.processes as usize] }
     }
 
     pub(crate) fn forget(&mut self) {
-        self.known.iter_mut().for_each(|k| *k = None);
+        self.alive.iter_mut().for_each(|k| *k = 0);
     }
 
-    fn probe(&mut self, region: &Region, index: u32) -> Probe {
-        let Some(known) = self.known.get_mut(index as usize) else { return Probe::Gone };
-        *known.get_or_insert_with(|| region.probe(index as usize))
-    }
-
-    /// Is the process that published a request with this owner alive?
-    pub(crate) fn owner_alive(&mut self, region: &Region, index: u32, incarnation: u64) -> bool {
-        match self.probe(region, index) {
-            Probe::Alive(live) => incarnation != 0 && live == incarnation,
-            Probe::Gone => false,
-            Probe::Unknown => true,
+    /// Is `requester` (from a state word or a taken slot's fields) a live process?
+    pub(crate) fn alive(&mut self, region: &Region, requester: Requester) -> bool {
+        // An index outside the table comes only from a corrupt word: nobody lives there.
+        let Some(cached) = self.alive.get_mut(requester.index as usize) else { return false };
+        if *cached != 0 && *cached as u16 == requester.tag {
+            return true;
         }
-    }
-
-    /// Is the process that claimed a slot (index and incarnation tag from its state word) alive?
-    fn claimant_alive(&mut self, region: &Region, index: u8, tag: u16) -> bool {
-        match self.probe(region, index as u32) {
-            Probe::Alive(live) => live != 0 && live as u16 == tag,
-            Probe::Gone => false,
+        match region.probe(requester.index as usize) {
+            Probe::Alive(incarnation) => {
+                *cached = incarnation;
+                incarnation != 0 && incarnation as u16 == requester.tag
+            }
+            Probe::Gone => {
+                *cached = 0;
+                false
+            }
             Probe::Unknown => true,
         }
     }
@@ -795,8 +827,8 @@ impl Region {
         }
         let mut options = MmapOptions::new();
         options.len(size as usize);
-        let map = if writable { options.map_raw(&fd) } else { options.map_raw_read_only(&fd) }
-            .map_err(LaneMapError::Map)?;
+        let map =
+            if writable { options.map_raw(&fd) } else { options.map_raw_read_only(&fd) }.map_err(LaneMapError::Map)?;
         // SAFETY: the mapping is at least HEADER_SIZE bytes (checked above), page-aligned, and
         // cannot shrink (sealed); Header is made of atomics and UnsafeCell, valid for any bits.
         let header = unsafe { &*(map.as_ptr() as *const Header) };
@@ -959,7 +991,7 @@ impl Region {
     /// Claims a free slot, scanning from `start`: one CAS. `None` when every slot is in use.
     pub(crate) fn claim(&self, owner: &Owner, start: u32) -> Option<u32> {
         let slots = self.geo.layout.slots;
-        let event = Event::Claim { owner: owner.index as u8, tag: owner.tag() };
+        let event = Event::Claim { by: owner.requester() };
         (0..slots).map(|i| (start % slots + i) % slots).find(|&slot| {
             let meta = self.meta(slot);
             meta.state.load(Ordering::Relaxed) == TAG_FREE && self.apply(slot, TAG_FREE, event).is_ok()
@@ -974,7 +1006,7 @@ impl Region {
         let meta = self.meta(slot);
         debug_assert_eq!(
             SlotState::decode(meta.state.load(Ordering::Relaxed)),
-            Some(SlotState::Claimed { owner: owner.index as u8, tag: owner.tag() })
+            Some(SlotState::Claimed(owner.requester()))
         );
         // SAFETY: the area is `len` ≤ input_capacity bytes inside our mapping; the slot is
         // Claimed by this process, and in that state no other process reads or writes its input
@@ -993,9 +1025,9 @@ impl Region {
     }
 
     /// Queues a written request (the CAS releases its contents) and wakes a waiting runner.
-    pub(crate) fn publish(&self, slot: u32) -> Result<(), MoveError> {
+    pub(crate) fn publish(&self, slot: u32, owner: &Owner) -> Result<(), MoveError> {
         let word = self.state(slot);
-        self.apply(slot, word, Event::Publish)?;
+        self.apply(slot, word, Event::Publish { by: owner.requester() })?;
         self.stats_words().submitted.fetch_add(1, Ordering::Relaxed);
         // Dekker with the runner (`wait_for_work`): we bump `work` then read `work_waiters`; it
         // bumps `work_waiters` then sleeps only while `work` is unchanged. SeqCst on all four
@@ -1009,33 +1041,38 @@ impl Region {
     }
 
     /// Gives back a claimed slot that will not be published.
-    pub(crate) fn abort(&self, slot: u32) {
+    pub(crate) fn abort(&self, slot: u32, owner: &Owner) {
         let word = self.state(slot);
-        if let Err(e) = self.apply(slot, word, Event::Abort) {
+        if let Err(e) = self.apply(slot, word, Event::Abort { by: owner.requester() }) {
             tracing::warn!(slot, %e, "lane: cannot abort a claimed slot");
         }
     }
 
     /// Withdraws a queued request: true if nobody had taken it yet (it will never run).
-    pub(crate) fn cancel(&self, slot: u32) -> bool {
-        let cancelled = self.apply(slot, SlotState::Queued.encode(), Event::Cancel).is_ok();
+    pub(crate) fn cancel(&self, slot: u32, owner: &Owner) -> bool {
+        let by = owner.requester();
+        let cancelled = self.apply(slot, SlotState::Queued(by).encode(), Event::Cancel { by }).is_ok();
         if cancelled {
             self.stats_words().cancelled.fetch_add(1, Ordering::Relaxed);
         }
         cancelled
     }
 
-    /// How the request in `slot` ended, or `None` while it is not finished.
-    pub(crate) fn outcome(&self, slot: u32) -> Option<Outcome> {
+    /// How `owner`'s request in `slot` ended, or `None` while it is not finished.
+    pub(crate) fn outcome(&self, slot: u32, owner: &Owner) -> Option<Outcome> {
         let meta = self.meta(slot);
+        let me = owner.requester();
         match SlotState::decode(meta.state.load(Ordering::Acquire)) {
-            Some(SlotState::Done) => {
-                let len = (meta.output_len.load(Ordering::Relaxed) as usize).min(self.geo.layout.output_capacity as usize);
+            Some(SlotState::Done(r)) if r == me => {
+                let len =
+                    (meta.output_len.load(Ordering::Relaxed) as usize).min(self.geo.layout.output_capacity as usize);
                 Some(Outcome::Done(len))
             }
-            Some(SlotState::Failed) => Some(Outcome::Failed(self.reason(slot))),
-            Some(SlotState::Free) => Some(Outcome::Lost),
-            _ => None,
+            Some(SlotState::Failed(r)) if r == me => Some(Outcome::Failed(self.reason(slot))),
+            Some(SlotState::Claimed(r) | SlotState::Queued(r)) if r == me => None,
+            Some(SlotState::Taken { .. }) => None,
+            // Free, someone else's, or corrupt: not ours any more.
+            _ => Some(Outcome::Lost),
         }
     }
 
@@ -1053,9 +1090,9 @@ impl Region {
     }
 
     /// Frees a `Done` or `Failed` slot after its requester read it.
-    pub(crate) fn collect(&self, slot: u32) {
+    pub(crate) fn collect(&self, slot: u32, owner: &Owner) {
         let word = self.state(slot);
-        if let Err(e) = self.apply(slot, word, Event::Collect) {
+        if let Err(e) = self.apply(slot, word, Event::Collect { by: owner.requester() }) {
             tracing::warn!(slot, %e, "lane: cannot free a collected slot");
         }
     }
@@ -1119,32 +1156,27 @@ impl Region {
                 }
             }
             Some(SlotState::Free) => Swept::Nothing,
-            Some(SlotState::Claimed { owner, tag }) => {
-                if live.claimant_alive(self, owner, tag) {
-                    Swept::Nothing
-                } else {
-                    moved(reclaim, Swept::Reclaimed)
-                }
-            }
-            Some(SlotState::Queued | SlotState::Done | SlotState::Failed) => {
-                if self.owner_alive(slot, live) {
+            Some(SlotState::Claimed(r) | SlotState::Queued(r) | SlotState::Done(r) | SlotState::Failed(r)) => {
+                if live.alive(self, r) {
                     Swept::Nothing
                 } else {
                     moved(reclaim, Swept::Reclaimed)
                 }
             }
             Some(SlotState::Taken { epoch: taken }) if taken != epoch & EPOCH_MASK => {
-                if !self.owner_alive(slot, live) {
+                // Its holder is gone, and only we, the lane's holder now, may move it: its
+                // fields are stable.
+                let of = self.taken_by(slot);
+                if !live.alive(self, of) {
                     moved(reclaim, Swept::Reclaimed)
                 } else {
-                    // Its holder is gone: only we, the lease holder, may act on it now.
                     let crashes = meta.crashes.load(Ordering::Relaxed).saturating_add(1);
                     meta.crashes.store(crashes, Ordering::Relaxed);
                     if crashes >= max_crashes {
                         self.write_reason(slot, &format!("{crashes} pass runners died running this request"));
-                        moved(Event::GiveUp { current: epoch }, Swept::GaveUp)
+                        moved(Event::GiveUp { current: epoch, of }, Swept::GaveUp)
                     } else {
-                        moved(Event::Requeue { current: epoch }, Swept::Requeued)
+                        moved(Event::Requeue { current: epoch, of }, Swept::Requeued)
                     }
                 }
             }
@@ -1160,16 +1192,21 @@ impl Region {
         swept
     }
 
-    fn owner_alive(&self, slot: u32, live: &mut Liveness) -> bool {
+    /// The requester of a taken slot, from the fields it wrote before publishing (stable while
+    /// the slot is taken: only the holder moves it then).
+    fn taken_by(&self, slot: u32) -> Requester {
         let meta = self.meta(slot);
-        live.owner_alive(self, meta.owner.load(Ordering::Relaxed), meta.incarnation.load(Ordering::Relaxed))
+        Requester {
+            index: meta.owner.load(Ordering::Relaxed) as u8,
+            tag: meta.incarnation.load(Ordering::Relaxed) as u16,
+        }
     }
 
     /// Appends every queued request to `out` (one pass over the state words).
     pub(crate) fn queued(&self, out: &mut Vec<batcher::Candidate>) {
         for slot in 0..self.geo.layout.slots {
             let meta = self.meta(slot);
-            if meta.state.load(Ordering::Acquire) == TAG_QUEUED {
+            if meta.state.load(Ordering::Acquire) & 0xFF == TAG_QUEUED {
                 out.push(batcher::Candidate {
                     slot,
                     seq: meta.seq.load(Ordering::Relaxed),
@@ -1181,23 +1218,25 @@ impl Region {
 
     /// Frees a queued request whose requester is dead instead of running it.
     pub(crate) fn drop_if_orphaned(&self, slot: u32, epoch: u32, live: &mut Liveness) -> bool {
-        if self.owner_alive(slot, live) {
+        let word = self.state(slot);
+        let orphaned = matches!(SlotState::decode(word), Some(SlotState::Queued(r)) if !live.alive(self, r));
+        if !orphaned {
             return false;
         }
-        let dropped = self.apply(slot, TAG_QUEUED, Event::Reclaim { current: epoch }).is_ok();
+        let dropped = self.apply(slot, word, Event::Reclaim { current: epoch }).is_ok();
         if dropped {
             self.stats_words().reclaimed.fetch_add(1, Ordering::Relaxed);
         }
         dropped
     }
 
-    /// Takes a queued request into the pass of `epoch`: one CAS. Returns its requester's
-    /// process index.
-    pub(crate) fn take(&self, slot: u32, epoch: u32) -> Result<u32, MoveError> {
-        self.apply(slot, TAG_QUEUED, Event::Take { epoch })?;
-        let meta = self.meta(slot);
-        meta.taken_epoch.store(epoch, Ordering::Relaxed);
-        Ok(meta.owner.load(Ordering::Relaxed))
+    /// Takes a queued request into the pass of `epoch`: one CAS. Returns its requester.
+    pub(crate) fn take(&self, slot: u32, epoch: u32) -> Result<Requester, MoveError> {
+        let word = self.state(slot);
+        let to = self.apply(slot, word, Event::Take { epoch })?;
+        debug_assert_eq!(to, SlotState::Taken { epoch: epoch & EPOCH_MASK });
+        self.meta(slot).taken_epoch.store(epoch, Ordering::Relaxed);
+        SlotState::decode(word).and_then(SlotState::requester).ok_or(MoveError::Corrupt(word))
     }
 
     /// The input of a slot taken by the caller.
@@ -1207,7 +1246,8 @@ impl Region {
     /// nobody writes its input area (the requester wrote it before publishing and cannot
     /// cancel a taken request; claimants need it `Free`).
     pub(crate) unsafe fn input(&self, slot: u32) -> &[u8] {
-        let len = (self.meta(slot).input_len.load(Ordering::Relaxed) as usize).min(self.geo.layout.input_capacity as usize);
+        let len =
+            (self.meta(slot).input_len.load(Ordering::Relaxed) as usize).min(self.geo.layout.input_capacity as usize);
         // SAFETY: in bounds (clamped to the area); immutable per the caller's contract.
         unsafe { std::slice::from_raw_parts(self.input_ptr(slot), len) }
     }
@@ -1229,14 +1269,15 @@ impl Region {
     /// `Err(reason)` → `Failed`. The CAS releases the output (or the reason).
     pub(crate) fn finish(&self, slot: u32, epoch: u32, result: Result<usize, &str>) -> Result<(), MoveError> {
         let meta = self.meta(slot);
+        let of = self.taken_by(slot);
         let event = match result {
             Ok(len) => {
                 meta.output_len.store(len as u32, Ordering::Relaxed);
-                Event::Complete { epoch }
+                Event::Complete { epoch, of }
             }
             Err(reason) => {
                 self.write_reason(slot, reason);
-                Event::Fail { epoch }
+                Event::Fail { epoch, of }
             }
         };
         self.apply(slot, SlotState::Taken { epoch }.encode(), event).map(|_| ())
@@ -1290,10 +1331,10 @@ impl Region {
         for slot in 0..self.geo.layout.slots {
             match SlotState::decode(self.meta(slot).state.load(Ordering::Relaxed)) {
                 Some(SlotState::Free) => slot_states.free += 1,
-                Some(SlotState::Claimed { .. }) => slot_states.claimed += 1,
-                Some(SlotState::Queued) => slot_states.queued += 1,
+                Some(SlotState::Claimed(_)) => slot_states.claimed += 1,
+                Some(SlotState::Queued(_)) => slot_states.queued += 1,
                 Some(SlotState::Taken { .. }) => slot_states.taken += 1,
-                Some(SlotState::Done | SlotState::Failed) => slot_states.finished += 1,
+                Some(SlotState::Done(_) | SlotState::Failed(_)) => slot_states.finished += 1,
                 None => slot_states.corrupt += 1,
             }
         }

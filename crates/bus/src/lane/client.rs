@@ -228,8 +228,8 @@ fn completion_loop(shared: &Shared, owner: Owner) {
         {
             let mut pending = lock(&shared.pending);
             pending.retain(|&slot, request| {
-                let Some(outcome) = shared.region.outcome(slot) else { return true };
-                deliver(shared, slot, request, outcome, &mut wakers);
+                let Some(outcome) = shared.region.outcome(slot, &owner) else { return true };
+                deliver(shared, &owner, slot, request, outcome, &mut wakers);
                 false
             });
         }
@@ -242,11 +242,11 @@ fn completion_loop(shared: &Shared, owner: Owner) {
     close_all(shared);
 }
 
-fn deliver(shared: &Shared, slot: u32, request: &Pending, outcome: Outcome, wakers: &mut Vec<Waker>) {
+fn deliver(shared: &Shared, owner: &Owner, slot: u32, request: &Pending, outcome: Outcome, wakers: &mut Vec<Waker>) {
     let result = match outcome {
         Outcome::Done(len) => Ok(len),
         Outcome::Failed(reason) => {
-            shared.region.collect(slot);
+            shared.region.collect(slot, owner);
             Err(WaitError::Failed(reason))
         }
         Outcome::Lost => Err(WaitError::Lost),
@@ -254,7 +254,7 @@ fn deliver(shared: &Shared, slot: u32, request: &Pending, outcome: Outcome, wake
     match &request.cell {
         Some(cell) => wakers.extend(cell.fill(result)),
         // Its ticket is gone: nobody reads the answer.
-        None if result.is_ok() => shared.region.collect(slot),
+        None if result.is_ok() => shared.region.collect(slot, owner),
         None => {}
     }
 }
@@ -299,22 +299,22 @@ impl Lane {
         };
 
         /// Gives the claimed slot back if `fill` unwinds.
-        struct AbortOnUnwind<'a>(&'a Region, u32, bool);
+        struct AbortOnUnwind<'a>(&'a Region, u32, &'a Owner, bool);
         impl Drop for AbortOnUnwind<'_> {
             fn drop(&mut self) {
-                if self.2 {
-                    self.0.abort(self.1);
+                if self.3 {
+                    self.0.abort(self.1, self.2);
                 }
             }
         }
-        let mut guard = AbortOnUnwind(region, slot, true);
+        let mut guard = AbortOnUnwind(region, slot, &owner, true);
         let seq = region.write_request(slot, &owner, len, fill);
-        guard.2 = false;
+        guard.3 = false;
 
         // Tracked before it is visible to runners, so its completion cannot be missed.
         let cell = Cell::new();
         lock(&inner.pending).insert(slot, Pending { cell: Some(cell.clone()) });
-        if let Err(e) = region.publish(slot) {
+        if let Err(e) = region.publish(slot, &owner) {
             lock(&inner.pending).remove(&slot);
             return Err(SubmitError::Protocol(e.to_string()));
         }
@@ -404,14 +404,14 @@ impl Drop for Ticket {
         if let Some(request) = pending.get_mut(&self.slot) {
             // Not finished yet: withdraw it if no pass took it; otherwise let the completion
             // thread free the slot when the pass finishes.
-            if region.cancel(self.slot) {
+            if region.cancel(self.slot, &self.inner.owner()) {
                 pending.remove(&self.slot);
             } else {
                 request.cell = None;
             }
         } else if let Some(Ok(_)) = Cell::take_ready(&mut lock(&self.cell.state)) {
             // Finished, delivered, never read: the `Done` slot is ours to free.
-            region.collect(self.slot);
+            region.collect(self.slot, &self.inner.owner());
         }
     }
 }
@@ -443,7 +443,7 @@ impl std::ops::Deref for Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        self.inner.region.collect(self.slot);
+        self.inner.region.collect(self.slot, &self.inner.owner());
     }
 }
 

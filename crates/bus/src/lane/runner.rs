@@ -11,7 +11,7 @@ use std::time::Duration;
 use rustix::io::Errno;
 
 use super::batcher::{self, Candidate, Plan, Policy};
-use super::{monotonic_ns, realtime_deadline, Lane, Liveness, Locked, Region};
+use super::{monotonic_ns, realtime_deadline, Lane, Liveness, Locked, Region, Requester};
 
 /// How a runner forms passes and shares the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub struct Batch<'a> {
 
 struct Item {
     slot: u32,
-    owner: u32,
+    owner: Requester,
     answer: Answer,
 }
 
@@ -147,7 +147,7 @@ impl Batch<'_> {
 
     /// The lane process index of request `i`'s requester (requests of one process share it).
     pub fn requester(&self, i: usize) -> u32 {
-        self.items[i].owner
+        self.items[i].owner.index as u32
     }
 }
 
@@ -283,6 +283,7 @@ where
 
     let (mut done, mut failed) = (0, 0);
     let mut owners: Vec<u32> = Vec::with_capacity(4);
+    let mut distinct: Vec<Requester> = Vec::with_capacity(4);
     for item in &batch.items {
         let result = match &item.answer {
             Answer::Output(len) => Ok(*len),
@@ -294,14 +295,17 @@ where
             Ok(()) => failed += 1,
             Err(e) => tracing::warn!(slot = item.slot, %e, "lane: cannot finish a taken request"),
         }
-        if !owners.contains(&item.owner) {
-            owners.push(item.owner);
+        if !distinct.contains(&item.owner) {
+            distinct.push(item.owner);
+        }
+        if !owners.contains(&(item.owner.index as u32)) {
+            owners.push(item.owner.index as u32);
         }
     }
     for &owner in &owners {
         region.notify(owner);
     }
-    region.record_pass(done, failed, owners.len());
+    region.record_pass(done, failed, distinct.len());
     (done, failed)
 }
 
