@@ -34,19 +34,20 @@
 //!
 //! One `u32` word per slot holds the state ([`SlotState`]); every change is one
 //! compare-and-swap through [`transition`], so two processes can never both make a move from
-//! the same state. The word also carries the holder's epoch while a request is taken, and the
-//! claimant's identity while it is claimed (so a dead claimant's slot can be reclaimed before
-//! it wrote anything else).
+//! the same state. The word also names its requester (process index and incarnation tag)
+//! while the requester owns the slot, and the holder's epoch while a request is taken: a
+//! liveness check and the CAS that acts on it always see the same requester, and a requester
+//! can move only its own slots.
 //!
 //! ```text
-//!          Claim            Publish           Take(e)            Complete(e)
-//!   Free ─────────▶ Claimed ───────▶ Queued ─────────▶ Taken(e) ─────────────▶ Done ──┐
-//!    ▲  ▲            │ Abort          │ Cancel  ▲        │ Fail(e), GiveUp         │
-//!    │  └────────────┘                │         │        ▼                         │
-//!    │◀───────────────────────────────┘         │      Failed ─────────────────────┤
-//!    │                                  Requeue │ (holder of epoch e is gone)       │
-//!    │◀── Collect (requester read its answer) ──┴───────────────────────────────────┘
-//!    └─── Reclaim (requester is dead): from any state but Free and Taken(current epoch)
+//!          Claim               Publish             Take(e)            Complete(e)
+//!   Free ─────────▶ Claimed(r) ───────▶ Queued(r) ─────────▶ Taken(e) ─────────────▶ Done(r) ──┐
+//!    ▲  ▲              │ Abort             │ Cancel   ▲         │ Fail(e), GiveUp            │
+//!    │  └──────────────┘                   │          │         ▼                            │
+//!    │◀────────────────────────────────────┘          │     Failed(r) ───────────────────────┤
+//!    │                                        Requeue │ (holder of epoch e is gone)          │
+//!    │◀── Collect (r read its answer) ────────────────┴──────────────────────────────────────┘
+//!    └─── Reclaim (r is dead): from any state but Free and Taken(current epoch)
 //! ```
 //!
 //! Memory ordering: a successful CAS is `AcqRel`. The writer of a slot's contents (the
@@ -70,10 +71,16 @@
 //! slot is alive is then one `pthread_mutex_trylock`, in user space: `EBUSY` with the same
 //! incarnation means alive; `EOWNERDEAD`, a free entry or another incarnation means the process
 //! that submitted it is gone. Pids are kept for people only; pid reuse cannot fool this.
+//! Only "alive" verdicts are cached, and only for one sweep or pass: a "dead" verdict is always
+//! a fresh probe, because an entry found free may be registered by a new process a moment later.
+//!
+//! The kernel marks a dead thread's robust mutexes only where they are still mapped: a thread
+//! must never unmap the lane while it holds the lease or its registration. The borrows of
+//! [`Lane::run_passes`] and the completion thread's ownership of the mapping guarantee it.
 //!
 //! # Recovery
 //!
-//! Every lease acquisition starts a new **epoch** and sweeps the slots ([`Region::sweep_slot`]):
+//! Every lease acquisition starts a new **epoch** and sweeps the slots (`Region::sweep_slot`):
 //! - `Taken(e)` with `e` older: taken by a holder that is gone (it died, or panicked out of a
 //!   pass). It goes back to the queue (`Requeue`) keeping its sequence number, so it is served
 //!   first; after `max_crashes` holders died holding it, it fails instead (`GiveUp`), so one
