@@ -40,14 +40,14 @@
 //! can move only its own slots.
 //!
 //! ```text
-//!          Claim               Publish             Take(e)            Complete(e)
-//!   Free ─────────▶ Claimed(r) ───────▶ Queued(r) ─────────▶ Taken(e) ─────────────▶ Done(r) ──┐
-//!    ▲  ▲              │ Abort             │ Cancel   ▲         │ Fail(e), GiveUp            │
-//!    │  └──────────────┘                   │          │         ▼                            │
-//!    │◀────────────────────────────────────┘          │     Failed(r) ───────────────────────┤
-//!    │                                        Requeue │ (holder of epoch e is gone)          │
-//!    │◀── Collect (r read its answer) ────────────────┴──────────────────────────────────────┘
-//!    └─── Reclaim (r is dead): from any state but Free and Taken(current epoch)
+//!  Free ─Claim─▶ Claimed(r) ─Publish─▶ Queued(r) ─Take(e)─▶ Taken(e) ─Complete(e)─▶ Done(r)
+//!                    │                    │  ▲                 │  │
+//!                  Abort               Cancel └─── Requeue ────┘  └─ Fail(e), GiveUp ─▶ Failed(r)
+//!                    ▼                    ▼  (holder of e gone)
+//!                   Free                 Free
+//!
+//!  Done(r), Failed(r) ─Collect (r read the answer)─▶ Free
+//!  any state but Free and Taken(current epoch) ─Reclaim (r is dead)─▶ Free
 //! ```
 //!
 //! Memory ordering: a successful CAS is `AcqRel`. The writer of a slot's contents (the
