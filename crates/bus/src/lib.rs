@@ -8,9 +8,12 @@
 //!   travelling as `SCM_RIGHTS` beside the frame that names them;
 //! - [`host`]: the `host` memory kind, one sealed memfd per arena, mapped read-only by readers;
 //! - [`arena`]: an arena fd as the escrow holds it, of either memory kind, and the fds it hands
-//!   to readers.
+//!   to readers;
+//! - [`lane`]: the batch lane, a shared-memory queue through which every worker's requests join
+//!   one pass, with a crash-proof lease (robust mutexes) and recovery.
 //!
-//! `unsafe` in this crate is limited to mapping memory ([`host`]); every block says why it holds.
+//! `unsafe` in this crate is limited to mapping memory ([`host`], [`lane`]) and the lane's pthread
+//! mutexes; every block says why it holds.
 //!
 //! ```
 //! use forkless_bus::manifest::{Dtype, Manifest, TensorEntry};
@@ -34,6 +37,7 @@ pub mod channel;
 pub mod child;
 pub mod codec;
 pub mod host;
+pub mod lane;
 pub mod manifest;
 pub mod wire;
 
