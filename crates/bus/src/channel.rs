@@ -60,7 +60,9 @@ pub const MAX_FRAME_LEN: u32 = 4 << 20;
 const PREFIX: usize = 4;
 const READ_CHUNK: usize = 64 * 1024;
 /// More queued fds than this means the peer is sending descriptors nobody asked for.
-const MAX_QUEUED_FDS: usize = 2 * MAX_ARENAS;
+const MAX_QUEUED_FDS: usize = 2 * MAX_FRAME_FDS;
+/// Most fds one frame carries: one per arena, and a generation's batch lane.
+const MAX_FRAME_FDS: usize = MAX_ARENAS + 1;
 
 /// Failure to send a frame.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +149,7 @@ impl BusStream {
     /// Writes the whole frame; the fds go with the first `sendmsg`, which always carries at
     /// least one byte, so they are attached to this frame's first byte.
     async fn send_frame(&self, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), SendError> {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_ARENAS))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FRAME_FDS))];
         let mut sent = 0;
         while sent < frame.len() {
             let with_fds = sent == 0 && !fds.is_empty();
@@ -204,7 +206,7 @@ impl BusStream {
 
     /// One `recvmsg`: bytes go to the inbox, descriptors to the fd queue.
     async fn read_more(&mut self) -> Result<(), RecvError> {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_ARENAS))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FRAME_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let (stream, chunk) = (&self.stream, &mut self.chunk);
         let received = io_now_or_when_ready(stream, Interest::READABLE, || {
@@ -354,7 +356,7 @@ mod tests {
             let (arena, tensors) = layout.finish();
             let m = Manifest::new("big".into(), vec![arena], tensors);
             let file = tempfile::tempfile().unwrap();
-            let msg = Message::Generation { manifest: m };
+            let msg = Message::Generation { manifest: m, lane: None };
             let sender = async { a.send(&msg, &[file.as_fd()]).await.unwrap() };
             let (_, received) = tokio::join!(sender, b.recv());
             assert_eq!(received.unwrap().0, msg);

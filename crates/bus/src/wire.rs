@@ -28,9 +28,9 @@
 //!
 //! | dir | message | when | answered by |
 //! |---|---|---|---|
-//! | S→W | `Generation{manifest}` + 1 read-only fd/arena | right behind the welcome: the generation to serve | `Ready` (or exit 78 if the service refuses it) |
+//! | S→W | `Generation{manifest, lane}` + 1 read-only fd/arena (+ the lane's fd) | right behind the welcome: the generation to serve | `Ready` (or exit 78 if the service refuses it) |
 //! | W→S | `Ready{generation, attach}` | mapped, checked, warmed up, listening | — |
-//! | S→W | `Offer{manifest}` + fds | hot swap: map and check this generation, do not serve it yet | `Accepted` or `Rejected` |
+//! | S→W | `Offer{manifest, lane}` + fds | hot swap: map and check this generation, do not serve it yet | `Accepted` or `Rejected` |
 //! | W→S | `Accepted{generation}` / `Rejected{generation, reason}` | the service's check of an offer | — |
 //! | S→W | `Commit{generation}` | every worker accepted the offer: serve it from the next request on | `Released` of the old one, later |
 //! | S→W | `Abort{generation, reason}` | some worker rejected it (or died, or timed out): drop it | `Released{generation}` |
@@ -59,6 +59,17 @@ pub const MAGIC: [u8; 8] = *b"FRKLSBUS";
 /// Numbers one request of the supervisor to the owner; the owner's answer carries it back, so
 /// an answer can never be taken for the answer to another request.
 pub type RequestId = u64;
+
+/// How the workers of a generation share one pass over the weights: the generation's batch
+/// lane ([`crate::lane`]) travels as one more fd behind the arenas' (read-write: it holds
+/// requests, never weights), with the settings its pass runners use.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaneSettings {
+    /// At most this many requests per pass.
+    pub max_batch: u32,
+    /// A pass that is not full waits up to this long after its oldest request.
+    pub max_wait_us: u64,
+}
 
 /// What a child is to the supervisor.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,15 +131,17 @@ pub enum Message {
         request: RequestId,
         reason: String,
     },
-    /// Supervisor → worker: the current generation, pushed after the welcome and again at every
-    /// hot swap; carries one read-only fd per arena.
+    /// Supervisor → worker: the generation to serve, pushed right behind the welcome; carries
+    /// one read-only fd per arena, then the batch lane's fd when `lane` is set.
     Generation {
         manifest: Manifest,
+        lane: Option<LaneSettings>,
     },
     /// Supervisor → worker (hot swap): a new generation to map and check, not to serve yet;
-    /// carries one read-only fd per arena. Answered by `Accepted` or `Rejected`.
+    /// carries one read-only fd per arena (and the lane's). Answered by `Accepted` or `Rejected`.
     Offer {
         manifest: Manifest,
+        lane: Option<LaneSettings>,
     },
     /// Worker → supervisor: the service's check accepted the offered `generation`.
     Accepted {
@@ -207,10 +220,10 @@ impl Message {
     /// Number of file descriptors that travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Publish { manifest, .. }
-            | Message::Generation { manifest }
-            | Message::Offer { manifest }
-            | Message::Adopt { manifest, .. } => manifest.arenas.len(),
+            Message::Publish { manifest, .. } | Message::Adopt { manifest, .. } => manifest.arenas.len(),
+            Message::Generation { manifest, lane } | Message::Offer { manifest, lane } => {
+                manifest.arenas.len() + usize::from(lane.is_some())
+            }
             _ => 0,
         }
     }

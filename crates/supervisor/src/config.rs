@@ -43,6 +43,8 @@ pub struct Config {
     pub restart: RestartConfig,
     #[serde(default)]
     pub cuda: CudaConfig,
+    #[serde(default)]
+    pub lane: LaneConfig,
     /// The file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -121,6 +123,57 @@ pub struct CudaConfig {
 impl Default for CudaConfig {
     fn default() -> Self {
         CudaConfig { device: 0, stack_limit_bytes: DEFAULT_CUDA_STACK_BYTES }
+    }
+}
+
+/// `[lane]`: one batch lane per generation, through which the requests of every worker join
+/// one pass over the weights (see `forkless_bus::lane` and docs/LANE.md). Off by default: the
+/// service decides how a batch is computed, so it must be written to use the lane.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaneConfig {
+    pub enabled: bool,
+    /// At most this many requests per pass.
+    pub max_batch: u32,
+    /// A pass that is not full waits up to this long after its oldest request (µs).
+    pub max_wait_us: u64,
+    /// Requests in flight at once across all workers (queued, running, being answered).
+    pub slots: u32,
+    /// Largest input of one request, in bytes.
+    pub input_bytes: u32,
+    /// Largest output of one request, in bytes.
+    pub output_bytes: u32,
+}
+
+impl Default for LaneConfig {
+    fn default() -> Self {
+        LaneConfig {
+            enabled: false,
+            max_batch: 32,
+            max_wait_us: 500,
+            slots: 256,
+            input_bytes: 64 << 10,
+            output_bytes: 4 << 10,
+        }
+    }
+}
+
+impl LaneConfig {
+    /// The lane's layout, when it is on (room for as many processes as a lane takes: workers
+    /// come and go, and their replacements overlap them).
+    pub fn layout(&self) -> Option<forkless_bus::lane::LaneLayout> {
+        self.enabled.then_some(forkless_bus::lane::LaneLayout {
+            slots: self.slots,
+            input_capacity: self.input_bytes,
+            output_capacity: self.output_bytes,
+            processes: forkless_bus::lane::MAX_PROCESSES,
+        })
+    }
+
+    /// What the workers' pass runners are told, when it is on.
+    pub fn settings(&self) -> Option<forkless_bus::wire::LaneSettings> {
+        self.enabled
+            .then_some(forkless_bus::wire::LaneSettings { max_batch: self.max_batch, max_wait_us: self.max_wait_us })
     }
 }
 
@@ -287,6 +340,7 @@ impl Config {
         if self.model.make_if_missing.as_ref().is_some_and(|c| c.is_empty()) {
             return Err(self.invalid("model.make_if_missing", "must name a program or be left out"));
         }
+        self.validate_lane()?;
         if !(1..=MAX_CUDA_STACK_BYTES).contains(&self.cuda.stack_limit_bytes) {
             return Err(self.invalid(
                 "cuda.stack_limit_bytes",
@@ -294,6 +348,28 @@ impl Config {
                     "must be between 1 and {MAX_CUDA_STACK_BYTES} bytes (default {DEFAULT_CUDA_STACK_BYTES}; the driver's own is 1024)"
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_lane(&self) -> Result<(), ConfigError> {
+        let lane = &self.lane;
+        if !(1..=1024).contains(&lane.max_batch) {
+            return Err(self.invalid("lane.max_batch", "must be between 1 and 1024"));
+        }
+        if lane.max_wait_us > 1_000_000 {
+            return Err(self.invalid("lane.max_wait_us", "must be at most 1000000 (1 s)"));
+        }
+        if !(1..=forkless_bus::lane::MAX_SLOTS).contains(&lane.slots) {
+            return Err(self.invalid("lane.slots", format!("must be between 1 and {}", forkless_bus::lane::MAX_SLOTS)));
+        }
+        for (key, bytes) in [("lane.input_bytes", lane.input_bytes), ("lane.output_bytes", lane.output_bytes)] {
+            if !(1..=16 << 20).contains(&bytes) {
+                return Err(self.invalid(key, "must be between 1 and 16777216 bytes"));
+            }
+        }
+        if let Some(Err(e)) = lane.layout().map(|l| l.size()) {
+            return Err(self.invalid("lane", format!("this lane cannot be made: {e}")));
         }
         Ok(())
     }

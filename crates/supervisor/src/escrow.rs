@@ -47,6 +47,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use forkless_bus::arena::{AdoptError, HeldArena};
+use forkless_bus::lane::{Lane, LaneFd, LaneLayout};
 use forkless_bus::manifest::ManifestError;
 use forkless_bus::Manifest;
 use tokio::sync::watch;
@@ -64,19 +65,81 @@ pub enum DepositError {
         "generation {generation} is still {state}: at most two generations are held at once; try again once it is done"
     )]
     SwapInProgress { generation: u64, state: &'static str },
+    #[error("cannot make the generation's batch lane: {0}")]
+    Lane(#[from] forkless_bus::lane::LaneCreateError),
 }
 
-/// One generation held in escrow: its manifest and one fd per arena.
+/// One generation held in escrow: its manifest, one fd per arena, and its batch lane (when
+/// `[lane]` is on), which lives exactly as long as the generation.
 #[derive(Debug)]
 pub struct EscrowedGeneration {
     pub manifest: Manifest,
     pub arenas: Vec<HeldArena>,
+    pub lane: Option<LaneFd>,
 }
 
 impl EscrowedGeneration {
     pub fn number(&self) -> u64 {
         self.manifest.generation
     }
+
+    /// What the generation's batch lane has done so far (read through a read-only mapping).
+    pub fn lane_status(&self) -> Option<LaneStatus> {
+        let lane = self.lane.as_ref()?;
+        let stats = forkless_bus::lane::LaneMonitor::map(lane.fd()).ok()?.stats();
+        let bounds = forkless_bus::lane::batch_bucket_bounds();
+        let mut lower = 1;
+        let batch_sizes = bounds
+            .iter()
+            .zip(stats.batch_sizes)
+            .map(|(&upper, passes)| {
+                let bucket = match (lower, upper) {
+                    (l, usize::MAX) => format!("{l}+"),
+                    (l, u) if l == u => l.to_string(),
+                    (l, u) => format!("{l}-{u}"),
+                };
+                lower = upper.saturating_add(1);
+                (bucket, passes)
+            })
+            .collect();
+        Some(LaneStatus {
+            generation: self.number(),
+            passes: stats.passes,
+            served: stats.served,
+            failed: stats.failed,
+            rejected: stats.rejected,
+            recoveries: stats.recoveries,
+            requeued: stats.requeued,
+            leader_pid: stats.leader_pid,
+            mean_batch: stats.mean_batch(),
+            mean_workers_per_pass: stats.mean_processes_per_pass(),
+            batch_sizes,
+            workers_per_pass: stats.processes_per_pass.to_vec(),
+        })
+    }
+}
+
+/// A generation's batch lane, as `status` and the metrics show it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct LaneStatus {
+    pub generation: u64,
+    /// Passes run, requests answered, failed by a pass, refused (lane full).
+    pub passes: u64,
+    pub served: u64,
+    pub failed: u64,
+    pub rejected: u64,
+    /// Pass runners found dead by the next one, and requests they had taken, run again.
+    pub recoveries: u64,
+    pub requeued: u64,
+    /// The worker that last took the lease (it runs the passes).
+    pub leader_pid: u32,
+    pub mean_batch: f64,
+    /// How many workers' requests one pass served, on average.
+    pub mean_workers_per_pass: f64,
+    /// Passes by batch size bucket ("1", "2", "3-4", …).
+    pub batch_sizes: Vec<(String, u64)>,
+    /// Passes by the number of workers they served (index 0: one worker; the last: 16 or more).
+    pub workers_per_pass: Vec<u64>,
 }
 
 /// What became of a deposit.
@@ -133,6 +196,8 @@ pub struct View {
 pub struct Escrow {
     view: watch::Sender<View>,
     held: Arc<Mutex<Held>>,
+    /// Each generation gets a batch lane of this layout (`[lane]` on), or none.
+    lane: Option<LaneLayout>,
 }
 
 #[derive(Debug, Default)]
@@ -152,21 +217,27 @@ const DECISIONS_KEPT: usize = 8;
 
 impl Default for Escrow {
     fn default() -> Self {
-        Escrow { view: watch::Sender::new(View::default()), held: Arc::default() }
+        Escrow::new(None)
     }
 }
 
 impl Escrow {
+    /// An empty escrow whose generations each get a batch lane of `lane`, if given.
+    pub fn new(lane: Option<LaneLayout>) -> Self {
+        Escrow { view: watch::Sender::new(View::default()), held: Arc::default(), lane }
+    }
+
     /// Validates and stores a generation: live at once if it is the first, else offered to
     /// the workers. Refused while another one is offered or retiring.
     pub fn deposit(&self, mut manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Deposited, DepositError> {
         let arenas = adopt_arenas(&manifest, fds)?;
         let mut held = self.lock();
         self.refuse_if_busy(&held)?;
-        held.last_number += 1;
-        manifest.generation = held.last_number;
-        let generation = Arc::new(EscrowedGeneration { manifest, arenas });
-        let number = generation.number();
+        let number = held.last_number + 1;
+        let lane = self.lane.map(|layout| Lane::create(&format!("forkless-lane-{number}"), layout)).transpose()?;
+        held.last_number = number;
+        manifest.generation = number;
+        let generation = Arc::new(EscrowedGeneration { manifest, arenas, lane });
         let mut deposited = Deposited::Live(number);
         self.view.send_modify(|view| match view.live {
             None => view.live = Some(generation),
@@ -340,6 +411,7 @@ impl Escrow {
     /// fds hold whether or not any process maps it.
     pub fn bytes_held(&self) -> u64 {
         let bytes = |g: &Option<Arc<EscrowedGeneration>>| g.as_ref().map_or(0, |g| g.manifest.total_bytes());
+        // (Lanes are not weights: their memory is shown with their stats.)
         let (live, offer) = {
             let view = self.view.borrow();
             (bytes(&view.live), bytes(&view.offer))
@@ -500,5 +572,33 @@ mod tests {
         assert_eq!(escrow.retiring(), None, "an aborted offer never retires");
         assert_eq!(escrow.release(2), None);
         assert_eq!(Arc::strong_count(&offer), 1, "the escrow let go of it; the last mapping frees it");
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::*;
+    use forkless_bus::host::ArenaWriter;
+    use forkless_bus::manifest::{Dtype, LayoutBuilder};
+
+    #[test]
+    fn every_generation_gets_a_lane_of_its_own() {
+        let escrow = Escrow::new(Some(LaneLayout::new(8, 64, 64)));
+        let deposit = || {
+            let mut layout = LayoutBuilder::default();
+            layout.push("w", Dtype::F32, vec![2]);
+            let (arena, tensors) = layout.finish();
+            let fd = ArenaWriter::create("t", arena.size).unwrap().seal().unwrap().fd().try_clone_to_owned().unwrap();
+            escrow.deposit(Manifest::new("t".into(), vec![arena], tensors), vec![fd]).unwrap()
+        };
+        deposit();
+        let first = escrow.live().unwrap();
+        deposit();
+        let second = escrow.live().unwrap();
+        assert_eq!(second.number(), 2);
+        let (a, b) = (first.lane.as_ref().unwrap(), second.lane.as_ref().unwrap());
+        let inode = |lane: &LaneFd| rustix::fs::fstat(lane.fd()).unwrap().st_ino;
+        assert_ne!(inode(a), inode(b));
+        assert!(Escrow::default().lane.is_none());
     }
 }

@@ -110,11 +110,12 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     service::forward_signals(commands.clone()).context("cannot install signal handlers")?;
     let bus_stop = CancellationToken::new();
     let bus_state = BusState::new(
-        Escrow::default(),
+        Escrow::new(config.lane.layout()),
         events,
         config.model.sharing == Sharing::Shared,
         config.model.path.display().to_string(),
         std::time::Duration::try_from_secs_f64(config.model.load_timeout_s).unwrap_or(std::time::Duration::MAX),
+        config.lane.settings(),
     );
     let bus = BusServer { listener: bus_listener, state: bus_state.clone(), stop: bus_stop.clone() };
     let bus_task = tokio::spawn(bus.serve());

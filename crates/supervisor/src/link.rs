@@ -28,6 +28,8 @@ pub enum ConnError {
     Send(#[from] SendError),
     #[error("cannot make an arena fd for the reader: {0}")]
     ReaderFd(#[from] forkless_bus::arena::ReaderFdError),
+    #[error("cannot duplicate the batch lane's fd: {0}")]
+    LaneFd(std::io::Error),
 }
 
 /// A hot swap's request for the owner: load `path` as a new generation. The answer is the
@@ -49,6 +51,8 @@ pub struct BusState {
     pub model_path: String,
     /// How long a hot swap's load may take before it fails (`[model] load_timeout_s`).
     pub load_timeout: Duration,
+    /// What workers' pass runners are told when generations have a batch lane (`[lane]`).
+    pub lane: Option<forkless_bus::wire::LaneSettings>,
     /// The connected owner's request queue, while one is connected.
     owner: Arc<Mutex<Option<mpsc::UnboundedSender<LoadRequest>>>>,
     pub processes: ProcessTable,
@@ -63,6 +67,7 @@ impl BusState {
         push_generation: bool,
         model_path: String,
         load_timeout: Duration,
+        lane: Option<forkless_bus::wire::LaneSettings>,
     ) -> Self {
         BusState {
             escrow,
@@ -70,6 +75,7 @@ impl BusState {
             push_generation,
             model_path,
             load_timeout,
+            lane,
             owner: Arc::default(),
             processes: ProcessTable::default(),
             pids: PidTable::default(),

@@ -32,6 +32,24 @@ pub async fn record_periodically(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
+/// The live generation's batch lane: totals, and passes by batch size and by workers served.
+fn record_lane(lane: &crate::escrow::LaneStatus) {
+    metrics::gauge!("forkless_lane_passes").set(lane.passes as f64);
+    metrics::gauge!("forkless_lane_requests_served").set(lane.served as f64);
+    metrics::gauge!("forkless_lane_requests_failed").set(lane.failed as f64);
+    metrics::gauge!("forkless_lane_requests_rejected").set(lane.rejected as f64);
+    metrics::gauge!("forkless_lane_recoveries").set(lane.recoveries as f64);
+    metrics::gauge!("forkless_lane_mean_batch").set(lane.mean_batch);
+    metrics::gauge!("forkless_lane_mean_workers_per_pass").set(lane.mean_workers_per_pass);
+    for (bucket, passes) in &lane.batch_sizes {
+        metrics::gauge!("forkless_lane_passes_by_batch_size", "size" => bucket.clone()).set(*passes as f64);
+    }
+    for (i, passes) in lane.workers_per_pass.iter().enumerate() {
+        let workers = if i + 1 == lane.workers_per_pass.len() { format!("{}+", i + 1) } else { (i + 1).to_string() };
+        metrics::gauge!("forkless_lane_passes_by_workers", "workers" => workers).set(*passes as f64);
+    }
+}
+
 fn record(ctx: &Context) {
     let mut processes = ctx.bus.processes.snapshot();
     if let Some(unattributed) = measure_memory(&mut processes) {
@@ -54,6 +72,9 @@ fn record(ctx: &Context) {
     metrics::gauge!("forkless_escrow_bytes").set(escrow.bytes_held() as f64);
     if let Some(generation) = escrow.live() {
         metrics::gauge!("forkless_generation").set(generation.number() as f64);
+        if let Some(lane) = generation.lane_status() {
+            record_lane(&lane);
+        }
     }
     metrics::gauge!("forkless_workers_ready").set(ctx.bus.processes.ready_workers() as f64);
 }

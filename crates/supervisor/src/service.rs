@@ -122,6 +122,9 @@ pub struct StatusReport {
     pub retiring_generation: Option<u64>,
     #[serde(default)]
     pub offered_generation: Option<u64>,
+    /// The live generation's batch lane (`[lane]` on): passes, batch sizes, workers per pass.
+    #[serde(default)]
+    pub lane: Option<crate::escrow::LaneStatus>,
     /// Bytes of weights held in escrow (memory no process may show as its own).
     pub escrow_bytes: u64,
     /// GPU memory in use that no process accounts for (escrowed arenas, the driver's own);
@@ -547,6 +550,7 @@ impl Service {
             generation: escrow.live().map(|g| g.number()),
             retiring_generation: escrow.retiring(),
             offered_generation: escrow.offer().map(|g| g.number()),
+            lane: escrow.live().and_then(|g| g.lane_status()),
             escrow_bytes: escrow.bytes_held(),
             gpu_unattributed_bytes,
             workers_wanted: self.workers_wanted,

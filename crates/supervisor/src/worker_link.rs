@@ -41,7 +41,8 @@ pub(crate) async fn push_first(bus: &mut BusStream, state: &BusState, index: u32
     let live = state.escrow.acquire_live().await;
     session.held.insert(live.number());
     session.newest = live.number();
-    if let Err(e) = send_generation(bus, &live, |manifest| Message::Generation { manifest }).await {
+    let lane = state.lane;
+    if let Err(e) = send_generation(bus, &live, |manifest| Message::Generation { manifest, lane }).await {
         end(state, session);
         return Err(e);
     }
@@ -49,13 +50,16 @@ pub(crate) async fn push_first(bus: &mut BusStream, state: &BusState, index: u32
 }
 
 /// Sends `generation` with fresh reader fds (read-only for host memory; CUDA memory is mapped
-/// read-only by the worker).
+/// read-only by the worker), then its batch lane's fd, if it has one.
 async fn send_generation(
     bus: &mut BusStream,
     generation: &EscrowedGeneration,
     message: impl FnOnce(forkless_bus::Manifest) -> Message,
 ) -> Result<(), ConnError> {
-    let fds = generation.arenas.iter().map(|a| a.reader_fd()).collect::<Result<Vec<_>, _>>()?;
+    let mut fds = generation.arenas.iter().map(|a| a.reader_fd()).collect::<Result<Vec<_>, _>>()?;
+    if let Some(lane) = &generation.lane {
+        fds.push(lane.try_clone_fd().map_err(ConnError::LaneFd)?);
+    }
     let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
     bus.send(&message(generation.manifest.clone()), &borrowed).await?;
     Ok(())
@@ -156,7 +160,8 @@ async fn follow(
     if let Some(offer) = state.escrow.acquire_offer(offer.number()) {
         session.held.insert(offer.number());
         session.offered = Some(offer.number());
-        send_generation(bus, &offer, |manifest| Message::Offer { manifest }).await?;
+        let lane = state.lane;
+        send_generation(bus, &offer, |manifest| Message::Offer { manifest, lane }).await?;
     }
     Ok(())
 }

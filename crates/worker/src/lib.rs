@@ -300,7 +300,7 @@ fn open_gpu() -> Result<Option<Gpu>, AttachError> {
 /// Receives the generation the supervisor pushes right behind its welcome.
 async fn receive_generation(bus: &mut BusStream, gpu: Option<&Gpu>) -> Result<Generation, AttachError> {
     match bus.recv().await? {
-        (Message::Generation { manifest }, fds) => map_generation(manifest, fds, gpu),
+        (Message::Generation { manifest, .. }, fds) => map_generation(manifest, fds, gpu),
         (Message::Refused { reason }, _) => Err(AttachError::Refused(reason)),
         (other, _) => Err(AttachError::Unexpected(other.kind())),
     }
@@ -425,7 +425,7 @@ impl SupervisorLink {
                     }
                 }
                 received = self.bus.recv() => match received {
-                    Ok((Message::Offer { manifest }, fds)) => {
+                    Ok((Message::Offer { manifest, .. }, fds)) => {
                         if let Err(e) = self.check_offer(manifest, fds).await {
                             return self.end(&format!("bus error: {e}"));
                         }

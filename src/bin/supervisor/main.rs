@@ -220,6 +220,12 @@ fn status_table(status: &StatusReport) -> String {
         mib(Some(status.escrow_bytes)),
         status.workers_wanted,
     );
+    if let Some(lane) = &status.lane {
+        out += &format!(
+            "lane (generation {}): {} passes, {} served, mean batch {:.1}, {:.2} workers per pass, leader pid {}\n\n",
+            lane.generation, lane.passes, lane.served, lane.mean_batch, lane.mean_workers_per_pass, lane.leader_pid
+        );
+    }
     out += &format!(
         "{:<7} {:>5} {:>8} {:<9} {:>8} {:>9} {:>9} {:>8} {:>4} {:>9}\n",
         "ROLE", "INDEX", "PID", "STATE", "RESTARTS", "UPTIME", "RSS MiB", "GPU MiB", "GEN", "REQUESTS"
