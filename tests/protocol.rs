@@ -111,7 +111,7 @@ fn hot_swaps_while_workers_restart_keep_at_most_two_generations() {
     let config = dir.write_config(3, "");
     let mut sup = Supervisor::start(&config);
     let addr = sup.wait_ready();
-    let load = Load::start(&addr, 9);
+    let load = Load::start_retrying(&addr, 9);
     let churn = {
         let config = config.clone();
         std::thread::spawn(move || {
@@ -135,7 +135,7 @@ fn hot_swaps_while_workers_restart_keep_at_most_two_generations() {
     }
     churn.join().unwrap();
     let report = load.stop();
-    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(report.failures.is_empty(), "{:?}\n{}", report.failures, sup.log_text());
     eventually("one generation left", || arena_fds(sup.pid()).len() == 1);
     assert_eq!(status_json(&config)["generation"], live);
 }

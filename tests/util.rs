@@ -420,12 +420,27 @@ pub struct LoadReport {
 
 impl Load {
     pub fn start(addr: &str, seed: u64) -> Load {
+        Self::start_with(addr, seed, false)
+    }
+
+    /// Like [`Load::start`], but a request whose connection was closed before any answer came
+    /// back (a worker that was draining at that moment) is sent again once, as HTTP clients
+    /// do with idempotent requests. For tests that restart workers on purpose.
+    pub fn start_retrying(addr: &str, seed: u64) -> Load {
+        Self::start_with(addr, seed, true)
+    }
+
+    fn start_with(addr: &str, seed: u64, retry: bool) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (addr, flag) = (addr.to_string(), stop.clone());
         let thread = std::thread::spawn(move || {
             let mut report = LoadReport::default();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                match try_infer(&addr, seed) {
+                let answer = match try_infer(&addr, seed) {
+                    Err(e) if retry && (e.starts_with("write:") || e.starts_with("read:")) => try_infer(&addr, seed),
+                    other => other,
+                };
+                match answer {
                     Ok(answer) => {
                         report.ok += 1;
                         let generation = answer["generation"].as_u64().unwrap_or(0);
