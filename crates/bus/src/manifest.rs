@@ -112,7 +112,13 @@ impl TensorEntry {
     }
 }
 
-/// A generation's layout. The file descriptors of its arenas travel beside it, in arena order.
+/// A generation's layout. The file descriptors of its arenas travel beside it, in arena order,
+/// followed by those of its replicas.
+///
+/// On several GPUs a generation has one arena per device: the first is `arenas[0]`, which the
+/// tensors index; the others are **replicas**, copies of it with the same size and checksum on
+/// other devices. A worker is sent the view of its own device only ([`Manifest::for_device`]):
+/// one arena, no replica.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
     /// Monotonic generation number, assigned by the supervisor when the owner publishes.
@@ -121,6 +127,10 @@ pub struct Manifest {
     pub source: String,
     pub arenas: Vec<ArenaDesc>,
     pub tensors: Vec<TensorEntry>,
+    /// Copies of `arenas[0]` on other devices; their ids continue after the arenas' (an
+    /// arena's id is the index of its fd in the frame).
+    #[serde(default)]
+    pub replicas: Vec<ArenaDesc>,
     /// xxh3-64 of the layout (arenas and tensors, see [`Manifest::compute_layout_hash`]):
     /// a manifest changed in transit or in memory is refused.
     pub layout_hash: u64,
@@ -137,6 +147,8 @@ pub enum ManifestError {
     ArenaId { index: usize, id: u32 },
     #[error("arena {id} has size {size}, which is zero or not a multiple of {ARENA_ALIGN}")]
     ArenaSize { id: u32, size: u64 },
+    #[error("replica arena {id} {problem}")]
+    BadReplica { id: u32, problem: String },
     #[error("tensor #{index} has an empty or over-long name")]
     BadName { index: usize },
     #[error("tensor {name:?} appears twice")]
@@ -160,16 +172,23 @@ pub enum ManifestError {
 impl Manifest {
     /// A manifest for generation 0 (the supervisor numbers it on publish), layout hash included.
     pub fn new(source: String, arenas: Vec<ArenaDesc>, tensors: Vec<TensorEntry>) -> Self {
-        let mut manifest = Manifest { generation: 0, source, arenas, tensors, layout_hash: 0 };
+        let mut manifest = Manifest { generation: 0, source, arenas, tensors, replicas: Vec::new(), layout_hash: 0 };
         manifest.layout_hash = manifest.compute_layout_hash();
         manifest
+    }
+
+    /// The same generation with copies of its arena on other devices (see [`Manifest::replicas`]).
+    pub fn with_replicas(mut self, replicas: Vec<ArenaDesc>) -> Self {
+        self.replicas = replicas;
+        self.layout_hash = self.compute_layout_hash();
+        self
     }
 
     /// xxh3-64 over the encoded arenas (sizes, kinds, checksums) and tensors (names, dtypes,
     /// shapes, places): everything a reader indexes memory with. Generation and source are
     /// left out: they name a layout, they do not shape it.
     pub fn compute_layout_hash(&self) -> u64 {
-        let bytes = crate::codec::encode(&(&self.arenas, &self.tensors)).expect("plain data encodes");
+        let bytes = crate::codec::encode(&(&self.arenas, &self.tensors, &self.replicas)).expect("plain data encodes");
         xxhash_rust::xxh3::xxh3_64(&bytes)
     }
 
@@ -195,10 +214,11 @@ impl Manifest {
         if self.arenas.is_empty() {
             return Err(ManifestError::NoArena);
         }
-        if self.arenas.len() > MAX_ARENAS {
-            return Err(ManifestError::TooManyArenas(self.arenas.len()));
+        if self.arenas.len() + self.replicas.len() > MAX_ARENAS {
+            return Err(ManifestError::TooManyArenas(self.arenas.len() + self.replicas.len()));
         }
-        for (index, arena) in self.arenas.iter().enumerate() {
+        self.validate_replicas()?;
+        for (index, arena) in self.arenas.iter().chain(&self.replicas).enumerate() {
             if arena.id as usize != index {
                 return Err(ManifestError::ArenaId { index, id: arena.id });
             }
@@ -207,6 +227,71 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Replicas copy the one arena of a generation onto other GPUs: same size, same checksum,
+    /// one per device.
+    fn validate_replicas(&self) -> Result<(), ManifestError> {
+        if self.replicas.is_empty() {
+            return Ok(());
+        }
+        let primary = &self.arenas[0];
+        if self.arenas.len() != 1 || !primary.kind.is_gpu() {
+            return Err(ManifestError::BadReplica {
+                id: primary.id,
+                problem: "replicas copy the one GPU arena of a generation".into(),
+            });
+        }
+        let mut devices = std::collections::HashSet::new();
+        for arena in std::iter::once(primary).chain(&self.replicas) {
+            let MemoryKind::CudaVmm { device } = arena.kind else {
+                return Err(ManifestError::BadReplica { id: arena.id, problem: "is not GPU memory".into() });
+            };
+            if !devices.insert(device) {
+                return Err(ManifestError::BadReplica {
+                    id: arena.id,
+                    problem: format!("a second arena on GPU {device}"),
+                });
+            }
+            if arena.size != primary.size || arena.checksum != primary.checksum {
+                return Err(ManifestError::BadReplica {
+                    id: arena.id,
+                    problem: "differs from arena 0 in size or checksum".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The devices this generation is on, arena 0's first (empty for host memory).
+    pub fn devices(&self) -> Vec<u32> {
+        self.arenas
+            .iter()
+            .take(1)
+            .chain(&self.replicas)
+            .filter_map(|a| match a.kind {
+                MemoryKind::CudaVmm { device } => Some(device),
+                MemoryKind::Host => None,
+            })
+            .collect()
+    }
+
+    /// The view a worker on `device` is sent: one arena (this device's copy, as arena 0), no
+    /// replica; and the index of that arena's fd among this manifest's. `None` if the
+    /// generation has no copy on `device`. A host generation is the same for every worker.
+    pub fn for_device(&self, device: Option<u32>) -> Option<(Manifest, usize)> {
+        let on = |a: &ArenaDesc, d: u32| a.kind == MemoryKind::CudaVmm { device: d };
+        let index = match device {
+            None if self.replicas.is_empty() => return Some((self.clone(), 0)),
+            None => return None,
+            Some(d) if on(&self.arenas[0], d) => 0,
+            Some(d) => 1 + self.replicas.iter().position(|r| on(r, d))?,
+        };
+        let mut arena = if index == 0 { self.arenas[0].clone() } else { self.replicas[index - 1].clone() };
+        arena.id = 0;
+        let mut view = Manifest { arenas: vec![arena], replicas: Vec::new(), ..self.clone() };
+        view.layout_hash = view.compute_layout_hash();
+        Some((view, index))
     }
 
     fn validate_tensor(&self, index: usize, t: &TensorEntry) -> Result<(), ManifestError> {
@@ -262,9 +347,14 @@ impl Manifest {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// Total bytes of all arenas.
+    /// Total bytes of all arenas and replicas.
     pub fn total_bytes(&self) -> u64 {
-        self.arenas.iter().map(|a| a.size).sum()
+        self.arenas.iter().chain(&self.replicas).map(|a| a.size).sum()
+    }
+
+    /// Every arena then every replica, in fd order.
+    pub fn all_arenas(&self) -> impl Iterator<Item = &ArenaDesc> {
+        self.arenas.iter().chain(&self.replicas)
     }
 }
 
@@ -361,6 +451,58 @@ mod tests {
         let mut m = sample();
         m.tensors[0].arena = 3;
         assert!(matches!(m.validate(), Err(ManifestError::UnknownArena { .. })));
+    }
+
+    fn on_gpus(devices: &[u32]) -> Manifest {
+        let mut manifest = sample();
+        manifest.arenas[0].kind = MemoryKind::CudaVmm { device: devices[0] };
+        manifest.arenas[0].checksum = 7;
+        let replicas = devices[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, &device)| ArenaDesc {
+                id: 1 + i as u32,
+                kind: MemoryKind::CudaVmm { device },
+                ..manifest.arenas[0].clone()
+            })
+            .collect();
+        manifest.with_replicas(replicas)
+    }
+
+    #[test]
+    fn replicas_copy_the_one_gpu_arena_onto_other_devices() {
+        let manifest = on_gpus(&[2, 0, 1]);
+        manifest.validate().unwrap();
+        assert_eq!(manifest.devices(), vec![2, 0, 1]);
+        assert_eq!(manifest.total_bytes(), 3 * manifest.arenas[0].size);
+        let (view, fd_index) = manifest.for_device(Some(1)).unwrap();
+        assert_eq!(fd_index, 2);
+        assert!(view.replicas.is_empty());
+        assert_eq!((view.arenas[0].id, view.arenas[0].kind), (0, MemoryKind::CudaVmm { device: 1 }));
+        view.validate().unwrap();
+        assert_eq!(manifest.for_device(Some(2)).unwrap().1, 0);
+        assert!(manifest.for_device(Some(3)).is_none());
+        assert!(manifest.for_device(None).is_none(), "a GPU generation has no host view");
+        let host = sample();
+        assert_eq!(host.for_device(None).unwrap(), (host.clone(), 0));
+    }
+
+    #[test]
+    fn replicas_must_match_and_sit_on_distinct_gpus() {
+        let twice = on_gpus(&[0, 0]);
+        assert!(matches!(twice.validate(), Err(ManifestError::BadReplica { id: 1, .. })));
+        let mut other = on_gpus(&[0, 1]);
+        other.replicas[0].checksum = 8;
+        let other = other.clone().with_replicas(other.replicas);
+        assert!(matches!(other.validate(), Err(ManifestError::BadReplica { id: 1, .. })));
+        let mut host = sample();
+        host.replicas = on_gpus(&[0, 1]).replicas;
+        host.layout_hash = host.compute_layout_hash();
+        assert!(matches!(host.validate(), Err(ManifestError::BadReplica { .. })));
+        let mut numbered = on_gpus(&[0, 1]);
+        numbered.replicas[0].id = 5;
+        let numbered = numbered.clone().with_replicas(numbered.replicas);
+        assert!(matches!(numbered.validate(), Err(ManifestError::ArenaId { index: 1, id: 5 })));
     }
 
     fn arb_dtype() -> impl Strategy<Value = Dtype> {

@@ -220,7 +220,7 @@ impl Message {
     /// Number of file descriptors that travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::Publish { manifest, .. } | Message::Adopt { manifest, .. } => manifest.arenas.len(),
+            Message::Publish { manifest, .. } | Message::Adopt { manifest, .. } => manifest.all_arenas().count(),
             Message::Generation { manifest, lane } | Message::Offer { manifest, lane } => {
                 manifest.arenas.len() + usize::from(lane.is_some())
             }

@@ -45,6 +45,14 @@ pub enum ResolvedBackend {
 }
 
 impl ResolvedBackend {
+    /// The GPUs the weights live on (empty on the host).
+    pub fn devices(&self) -> Vec<u32> {
+        match self {
+            ResolvedBackend::Host => Vec::new(),
+            ResolvedBackend::Cuda { device, .. } => vec![*device],
+        }
+    }
+
     /// The value of `FORKLESS_BACKEND` for the children.
     pub fn env_value(&self) -> &'static str {
         match self {

@@ -69,13 +69,15 @@ pub enum DepositError {
     Lane(#[from] forkless_bus::lane::LaneCreateError),
 }
 
-/// One generation held in escrow: its manifest, one fd per arena, and its batch lane (when
-/// `[lane]` is on), which lives exactly as long as the generation.
+/// One generation held in escrow: its manifest, one fd per arena and replica (in the
+/// manifest's fd order), and, when `[lane]` is on, one batch lane per device (one on the host),
+/// which live exactly as long as the generation.
 #[derive(Debug)]
 pub struct EscrowedGeneration {
     pub manifest: Manifest,
     pub arenas: Vec<HeldArena>,
-    pub lane: Option<LaneFd>,
+    /// Lanes in the order of [`Manifest::devices`] (a host generation has one).
+    pub lanes: Vec<LaneFd>,
 }
 
 impl EscrowedGeneration {
@@ -83,9 +85,29 @@ impl EscrowedGeneration {
         self.manifest.generation
     }
 
-    /// What the generation's batch lane has done so far (read through a read-only mapping).
-    pub fn lane_status(&self) -> Option<LaneStatus> {
-        let lane = self.lane.as_ref()?;
+    /// The view a worker on `device` is sent (`None`: the host), with that view's arena fds
+    /// and its device's lane.
+    pub fn for_device(&self, device: Option<u32>) -> Option<(Manifest, &HeldArena, Option<&LaneFd>)> {
+        let (view, index) = self.manifest.for_device(device)?;
+        let lane = match device {
+            None => self.lanes.first(),
+            Some(d) => self.manifest.devices().iter().position(|&x| x == d).and_then(|i| self.lanes.get(i)),
+        };
+        Some((view, &self.arenas[index], lane))
+    }
+
+    /// What the generation's batch lanes have done so far (read through read-only mappings),
+    /// one entry per lane, in device order.
+    pub fn lane_status(&self) -> Vec<LaneStatus> {
+        let devices = self.manifest.devices();
+        self.lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, lane)| self.one_lane_status(lane, devices.get(i).copied()))
+            .collect()
+    }
+
+    fn one_lane_status(&self, lane: &LaneFd, device: Option<u32>) -> Option<LaneStatus> {
         let stats = forkless_bus::lane::LaneMonitor::map(lane.fd()).ok()?.stats();
         let bounds = forkless_bus::lane::batch_bucket_bounds();
         let mut lower = 1;
@@ -104,6 +126,7 @@ impl EscrowedGeneration {
             .collect();
         Some(LaneStatus {
             generation: self.number(),
+            device,
             passes: stats.passes,
             served: stats.served,
             failed: stats.failed,
@@ -123,6 +146,8 @@ impl EscrowedGeneration {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct LaneStatus {
     pub generation: u64,
+    /// The GPU whose workers share this lane (`None` on the host).
+    pub device: Option<u32>,
     /// Passes run, requests answered, failed by a pass, refused (lane full).
     pub passes: u64,
     pub served: u64,
@@ -234,10 +259,10 @@ impl Escrow {
         let mut held = self.lock();
         self.refuse_if_busy(&held)?;
         let number = held.last_number + 1;
-        let lane = self.lane.map(|layout| Lane::create(&format!("forkless-lane-{number}"), layout)).transpose()?;
+        let lanes = self.make_lanes(number, &manifest)?;
         held.last_number = number;
         manifest.generation = number;
-        let generation = Arc::new(EscrowedGeneration { manifest, arenas, lane });
+        let generation = Arc::new(EscrowedGeneration { manifest, arenas, lanes });
         let mut deposited = Deposited::Live(number);
         self.view.send_modify(|view| match view.live {
             None => view.live = Some(generation),
@@ -251,6 +276,17 @@ impl Escrow {
             self.decide_if_complete(&mut held);
         }
         Ok(deposited)
+    }
+
+    /// One lane per device of the generation (one for host memory), when lanes are on.
+    fn make_lanes(&self, number: u64, manifest: &Manifest) -> Result<Vec<LaneFd>, DepositError> {
+        let Some(layout) = self.lane else { return Ok(Vec::new()) };
+        let devices = manifest.devices();
+        let names: Vec<String> = match devices.is_empty() {
+            true => vec![format!("forkless-lane-{number}")],
+            false => devices.iter().map(|d| format!("forkless-lane-{number}-gpu{d}")).collect(),
+        };
+        Ok(names.iter().map(|name| Lane::create(name, layout)).collect::<Result<_, _>>()?)
     }
 
     fn refuse_if_busy(&self, held: &Held) -> Result<(), DepositError> {
@@ -426,12 +462,12 @@ impl Escrow {
 
 fn adopt_arenas(manifest: &Manifest, fds: Vec<OwnedFd>) -> Result<Vec<HeldArena>, DepositError> {
     manifest.validate()?;
-    if fds.len() != manifest.arenas.len() {
-        return Err(DepositError::FdCount { fds: fds.len(), arenas: manifest.arenas.len() });
+    let arenas = manifest.all_arenas().count();
+    if fds.len() != arenas {
+        return Err(DepositError::FdCount { fds: fds.len(), arenas });
     }
     manifest
-        .arenas
-        .iter()
+        .all_arenas()
         .zip(fds)
         .map(|(arena, fd)| {
             HeldArena::adopt(arena, fd).map_err(|source| DepositError::Arena { arena: arena.id, source })
@@ -596,9 +632,10 @@ mod lane_tests {
         deposit();
         let second = escrow.live().unwrap();
         assert_eq!(second.number(), 2);
-        let (a, b) = (first.lane.as_ref().unwrap(), second.lane.as_ref().unwrap());
+        let (a, b) = (&first.lanes[0], &second.lanes[0]);
         let inode = |lane: &LaneFd| rustix::fs::fstat(lane.fd()).unwrap().st_ino;
         assert_ne!(inode(a), inode(b));
         assert!(Escrow::default().lane.is_none());
+        assert_eq!(second.lane_status()[0].generation, 2);
     }
 }

@@ -109,7 +109,7 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     let (commands, command_inbox) = mpsc::unbounded_channel();
     service::forward_signals(commands.clone()).context("cannot install signal handlers")?;
     let bus_stop = CancellationToken::new();
-    let bus_state = BusState::new(
+    let mut bus_state = BusState::new(
         Escrow::new(config.lane.layout()),
         events,
         config.model.sharing == Sharing::Shared,
@@ -117,6 +117,7 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
         std::time::Duration::try_from_secs_f64(config.model.load_timeout_s).unwrap_or(std::time::Duration::MAX),
         config.lane.settings(),
     );
+    bus_state.devices = backend.resolved.devices();
     let bus = BusServer { listener: bus_listener, state: bus_state.clone(), stop: bus_stop.clone() };
     let bus_task = tokio::spawn(bus.serve());
     let control_task = tokio::spawn(control.serve(commands, bus_stop.clone()));

@@ -53,6 +53,8 @@ pub struct BusState {
     pub load_timeout: Duration,
     /// What workers' pass runners are told when generations have a batch lane (`[lane]`).
     pub lane: Option<forkless_bus::wire::LaneSettings>,
+    /// The GPUs workers are placed on, in turn (worker i on `devices[i % n]`); empty on the host.
+    pub devices: Vec<u32>,
     /// The connected owner's request queue, while one is connected.
     owner: Arc<Mutex<Option<mpsc::UnboundedSender<LoadRequest>>>>,
     pub processes: ProcessTable,
@@ -76,10 +78,16 @@ impl BusState {
             model_path,
             load_timeout,
             lane,
+            devices: Vec::new(),
             owner: Arc::default(),
             processes: ProcessTable::default(),
             pids: PidTable::default(),
         }
+    }
+
+    /// The GPU worker `index` runs on (`None` on the host backend).
+    pub fn device_of(&self, index: u32) -> Option<u32> {
+        (!self.devices.is_empty()).then(|| self.devices[index as usize % self.devices.len()])
     }
 
     /// Asks the connected owner to load `path`; the answer comes on `reply` (or an error at

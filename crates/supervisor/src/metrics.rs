@@ -34,19 +34,23 @@ pub async fn record_periodically(ctx: Arc<Context>, stop: CancellationToken) {
 
 /// The live generation's batch lane: totals, and passes by batch size and by workers served.
 fn record_lane(lane: &crate::escrow::LaneStatus) {
-    metrics::gauge!("forkless_lane_passes").set(lane.passes as f64);
-    metrics::gauge!("forkless_lane_requests_served").set(lane.served as f64);
-    metrics::gauge!("forkless_lane_requests_failed").set(lane.failed as f64);
-    metrics::gauge!("forkless_lane_requests_rejected").set(lane.rejected as f64);
-    metrics::gauge!("forkless_lane_recoveries").set(lane.recoveries as f64);
-    metrics::gauge!("forkless_lane_mean_batch").set(lane.mean_batch);
-    metrics::gauge!("forkless_lane_mean_workers_per_pass").set(lane.mean_workers_per_pass);
+    let device = lane.device.map_or("host".to_string(), |d| d.to_string());
+    let gauge = |name: &'static str, value: f64| metrics::gauge!(name, "device" => device.clone()).set(value);
+    gauge("forkless_lane_passes", lane.passes as f64);
+    gauge("forkless_lane_requests_served", lane.served as f64);
+    gauge("forkless_lane_requests_failed", lane.failed as f64);
+    gauge("forkless_lane_requests_rejected", lane.rejected as f64);
+    gauge("forkless_lane_recoveries", lane.recoveries as f64);
+    gauge("forkless_lane_mean_batch", lane.mean_batch);
+    gauge("forkless_lane_mean_workers_per_pass", lane.mean_workers_per_pass);
     for (bucket, passes) in &lane.batch_sizes {
-        metrics::gauge!("forkless_lane_passes_by_batch_size", "size" => bucket.clone()).set(*passes as f64);
+        metrics::gauge!("forkless_lane_passes_by_batch_size", "device" => device.clone(), "size" => bucket.clone())
+            .set(*passes as f64);
     }
     for (i, passes) in lane.workers_per_pass.iter().enumerate() {
         let workers = if i + 1 == lane.workers_per_pass.len() { format!("{}+", i + 1) } else { (i + 1).to_string() };
-        metrics::gauge!("forkless_lane_passes_by_workers", "workers" => workers).set(*passes as f64);
+        metrics::gauge!("forkless_lane_passes_by_workers", "device" => device.clone(), "workers" => workers)
+            .set(*passes as f64);
     }
 }
 
@@ -72,7 +76,7 @@ fn record(ctx: &Context) {
     metrics::gauge!("forkless_escrow_bytes").set(escrow.bytes_held() as f64);
     if let Some(generation) = escrow.live() {
         metrics::gauge!("forkless_generation").set(generation.number() as f64);
-        if let Some(lane) = generation.lane_status() {
+        for lane in generation.lane_status() {
             record_lane(&lane);
         }
     }

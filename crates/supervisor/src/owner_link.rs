@@ -134,6 +134,7 @@ pub(crate) async fn assign(bus: &mut BusStream, state: &BusState) -> Result<Owne
     let (protocol, request) = OwnerProtocol::assigning();
     match state.escrow.live() {
         Some(live) => {
+            // Every device's copy: the owner verifies each before it adopts the generation.
             let fds = live.arenas.iter().map(|a| a.reader_fd()).collect::<Result<Vec<_>, _>>()?;
             let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
             bus.send(&Message::Adopt { request, manifest: live.manifest.clone() }, &borrowed).await?;

@@ -122,9 +122,10 @@ pub struct StatusReport {
     pub retiring_generation: Option<u64>,
     #[serde(default)]
     pub offered_generation: Option<u64>,
-    /// The live generation's batch lane (`[lane]` on): passes, batch sizes, workers per pass.
+    /// The live generation's batch lanes (`[lane]` on; one per device): passes, batch sizes,
+    /// workers per pass.
     #[serde(default)]
-    pub lane: Option<crate::escrow::LaneStatus>,
+    pub lanes: Vec<crate::escrow::LaneStatus>,
     /// Bytes of weights held in escrow (memory no process may show as its own).
     pub escrow_bytes: u64,
     /// GPU memory in use that no process accounts for (escrowed arenas, the driver's own);
@@ -550,7 +551,7 @@ impl Service {
             generation: escrow.live().map(|g| g.number()),
             retiring_generation: escrow.retiring(),
             offered_generation: escrow.offer().map(|g| g.number()),
-            lane: escrow.live().and_then(|g| g.lane_status()),
+            lanes: escrow.live().map(|g| g.lane_status()).unwrap_or_default(),
             escrow_bytes: escrow.bytes_held(),
             gpu_unattributed_bytes,
             workers_wanted: self.workers_wanted,

@@ -41,27 +41,39 @@ pub(crate) async fn push_first(bus: &mut BusStream, state: &BusState, index: u32
     let live = state.escrow.acquire_live().await;
     session.held.insert(live.number());
     session.newest = live.number();
-    let lane = state.lane;
-    if let Err(e) = send_generation(bus, &live, |manifest| Message::Generation { manifest, lane }).await {
+    let device = state.device_of(index);
+    let generation = |manifest, lane| Message::Generation { manifest, lane };
+    if let Err(e) = send_generation(bus, &live, device, generation, state.lane).await {
         end(state, session);
         return Err(e);
     }
     Ok(session)
 }
 
-/// Sends `generation` with fresh reader fds (read-only for host memory; CUDA memory is mapped
-/// read-only by the worker), then its batch lane's fd, if it has one.
+/// Sends the view of `generation` for this worker's device, with a fresh reader fd of its
+/// arena (read-only for host memory; CUDA memory is mapped read-only by the worker), then its
+/// device's batch lane's fd, if the generation has lanes.
 async fn send_generation(
     bus: &mut BusStream,
     generation: &EscrowedGeneration,
-    message: impl FnOnce(forkless_bus::Manifest) -> Message,
+    device: Option<u32>,
+    message: impl FnOnce(forkless_bus::Manifest, Option<forkless_bus::wire::LaneSettings>) -> Message,
+    lane: Option<forkless_bus::wire::LaneSettings>,
 ) -> Result<(), ConnError> {
-    let mut fds = generation.arenas.iter().map(|a| a.reader_fd()).collect::<Result<Vec<_>, _>>()?;
-    if let Some(lane) = &generation.lane {
-        fds.push(lane.try_clone_fd().map_err(ConnError::LaneFd)?);
-    }
+    let (view, arena, lane_fd) = generation.for_device(device).ok_or_else(|| {
+        let place = device.map_or("host memory".to_string(), |d| format!("GPU {d}"));
+        ConnError::Refused(format!("generation {} has no copy on {place}, where this worker runs", generation.number()))
+    })?;
+    let mut fds = vec![arena.reader_fd()?];
+    let lane = match lane_fd {
+        Some(lane_fd) => {
+            fds.push(lane_fd.try_clone_fd().map_err(ConnError::LaneFd)?);
+            lane
+        }
+        None => None,
+    };
     let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-    bus.send(&message(generation.manifest.clone()), &borrowed).await?;
+    bus.send(&message(view, lane), &borrowed).await?;
     Ok(())
 }
 
@@ -160,8 +172,9 @@ async fn follow(
     if let Some(offer) = state.escrow.acquire_offer(offer.number()) {
         session.held.insert(offer.number());
         session.offered = Some(offer.number());
-        let lane = state.lane;
-        send_generation(bus, &offer, |manifest| Message::Offer { manifest, lane }).await?;
+        let device = state.device_of(label.index);
+        let message = |manifest, lane| Message::Offer { manifest, lane };
+        send_generation(bus, &offer, device, message, state.lane).await?;
     }
     Ok(())
 }

@@ -220,10 +220,16 @@ fn status_table(status: &StatusReport) -> String {
         mib(Some(status.escrow_bytes)),
         status.workers_wanted,
     );
-    if let Some(lane) = &status.lane {
+    for lane in &status.lanes {
         out += &format!(
-            "lane (generation {}): {} passes, {} served, mean batch {:.1}, {:.2} workers per pass, leader pid {}\n\n",
-            lane.generation, lane.passes, lane.served, lane.mean_batch, lane.mean_workers_per_pass, lane.leader_pid
+            "lane (generation {}{}): {} passes, {} served, mean batch {:.1}, {:.2} workers per pass, leader pid {}\n",
+            lane.generation,
+            lane.device.map_or(String::new(), |d| format!(", GPU {d}")),
+            lane.passes,
+            lane.served,
+            lane.mean_batch,
+            lane.mean_workers_per_pass,
+            lane.leader_pid
         );
     }
     out += &format!(
