@@ -57,6 +57,8 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuMemcpyHtoD_v2",
     "cuMemcpyHtoDAsync_v2",
     "cuMemcpyDtoH_v2",
+    "cuMemcpyDtoD_v2",
+    "cuDeviceCanAccessPeer",
     "cuMemsetD8_v2",
     "cuMemHostAlloc",
     "cuMemFreeHost",

@@ -43,7 +43,7 @@ pub use device::{available, cublas_available, driver, nvrtc_available, probe, De
 pub use error::{CuResult, GpuError};
 pub use kernels::{KernelError, Kernels};
 pub use view::DeviceView;
-pub use vmm::{round_up, Access, ImportedArena, UploadStats, VmmArena, WriteMethod};
+pub use vmm::{round_up, Access, ImportedArena, ReplicaCopy, UploadStats, VmmArena, WriteMethod};
 
 /// The cudarc version this crate is built on, re-exported for NVRTC modules and cuBLAS.
 pub use cudarc;

@@ -365,6 +365,14 @@ impl Drop for Staging {
     }
 }
 
+/// How [`VmmArena::replicate_from`] copied an arena to another GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaCopy {
+    /// Device to device over a peer link (else through host memory).
+    pub peer: bool,
+    pub elapsed: std::time::Duration,
+}
+
 /// An arena this process created: device memory from `cuMemCreate`, requested with a POSIX fd
 /// handle type, mapped read-write here. Dropping it unmaps and releases this process's
 /// reference; the memory itself lives on while an exported fd or another mapping exists.
@@ -520,6 +528,76 @@ impl VmmArena {
     /// A typed view of `len` elements at byte `offset` (bounds and alignment checked).
     pub fn view<T>(&self, offset: u64, len: usize) -> Result<crate::DeviceView<'_, T>, GpuError> {
         crate::DeviceView::new(self.mapping.ptr, self.mapping.size as u64, offset, len)
+    }
+
+    /// Fills this arena with the bytes of `source`, an arena of the same size on another GPU
+    /// of this process (a replica for a multi-GPU generation).
+    ///
+    /// Where this GPU can reach the source's (`cuDeviceCanAccessPeer`: NVLink or PCIe
+    /// peer-to-peer), the source mapping is opened to it read-only (VMM memory is shared with a
+    /// peer per mapping, by `cuMemSetAccess`, not by `cuCtxEnablePeerAccess`) and copied device
+    /// to device: ~400 GB/s over the NVLink of two H200s. Otherwise the bytes go through host
+    /// memory in chunks. Returns once this GPU holds every byte.
+    pub fn replicate_from(&self, source: &VmmArena) -> Result<ReplicaCopy, GpuError> {
+        let started = std::time::Instant::now();
+        if source.size() != self.size() {
+            return Err(GpuError::OutOfBounds { offset: 0, len: source.mapping.size, size: self.size() });
+        }
+        let peer = self.can_reach(source)?;
+        if peer {
+            self.copy_from_peer(source)?;
+        } else {
+            self.copy_through_host(source)?;
+        }
+        Ok(ReplicaCopy { peer, elapsed: started.elapsed() })
+    }
+
+    /// Whether this arena's GPU can read `source`'s over a peer link.
+    fn can_reach(&self, source: &VmmArena) -> Result<bool, GpuError> {
+        let (me, them) = (self.mapping.gpu.cu_device(), source.mapping.gpu.cu_device());
+        if me == them {
+            return Ok(true);
+        }
+        let mut can: c_int = 0;
+        // SAFETY: valid out-pointer; both are device handles of GPUs this process opened.
+        check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, me, them) })?;
+        Ok(can == 1)
+    }
+
+    fn copy_from_peer(&self, source: &VmmArena) -> Result<(), GpuError> {
+        let reader = sys::CUmemAccessDesc {
+            location: sys::CUmemLocation {
+                type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: self.mapping.gpu.cu_device(),
+            },
+            flags: Access::ReadOnly.flags(),
+        };
+        source.mapping.gpu.bind()?;
+        // SAFETY: the source range is mapped by us for its whole size; `reader` is one
+        // initialised entry; access of the source's own GPU is not touched.
+        check("cuMemSetAccess(peer)", unsafe {
+            sys::cuMemSetAccess(source.mapping.ptr, source.mapping.size, &reader, 1)
+        })?;
+        self.mapping.gpu.bind()?;
+        // SAFETY: both ranges are live mappings of exactly `size` bytes (checked by the
+        // caller); the destination is writable by this GPU and the source now readable by it.
+        check("cuMemcpyDtoD", unsafe {
+            sys::cuMemcpyDtoD_v2(self.mapping.ptr, source.mapping.ptr, self.mapping.size)
+        })?;
+        self.mapping.gpu.synchronize()
+    }
+
+    fn copy_through_host(&self, source: &VmmArena) -> Result<(), GpuError> {
+        let mut buffer = vec![0u8; STAGING_CHUNK.min(self.mapping.size)];
+        let mut offset = 0usize;
+        while offset < self.mapping.size {
+            let len = buffer.len().min(self.mapping.size - offset);
+            source.mapping.read_into(offset as u64, &mut buffer[..len])?;
+            self.write_at(offset as u64, &buffer[..len])?;
+            offset += len;
+        }
+        self.release_staging();
+        Ok(())
     }
 
     /// Exports the allocation as a POSIX file descriptor (`cuMemExportToShareableHandle`),
