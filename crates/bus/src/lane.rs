@@ -205,7 +205,10 @@ struct Header {
     input_capacity: AtomicU32,
     output_capacity: AtomicU32,
     total_size: AtomicU64,
-    _reserved: [AtomicU64; 3],
+    /// `CLOCK_MONOTONIC` ns at which the last runner that took over from a dead one started
+    /// its first pass: how fast a pass runner's death is repaired, measurable from outside.
+    takeover_pass_ns: AtomicU64,
+    _reserved: [AtomicU64; 2],
     /// The lease: held by the process running passes.
     lease: SharedMutex,
     /// Bumped by every lease acquisition; `Taken` words carry its low 24 bits.
@@ -1300,6 +1303,11 @@ impl Region {
     }
 
     /// Counts a pass in the statistics.
+    /// The first pass after taking over from a dead holder starts now.
+    pub(crate) fn record_takeover_pass(&self) {
+        self.header().takeover_pass_ns.store(monotonic_ns(), Ordering::Relaxed);
+    }
+
     pub(crate) fn record_pass(&self, done: u64, failed: u64, processes: usize) {
         let stats = self.stats_words();
         let size = (done + failed) as usize;
@@ -1361,6 +1369,7 @@ impl Region {
             gave_up: load(&s.gave_up),
             reclaimed: load(&s.reclaimed),
             requester_deaths: load(&s.requester_deaths),
+            takeover_pass_ns: load(&header.takeover_pass_ns),
             batch_sizes: std::array::from_fn(|i| load(&s.batch_sizes[i])),
             processes_per_pass: std::array::from_fn(|i| load(&s.processes_per_pass[i])),
             slots: slot_states,
@@ -1424,6 +1433,10 @@ pub struct LaneStats {
     pub reclaimed: u64,
     /// Registered processes found dead (by a sweep or by a new registrant).
     pub requester_deaths: u64,
+    /// `CLOCK_MONOTONIC` ns of the start of the first pass after the last takeover from a dead
+    /// pass runner (0: none yet). A chaos run that notes when it killed the runner (same
+    /// clock, any process) gets the time to the next pass from it.
+    pub takeover_pass_ns: u64,
     /// Passes by number of requests: buckets 1, 2, 3–4, 5–8, … ([`batch_bucket_bounds`]).
     pub batch_sizes: [u64; BATCH_BUCKETS],
     /// Passes by number of distinct processes served: 1, 2, …, 15, 16 or more.

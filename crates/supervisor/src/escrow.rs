@@ -134,6 +134,7 @@ impl EscrowedGeneration {
             recoveries: stats.recoveries,
             requeued: stats.requeued,
             leader_pid: stats.leader_pid,
+            takeover_pass_ns: stats.takeover_pass_ns,
             mean_batch: stats.mean_batch(),
             mean_workers_per_pass: stats.mean_processes_per_pass(),
             batch_sizes,
@@ -158,6 +159,9 @@ pub struct LaneStatus {
     pub requeued: u64,
     /// The worker that last took the lease (it runs the passes).
     pub leader_pid: u32,
+    /// `CLOCK_MONOTONIC` ns at which the first pass after the last takeover from a dead pass
+    /// runner started (0: none yet).
+    pub takeover_pass_ns: u64,
     pub mean_batch: f64,
     /// How many workers' requests one pass served, on average.
     pub mean_workers_per_pass: f64,

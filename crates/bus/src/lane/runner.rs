@@ -210,6 +210,7 @@ impl Lane {
             sweep(region, epoch, config.max_crashes, &mut live);
             let mut last_sweep = monotonic_ns();
             let mut last_work = last_sweep;
+            let mut takeover = previous_died;
 
             loop {
                 if stop.load(Ordering::Acquire) {
@@ -221,6 +222,9 @@ impl Lane {
                 let now = monotonic_ns();
                 match batcher::plan(&mut queued, now, &policy) {
                     Plan::Take => {
+                        if std::mem::take(&mut takeover) {
+                            region.record_takeover_pass();
+                        }
                         let (done, failed) = run_pass(region, epoch, &queued, &mut live, &mut pass);
                         if done + failed > 0 {
                             report.passes += 1;

@@ -415,9 +415,11 @@ fn requests_of_a_dead_pass_runner_are_requeued_and_served_once() {
     let lane = Lane::map(fd.try_clone_fd().unwrap()).unwrap();
     let tickets: Vec<_> = (0..3u8).map(|i| lane.submit(&[i, i]).unwrap()).collect();
     let region = Arc::new(region_of(&fd));
+    let died = crate::lane::monotonic_ns();
     let taken = die_mid_pass(&region);
     assert_eq!(taken.len(), 3);
     assert_eq!(lane.stats().slots.taken, 3);
+    assert_eq!(lane.stats().takeover_pass_ns, 0, "no takeover yet");
 
     let stop = Arc::new(AtomicBool::new(false));
     let runner = runner_thread(&lane, &stop, RunnerConfig::default());
@@ -430,6 +432,7 @@ fn requests_of_a_dead_pass_runner_are_requeued_and_served_once() {
     assert_eq!(report.recoveries, 1);
     let stats = lane.stats();
     assert_eq!((stats.recoveries, stats.requeued, stats.served), (1, 3, 3));
+    assert!(stats.takeover_pass_ns > died, "the takeover's first pass is timed on the shared clock");
 }
 
 #[test]
