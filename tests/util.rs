@@ -146,7 +146,12 @@ impl Supervisor {
 
     /// Starts with extra `supervisor run` arguments (e.g. `--backend host`) and environment.
     pub fn start_with(config: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
-        let mut child = Command::new(supervisor_exe())
+        Self::start_program(&supervisor_exe(), config, args, env)
+    }
+
+    /// Starts the `supervisor` executable `exe` (e.g. another build, for A/B benchmarks).
+    pub fn start_program(exe: &Path, config: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
+        let mut child = Command::new(exe)
             .args(["run", "--log-format", "json"])
             .args(args)
             .arg(config)
