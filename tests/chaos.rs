@@ -19,7 +19,7 @@ fn chaos_config(dir: &TestDir) -> std::path::PathBuf {
 fn chaos(dir: &TestDir, config: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let json = dir.path().join("report.json");
     let html = dir.path().join("report.html");
-    let output = Command::new(env!("CARGO_BIN_EXE_chaos"))
+    let output = Command::new(chaos_exe())
         .args(["run", "--config"])
         .arg(config)
         .args(args)
