@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use axum::extract::{rejection::JsonRejection, State};
+use axum::body::Bytes;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -56,10 +57,10 @@ fn on_host(generation: &Generation) -> Result<(), String> {
 
 async fn predict(
     State(generations): State<Generations>,
-    body: Result<Json<Predict>, JsonRejection>,
+    body: Bytes, // any content type: `curl -d` sends a form type
 ) -> Result<Json<Prediction>, Failure> {
     let bad = |message: String| (StatusCode::BAD_REQUEST, message);
-    let Json(request) = body.map_err(|e| bad(e.body_text()))?;
+    let request: Predict = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
     let x = match (request.x, request.seed) {
         (Some(x), None) if x.len() == IN => x,
         (Some(x), None) => return Err(bad(format!("x has {} values; this model takes {IN}", x.len()))),
