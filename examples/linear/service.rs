@@ -2,7 +2,7 @@
 //! hand the router to `forkless_worker::serve`, which reports ready, serves and drains.
 
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use forkless_worker::{Expect, Generations, Worker, EXIT_FATAL};
+use forkless_worker::{Expect, Generation, Generations, Worker, EXIT_FATAL};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::{BatchSettings, GpuEngine, Input};
@@ -132,11 +132,28 @@ pub fn linear_layer() -> Expect {
     Expect::new().tensor::<f32>("weight", ["out", "in"]).tensor::<f32>("bias", ["out"])
 }
 
+/// Clients send `x` of the size the service started with: a hot swap may change the weights
+/// and the number of outputs, not the number of inputs (that takes a restart).
+fn same_inputs(started_with: Arc<OnceLock<usize>>) -> impl Fn(&Generation) -> Result<(), String> + Send + Sync {
+    move |generation| {
+        let (Some(&inputs), Ok([_, offered])) = (started_with.get(), generation.shape("weight")) else {
+            return Ok(()); // at attach, nothing to compare with (shapes are linear_layer()'s job)
+        };
+        match *offered as usize == inputs {
+            true => Ok(()),
+            false => Err(format!(
+                "weight takes {offered} inputs, but this service's clients send {inputs}: a new input size needs a restart with the new [model] path"
+            )),
+        }
+    }
+}
+
 async fn serve(batching: BatchSettings) -> ExitCode {
     // On the GPU, the engine prepares (context, kernels, cuBLAS) while the worker attaches.
     let on_gpu = matches!(forkless_worker::cuda_settings(), Ok(Some(_)));
     let pending = on_gpu.then(|| GpuEngine::prepare(batching));
-    let worker = match Worker::builder().accept(linear_layer()).attach().await {
+    let inputs = Arc::new(OnceLock::new());
+    let worker = match Worker::builder().accept(linear_layer()).accept(same_inputs(inputs.clone())).attach().await {
         Ok(worker) => worker,
         Err(e) => return e.exit(),
     };
@@ -144,6 +161,7 @@ async fn serve(batching: BatchSettings) -> ExitCode {
         Ok(model) => model,
         Err(e) => return fail(format!("weights do not hold a linear layer: {e}"), true),
     };
+    let _ = inputs.set(model.inputs);
     // Warm-up: one pass touches every weight page (or, on the GPU, loads the kernels and picks
     // cuBLAS's), so the first request is not the slow one. It consumes `model`: holding the
     // generation here would keep it mapped after a swap.

@@ -38,6 +38,9 @@ enum Phase {
 pub(crate) struct ConnClock {
     phase: Mutex<Phase>,
     limits: HttpLimits,
+    /// The task that last waited on the socket: woken when the deadline moves, because hyper
+    /// does not read again after a response until something wakes it.
+    waiter: Mutex<Option<std::task::Waker>>,
 }
 
 impl ConnClock {
@@ -45,7 +48,7 @@ impl ConnClock {
     /// timeout.
     pub(crate) fn new(limits: HttpLimits) -> Self {
         let deadline = Instant::now() + limits.header_timeout;
-        ConnClock { phase: Mutex::new(Phase::Waiting { deadline, idle: false }), limits }
+        ConnClock { phase: Mutex::new(Phase::Waiting { deadline, idle: false }), limits, waiter: Mutex::new(None) }
     }
 
     fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
@@ -60,6 +63,9 @@ impl ConnClock {
     /// The response is ready: the connection may now sit idle for the idle timeout.
     pub(crate) fn idle(&self) {
         *self.phase() = Phase::Waiting { deadline: Instant::now() + self.limits.idle_timeout, idle: true };
+        if let Some(waiter) = self.waiter.lock().expect("connection waker lock").take() {
+            waiter.wake();
+        }
     }
 
     /// Bytes arrived: on an idle connection they start a request, whose headers are now due.
@@ -96,6 +102,7 @@ impl<T> DeadlineIo<T> {
     /// Called when the socket would wait: `Ready(error)` once the deadline has passed, else
     /// `Pending` with the timer armed to wake this task at the deadline.
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        *self.clock.waiter.lock().expect("connection waker lock") = Some(cx.waker().clone());
         loop {
             let Some((deadline, idle)) = self.clock.deadline() else { return Poll::Pending };
             if self.armed != Some(deadline) {

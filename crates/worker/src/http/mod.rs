@@ -114,11 +114,54 @@ pub struct Server {
     limits: HttpLimits,
     alarms: Arc<Alarms>,
     requests: Option<Requests>,
+    /// Refused connections whose close may linger (see [`Server::refuse`]).
+    lingering: Arc<Semaphore>,
+    bursts: Arc<Bursts>,
 }
+
+/// Notices the end of a burst of connections (most of a high peak closed again) and gives the
+/// memory the burst used back to the kernel then: a worker's RSS returns to its level before
+/// an attack instead of staying at its peak.
+#[derive(Debug, Default)]
+struct Bursts {
+    open: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl Bursts {
+    /// Peaks smaller than this are ordinary traffic.
+    const LARGE: usize = 64;
+
+    fn opened(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let open = self.open.fetch_add(1, Relaxed) + 1;
+        self.peak.fetch_max(open, Relaxed);
+    }
+
+    fn closed(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let open = self.open.fetch_sub(1, Relaxed) - 1;
+        let peak = self.peak.load(Relaxed);
+        if peak >= Self::LARGE && open <= peak / 8 && self.peak.compare_exchange(peak, open, Relaxed, Relaxed).is_ok() {
+            tracing::info!("a burst of {peak} connections is over: returning its memory");
+            tokio::task::spawn_blocking(forkless_bus::child::release_free_memory);
+        }
+    }
+}
+
+/// Refused connections that may linger at once.
+const LINGERING: usize = 256;
 
 impl Server {
     pub fn new(app: Router, limits: HttpLimits) -> Server {
-        Server { app, limits, alarms: Arc::default(), requests: None }
+        Server {
+            app,
+            limits,
+            alarms: Arc::default(),
+            requests: None,
+            lingering: Arc::new(Semaphore::new(LINGERING)),
+            bursts: Arc::default(),
+        }
     }
 
     /// Counts every finished request on `requests` ([`count_requests`]).
@@ -198,9 +241,12 @@ impl Server {
             let server = self.clone();
             let service = hyper::service::service_fn(move |request| server.clone().handle(request, clock.clone()));
             let connection = graceful.watch(http.serve_connection(io, service));
+            let bursts = self.bursts.clone();
+            bursts.opened();
             tokio::spawn(async move {
                 let _ = connection.await; // a client's broken connection is its own business
                 drop(slot);
+                bursts.closed();
             });
         }
         drop(listener); // the supervisor and the other workers keep theirs
@@ -208,24 +254,28 @@ impl Server {
         Ok(())
     }
 
-    /// The connection cap is reached: a fast 503, then close. What the client already sent is
-    /// read first, so that closing sends FIN, not a reset that could discard the answer.
+    /// The connection cap is reached: a fast 503, then close. The close lingers (up to a
+    /// second, reading and discarding) so that a request still on its way does not turn the
+    /// close into a reset that would discard the 503 at the client; at most
+    /// [`LINGERING`] refusals linger at once, the others close at once.
     fn refuse(&self, stream: TcpStream, connections: &Semaphore) {
-        let mut scratch = [0u8; 16 << 10];
-        for _ in 0..4 {
-            match stream.try_read(&mut scratch) {
-                Ok(n) if n > 0 => continue,
-                _ => break,
-            }
-        }
-        let _ = stream.try_write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 26\r\nConnection: close\r\nRetry-After: 1\r\n\r\nworker at max_connections\n",
-        );
+        const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 26\r\nConnection: close\r\nRetry-After: 1\r\n\r\nworker at max_connections\n";
         let cap = self.limits.max_connections;
         let open = cap.saturating_sub(connections.available_permits());
         self.alarms
             .connection_limit
             .fire(|| format!("answered 503 to a new connection: {open} connections open (max_connections = {cap})"));
+        let _ = stream.try_write(REFUSAL);
+        let Ok(lingering) = self.lingering.clone().try_acquire_owned() else { return };
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = stream;
+            let _ = stream.shutdown().await; // FIN after the 503
+            let mut scratch = [0u8; 4096];
+            let drain = async { while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {} };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+            drop(lingering);
+        });
     }
 
     /// Accept errors: out of descriptors or memory is waited out (logged); anything else
