@@ -103,10 +103,7 @@ impl SupervisorLink {
             tracing::warn!(generation = stale.number, "offer of generation {} replaced by {number}", stale.number);
             self.forget(stale);
         }
-        let (generation, verdict) = match self.map_and_check(manifest, fds) {
-            Ok(generation) => (Some(generation), Ok(())),
-            Err((generation, reason)) => (generation, Err(reason)),
-        };
+        let (generation, verdict) = self.map_and_check(manifest, fds);
         self.offered = Some(Offered { number, generation, accepted: verdict.is_ok() });
         match verdict {
             Ok(()) => {
@@ -120,16 +117,16 @@ impl SupervisorLink {
         }
     }
 
-    /// The mapped generation if the checks accept it; else the reason, with the mapping (if
-    /// there is one) to release later.
-    fn map_and_check(&self, manifest: Manifest, fds: Vec<OwnedFd>) -> Result<Generation, (Option<Generation>, String)> {
+    /// The generation mapped (if it could be) and the service's verdict on it.
+    fn map_and_check(&self, manifest: Manifest, fds: Vec<OwnedFd>) -> (Option<Generation>, Result<(), String>) {
         let number = manifest.generation;
-        let generation = map_generation(manifest, fds, self.gpu.as_ref())
-            .map_err(|e| (None, format!("cannot map generation {number}: {e}")))?
-            .notify_release(self.notice.clone());
-        match self.checks.check(&generation) {
-            Ok(()) => Ok(generation),
-            Err(reason) => Err((Some(generation), reason)),
+        match map_generation(manifest, fds, self.gpu.as_ref()) {
+            Ok(generation) => {
+                let generation = generation.notify_release(self.notice.clone());
+                let verdict = self.checks.check(&generation);
+                (Some(generation), verdict)
+            }
+            Err(e) => (None, Err(format!("cannot map generation {number}: {e}"))),
         }
     }
 
@@ -180,11 +177,12 @@ impl SupervisorLink {
     fn push(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) {
         let number = manifest.generation;
         match self.map_and_check(manifest, fds) {
-            Ok(next) => {
+            (Some(next), Ok(())) => {
                 let previous = self.generations.replace(Arc::new(next));
                 tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");
             }
-            Err((mapped, reason)) => {
+            (mapped, verdict) => {
+                let reason = verdict.err().unwrap_or_default();
                 tracing::error!("cannot serve generation {number}: {reason}; still serving the current one");
                 if mapped.is_none() {
                     let _ = self.notice.send(number);
