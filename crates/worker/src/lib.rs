@@ -47,17 +47,20 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use forkless_bus::channel::{RecvError, SendError};
-use forkless_bus::host::{ArenaMap, MapError};
+use forkless_bus::host::ArenaMap;
 use forkless_bus::{BusStream, Message, Role};
-use forkless_weights::model_file::{LoadError, ModelFile};
+use forkless_weights::model_file::ModelFile;
 
 pub use accept::{Acceptance, Dim, Expect, Shape};
 pub use forkless_bus::child::{EXIT_FATAL, EXIT_TEMPORARY};
+pub use forkless_bus::host::MapError;
 pub use forkless_bus::manifest::ManifestError;
 pub use forkless_bus::wire::AttachTiming;
 pub use forkless_bus::{Dtype, Manifest, TensorEntry};
+pub use forkless_gpu::GpuError;
 pub use forkless_gpu::{DeviceView, Gpu};
-pub use forkless_weights::cuda::CudaSettings;
+pub use forkless_weights::cuda::{CudaSettings, SettingsError};
+pub use forkless_weights::LoadError;
 pub use generation::{Element, Generation, Generations, ViewError};
 /// The half-precision element types (`half::f16`, `half::bf16`) of F16/BF16 tensors.
 pub use half;
