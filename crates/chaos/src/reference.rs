@@ -305,6 +305,36 @@ mod tests {
         assert!(layer.answers(&[]).is_empty());
     }
 
+    fn answer(seed: u64, generation: u64, y: &[f64]) -> Answer {
+        Answer { seed, body: serde_json::json!({ "y": y }), generation, worker: 1 }
+    }
+
+    #[test]
+    fn agreement_is_per_seed_and_generation() {
+        let reference = Reference {
+            answers: HashMap::new(),
+            other: Some(Other::Agree { field: "y".into(), first: Mutex::default() }),
+        };
+        assert!(reference.check_answer(&answer(1, 1, &[1.0, 2.0])).is_ok());
+        assert!(reference.check_answer(&answer(1, 1, &[1.0, 2.0])).is_ok());
+        assert!(reference.check_answer(&answer(1, 2, &[5.0, 2.0])).is_ok(), "another generation may differ");
+        let err = reference.check_answer(&answer(1, 1, &[1.0, 2.5])).unwrap_err();
+        assert!(err.contains("seed 1") && err.contains("generation 1"), "{err}");
+        assert!(reference.check_answer(&Answer { body: serde_json::json!({}), ..answer(2, 1, &[]) }).is_err());
+    }
+
+    #[test]
+    fn expected_answers_allow_float_rounding_only() {
+        let reference = Reference {
+            answers: HashMap::new(),
+            other: Some(Other::Expected { field: "y".into(), answers: HashMap::from([(3, vec![1.0, -2.0])]) }),
+        };
+        assert!(reference.check_answer(&answer(3, 1, &[1.000001, -2.000001])).is_ok());
+        assert!(reference.check_answer(&answer(3, 1, &[1.01, -2.0])).unwrap_err().contains("reference says"));
+        assert!(reference.check_answer(&answer(3, 1, &[1.0])).is_err());
+        assert!(reference.check_answer(&answer(4, 1, &[1.0, -2.0])).unwrap_err().contains("no reference"));
+    }
+
     #[test]
     fn load_reads_a_safetensors_file() {
         let (inputs, outputs) = (16, 4);
