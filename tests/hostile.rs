@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-const HEADER_S: f64 = 8.0;
-const BODY_S: f64 = 8.0;
+const HEADER_S: f64 = 15.0;
+const BODY_S: f64 = 15.0;
 const IDLE_S: f64 = 2.0;
 
 fn hostile_config(dir: &TestDir) -> std::path::PathBuf {
@@ -109,7 +109,7 @@ fn slowloris_and_stalled_bodies_do_not_starve_real_requests() {
     // server does.)
     std::thread::sleep(Duration::from_millis(1500));
     let mut latencies: Vec<f64> = Vec::new();
-    while attack_started.elapsed().as_secs_f64() < HEADER_S.min(BODY_S) - 0.5 {
+    while attack_started.elapsed().as_secs_f64() < HEADER_S.min(BODY_S) - 1.0 {
         latencies.push(timed_request(&addr));
     }
     latencies.sort_by(f64::total_cmp);
