@@ -9,6 +9,10 @@
 //!   where HTTP is most of the cost), `FORKLESS_BENCH_WORKERS` (default 4, as the demo),
 //!   `FORKLESS_BENCH_CONNECTIONS` (default 16), `FORKLESS_BENCH_SECS` (default 10, after 2 s of
 //!   warm-up), `FORKLESS_BENCH_ROUNDS` (default 3).
+//!
+//! Besides req/s it reports the workers' CPU time per request (user + system, from
+//! `/proc/PID/stat`, over the whole round): on a machine shared with other work, req/s follows
+//! the CPU the benchmark happens to get, while CPU per request is what the code costs.
 
 #[path = "../tests/util.rs"]
 mod util;
@@ -39,9 +43,13 @@ struct Settings {
 /// What one round measured.
 struct Round {
     per_s: f64,
+    /// Workers' CPU time per answered request, in microseconds.
+    cpu_us: f64,
     p50_ms: f64,
     p99_ms: f64,
     failed: u64,
+    /// Requests answered in the whole round, warm-up included (for CPU per request).
+    answered: u64,
 }
 
 fn main() {
@@ -74,8 +82,8 @@ fn main() {
         println!("{}: {}", build.name, build.dir.display());
     }
     println!();
-    println!("| model W[out, in] | build | req/s per round | req/s median | p50 ms | p99 ms | failed |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| model W[out, in] | build | req/s per round | req/s median | worker CPU µs/request (median) | p50 ms | p99 ms | failed |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (inputs, outputs) in shapes {
         let dir = TestDir::new();
         make_weights(&this, &dir.model_path(), inputs, outputs);
@@ -86,20 +94,27 @@ fn main() {
             }
         }
         let medians: Vec<f64> = results.iter().map(|r| median(r.iter().map(|r| r.per_s).collect())).collect();
+        let cpu: Vec<f64> = results.iter().map(|r| median(r.iter().map(|r| r.cpu_us).collect())).collect();
         for (build, rounds) in builds.iter().zip(&results) {
             let per_round: Vec<String> = rounds.iter().map(|r| format!("{:.0}", r.per_s)).collect();
             println!(
-                "| [{outputs}, {inputs}] | {} | {} | {:.0} | {:.2} | {:.2} | {} |",
+                "| [{outputs}, {inputs}] | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {} |",
                 build.name,
                 per_round.join(", "),
                 median(rounds.iter().map(|r| r.per_s).collect()),
+                median(rounds.iter().map(|r| r.cpu_us).collect()),
                 median(rounds.iter().map(|r| r.p50_ms).collect()),
                 median(rounds.iter().map(|r| r.p99_ms).collect()),
                 rounds.iter().map(|r| r.failed).sum::<u64>(),
             );
         }
-        if let [baseline, this] = medians[..] {
-            println!("| [{outputs}, {inputs}] | this / baseline | | {:.1} % | | | |", this / baseline * 100.0);
+        if let ([baseline, this], [cpu_baseline, cpu_this]) = (&medians[..], &cpu[..]) {
+            println!(
+                "| [{outputs}, {inputs}] | this / baseline | | {:.1} % | {:.1} % (requests per CPU-second: {:.1} %) | | | |",
+                this / baseline * 100.0,
+                cpu_this / cpu_baseline * 100.0,
+                cpu_baseline / cpu_this * 100.0
+            );
         }
     }
 }
@@ -123,7 +138,11 @@ fn run_round(dir: &TestDir, build: &Build, settings: &Settings) -> Round {
     });
     let mut sup = Supervisor::start_program(&build.dir.join("supervisor"), &config, &[], &[]);
     let addr: std::net::SocketAddr = sup.wait_ready().parse().unwrap();
-    let round = drive(addr, settings);
+    let workers = sup.children("worker");
+    let cpu_before: u64 = workers.iter().map(|&pid| cpu_ticks(pid)).sum();
+    let mut round = drive(addr, settings);
+    let cpu = (workers.iter().map(|&pid| cpu_ticks(pid)).sum::<u64>() - cpu_before) as f64 / ticks_per_s();
+    round.cpu_us = cpu * 1e6 / round.answered as f64;
     sup.signal(libc::SIGTERM);
     assert!(sup.wait_exit().success(), "{}", sup.log_text());
     round
@@ -137,34 +156,38 @@ fn drive(addr: std::net::SocketAddr, settings: &Settings) -> Round {
     let results = runtime.block_on(async {
         let tasks: Vec<_> =
             (0..settings.connections).map(|c| tokio::spawn(connection_loop(addr, c as u64, from, until))).collect();
-        let mut all = (Vec::new(), 0);
+        let mut all = (Vec::new(), 0, 0);
         for task in tasks {
-            let (latencies, failed) = task.await.unwrap();
+            let (latencies, failed, answered) = task.await.unwrap();
             all.0.extend(latencies);
             all.1 += failed;
+            all.2 += answered;
         }
         all
     });
-    let (mut latencies, failed) = results;
+    let (mut latencies, failed, answered) = results;
     latencies.sort_unstable_by(f64::total_cmp);
     let pick = |q: f64| latencies.get(((latencies.len().max(1) - 1) as f64 * q) as usize).copied().unwrap_or(0.0);
     Round {
         per_s: latencies.len() as f64 / settings.measure.as_secs_f64(),
+        cpu_us: 0.0,
+        answered,
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         failed,
     }
 }
 
-/// One keep-alive connection; returns the latencies (ms) of requests sent in `[from, until)`.
+/// One keep-alive connection; returns the latencies (ms) of requests sent in `[from, until)`,
+/// the failures among them, and how many requests it got answered in all.
 async fn connection_loop(
     addr: std::net::SocketAddr,
     first_seed: u64,
     from: Instant,
     until: Instant,
-) -> (Vec<f64>, u64) {
+) -> (Vec<f64>, u64, u64) {
     use forkless_chaos::load::Connection;
-    let (mut latencies, mut failed, mut seed) = (Vec::new(), 0, first_seed);
+    let (mut latencies, mut failed, mut seed, mut answered) = (Vec::new(), 0, first_seed, 0);
     let mut connection: Option<Connection> = None;
     while Instant::now() < until {
         if connection.is_none() {
@@ -179,6 +202,7 @@ async fn connection_loop(
         seed += 1;
         match open.post("/infer", body.as_bytes()).await {
             Ok(reply) if reply.status == 200 => {
+                answered += 1;
                 if sent >= from {
                     latencies.push(sent.elapsed().as_secs_f64() * 1e3);
                 }
@@ -191,7 +215,20 @@ async fn connection_loop(
             }
         }
     }
-    (latencies, failed)
+    (latencies, failed, answered)
+}
+
+/// User + system CPU time of `pid` so far, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(") ").map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // After the command: field 3 is the state, so utime (14) and stime (15) are at 11 and 12.
+    fields.get(11).zip(fields.get(12)).map_or(0, |(u, s)| u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0))
+}
+
+fn ticks_per_s() -> f64 {
+    100.0 // USER_HZ: 100 on every Linux architecture forkless runs on
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
