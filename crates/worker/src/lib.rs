@@ -161,7 +161,7 @@ pub enum ReadyError {
 
 /// Counts a worker's finished requests: reported in heartbeats, and the trigger for
 /// `max_requests` recycling (the worker drains and exits 0; the supervisor starts a fresh one).
-/// [`serve`] counts every request itself ([`http::CountRequests`]); a service that serves
+/// `serve` counts every request itself (the `http::count_requests` layer); a service that serves
 /// some other way calls [`Requests::finished`] once per request.
 #[derive(Debug, Clone)]
 pub struct Requests {
