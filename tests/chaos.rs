@@ -19,7 +19,7 @@ fn chaos_config(dir: &TestDir) -> std::path::PathBuf {
 fn chaos(dir: &TestDir, config: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let json = dir.path().join("report.json");
     let html = dir.path().join("report.html");
-    let output = Command::new(env!("CARGO_BIN_EXE_chaos"))
+    let output = Command::new(chaos_exe())
         .args(["run", "--config"])
         .arg(config)
         .args(args)
@@ -100,4 +100,29 @@ fn chaos_with_sigstop_replaces_hung_workers() {
     );
     assert_common(&report);
     assert!(!report["kills"].as_array().unwrap().is_empty());
+}
+
+/// Another service, checked the way its config's `[check]` declares: the MLP example against
+/// its reference command, then with "all workers agree".
+#[test]
+fn chaos_checks_any_service_by_its_check_table() {
+    for reference in [
+        format!("[{:?}, \"reference\", \"--seeds\", \"0..64\", \"{{weights}}\"]", mlp_exe().display().to_string()),
+        "\"agree\"".to_string(),
+    ] {
+        let dir = TestDir::new();
+        let status = Command::new(mlp_exe()).arg("make-weights").arg(dir.model_path()).status().unwrap();
+        assert!(status.success());
+        let restart = format!(
+            "max_restarts = 1000\n[check]\npath = \"/predict\"\nbody = '{{\"seed\": SEED}}'\nanswer = \"y\"\nreference = {reference}\n"
+        );
+        let config = dir.write_config_with(&ConfigExtra {
+            workers: 2,
+            command: Some(vec![mlp_exe().display().to_string()]),
+            restart: &restart,
+            ..Default::default()
+        });
+        let report = chaos(&dir, &config, &["--duration", "6", "--kill", "owner@2,worker@2", "--connections", "4"]);
+        assert_common(&report);
+    }
 }

@@ -94,3 +94,49 @@ fn a_second_supervisor_for_the_same_config_is_refused() {
     assert!(second.log_text().contains("already running"), "{}", second.log_text());
     assert_eq!(infer_seed(first.addr.as_deref().unwrap(), 1)["generation"], 1);
 }
+
+/// A valid weights file the service cannot use (another input size): the swap is refused with
+/// the worker's reason, the live generation keeps serving, and no request fails meanwhile.
+///
+/// Needs the supervisor's side of two-phase hot swaps (offer every ready worker, commit when
+/// all accepted, abort on the first rejection, `reload-model` failing with the reason). Until
+/// it lands, the supervisor pushes the new generation in one phase: the workers refuse to
+/// serve it, but `reload-model` still reports it live, and this test fails on that.
+#[test]
+fn a_model_the_service_refuses_is_not_swapped_in() {
+    let dir = TestDir::new();
+    dir.write_model();
+    let refused = dir.path().join("other-input-size.safetensors");
+    let status = std::process::Command::new(worker_exe())
+        .args(["make-weights", "--in", "512", "--out", &OUT.to_string()])
+        .arg(&refused)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config = dir.write_config(3, "");
+    let mut sup = Supervisor::start(&config);
+    let addr = sup.wait_ready();
+
+    let load = Load::start(&addr, 5);
+    let (ok, stdout, stderr) =
+        supervisor_command(&[OsStr::new("reload-model"), OsStr::new("-c"), config.as_os_str(), refused.as_os_str()]);
+    let report = load.stop();
+    assert!(
+        !ok,
+        "reload-model accepted weights every worker refuses (is the supervisor's side of offer/accept/commit in?): {stdout}"
+    );
+    assert!(stderr.contains("takes 512 inputs") && stderr.contains("256"), "the worker's reason: {stderr}");
+    assert!(report.failures.is_empty(), "failures during the refused swap: {:?}", report.failures);
+    assert!(report.answers.iter().all(|(_, generation)| *generation == 1), "{:?}", report.answers);
+    let answer = infer_seed(&addr, 5);
+    assert_eq!(answer["generation"], 1);
+    assert_eq!(answer["y_sum"].as_f64().unwrap(), expected_answer(5).0);
+    // Nothing of the refused file stays in memory.
+    eventually("the refused generation is freed", || arena_fds(sup.pid()).len() == 1);
+    for pid in sup.children("worker") {
+        eventually("workers map one arena", || {
+            smaps(pid).iter().filter(|m| m.path.starts_with("/memfd:forkless-arena")).count() == 1
+        });
+    }
+    let _ = &mut sup;
+}

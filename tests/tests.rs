@@ -7,6 +7,7 @@ mod backend;
 mod chaos;
 mod escrow;
 mod failures;
+mod hostile;
 mod hot_swap;
 mod lifecycle;
 mod policies;

@@ -24,11 +24,37 @@ pub const OUT: usize = 1024;
 pub const WEIGHT_SEED: u64 = 42;
 
 pub fn supervisor_exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_supervisor"))
+    workspace_bin("supervisor")
 }
 
 pub fn worker_exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_linear-worker"))
+    workspace_bin("linear-worker")
+}
+
+pub fn chaos_exe() -> PathBuf {
+    workspace_bin("chaos")
+}
+
+pub fn mlp_exe() -> PathBuf {
+    workspace_bin("mlp-worker")
+}
+
+/// A binary of this workspace, from the folder cargo built this test into (`target/<profile>`,
+/// the parent of `deps/`): the root package's tests start the examples' workers, which
+/// `cargo test --workspace` builds (the examples package has an integration test of its own).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let deps = exe.parent().expect("a folder");
+    let dir = if deps.ends_with("deps") { deps.parent().expect("target/<profile>") } else { deps };
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first (`cargo test --workspace` and \
+         `cargo build --workspace` do; for one package: `cargo build --workspace --bins` before \
+         `cargo test -p …`; for benchmarks: `cargo build --release` before `cargo bench`)",
+        path.display()
+    );
+    path
 }
 
 /// A temp dir holding a model and a config.
@@ -176,7 +202,12 @@ impl Supervisor {
 
     /// Starts with extra `supervisor run` arguments (e.g. `--backend host`) and environment.
     pub fn start_with(config: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
-        let mut child = Command::new(supervisor_exe())
+        Self::start_program(&supervisor_exe(), config, args, env)
+    }
+
+    /// Starts the `supervisor` executable `exe` (e.g. another build, for A/B benchmarks).
+    pub fn start_program(exe: &Path, config: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
+        let mut child = Command::new(exe)
             .args(["run", "--log-format", "json"])
             .args(args)
             .arg(config)

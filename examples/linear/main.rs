@@ -14,6 +14,8 @@ mod gpu;
 mod model;
 mod seeded;
 mod service;
+#[path = "../weights_file.rs"]
+mod weights_file;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,7 +79,7 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
-    forkless_supervisor::logging::init_child();
+    forkless_worker::logging::init();
     match Cli::parse().command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => service::main(args.batching()),
         Command::MakeWeights { inputs, outputs, seed, path } => make_weights(inputs, outputs, seed, path),
@@ -85,19 +87,13 @@ fn main() -> ExitCode {
 }
 
 fn make_weights(inputs: usize, outputs: usize, seed: u64, path: Option<PathBuf>) -> ExitCode {
-    let Some(path) = path.or_else(|| std::env::var_os(forkless_bus::ENV_MODEL).map(PathBuf::from)) else {
+    let Some(path) = path.or_else(forkless_worker::model_path) else {
         eprintln!("make-weights: give a PATH or set FORKLESS_MODEL");
         return ExitCode::from(2);
     };
     let (w, b) = seeded::make_weights(inputs, outputs, seed);
     let tensors = [("weight", vec![outputs, inputs], w.as_slice()), ("bias", vec![outputs], b.as_slice())];
-    // Write beside the target and rename: an interrupted run never leaves a truncated model.
-    let partial = path.with_extension("partial");
-    let written = forkless_owner::model_file::write_f32_safetensors(&partial, &tensors).and_then(|()| {
-        std::fs::rename(&partial, &path)
-            .map_err(|source| forkless_owner::model_file::LoadError::Read { path: path.clone(), source })
-    });
-    match written {
+    match weights_file::write_f32(&path, &tensors) {
         Ok(()) => {
             tracing::info!("wrote {} (in={inputs}, out={outputs}, seed={seed})", path.display());
             ExitCode::SUCCESS

@@ -1,7 +1,8 @@
-//! The HTTP service around [`Linear`]: attach, warm up, report ready, serve, drain.
+//! The HTTP service around [`Linear`]: attach (accepting only a linear layer), warm up, and
+//! hand the router to `forkless_worker::serve`, which reports ready, serves and drains.
 
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -9,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use forkless_worker::{Generations, Requests, Worker, EXIT_FATAL};
+use forkless_worker::{Expect, Generation, Generations, Worker, EXIT_FATAL};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::{BatchSettings, GpuEngine, Input};
@@ -34,7 +35,6 @@ pub struct InferResponse {
 
 struct AppState {
     generations: Generations,
-    requests: Requests,
     pid: u32,
     /// The GPU engine, when the weights are on a GPU; `None` computes on the CPU.
     engine: Option<GpuEngine>,
@@ -82,7 +82,6 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(answer) => answer,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("inference failed: {e}")).into_response(),
     };
-    state.requests.finished();
     Json(InferResponse { y_sum: answer.y_sum, y_head: answer.y_head, generation: answer.generation, worker: state.pid })
         .into_response()
 }
@@ -119,39 +118,50 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub fn main(batching: BatchSettings) -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("cannot start the tokio runtime");
-    runtime.block_on(serve(batching))
+    forkless_worker::run(serve(batching))
 }
 
 fn fail(message: impl std::fmt::Display, fatal: bool) -> ExitCode {
-    fail_with(message, if fatal { EXIT_FATAL } else { 1 })
+    tracing::error!("{message}");
+    ExitCode::from(if fatal { EXIT_FATAL as u8 } else { 1 })
 }
 
-fn fail_with(message: impl std::fmt::Display, code: i32) -> ExitCode {
-    tracing::error!("{message}");
-    ExitCode::from(code as u8)
+/// What this service needs: `weight [out, in]` and `bias [out]`, fp32, any size. A hot swap to
+/// anything else (other names, a bias of another length) is refused before it is served.
+pub fn linear_layer() -> Expect {
+    Expect::new().tensor::<f32>("weight", ["out", "in"]).tensor::<f32>("bias", ["out"])
+}
+
+/// Clients send `x` of the size the service started with: a hot swap may change the weights
+/// and the number of outputs, not the number of inputs (that takes a restart).
+fn same_inputs(started_with: Arc<OnceLock<usize>>) -> impl Fn(&Generation) -> Result<(), String> + Send + Sync {
+    move |generation| {
+        let (Some(&inputs), Ok([_, offered])) = (started_with.get(), generation.shape("weight")) else {
+            return Ok(()); // at attach, nothing to compare with (shapes are linear_layer()'s job)
+        };
+        match *offered as usize == inputs {
+            true => Ok(()),
+            false => Err(format!(
+                "weight takes {offered} inputs, but this service's clients send {inputs}: a new input size needs a restart with the new [model] path"
+            )),
+        }
+    }
 }
 
 async fn serve(batching: BatchSettings) -> ExitCode {
     // On the GPU, the engine prepares (context, kernels, cuBLAS) while the worker attaches.
     let on_gpu = matches!(forkless_worker::cuda_settings(), Ok(Some(_)));
     let pending = on_gpu.then(|| GpuEngine::prepare(batching));
-    let mut worker = match Worker::from_env().await {
+    let inputs = Arc::new(OnceLock::new());
+    let worker = match Worker::builder().accept(linear_layer()).accept(same_inputs(inputs.clone())).attach().await {
         Ok(worker) => worker,
-        Err(e) => return fail_with(format!("cannot attach: {e}"), e.exit_code()),
+        Err(e) => return e.exit(),
     };
     let model = match Linear::new(worker.generation()) {
         Ok(model) => model,
         Err(e) => return fail(format!("weights do not hold a linear layer: {e}"), true),
     };
-    let listeners = match forkless_worker::inherited_listeners() {
-        Ok(listeners) => listeners,
-        Err(e) => return fail(e, true),
-    };
+    let _ = inputs.set(model.inputs);
     // Warm-up: one pass touches every weight page (or, on the GPU, loads the kernels and picks
     // cuBLAS's), so the first request is not the slow one. It consumes `model`: holding the
     // generation here would keep it mapped after a swap.
@@ -170,34 +180,11 @@ async fn serve(batching: BatchSettings) -> ExitCode {
         None
     };
     let engine_stats = engine.clone();
-    let state = Arc::new(AppState {
-        generations: worker.generations(),
-        requests: worker.requests(),
-        pid: std::process::id(),
-        engine,
-    });
+    let state = Arc::new(AppState { generations: worker.generations(), pid: std::process::id(), engine });
     let app = Router::new().route("/infer", post(infer)).route("/healthz", get(healthz)).with_state(state);
-    if let Err(e) = worker.ready().await {
-        return fail(format!("cannot report ready: {e}"), false);
-    }
-    tracing::info!(attach_us = worker.attach_timing().wall_us, "serving generation {}", worker.generation().number());
-    // One server per inherited listener, all stopping (and draining) on the same token.
-    let stop = worker.shutdown_token();
-    let mut servers = tokio::task::JoinSet::new();
-    for listener in listeners {
-        let serve = axum::serve(listener, app.clone()).with_graceful_shutdown(stop.clone().cancelled_owned());
-        servers.spawn(async move { serve.await });
-    }
-    let mut code = ExitCode::SUCCESS;
-    while let Some(result) = servers.join_next().await {
-        if let Err(e) = result.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-            stop.cancel();
-            code = fail(format!("server error: {e}"), false);
-        }
-    }
-    match engine_stats {
-        Some(engine) => tracing::info!(batches = %engine.stats().summary(), "drained; exiting"),
-        None => tracing::info!("drained; exiting"),
+    let code = forkless_worker::serve(worker, app).await;
+    if let Some(engine) = engine_stats {
+        tracing::info!(batches = %engine.stats().summary(), "drained; exiting (GPU batch sizes)");
     }
     code
 }

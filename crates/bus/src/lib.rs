@@ -61,6 +61,9 @@ pub const ENV_MODEL: &str = "FORKLESS_MODEL";
 pub const ENV_HEARTBEAT_MS: &str = "FORKLESS_HEARTBEAT_MS";
 /// Environment variable with the number of requests after which a worker recycles itself.
 pub const ENV_MAX_REQUESTS: &str = "FORKLESS_MAX_REQUESTS";
+/// Environment variable with a worker's HTTP limits (`[workers.http]`), as
+/// `header_timeout_ms=…,body_timeout_ms=…,idle_timeout_ms=…,max_body_bytes=…,max_connections=…`.
+pub const ENV_HTTP: &str = "FORKLESS_HTTP";
 /// Environment variable with the sharing mode: `shared` (default) or `none`.
 pub const ENV_SHARING: &str = "FORKLESS_SHARING";
 /// Environment variable with the resolved memory backend of owner and workers: `host` or

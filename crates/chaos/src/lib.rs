@@ -18,6 +18,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod load;
 pub mod reference;
 pub mod report;
@@ -116,12 +117,17 @@ struct ConnState {
 /// Runs one chaos scenario and returns its report.
 pub async fn run(options: Options) -> anyhow::Result<Report> {
     let config = Config::load(&options.config)?;
+    let check = Arc::new(check::CheckSpec::from_table(config.check.as_ref())?);
     let baseline = report::LeakBaseline::take();
     let mut sup = SupervisorProcess::start(&options.supervisor, &options.config, options.supervisor_log.as_deref())?;
     let addr: SocketAddr = sup.wait_ready().await?;
-    tracing::info!("service ready on {addr}; computing the reference answers from {}", config.model.path.display());
+    tracing::info!(
+        "service ready on {addr}; the reference answers for {}: {:?}",
+        config.model.path.display(),
+        check.reference
+    );
     let seeds: Vec<u64> = (0..SEEDS).collect();
-    let reference = Arc::new(Reference::load(&config.model.path, &seeds)?);
+    let reference = Arc::new(Reference::for_service(&check, &config, &seeds)?);
     let supervisor_fds_before = report::fd_count(sup.pid());
 
     let started = Instant::now();
@@ -136,6 +142,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             index,
             pace,
             seed: options.seed.wrapping_add(index as u64),
+            check: check.clone(),
             states: states.clone(),
             outcomes: outcomes.clone(),
             stop: stop.clone(),
@@ -203,6 +210,7 @@ struct LoadWorker {
     index: usize,
     pace: Option<Duration>,
     seed: u64,
+    check: Arc<check::CheckSpec>,
     states: Arc<Mutex<Vec<ConnState>>>,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
     stop: CancellationToken,
@@ -225,7 +233,7 @@ impl LoadWorker {
                 states[self.index].in_flight = true;
                 states[self.index].worker
             };
-            let mut outcome = request(self.addr, &mut connection, seed, self.started).await;
+            let mut outcome = request(self.addr, &mut connection, &self.check, seed, self.started).await;
             if outcome.result.is_err() {
                 outcome.worker = on_worker;
             }

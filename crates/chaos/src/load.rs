@@ -1,6 +1,7 @@
 //! The load: closed-loop keep-alive connections (`--connections C`), or an open-loop fixed
-//! rate (`--rate R`), each request `POST /infer {"seed": n}` with a seed from a fixed set, every
-//! answer checked against the [`Reference`](crate::reference::Reference).
+//! rate (`--rate R`), each request the check's (`[check]`; by default `POST /infer {"seed": n}`)
+//! with a seed from a fixed set, every answer checked against the
+//! [`Reference`](crate::reference::Reference).
 //!
 //! A keep-alive connection stays with the worker that accepted it, so each connection knows
 //! which worker (pid) it talks to: a failure is attributed to that worker's death when the pid
@@ -136,18 +137,25 @@ pub struct Outcome {
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub seed: u64,
-    pub y_sum: f64,
-    pub y_head: Vec<f64>,
+    /// The whole JSON answer (the check reads its fields).
+    pub body: serde_json::Value,
     pub generation: u64,
     pub worker: u32,
 }
 
-/// Sends `{"seed": seed}` on `connection` (opening one if needed), retrying once on a fresh
-/// connection if a reused one turns out closed. Leaves `connection` empty after a failure.
-pub async fn request(addr: SocketAddr, connection: &mut Option<Connection>, seed: u64, started: Instant) -> Outcome {
+/// Sends the check's request for `seed` (by default `POST /infer {"seed": seed}`) on
+/// `connection` (opening one if needed), retrying once on a fresh connection if a reused one
+/// turns out closed. Leaves `connection` empty after a failure.
+pub async fn request(
+    addr: SocketAddr,
+    connection: &mut Option<Connection>,
+    check: &crate::check::CheckSpec,
+    seed: u64,
+    started: Instant,
+) -> Outcome {
     let at = started.elapsed();
     let begun = Instant::now();
-    let body = format!("{{\"seed\": {seed}}}");
+    let body = check.body(seed);
     let mut retried = false;
     let result = loop {
         if connection.is_none() {
@@ -158,7 +166,7 @@ pub async fn request(addr: SocketAddr, connection: &mut Option<Connection>, seed
         }
         let conn = connection.as_mut().expect("opened above");
         let reused = conn.used > 0;
-        match tokio::time::timeout(REQUEST_TIMEOUT, conn.post("/infer", body.as_bytes())).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, conn.post(&check.path, body.as_bytes())).await {
             Ok(Ok(reply)) => break decode(seed, reply),
             Ok(Err(e)) if reused && !retried && closed_before_response(&e) => {
                 *connection = None;
@@ -182,16 +190,10 @@ fn decode(seed: u64, reply: Reply) -> Result<Answer, FailureCause> {
         _ => return Err(FailureCause::BadResponse),
     }
     let json: serde_json::Value = serde_json::from_slice(&reply.body).map_err(|_| FailureCause::BadResponse)?;
-    let number = |key: &str| json.get(key).and_then(serde_json::Value::as_f64);
     Ok(Answer {
         seed,
-        y_sum: number("y_sum").ok_or(FailureCause::BadResponse)?,
-        y_head: json
-            .get("y_head")
-            .and_then(|v| v.as_array())
-            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-            .ok_or(FailureCause::BadResponse)?,
         generation: json.get("generation").and_then(serde_json::Value::as_u64).ok_or(FailureCause::BadResponse)?,
         worker: json.get("worker").and_then(serde_json::Value::as_u64).ok_or(FailureCause::BadResponse)? as u32,
+        body: json,
     })
 }

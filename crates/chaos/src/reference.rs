@@ -1,7 +1,9 @@
-//! The answers the service must give, computed here, independently: the weights are read
-//! with the `safetensors` crate straight from the file (not through forkless), and `y = W x + b`
-//! is accumulated in f64. An answer that disagrees beyond float rounding is wrong: corrupted
-//! memory, a mixed generation, a bad attach.
+//! The answers the service must give. For the linear demo they are computed here,
+//! independently: the weights are read with the `safetensors` crate straight from the file (not
+//! through forkless), and `y = W x + b` is accumulated in f64. Any other service declares its
+//! check in `[check]` ([`crate::check`]): a reference command it ships (run once on the weights
+//! file), or "every worker agrees per seed and generation". An answer that disagrees beyond
+//! float rounding is wrong: corrupted memory, a mixed generation, a bad attach.
 //!
 //! ```no_run
 //! let reference = forkless_chaos::reference::Reference::load("weights.safetensors".as_ref(), &[1, 2, 3]).unwrap();
@@ -10,17 +12,33 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+use crate::check::{CheckSpec, ReferenceSpec};
+use crate::load::Answer;
 
 #[path = "../../../examples/linear/seeded.rs"]
 #[allow(dead_code)]
 pub(crate) mod seeded;
 
-/// Expected `y_sum` and `y_head` per request seed.
-#[derive(Debug, Clone)]
+/// The check of every answer of a run.
+#[derive(Debug)]
 pub struct Reference {
+    /// The linear demo's expected `y_sum` and `y_head` per seed (empty for other checks).
     answers: HashMap<u64, Expected>,
+    other: Option<Other>,
+}
+
+/// A check declared in `[check]`, on the JSON field `field`.
+#[derive(Debug)]
+enum Other {
+    /// What the service's reference command printed, per seed.
+    Expected { field: String, answers: HashMap<u64, Vec<f64>> },
+    /// The first answer seen per (seed, generation); every later one must equal it.
+    Agree { field: String, first: Mutex<HashMap<(u64, u64), Vec<f64>>> },
 }
 
 #[derive(Debug, Clone)]
@@ -56,7 +74,57 @@ impl Reference {
             bail!("expected fp32 weight [out, in] and bias [out]");
         }
         let layer = Layer { w: weight.data(), b: &f32s(bias.data()), inputs };
-        Ok(Reference { answers: layer.answers(seeds) })
+        Ok(Reference { answers: layer.answers(seeds), other: None })
+    }
+
+    /// The check `[check]` declares for the service of `config`, for `seeds`.
+    pub fn for_service(
+        spec: &CheckSpec,
+        config: &forkless_supervisor::config::Config,
+        seeds: &[u64],
+    ) -> anyhow::Result<Reference> {
+        let field = spec.answer.clone().unwrap_or_default();
+        let other = match &spec.reference {
+            ReferenceSpec::Named(name) if name == "linear" => return Reference::load(&config.model.path, seeds),
+            ReferenceSpec::Named(_) => Other::Agree { field, first: Mutex::default() },
+            ReferenceSpec::Command(command) => {
+                Other::Expected { field, answers: run_reference(command, config, seeds)? }
+            }
+        };
+        Ok(Reference { answers: HashMap::new(), other: Some(other) })
+    }
+
+    /// Checks one answer; `Err` says what is wrong.
+    pub fn check_answer(&self, answer: &Answer) -> Result<(), String> {
+        let seed = answer.seed;
+        let (field, want) = match &self.other {
+            None => {
+                let y_sum = answer.body["y_sum"].as_f64().ok_or("no number y_sum in the answer")?;
+                let y_head = numbers(&answer.body["y_head"]).ok_or("no array y_head in the answer")?;
+                return self.check(seed, y_sum, &y_head);
+            }
+            Some(Other::Expected { field, answers }) => {
+                (field, answers.get(&seed).cloned().ok_or_else(|| format!("no reference for seed {seed}"))?)
+            }
+            Some(Other::Agree { field, first }) => {
+                let got = numbers(&answer.body[field.as_str()]).ok_or_else(|| format!("no numbers in {field:?}"))?;
+                let mut first = first.lock().expect("agreement lock");
+                let want = first.entry((seed, answer.generation)).or_insert_with(|| got.clone());
+                if *want != got {
+                    return Err(format!(
+                        "seed {seed}: {field} {got:?}, but another answer of generation {} was {want:?}",
+                        answer.generation
+                    ));
+                }
+                return Ok(());
+            }
+        };
+        let got = numbers(&answer.body[field.as_str()]).ok_or_else(|| format!("no numbers in {field:?}"))?;
+        let close = |g: &f64, w: &f64| (g - w).abs() <= 1e-4 * (1.0 + w.abs());
+        if got.len() != want.len() || !got.iter().zip(&want).all(|(g, w)| close(g, w)) {
+            return Err(format!("seed {seed}: {field} {got:?} but the reference says {want:?}"));
+        }
+        Ok(())
     }
 
     pub fn expected(&self, seed: u64) -> Option<&Expected> {
@@ -78,6 +146,56 @@ impl Reference {
         }
         Ok(())
     }
+}
+
+/// A number or an array of numbers, as f64s.
+fn numbers(value: &Value) -> Option<Vec<f64>> {
+    match value {
+        Value::Number(n) => Some(vec![n.as_f64()?]),
+        Value::Array(items) => items.iter().map(Value::as_f64).collect(),
+        _ => None,
+    }
+}
+
+/// Runs the service's reference command on the weights file; it prints `{"SEED": answer}`.
+fn run_reference(
+    command: &[String],
+    config: &forkless_supervisor::config::Config,
+    seeds: &[u64],
+) -> anyhow::Result<HashMap<u64, Vec<f64>>> {
+    let (program, args) = command.split_first().context("[check] reference is an empty command")?;
+    let program = forkless_supervisor::config::resolve_program(program, config.base_dir());
+    let weights = config.model.path.display().to_string();
+    let args: Vec<String> = args.iter().map(|a| a.replace("{weights}", &weights)).collect();
+    let output = std::process::Command::new(&program)
+        .args(&args)
+        .output()
+        .with_context(|| format!("cannot run the [check] reference {}", program.display()))?;
+    if !output.status.success() {
+        bail!(
+            "the [check] reference {} failed ({}): {}",
+            program.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let printed: HashMap<String, Value> = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!("the [check] reference {} did not print {{\"SEED\": answer}} JSON", program.display())
+    })?;
+    let mut answers = HashMap::new();
+    for (seed, value) in printed {
+        let seed: u64 = seed.parse().with_context(|| format!("[check] reference: {seed:?} is not a seed"))?;
+        answers
+            .insert(seed, numbers(&value).with_context(|| format!("[check] reference: seed {seed} has no numbers"))?);
+    }
+    if let Some(missing) = seeds.iter().find(|s| !answers.contains_key(s)) {
+        bail!(
+            "the [check] reference {} printed no answer for seed {missing} (the harness uses seeds 0..{})",
+            program.display(),
+            seeds.len()
+        );
+    }
+    Ok(answers)
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
@@ -185,6 +303,36 @@ mod tests {
             assert_eq!(bits(&got.y_head), bits(&want.y_head), "seed {seed}");
         }
         assert!(layer.answers(&[]).is_empty());
+    }
+
+    fn answer(seed: u64, generation: u64, y: &[f64]) -> Answer {
+        Answer { seed, body: serde_json::json!({ "y": y }), generation, worker: 1 }
+    }
+
+    #[test]
+    fn agreement_is_per_seed_and_generation() {
+        let reference = Reference {
+            answers: HashMap::new(),
+            other: Some(Other::Agree { field: "y".into(), first: Mutex::default() }),
+        };
+        assert!(reference.check_answer(&answer(1, 1, &[1.0, 2.0])).is_ok());
+        assert!(reference.check_answer(&answer(1, 1, &[1.0, 2.0])).is_ok());
+        assert!(reference.check_answer(&answer(1, 2, &[5.0, 2.0])).is_ok(), "another generation may differ");
+        let err = reference.check_answer(&answer(1, 1, &[1.0, 2.5])).unwrap_err();
+        assert!(err.contains("seed 1") && err.contains("generation 1"), "{err}");
+        assert!(reference.check_answer(&Answer { body: serde_json::json!({}), ..answer(2, 1, &[]) }).is_err());
+    }
+
+    #[test]
+    fn expected_answers_allow_float_rounding_only() {
+        let reference = Reference {
+            answers: HashMap::new(),
+            other: Some(Other::Expected { field: "y".into(), answers: HashMap::from([(3, vec![1.0, -2.0])]) }),
+        };
+        assert!(reference.check_answer(&answer(3, 1, &[1.000001, -2.000001])).is_ok());
+        assert!(reference.check_answer(&answer(3, 1, &[1.01, -2.0])).unwrap_err().contains("reference says"));
+        assert!(reference.check_answer(&answer(3, 1, &[1.0])).is_err());
+        assert!(reference.check_answer(&answer(4, 1, &[1.0, -2.0])).unwrap_err().contains("no reference"));
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl Report {
                         let _ = after.record(latency_us.max(1));
                     }
                     generations.insert(answer.generation);
-                    if let Err(why) = reference.check(answer.seed, answer.y_sum, &answer.y_head) {
+                    if let Err(why) = reference.check_answer(answer) {
                         wrong += 1;
                         if wrong_examples.len() < 5 {
                             wrong_examples

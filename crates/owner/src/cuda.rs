@@ -13,45 +13,16 @@
 //! ```
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use forkless_bus::manifest::MemoryKind;
 use forkless_bus::Manifest;
-use forkless_gpu::{Access, GpuError, ImportedArena, KernelError, Kernels, VmmArena};
+use forkless_gpu::{Access, ImportedArena, Kernels};
 
 use crate::model_file::{LoadError, ModelFile};
-
-/// Where and how the owner uses the GPU (from the supervisor's `[cuda]` config).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CudaSettings {
-    pub device: u32,
-    /// Per-thread stack limit of the context, in bytes (`None`: the driver's default).
-    pub stack_limit: Option<usize>,
-    /// Folder of compiled kernels shared with the workers.
-    pub kernel_cache: Option<PathBuf>,
-}
-
-/// What went wrong on the GPU side of a load or an adoption.
-#[derive(Debug, thiserror::Error)]
-pub enum CudaError {
-    #[error("GPU {device}: {source}")]
-    Gpu { device: u32, source: GpuError },
-    #[error("GPU {device}: {source}")]
-    Kernels { device: u32, source: KernelError },
-}
-
-impl CudaError {
-    /// True when the GPU ran out of memory (retrying later may work).
-    pub fn is_out_of_memory(&self) -> bool {
-        let result = match self {
-            CudaError::Gpu { source, .. } => source.cu_result(),
-            CudaError::Kernels { source: KernelError::Gpu(source), .. } => source.cu_result(),
-            CudaError::Kernels { .. } => None,
-        };
-        result == Some(forkless_gpu::CuResult(2))
-    }
-}
+/// The GPU pieces the owner shares with the workers' private copies (`sharing = "none"`).
+pub use forkless_weights::cuda::{fill_arena, CudaError, CudaSettings, FillError, FilledArena};
 
 /// A generation loaded onto the GPU: its manifest (generation 0 until published) and the
 /// exported fd of its one arena.
@@ -75,39 +46,6 @@ fn open(settings: &CudaSettings) -> Result<(forkless_gpu::Gpu, Kernels), CudaErr
 
 fn ms(since: Instant) -> String {
     format!("{:.1}", since.elapsed().as_secs_f64() * 1e3)
-}
-
-/// A safetensors file copied into a new VMM arena on one GPU (not yet checksummed or exported).
-#[derive(Debug)]
-pub struct FilledArena {
-    /// The arena's layout, with its real (granularity-rounded) size and kind.
-    pub desc: forkless_bus::manifest::ArenaDesc,
-    pub tensors: Vec<forkless_bus::TensorEntry>,
-    pub arena: VmmArena,
-    pub upload: forkless_gpu::UploadStats,
-}
-
-/// Why a file could not be copied onto the GPU: reading it, or the GPU.
-#[derive(Debug, thiserror::Error)]
-pub enum FillError {
-    #[error("cannot read the weights file: {0}")]
-    Read(std::io::Error),
-    #[error(transparent)]
-    Gpu(GpuError),
-}
-
-/// Lays `file` out in one arena on `gpu` and uploads every tensor (the owner's load, and a
-/// worker's private copy in the `sharing = "none"` baseline).
-pub fn fill_arena(file: &ModelFile, gpu: &forkless_gpu::Gpu) -> Result<FilledArena, FillError> {
-    let (mut desc, tensors) = file.layout();
-    let arena = VmmArena::create(gpu, desc.size).map_err(FillError::Gpu)?;
-    let upload = arena.upload_file(file.file(), &file.pieces(&tensors)).map_err(|e| match e {
-        GpuError::Read { source, .. } => FillError::Read(source),
-        other => FillError::Gpu(other),
-    })?;
-    desc.size = arena.size();
-    desc.kind = MemoryKind::CudaVmm { device: gpu.ordinal() as u32 };
-    Ok(FilledArena { desc, tensors, arena, upload })
 }
 
 /// Loads `path` into a new VMM arena on the configured GPU and exports it.

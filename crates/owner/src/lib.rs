@@ -14,8 +14,9 @@
 #![forbid(unsafe_code)]
 
 pub mod cuda;
-pub mod model_file;
 pub mod protocol;
+/// Reading safetensors files, shared with workers' private copies (`forkless-weights`).
+pub use forkless_weights::model_file;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -141,20 +142,10 @@ pub fn cuda_settings_from_env() -> Result<cuda::CudaSettings, OwnerError> {
 }
 
 fn cuda_settings_from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<cuda::CudaSettings, OwnerError> {
-    fn number<T: std::str::FromStr>(
-        var: &dyn Fn(&str) -> Option<String>,
-        name: &'static str,
-    ) -> Result<Option<T>, OwnerError> {
-        var(name)
-            .map(|value| {
-                value.parse().map_err(|_| OwnerError::BadEnv { name, value, expected: "a small non-negative integer" })
-            })
-            .transpose()
-    }
-    Ok(cuda::CudaSettings {
-        device: number(var, forkless_bus::ENV_CUDA_DEVICE)?.unwrap_or(0),
-        stack_limit: number(var, forkless_bus::ENV_CUDA_STACK_BYTES)?,
-        kernel_cache: var(forkless_bus::ENV_KERNEL_CACHE).map(PathBuf::from),
+    cuda::CudaSettings::from_vars(var).map_err(|e| OwnerError::BadEnv {
+        name: e.name,
+        value: e.value,
+        expected: e.expected,
     })
 }
 

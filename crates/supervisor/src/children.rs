@@ -135,7 +135,7 @@ impl Context {
 /// Heartbeat period and request budget for a worker: heartbeats come four times per timeout
 /// (at least every second, which also keeps the request counts fresh); the budget is `max_requests` plus a per-worker draw of the jitter.
 fn worker_lifecycle_env(config: &Config, index: u32) -> Vec<(String, String)> {
-    let mut env = Vec::new();
+    let mut env = vec![(forkless_bus::ENV_HTTP.into(), config.workers.http.env_value())];
     if config.workers.timeout_s > 0.0 {
         let period_ms = (config.workers.timeout_s * 1000.0 / 4.0).clamp(10.0, 1000.0) as u64;
         env.push((forkless_bus::ENV_HEARTBEAT_MS.into(), period_ms.to_string()));

@@ -45,6 +45,10 @@ pub struct Config {
     pub cuda: CudaConfig,
     #[serde(default)]
     pub lane: LaneConfig,
+    /// How the chaos harness checks this service's answers (`chaos run`, docs/CHAOS.md). The
+    /// supervisor keeps it without reading it; `forkless-chaos` parses it.
+    #[serde(default)]
+    pub check: Option<toml::Table>,
     /// The file this was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -230,6 +234,53 @@ pub struct WorkersConfig {
     pub max_requests: u64,
     #[serde(default)]
     pub max_requests_jitter: u64,
+    /// HTTP limits of workers that serve with `forkless_worker::serve`.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `[workers.http]`: limits against slow, idle and oversized clients, passed to workers in
+/// `FORKLESS_HTTP` (see `forkless_worker::http::HttpLimits`, which says why each default).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// From accept (or a request's first byte) to the end of its headers: cuts slowloris.
+    pub header_timeout_s: f64,
+    /// From the end of the headers to the end of the body: cuts stalled uploads.
+    pub body_timeout_s: f64,
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle_timeout_s: f64,
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: u64,
+    /// Connections one worker serves at once (a fast 503 beyond).
+    pub max_connections: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout_s: 10.0,
+            body_timeout_s: 30.0,
+            idle_timeout_s: 75.0,
+            max_body_bytes: 2 << 20,
+            max_connections: 1024,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The `FORKLESS_HTTP` value workers parse.
+    pub fn env_value(&self) -> String {
+        let ms = |s: f64| ((s * 1000.0).round() as u64).max(1);
+        format!(
+            "header_timeout_ms={},body_timeout_ms={},idle_timeout_ms={},max_body_bytes={},max_connections={}",
+            ms(self.header_timeout_s),
+            ms(self.body_timeout_s),
+            ms(self.idle_timeout_s),
+            self.max_body_bytes,
+            self.max_connections
+        )
+    }
 }
 
 fn default_count() -> u32 {
@@ -326,6 +377,7 @@ impl Config {
                 return Err(self.invalid(key, "must be a number of seconds >= 0"));
             }
         }
+        self.validate_http()?;
         if let Some(addr) = &self.supervisor.metrics_listen {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(self.invalid("supervisor.metrics_listen", format!("{addr:?} is not an IP:port address")));
@@ -370,6 +422,26 @@ impl Config {
         }
         if let Some(Err(e)) = lane.layout().map(|l| l.size()) {
             return Err(self.invalid("lane", format!("this lane cannot be made: {e}")));
+        }
+        Ok(())
+    }
+
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        let http = &self.workers.http;
+        for (key, value) in [
+            ("workers.http.header_timeout_s", http.header_timeout_s),
+            ("workers.http.body_timeout_s", http.body_timeout_s),
+            ("workers.http.idle_timeout_s", http.idle_timeout_s),
+        ] {
+            if !(value.is_finite() && value >= 0.001) {
+                return Err(self.invalid(key, "must be a number of seconds >= 0.001"));
+            }
+        }
+        if http.max_body_bytes == 0 {
+            return Err(self.invalid("workers.http.max_body_bytes", "must be at least 1"));
+        }
+        if http.max_connections == 0 {
+            return Err(self.invalid("workers.http.max_connections", "must be at least 1"));
         }
         Ok(())
     }
@@ -468,6 +540,7 @@ mod tests {
             ("examples/linear/config-seed.toml", include_str!("../../../examples/linear/config-seed.toml")),
             ("examples/linear/config-chaos.toml", include_str!("../../../examples/linear/config-chaos.toml")),
             ("examples/linear/config-gpu.toml", include_str!("../../../examples/linear/config-gpu.toml")),
+            ("examples/mlp/config.toml", include_str!("../../../examples/mlp/config.toml")),
             ("deploy/config.toml", include_str!("../../../deploy/config.toml")),
         ] {
             if let Err(e) = Config::parse(text, Path::new(name)) {
@@ -487,6 +560,32 @@ mod tests {
             .collect();
         let config = Config::parse(&text, Path::new("deploy/kubernetes.yaml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.model.backend, Backend::Cuda);
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_are_checked() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.workers.http, HttpConfig::default());
+        assert_eq!(
+            c.workers.http.env_value(),
+            "header_timeout_ms=10000,body_timeout_ms=30000,idle_timeout_ms=75000,max_body_bytes=2097152,max_connections=1024"
+        );
+        let c = parse(&format!("{GOOD}[workers.http]\nheader_timeout_s = 0.5\nmax_connections = 8\n")).unwrap();
+        assert!(c.workers.http.env_value().starts_with("header_timeout_ms=500,"));
+        for (bad, key) in [
+            ("header_timeout_s = 0", "workers.http.header_timeout_s"),
+            ("max_connections = 0", "workers.http.max_connections"),
+            ("idle_timeout = 5", "idle_timeout"),
+        ] {
+            let err = parse(&format!("{GOOD}[workers.http]\n{bad}\n")).unwrap_err().to_string();
+            assert!(err.contains("config.toml") && err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_check_table_is_kept_for_the_chaos_harness() {
+        let c = parse(&format!("{GOOD}[check]\npath = \"/predict\"\n")).unwrap();
+        assert_eq!(c.check.unwrap()["path"].as_str(), Some("/predict"));
     }
 
     #[test]

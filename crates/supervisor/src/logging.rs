@@ -25,9 +25,10 @@ pub fn init(format: LogFormat) {
     }
 }
 
-/// Logging for a child process: no timestamps or colours, since the supervisor re-emits each
-/// line with its own timestamp, role, index and pid.
-pub fn init_child() {
+/// Logging for the owner process (`supervisor owner`): no timestamps or colours, since the
+/// supervisor re-emits each line with its own timestamp, role, index and pid. (Workers log
+/// through `forkless_worker::logging`.)
+pub fn init_owner() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -61,15 +61,20 @@ impl Generations {
     }
 }
 
-/// Element types a tensor may be viewed as.
-pub trait Element: bytemuck::Pod {
+/// Element types a tensor may be viewed as: one per [`Dtype`], so a view is exactly the file's
+/// numbers (`half::f16`/`half::bf16` for the half-precision dtypes, `bool` for safetensors'
+/// one-byte booleans, whose bytes are checked to be 0 or 1 when viewed).
+pub trait Element: bytemuck::CheckedBitPattern + Send + Sync + 'static {
     const DTYPE: Dtype;
 }
 
 macro_rules! element {
     ($($t:ty => $d:ident),* $(,)?) => { $(impl Element for $t { const DTYPE: Dtype = Dtype::$d; })* };
 }
-element!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, i16 => I16, i8 => I8, u8 => U8);
+element!(
+    f64 => F64, f32 => F32, half::f16 => F16, half::bf16 => BF16,
+    i64 => I64, i32 => I32, i16 => I16, i8 => I8, u8 => U8, bool => Bool,
+);
 
 /// Why a view could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +87,8 @@ pub enum ViewError {
     OnDevice { name: String },
     #[error("tensor {name:?} is in host memory: use tensor() (or run the cuda backend)")]
     OnHost { name: String },
+    #[error("tensor {name:?} holds values that are not valid {dtype:?} (a bool byte other than 0 or 1)")]
+    InvalidValues { name: String, dtype: Dtype },
 }
 
 /// Read-only weights of one generation, mapped into this process.
@@ -167,9 +174,17 @@ impl Generation {
         if t.dtype != T::DTYPE {
             return Err(ViewError::WrongDtype { name: name.into(), actual: t.dtype, requested: T::DTYPE });
         }
-        // Cannot fail: offsets are TENSOR_ALIGN-aligned in page-aligned mappings, and the
-        // length is a multiple of the element size (both checked by Manifest::validate).
-        Ok(bytemuck::cast_slice(self.bytes(name)?))
+        // Alignment and length cannot fail: offsets are TENSOR_ALIGN-aligned in page-aligned
+        // mappings, and the length is a multiple of the element size (both checked by
+        // Manifest::validate). Only a bool byte other than 0/1 can.
+        bytemuck::checked::try_cast_slice(self.bytes(name)?)
+            .map_err(|_| ViewError::InvalidValues { name: name.into(), dtype: T::DTYPE })
+    }
+
+    /// Every tensor of this generation: name, dtype and shape (and where it lies in its arena),
+    /// in arena order (by name for a weights file the owner loaded).
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.manifest.tensors
     }
 
     /// A tensor's shape.

@@ -1,45 +1,75 @@
-//! The worker side of forkless, as a library any service can embed.
+//! The worker side of forkless, as a library any service can embed: the SDK.
 //!
 //! A worker is a process the supervisor `exec`s with the bus socket, its index and (systemd
-//! convention, `LISTEN_FDS`) an already-bound listening socket in its environment.
-//! [`Worker::from_env`] ties the process to the supervisor (`PR_SET_PDEATHSIG`), attaches the
-//! current generation of weights read-only, and arms SIGTERM/SIGINT handling. The service then
-//! takes the inherited listener, warms up, calls [`Worker::ready`], and serves until
-//! [`Worker::shutdown_token`] fires: stop accepting, finish in-flight requests, exit.
+//! convention, `LISTEN_FDS`) already-bound listening sockets in its environment.
+//! [`Worker::builder`] declares what the service needs from the weights ([`Expect`], or any
+//! check); [`WorkerBuilder::attach`] ties the process to the supervisor (`PR_SET_PDEATHSIG`),
+//! maps the current generation read-only, checks it, and arms SIGTERM/SIGINT handling. With the
+//! `http` feature (default), [`serve`] does the rest for an axum router: the inherited
+//! listeners, readiness, HTTP limits against hostile clients, request counting for
+//! `max_requests`, graceful drain, exit codes. docs/WORKERS.md is the guide.
 //!
 //! ```no_run
-//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-//! let mut worker = forkless_worker::Worker::from_env().await?;
-//! let generation = worker.generation();
-//! let weight: &[f32] = generation.tensor::<f32>("weight")?;
-//! let listeners = forkless_worker::inherited_listeners()?;
-//! // ... build the service around `weight`, warm it up ...
-//! worker.ready().await?;
-//! let stop = worker.shutdown_token();
-//! stop.cancelled().await; // axum: serve(listener, app).with_graceful_shutdown(stop.cancelled_owned())
-//! # Ok(()) }
+//! use axum::{extract::State, routing::post, Router};
+//! use forkless_worker::{Expect, Generations, Worker};
+//!
+//! async fn sum(State(generations): State<Generations>) -> String {
+//!     let generation = generations.current(); // one generation for the whole request
+//!     let bias: &[f32] = generation.tensor("bias").expect("accepted at attach");
+//!     format!("{}", bias.iter().sum::<f32>())
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     forkless_worker::logging::init();
+//!     forkless_worker::run(async {
+//!         let worker = match Worker::builder().accept(Expect::new().tensor::<f32>("bias", ["out"])).attach().await {
+//!             Ok(worker) => worker,
+//!             Err(e) => return e.exit(),
+//!         };
+//!         let app = Router::new().route("/sum", post(sum)).with_state(worker.generations());
+//!         forkless_worker::serve(worker, app).await
+//!     })
+//! }
 //! ```
 #![forbid(unsafe_code)]
 
+mod accept;
 mod generation;
+#[cfg(feature = "http")]
+pub mod http;
+mod link;
+pub mod logging;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use forkless_bus::channel::{RecvError, SendError};
-use forkless_bus::host::{ArenaMap, MapError};
-use forkless_bus::manifest::ManifestError;
-use forkless_bus::{BusStream, Manifest, Message, Role};
-use forkless_owner::model_file::{LoadError, ModelFile};
-use tokio_util::sync::CancellationToken;
+use forkless_bus::host::ArenaMap;
+use forkless_bus::{BusStream, Message, Role};
+use forkless_weights::model_file::ModelFile;
 
+pub use accept::{Acceptance, Dim, Expect, Shape};
+pub use forkless_bus::child::{EXIT_FATAL, EXIT_TEMPORARY};
+pub use forkless_bus::host::MapError;
+pub use forkless_bus::manifest::ManifestError;
 pub use forkless_bus::wire::AttachTiming;
+pub use forkless_bus::{Dtype, Manifest, TensorEntry};
+pub use forkless_gpu::GpuError;
 pub use forkless_gpu::{DeviceView, Gpu};
-pub use forkless_owner::cuda::CudaSettings;
-use generation::MappedArena;
+pub use forkless_weights::cuda::{CudaSettings, SettingsError};
+pub use forkless_weights::LoadError;
 pub use generation::{Element, Generation, Generations, ViewError};
+/// The half-precision element types (`half::f16`, `half::bf16`) of F16/BF16 tensors.
+pub use half;
+#[cfg(feature = "http")]
+pub use http::{readiness_route, serve};
+pub use tokio_util::sync::CancellationToken;
+
+use accept::Checks;
+use generation::MappedArena;
 
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
@@ -65,16 +95,18 @@ pub enum AttachError {
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
-    Settings(#[from] forkless_owner::OwnerError),
+    Settings(#[from] forkless_weights::cuda::SettingsError),
     #[error("GPU {device}: {source}")]
     Gpu { device: u32, source: forkless_gpu::GpuError },
     #[error("arena {arena} is on GPU {found}, but this worker runs {configured}: the supervisor's backend and the owner disagree; restart the supervisor")]
     WrongPlace { arena: u32, found: String, configured: String },
+    #[error("this service cannot use the weights of generation {generation} ({file}): {reason}; point [model] path at weights it accepts")]
+    NotAccepted { generation: u64, file: String, reason: String },
 }
 
 impl AttachError {
     /// The exit status that tells the supervisor what to do: [`EXIT_FATAL`] (restarting cannot
-    /// help), [`forkless_bus::child::EXIT_TEMPORARY`] (out of memory for now: retry later) or 1.
+    /// help), [`EXIT_TEMPORARY`] (out of memory for now: retry later) or 1.
     pub fn exit_code(&self) -> i32 {
         let out_of_memory = match self {
             AttachError::Map { source: forkless_bus::host::MapError::Mmap(e), .. } => {
@@ -86,8 +118,8 @@ impl AttachError {
         forkless_bus::child::exit_status(out_of_memory, self.is_fatal())
     }
 
-    /// True when restarting the worker would fail the same way (exit with
-    /// [`forkless_bus::child::EXIT_FATAL`] so the supervisor reports instead of restarting).
+    /// True when restarting the worker would fail the same way (exit with [`EXIT_FATAL`] so
+    /// the supervisor reports instead of restarting).
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -97,11 +129,17 @@ impl AttachError {
                 | AttachError::Manifest(_)
                 | AttachError::Settings(_)
                 | AttachError::WrongPlace { .. }
+                | AttachError::NotAccepted { .. }
         )
     }
-}
 
-pub use forkless_bus::child::EXIT_FATAL;
+    /// Logs the error (stderr, which the supervisor shows when it stops on a fatal exit) and
+    /// returns the exit status to end the process with.
+    pub fn exit(&self) -> std::process::ExitCode {
+        tracing::error!("cannot attach: {self}");
+        std::process::ExitCode::from(self.exit_code() as u8)
+    }
+}
 
 /// Why the inherited listener is not usable.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +161,8 @@ pub enum ReadyError {
 
 /// Counts a worker's finished requests: reported in heartbeats, and the trigger for
 /// `max_requests` recycling (the worker drains and exits 0; the supervisor starts a fresh one).
+/// `serve` counts every request itself (the `http::count_requests` layer); a service that serves
+/// some other way calls [`Requests::finished`] once per request.
 #[derive(Debug, Clone)]
 pub struct Requests {
     served: Arc<std::sync::atomic::AtomicU64>,
@@ -133,7 +173,7 @@ pub struct Requests {
 impl Requests {
     /// Call once per finished request.
     pub fn finished(&self) {
-        let served = self.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         if Some(served) == self.limit {
             tracing::info!("served {served} requests (max_requests): draining to be recycled");
             self.shutdown.cancel();
@@ -142,33 +182,50 @@ impl Requests {
 
     /// Requests finished so far.
     pub fn served(&self) -> u64 {
-        self.served.load(std::sync::atomic::Ordering::Relaxed)
+        self.served.load(Ordering::Relaxed)
     }
 }
 
-/// An attached worker.
-#[derive(Debug)]
-pub struct Worker {
-    bus: Option<BusStream>,
+/// Whether this worker should get traffic: true from [`Worker::ready`] until it starts
+/// draining. A worker only ever serves generations its service accepted (at attach, and each
+/// offer of a hot swap before it is committed), so "ready" always means "serving weights it
+/// accepted". Cheap to clone, for a health route.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    reported: Arc<AtomicBool>,
     generations: Generations,
-    /// The GPU this worker maps weights on (backend `cuda`).
-    gpu: Option<Gpu>,
-    /// Numbers of generations this process has unmapped; drained by the link after `ready`.
-    released: Option<tokio::sync::mpsc::UnboundedReceiver<u64>>,
-    release_notice: tokio::sync::mpsc::UnboundedSender<u64>,
-    index: u32,
-    attach: AttachTiming,
     shutdown: CancellationToken,
-    requests: Requests,
 }
 
-fn env(name: &'static str) -> Result<String, AttachError> {
-    std::env::var(name).map_err(|_| AttachError::Env(name))
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.reported.load(Ordering::Relaxed) && !self.shutdown.is_cancelled()
+    }
+
+    /// The generation requests are served from now.
+    pub fn generation(&self) -> u64 {
+        self.generations.current().number()
+    }
 }
 
-impl Worker {
-    /// Attaches to the supervisor named in the environment and maps the current generation.
-    pub async fn from_env() -> Result<Self, AttachError> {
+/// Declares what the service needs before attaching: see [`Worker::builder`].
+#[derive(Debug, Default)]
+pub struct WorkerBuilder {
+    checks: Checks,
+}
+
+impl WorkerBuilder {
+    /// Adds a check every generation must pass before this worker serves it: an [`Expect`]
+    /// or any `Fn(&Generation) -> Result<(), String>`. Several checks must all pass.
+    pub fn accept(mut self, check: impl Acceptance) -> Self {
+        self.checks.push(check);
+        self
+    }
+
+    /// Attaches to the supervisor named in the environment, maps the current generation and
+    /// checks it. A generation the checks refuse is [`AttachError::NotAccepted`] (fatal: exit
+    /// with [`AttachError::exit`]).
+    pub async fn attach(self) -> Result<Worker, AttachError> {
         forkless_bus::child::die_with_supervisor()?;
         let index = env(forkless_bus::ENV_INDEX)?.parse().map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
         let private_model = match std::env::var(forkless_bus::ENV_SHARING).as_deref() {
@@ -183,6 +240,11 @@ impl Worker {
             Some(path) => load_private_copy(&path, gpu.as_ref())?,
             None => receive_generation(&mut bus, gpu.as_ref()).await?,
         };
+        self.checks.check(&generation).map_err(|reason| AttachError::NotAccepted {
+            generation: generation.number(),
+            file: generation.manifest().source.clone(),
+            reason,
+        })?;
         let attach = AttachTiming {
             wall_us: started.elapsed().as_micros() as u64,
             cpu_us: (forkless_bus::child::thread_cpu_time() - cpu_started).as_micros() as u64,
@@ -195,21 +257,59 @@ impl Worker {
         Ok(Worker {
             bus: Some(bus),
             generations: Generations::new(generation),
+            checks: Arc::new(self.checks),
             gpu,
             released: Some(released),
             release_notice,
             index,
             attach,
-            requests: Requests {
-                served: Arc::default(),
-                limit: std::env::var(forkless_bus::ENV_MAX_REQUESTS)
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|&n| n > 0),
-                shutdown: shutdown.clone(),
-            },
+            requests: Requests { served: Arc::default(), limit: max_requests(), shutdown: shutdown.clone() },
+            reported_ready: Arc::default(),
+            fault: Arc::default(),
             shutdown,
         })
+    }
+}
+
+/// An attached worker.
+#[derive(Debug)]
+pub struct Worker {
+    bus: Option<BusStream>,
+    generations: Generations,
+    checks: Arc<Checks>,
+    /// The GPU this worker maps weights on (backend `cuda`).
+    gpu: Option<Gpu>,
+    /// Numbers of generations this process has unmapped; drained by the link after `ready`.
+    released: Option<tokio::sync::mpsc::UnboundedReceiver<u64>>,
+    release_notice: tokio::sync::mpsc::UnboundedSender<u64>,
+    index: u32,
+    attach: AttachTiming,
+    shutdown: CancellationToken,
+    requests: Requests,
+    reported_ready: Arc<AtomicBool>,
+    /// Why the link to the supervisor broke the protocol, if it did (the worker then exits 1).
+    fault: Arc<OnceLock<String>>,
+}
+
+fn env(name: &'static str) -> Result<String, AttachError> {
+    std::env::var(name).map_err(|_| AttachError::Env(name))
+}
+
+/// `max_requests` (plus this worker's jitter), from `FORKLESS_MAX_REQUESTS`; `None`: off.
+fn max_requests() -> Option<u64> {
+    std::env::var(forkless_bus::ENV_MAX_REQUESTS).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
+}
+
+impl Worker {
+    /// Starts declaring what this service needs from the weights:
+    /// `Worker::builder().accept(Expect::new().tensor::<f32>("weight", [8192, 2048])).attach().await`.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// Attaches with no acceptance check (any generation is served).
+    pub async fn from_env() -> Result<Self, AttachError> {
+        Worker::builder().attach().await
     }
 
     /// The generation this worker serves right now.
@@ -238,38 +338,57 @@ impl Worker {
         self.attach
     }
 
-    /// The request counter to call [`Requests::finished`] on.
+    /// The request counter ([`serve`] counts by itself).
     pub fn requests(&self) -> Requests {
         self.requests.clone()
     }
 
-    /// Cancelled on SIGTERM/SIGINT or when the supervisor goes away: stop accepting, drain, exit.
+    /// Cancelled on SIGTERM/SIGINT, after `max_requests`, or when the supervisor goes away:
+    /// stop accepting, drain, exit.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
-    /// Tells the supervisor this worker has warmed up and holds its listener. Call once.
+    /// Whether this worker should get traffic, for a health route.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            reported: self.reported_ready.clone(),
+            generations: self.generations.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Why the link to the supervisor failed, if it did: the process should exit non-zero.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.get().cloned()
+    }
+
+    /// Tells the supervisor this worker has warmed up and holds its listener, and starts the
+    /// link that takes hot swaps. Call once ([`serve`] does).
     pub async fn ready(&mut self) -> Result<(), ReadyError> {
         let mut bus = self.bus.take().ok_or(ReadyError::AlreadyReady)?;
         let generation = self.generations.current().number();
         bus.send(&Message::Ready { generation, attach: self.attach }, &[]).await?;
-        let (notice, released) = (self.release_notice.clone(), self.released.take().ok_or(ReadyError::AlreadyReady)?);
+        let released = self.released.take().ok_or(ReadyError::AlreadyReady)?;
         let heartbeat = std::env::var(forkless_bus::ENV_HEARTBEAT_MS)
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|&ms: &u64| ms > 0)
             .map(std::time::Duration::from_millis);
-        let link = SupervisorLink {
+        let link = link::SupervisorLink {
             gpu: self.gpu.clone(),
+            checks: self.checks.clone(),
             heartbeat,
             requests: self.requests.clone(),
             bus,
             generations: self.generations.clone(),
-            notice,
+            notice: self.release_notice.clone(),
             released,
+            offered: None,
             shutdown: self.shutdown.clone(),
-            staged: None,
+            fault: self.fault.clone(),
         };
+        self.reported_ready.store(true, Ordering::Relaxed);
         tokio::spawn(link.run());
         Ok(())
     }
@@ -277,12 +396,30 @@ impl Worker {
 
 /// The GPU settings the supervisor gave this process (`[cuda]`: device, stack limit, kernel
 /// cache), or `None` on the host backend. A service that prepares its GPU work while
-/// [`Worker::from_env`] attaches (as the demo's engine does) reads them here.
+/// [`WorkerBuilder::attach`] runs (as the demo's engine does) reads them here.
 pub fn cuda_settings() -> Result<Option<CudaSettings>, AttachError> {
     if std::env::var(forkless_bus::ENV_BACKEND).as_deref() != Ok("cuda") {
         return Ok(None);
     }
-    Ok(Some(forkless_owner::cuda_settings_from_env()?))
+    Ok(Some(CudaSettings::from_vars(&|name| std::env::var(name).ok())?))
+}
+
+/// Runs a worker's `main` future on a multi-threaded tokio runtime (one thread per core) and
+/// returns its exit status: `fn main() -> ExitCode { forkless_worker::run(service()) }`.
+pub fn run(main: impl std::future::Future<Output = std::process::ExitCode>) -> std::process::ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => {
+            tracing::error!("cannot start the tokio runtime: {e}");
+            std::process::ExitCode::from(EXIT_TEMPORARY as u8)
+        }
+    }
+}
+
+/// The weights file of the service (`[model] path`): set for workers and for the
+/// `make_if_missing` command, which writes it there.
+pub fn model_path() -> Option<PathBuf> {
+    std::env::var_os(forkless_bus::ENV_MODEL).map(PathBuf::from)
 }
 
 /// With the `cuda` backend (`FORKLESS_BACKEND=cuda`), opens the configured GPU and shrinks
@@ -308,7 +445,11 @@ async fn receive_generation(bus: &mut BusStream, gpu: Option<&Gpu>) -> Result<Ge
 
 /// Validates the manifest, then maps each arena's fd: host memory after checking it is sealed
 /// and sized, GPU memory read-only on this worker's GPU.
-fn map_generation(manifest: Manifest, fds: Vec<OwnedFd>, gpu: Option<&Gpu>) -> Result<Generation, AttachError> {
+pub(crate) fn map_generation(
+    manifest: Manifest,
+    fds: Vec<OwnedFd>,
+    gpu: Option<&Gpu>,
+) -> Result<Generation, AttachError> {
     manifest.validate()?;
     let arenas =
         manifest.arenas.iter().zip(fds).map(|(arena, fd)| map_arena(arena, fd, gpu)).collect::<Result<Vec<_>, _>>()?;
@@ -365,7 +506,7 @@ fn load_private_copy(path: &Path, gpu: Option<&Gpu>) -> Result<Generation, Attac
 }
 
 fn load_private_gpu_copy(file: &ModelFile, gpu: &Gpu) -> Result<Generation, AttachError> {
-    use forkless_owner::cuda::{fill_arena, FillError};
+    use forkless_weights::cuda::{fill_arena, FillError};
     let filled = fill_arena(file, gpu).map_err(|e| match e {
         FillError::Read(source) => AttachError::Load(LoadError::Read { path: file.path().into(), source }),
         FillError::Gpu(source) => AttachError::Gpu { device: gpu.ordinal() as u32, source },
@@ -390,104 +531,6 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         }
         shutdown.cancel();
     });
-}
-
-/// After ready, the bus carries hot swaps in (new generations) and releases out; its closing
-/// means the supervisor is gone, and the worker drains.
-struct SupervisorLink {
-    gpu: Option<Gpu>,
-    heartbeat: Option<std::time::Duration>,
-    requests: Requests,
-    bus: BusStream,
-    generations: Generations,
-    notice: tokio::sync::mpsc::UnboundedSender<u64>,
-    released: tokio::sync::mpsc::UnboundedReceiver<u64>,
-    shutdown: CancellationToken,
-    /// An offered generation this worker accepted, waiting for the commit.
-    staged: Option<Arc<Generation>>,
-}
-
-impl SupervisorLink {
-    async fn run(mut self) {
-        let mut beat = self.heartbeat.map(tokio::time::interval);
-        loop {
-            let tick = async {
-                match beat.as_mut() {
-                    Some(interval) => interval.tick().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = tick => {
-                    let requests = self.requests.served();
-                    if let Err(e) = self.bus.send(&Message::Heartbeat { requests }, &[]).await {
-                        return self.end(&format!("bus error: {e}"));
-                    }
-                }
-                received = self.bus.recv() => match received {
-                    Ok((Message::Offer { manifest, .. }, fds)) => {
-                        if let Err(e) = self.check_offer(manifest, fds).await {
-                            return self.end(&format!("bus error: {e}"));
-                        }
-                    }
-                    Ok((Message::Commit { generation }, _)) => self.commit(generation),
-                    Ok((Message::Abort { generation, reason }, _)) => {
-                        tracing::warn!(generation, "generation {generation} is not taken: {reason}");
-                        self.staged = None;
-                    }
-                    Ok((msg, _)) => return self.end(&format!("unexpected {} from the supervisor", msg.kind())),
-                    Err(RecvError::Closed) => return self.end("the supervisor closed the bus"),
-                    Err(e) => return self.end(&format!("bus error: {e}")),
-                },
-                Some(generation) = self.released.recv() => {
-                    tracing::info!(generation, "generation {generation} released");
-                    if let Err(e) = self.bus.send(&Message::Released { generation }, &[]).await {
-                        return self.end(&format!("bus error: {e}"));
-                    }
-                }
-                _ = self.shutdown.cancelled() => return,
-            }
-        }
-    }
-
-    /// Maps an offered generation and answers whether this worker can serve it; it stays
-    /// staged, unserved, until the supervisor commits or aborts it. A generation that cannot be
-    /// mapped is rejected (and reported released at once, so it never pins memory).
-    async fn check_offer(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) -> Result<(), SendError> {
-        let number = manifest.generation;
-        let verdict = match map_generation(manifest, fds, self.gpu.as_ref()) {
-            Ok(next) => {
-                self.staged = Some(Arc::new(next.notify_release(self.notice.clone())));
-                Message::Accepted { generation: number }
-            }
-            Err(e) => {
-                tracing::error!("cannot attach generation {number}: {e}; still serving the current one");
-                let _ = self.notice.send(number);
-                Message::Rejected { generation: number, reason: format!("cannot attach it: {e}") }
-            }
-        };
-        self.bus.send(&verdict, &[]).await
-    }
-
-    /// Makes the staged generation current; requests already running finish on the old one,
-    /// which is unmapped (and reported released) when the last of them ends.
-    fn commit(&mut self, number: u64) {
-        match self.staged.take() {
-            Some(next) if next.number() == number => {
-                let previous = self.generations.replace(next);
-                tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");
-            }
-            other => {
-                tracing::error!(generation = number, "commit of generation {number}, which is not staged here");
-                self.staged = other;
-            }
-        }
-    }
-
-    fn end(&self, why: &str) {
-        tracing::warn!("{why}: draining");
-        self.shutdown.cancel();
-    }
 }
 
 /// The listening sockets the supervisor bound and passed as fds 3.. (`LISTEN_FDS`), in config

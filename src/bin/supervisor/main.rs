@@ -153,7 +153,7 @@ fn run(config: PathBuf, log_format: LogFormat, options: RunOptions) -> ExitCode 
 }
 
 fn owner() -> ExitCode {
-    logging::init_child();
+    logging::init_owner();
     match runtime().block_on(forkless_owner::run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,7 +6,7 @@
 //! `pread` is just an error naming the file.
 //!
 //! ```no_run
-//! use forkless_owner::model_file::ModelFile;
+//! use forkless_weights::model_file::ModelFile;
 //! let file = ModelFile::open("model.safetensors".as_ref()).unwrap();
 //! let (arena, tensors) = file.layout();
 //! let mut arena_bytes = vec![0u8; arena.size as usize];
