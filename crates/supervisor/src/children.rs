@@ -123,13 +123,12 @@ impl Context {
         if self.fast_stop.load(Ordering::Relaxed) {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64(self.config().supervisor.graceful_timeout_s)
+        self.config().supervisor.graceful_timeout()
     }
 
     /// How long a ready worker may stay silent before it counts as hung.
     pub fn heartbeat_timeout(&self, role: Role) -> Option<Duration> {
-        let timeout = self.config().workers.timeout_s;
-        (role == Role::Worker && timeout > 0.0).then(|| Duration::from_secs_f64(timeout))
+        self.config().workers.timeout().filter(|_| role == Role::Worker)
     }
 }
 

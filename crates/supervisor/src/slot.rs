@@ -137,7 +137,7 @@ impl SlotLoop {
     }
 
     fn start_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.ctx.config().workers.start_timeout_s)
+        self.ctx.config().workers.start_timeout()
     }
 
     /// Starts a child and waits for readiness; `Err` carries what to do about the failure.
