@@ -142,11 +142,41 @@ fn running_backend(resolved: ResolvedBackend, config: &Config, dir: &RuntimeDir)
     Ok(RunningBackend { resolved, configured: config.model.backend, kernel_cache })
 }
 
+/// Whether `[model] path` exists; an error if it exists but is not a regular file (a FIFO
+/// would block the owner's `open` until its start timeout, again and again).
+fn weights_file_exists(config: &Config) -> anyhow::Result<bool> {
+    let path = &config.model.path;
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(true),
+        Ok(meta) => bail!(
+            "weights file {} ([model] path in {}) is {}, not a regular file: point it at a safetensors file",
+            path.display(),
+            config.source.display(),
+            file_kind(meta.file_type()),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => {
+            bail!("cannot read weights file {} ([model] path in {}): {e}", path.display(), config.source.display())
+        }
+    }
+}
+
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match kind {
+        k if k.is_dir() => "a directory",
+        k if k.is_fifo() => "a FIFO (named pipe)",
+        k if k.is_socket() => "a socket",
+        k if k.is_char_device() || k.is_block_device() => "a device",
+        _ => "not a regular file",
+    }
+}
+
 /// Makes sure the weights file exists before anything starts: a missing file is a clear
 /// error naming it, not a restart loop of owners that cannot load it.
 async fn ensure_model(config: &Config, spawner: &Spawner, stop: &CancellationToken) -> anyhow::Result<()> {
     let path = &config.model.path;
-    if path.exists() {
+    if weights_file_exists(config)? {
         return Ok(());
     }
     let Some(command) = &config.model.make_if_missing else {
@@ -178,7 +208,7 @@ async fn ensure_model(config: &Config, spawner: &Spawner, stop: &CancellationTok
         }
     };
     let stderr = collect.await.unwrap_or_default();
-    if !status.success() || !path.exists() {
+    if !status.success() || !weights_file_exists(config)? {
         bail!(
             "[model] make_if_missing {:?} ({}) did not create {}: {}",
             command,
