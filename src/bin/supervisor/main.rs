@@ -163,11 +163,28 @@ fn owner() -> ExitCode {
 /// `probe-gpu`: the only place this executable touches the CUDA driver outside the owner.
 fn probe_gpu(device: u32) -> ExitCode {
     let report = ProbeReport::probe_in_this_process(device);
-    println!("{}", serde_json::to_string(&report).expect("a probe report serialises"));
+    let printed = print(&format!("{}\n", serde_json::to_string(&report).expect("a probe report serialises")));
     if report.usable {
-        ExitCode::SUCCESS
+        printed
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`supervisor status | head -1`, a closed
+/// pipe) ends the command quietly with status 0, as ripgrep does: what was asked for was
+/// delivered as far as anyone listened. (Rust ignores SIGPIPE, so `print!` would panic there
+/// with exit status 101 instead.) Any other write error is reported, with status 1.
+fn print(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("supervisor: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -178,20 +195,12 @@ fn control(target: &Target, message: Request, json: bool) -> ExitCode {
         .and_then(|config| runtime().block_on(request(&config, &message)));
     match answer {
         Ok(Response::Status { status }) if json => {
-            println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
-            ExitCode::SUCCESS
+            print(&format!("{}\n", serde_json::to_string_pretty(&status).expect("status serialises")))
         }
-        Ok(Response::Status { status }) => {
-            print!("{}", status_table(&status));
-            ExitCode::SUCCESS
-        }
-        Ok(Response::Done { message }) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
+        Ok(Response::Status { status }) => print(&status_table(&status)),
+        Ok(Response::Done { message }) => print(&format!("{message}\n")),
         Ok(Response::Reloaded { generation }) => {
-            println!("generation {generation} is live; workers switch between requests");
-            ExitCode::SUCCESS
+            print(&format!("generation {generation} is live; workers switch between requests\n"))
         }
         Ok(Response::Failed { error }) => {
             eprintln!("supervisor: {error}");
