@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::escrow::{Escrow, EscrowedGeneration};
+use crate::limits::{Admitted, ConnectionSlots, RateLimitedLog};
 use crate::processes::ProcessTable;
 use crate::spawn::{ChildLabel, PidTable};
 
@@ -44,6 +45,9 @@ enum ConnError {
     Cred(std::io::Error),
     #[error("refused: {0}")]
     Refused(String),
+    /// A path-based connection from a process that is not one of our children.
+    #[error("refused: {0}")]
+    Stranger(String),
     #[error(transparent)]
     Recv(#[from] RecvError),
     #[error(transparent)]
@@ -51,6 +55,10 @@ enum ConnError {
     #[error("cannot make an arena fd for the reader: {0}")]
     ReaderFd(#[from] forkless_bus::arena::ReaderFdError),
 }
+
+/// Path-based bus connections open at once (children use inherited socketpairs; this socket
+/// is a fallback, so a few suffice).
+pub const MAX_PATH_CONNECTIONS: usize = 64;
 
 /// What every bus connection shares.
 #[derive(Debug, Clone)]
@@ -154,30 +162,41 @@ pub struct BusServer {
 }
 
 impl BusServer {
-    /// Accepts until `stop`; waits for open connections to finish before returning.
+    /// Accepts until `stop`; waits for open connections to finish before returning. At most
+    /// [`MAX_PATH_CONNECTIONS`] are open at once (beyond: closed at once, the oldest one not yet
+    /// authenticated first), and refusals are logged at most once a second, with a count.
     pub async fn serve(self) {
         let tracker = TaskTracker::new();
+        let slots = ConnectionSlots::new(MAX_PATH_CONNECTIONS);
+        let refusals = Arc::new(RateLimitedLog::new(Duration::from_secs(1)));
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning on the error.
-                        tracing::warn!("bus accept failed: {e}");
+                        refusals.warn(|| format!("bus accept failed: {e}"));
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 },
                 _ = self.stop.cancelled() => break,
             };
+            let Some(slot) = slots.admit() else {
+                refusals.warn(|| format!("bus connection refused: {MAX_PATH_CONNECTIONS} connections are open"));
+                continue;
+            };
             let conn =
                 Connection { bus: BusStream::new(stream), state: self.state.clone(), link: ChildLink::default() };
-            let (stop, pids) = (self.stop.clone(), self.pids.clone());
+            let (stop, pids, refusals) = (self.stop.clone(), self.pids.clone(), refusals.clone());
             tracker.spawn(async move {
                 tokio::select! {
-                    result = conn.authenticate_and_run(&pids) => if let Err(e) = result {
-                        tracing::warn!("bus connection closed: {e}");
+                    result = conn.authenticate_and_run(&pids, &slot) => match result {
+                        Err(e @ ConnError::Stranger(_)) => refusals.warn(|| format!("bus connection {e}")),
+                        Err(e) => tracing::warn!("bus connection closed: {e}"),
+                        Ok(()) => {}
                     },
+                    () = slot.evicted().cancelled() => {}
                     _ = stop.cancelled() => {}
                 }
             });
@@ -194,12 +213,15 @@ struct Connection {
 }
 
 impl Connection {
-    async fn authenticate_and_run(mut self, pids: &PidTable) -> Result<(), ConnError> {
+    async fn authenticate_and_run(mut self, pids: &PidTable, slot: &Admitted) -> Result<(), ConnError> {
         match self.authenticate(pids).await {
-            Ok(label) => self.run(label).await,
+            Ok(label) => {
+                slot.busy();
+                self.run(label).await
+            }
             Err(ConnError::Refused(reason)) => {
                 let _ = self.bus.send(&Message::Refused { reason: reason.clone() }, &[]).await;
-                Err(ConnError::Refused(reason))
+                Err(ConnError::Stranger(reason))
             }
             Err(e) => Err(e),
         }

@@ -1,7 +1,10 @@
 //! Starting and stopping one child: the exec (through the spawner thread) with its bus
 //! socketpair, line-by-line forwarding of its output (tagged with role, index and pid), and a
-//! graceful stop (SIGTERM to its process group, SIGKILL after the grace). What happens around
-//! that (readiness, restarts, replacement) is the slot's business, in [`crate::slot`].
+//! graceful stop (SIGTERM to its process group, SIGKILL after the grace). Whatever the child
+//! started dies with it: when the child exits, its process group gets SIGTERM, then SIGKILL
+//! after [`GROUP_GRACE`]; the group is recorded in the runtime folder meanwhile (see
+//! [`crate::groups`]). What happens around that (readiness, restarts, replacement) is the
+//! slot's business, in [`crate::slot`].
 //!
 //! ```no_run
 //! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) -> std::io::Result<()> {
@@ -30,12 +33,16 @@ use crate::backend::RunningBackend;
 use crate::bus_server::{serve_child, BusState, ChildLink};
 use crate::config::{resolve_program, Config, Sharing};
 use crate::events::Event;
+use crate::groups::ProcessGroups;
 use crate::listeners::Listeners;
 use crate::spawn::{ChildLabel, ChildSpec, PidTable, Spawner};
 
 pub use forkless_bus::child::EXIT_FATAL;
 /// Stderr lines kept per child, quoted when it fails fatally.
 const STDERR_TAIL: usize = 20;
+/// What a child left in its process group gets between SIGTERM and SIGKILL once the child is
+/// gone (the child's own grace is `graceful_timeout_s`).
+pub const GROUP_GRACE: Duration = Duration::from_secs(2);
 
 /// What every slot shares.
 #[derive(Debug)]
@@ -52,6 +59,8 @@ pub struct Context {
     pub backend: RunningBackend,
     /// Set by a fast stop (SIGQUIT): children get no grace.
     pub fast_stop: AtomicBool,
+    /// Where children's process groups are recorded (the runtime folder), if anywhere.
+    pub groups: Option<ProcessGroups>,
 }
 
 impl Context {
@@ -68,7 +77,13 @@ impl Context {
         let config = RwLock::new(Arc::new(config));
         let events = bus.events.clone();
         let fast_stop = AtomicBool::new(false);
-        Context { config, spawner, pids, listeners, bus_socket, bus, events, backend, fast_stop }
+        Context { config, spawner, pids, listeners, bus_socket, bus, events, backend, fast_stop, groups: None }
+    }
+
+    /// Records every child's process group in `groups`.
+    pub fn with_groups(mut self, groups: ProcessGroups) -> Self {
+        self.groups = Some(groups);
+        self
     }
 
     /// The configuration in force.
@@ -184,6 +199,7 @@ pub struct Running {
     pub hung: CancellationToken,
     output: Output,
     pids: PidTable,
+    groups: Option<ProcessGroups>,
 }
 
 /// Spawns a child with a fresh bus socketpair. The welcome and the generation are queued on
@@ -207,10 +223,14 @@ pub async fn launch(ctx: &Context, label: ChildLabel) -> std::io::Result<Running
     let _ = tokio::time::timeout(QUEUE_WAIT, is_queued).await;
     let mut child = ctx.spawner.spawn(spec).await?;
     let pid = child.id().unwrap_or(0);
+    if let Some(groups) = &ctx.groups {
+        groups.record(pid);
+    }
     tracing::info!("started {} {} (pid {pid})", role_name(label.role), label.index);
     ctx.bus.processes.started(label, pid);
     let output = Output::forward(&mut child, label, pid);
-    Ok(Running { label, child, pid, started: Instant::now(), ready, hung, output, pids: ctx.pids.clone() })
+    let (pids, groups) = (ctx.pids.clone(), ctx.groups.clone());
+    Ok(Running { label, child, pid, started: Instant::now(), ready, hung, output, pids, groups })
 }
 
 impl Running {
@@ -231,21 +251,49 @@ impl Running {
         self.reaped(status).await
     }
 
-    /// After the child exited on its own: clean up its process group and collect its output.
+    /// After the child exited on its own: end its process group and collect its output.
     pub async fn reaped(self, status: std::io::Result<ExitStatus>) -> (std::io::Result<ExitStatus>, String) {
         // Whatever the dead child started (its process group) goes with it: no orphans
-        // holding its pipes, its sockets or its memory.
-        signal_group(self.pid, Signal::KILL);
+        // holding its pipes, its sockets or its memory. SIGTERM first, so they can clean up.
+        if signal_group(self.pid, Signal::TERM) {
+            tokio::spawn(end_group(self.pid, self.groups.clone()));
+        } else if let Some(groups) = &self.groups {
+            groups.forget(self.pid);
+        }
         self.pids.remove(self.pid);
         let tail = self.output.finish().await;
         (status, tail)
     }
 }
 
-pub(crate) fn signal_group(pid: u32, signal: Signal) {
-    if let Some(pgid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
-        // ESRCH means the group is already gone, which is what we wanted.
-        let _ = kill_process_group(pgid, signal);
+/// SIGKILLs what is left of group `pgid` after [`GROUP_GRACE`] (the group already had its
+/// SIGTERM), then forgets its record.
+async fn end_group(pgid: u32, groups: Option<ProcessGroups>) {
+    let deadline = tokio::time::Instant::now() + GROUP_GRACE;
+    while group_exists(pgid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if signal_group(pgid, Signal::KILL) {
+        tracing::warn!("process group {pgid} outlived its leader by {GROUP_GRACE:?} after SIGTERM: SIGKILL");
+    }
+    if let Some(groups) = groups {
+        groups.forget(pgid);
+    }
+}
+
+/// Signals the process group `pid` leads; false if it has no member left. (A group keeps its
+/// number reserved while it has members, so this cannot hit somebody else's group.)
+pub(crate) fn signal_group(pid: u32, signal: Signal) -> bool {
+    match i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        Some(pgid) => kill_process_group(pgid, signal).is_ok(),
+        None => false,
+    }
+}
+
+fn group_exists(pgid: u32) -> bool {
+    match i32::try_from(pgid).ok().and_then(Pid::from_raw) {
+        Some(pgid) => rustix::process::test_kill_process_group(pgid).is_ok(),
+        None => false,
     }
 }
 

@@ -28,6 +28,8 @@ pub mod config;
 pub mod control;
 pub mod escrow;
 pub mod events;
+pub mod groups;
+pub mod limits;
 pub mod listeners;
 pub mod logging;
 pub mod metrics;
@@ -79,12 +81,13 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     let spawner = Spawner::start(tokio::runtime::Handle::current());
     let stop = Stop::default();
     shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
-    let control = control::ControlSocket::bind(&control::socket_path(&config), &config.source).await?;
+    let runtime_dir = RuntimeDir::open(&config.source, config.supervisor.runtime_dir.as_deref())?;
+    let meter = processes::MemoryMeter::start().context("cannot start the memory-measuring thread")?;
+    let control = control::ControlSocket::bind(&runtime_dir.control_socket(), meter.clone())?;
     let requested = options.backend.unwrap_or(config.model.backend);
     let resolved = backend::resolve(requested, &config, &spawner, Path::new(SELF_EXE)).await?;
     tracing::info!(backend = resolved.env_value(), "backend {resolved}");
     ensure_model(&config, &spawner, &stop.token()).await?;
-    let runtime_dir = RuntimeDir::create(config.supervisor.runtime_dir.as_deref())?;
     let backend = running_backend(resolved, &config, &runtime_dir)?;
     let listeners = Listeners::bind(&config.workers.listen, config.workers.backlog)?;
     let addrs: Vec<String> = listeners.local_addrs().iter().map(ToString::to_string).collect();
@@ -116,8 +119,9 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
         BusServer { listener: bus_listener, pids: pids.clone(), state: bus_state.clone(), stop: bus_stop.clone() };
     let bus_task = tokio::spawn(bus.serve());
     let control_task = tokio::spawn(control.serve(bus_state.clone(), commands, bus_stop.clone()));
-    let ctx = Arc::new(Context::new(config, backend, spawner, pids, listeners, bus_socket, bus_state));
-    let metrics_task = tokio::spawn(metrics::record_periodically(ctx.clone(), bus_stop.clone()));
+    let ctx = Context::new(config, backend, spawner, pids, listeners, bus_socket, bus_state);
+    let ctx = Arc::new(ctx.with_groups(runtime_dir.groups().clone()));
+    let metrics_task = tokio::spawn(metrics::record_periodically(ctx.clone(), meter, bus_stop.clone()));
 
     let failure = Service::new(ctx, stop, health).counting_from(started).run(event_inbox, command_inbox).await;
 

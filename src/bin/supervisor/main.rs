@@ -226,6 +226,9 @@ fn status_table(status: &StatusReport) -> String {
         mib(Some(status.escrow_bytes)),
         status.workers_wanted,
     );
+    if let Some(reason) = &status.memory_unknown {
+        out += &format!("{reason}\n\n");
+    }
     out += &format!(
         "{:<7} {:>5} {:>8} {:<9} {:>8} {:>9} {:>9} {:>8} {:>4} {:>9}\n",
         "ROLE", "INDEX", "PID", "STATE", "RESTARTS", "UPTIME", "RSS MiB", "GPU MiB", "GEN", "REQUESTS"
