@@ -17,11 +17,12 @@ pub mod cuda;
 pub mod model_file;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
+use forkless_bus::child_env::ChildEnv;
 use forkless_bus::host::{ArenaMap, ArenaWriter, SealedArena};
-use forkless_bus::{BusStream, Manifest, Message, Role};
+use forkless_bus::{BusStream, Manifest, Message};
 use model_file::{LoadError, ModelFile};
 
 pub use forkless_bus::child::EXIT_FATAL;
@@ -31,8 +32,8 @@ pub use forkless_bus::child::EXIT_FATAL;
 pub enum OwnerError {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{0} is not set: the owner must be started by `supervisor run`")]
-    Env(&'static str),
+    #[error(transparent)]
+    Env(#[from] forkless_bus::child_env::ChildEnvError),
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
     #[error(transparent)]
@@ -47,8 +48,6 @@ pub enum OwnerError {
     Refused(String),
     #[error("supervisor answered {0} where a different message was expected")]
     Unexpected(&'static str),
-    #[error("{name}={value:?} is not valid: {expected}; it is set by `supervisor run`")]
-    BadEnv { name: &'static str, value: String, expected: &'static str },
 }
 
 impl OwnerError {
@@ -73,14 +72,8 @@ impl OwnerError {
         if let OwnerError::Load(LoadError::Gpu { .. }) = self {
             return false; // a GPU hiccup or a full GPU: a restart (with backoff) may succeed
         }
-        matches!(
-            self,
-            OwnerError::Load(_)
-                | OwnerError::Env(_)
-                | OwnerError::BadEnv { .. }
-                | OwnerError::Orphan(_)
-                | OwnerError::Refused(_)
-        ) || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
+        matches!(self, OwnerError::Load(_) | OwnerError::Env(_) | OwnerError::Orphan(_) | OwnerError::Refused(_))
+            || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
     }
 }
 
@@ -103,12 +96,8 @@ pub fn load_host_arena(path: &Path) -> Result<(Manifest, SealedArena), OwnerErro
     Ok((manifest, arena))
 }
 
-fn env(name: &'static str) -> Result<String, OwnerError> {
-    std::env::var(name).map_err(|_| OwnerError::Env(name))
-}
-
 /// Where the owner puts the weights: `FORKLESS_BACKEND` and, for `cuda`, the device, the
-/// context's stack limit and the kernel cache, all set by the supervisor.
+/// context's stack limit and the kernel cache, all set by the supervisor (see [`ChildEnv`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     Host,
@@ -116,43 +105,23 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Reads the backend from the environment; unset means `host`.
-    pub fn from_env() -> Result<Backend, OwnerError> {
-        Backend::from_vars(&|name| std::env::var(name).ok())
-    }
-
-    /// The same, from any source of variables (`var(name)`).
-    pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<Backend, OwnerError> {
-        let backend = var(forkless_bus::ENV_BACKEND).unwrap_or_else(|| "host".into());
-        match backend.as_str() {
-            "host" => Ok(Backend::Host),
-            "cuda" => Ok(Backend::Cuda(cuda_settings_from_vars(var)?)),
-            _ => Err(OwnerError::BadEnv { name: forkless_bus::ENV_BACKEND, value: backend, expected: "host or cuda" }),
+    /// The backend the supervisor gave this process.
+    pub fn of(env: &ChildEnv) -> Backend {
+        match env.cuda() {
+            None => Backend::Host,
+            Some(cuda) => Backend::Cuda(cuda.into()),
         }
     }
 }
 
-/// The `[cuda]` settings the supervisor passes to owner and workers alike.
-pub fn cuda_settings_from_env() -> Result<cuda::CudaSettings, OwnerError> {
-    cuda_settings_from_vars(&|name| std::env::var(name).ok())
-}
-
-fn cuda_settings_from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<cuda::CudaSettings, OwnerError> {
-    fn number<T: std::str::FromStr>(
-        var: &dyn Fn(&str) -> Option<String>,
-        name: &'static str,
-    ) -> Result<Option<T>, OwnerError> {
-        var(name)
-            .map(|value| {
-                value.parse().map_err(|_| OwnerError::BadEnv { name, value, expected: "a small non-negative integer" })
-            })
-            .transpose()
+impl From<&forkless_bus::child_env::CudaEnv> for cuda::CudaSettings {
+    fn from(env: &forkless_bus::child_env::CudaEnv) -> Self {
+        cuda::CudaSettings {
+            device: env.device,
+            stack_limit: env.stack_limit_bytes.and_then(|b| usize::try_from(b).ok()),
+            kernel_cache: env.kernel_cache.clone(),
+        }
     }
-    Ok(cuda::CudaSettings {
-        device: number(var, forkless_bus::ENV_CUDA_DEVICE)?.unwrap_or(0),
-        stack_limit: number(var, forkless_bus::ENV_CUDA_STACK_BYTES)?,
-        kernel_cache: var(forkless_bus::ENV_KERNEL_CACHE).map(PathBuf::from),
-    })
 }
 
 /// Loads `path` with `backend`: the manifest (generation 0) and one fd per arena.
@@ -173,10 +142,10 @@ pub fn load(path: &Path, backend: &Backend) -> Result<(Manifest, Vec<OwnedFd>), 
 /// The owner process: tie to the supervisor, load, publish, then stay until the supervisor
 /// closes the bus or SIGTERM arrives.
 pub async fn run() -> Result<(), OwnerError> {
-    forkless_bus::child::die_with_supervisor()?;
-    let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
-    let backend = Backend::from_env()?;
-    let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
+    let env = ChildEnv::from_env()?;
+    forkless_bus::child::die_with_supervisor(&env)?;
+    let (model, backend) = (env.model.clone(), Backend::of(&env));
+    let mut bus = forkless_bus::child::connect_to_supervisor(&env).await?;
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(OwnerError::Signal)?;
     match bus.recv().await? {
@@ -319,6 +288,7 @@ pub fn verify_escrowed(manifest: &Manifest, fds: Vec<OwnedFd>) -> Result<(), Ado
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn loaded() -> (tempfile::TempDir, Manifest, SealedArena) {
         let dir = tempfile::tempdir().unwrap();
@@ -330,23 +300,30 @@ mod tests {
     }
 
     fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        const BASE: [(&str, &str); 4] = [
+            ("FORKLESS_ROLE", "owner"),
+            ("FORKLESS_INDEX", "0"),
+            ("FORKLESS_SUPERVISOR_PID", "1"),
+            ("FORKLESS_MODEL", "/m"),
+        ];
+        move |name| pairs.iter().chain(&BASE).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
     }
 
     #[test]
     fn backend_comes_from_the_supervisors_variables() {
-        assert_eq!(Backend::from_vars(&vars(&[])).unwrap(), Backend::Host);
-        let cuda = Backend::from_vars(&vars(&[
+        let backend = |pairs| ChildEnv::from_vars(vars(pairs)).map(|env| Backend::of(&env));
+        assert_eq!(backend(&[]).unwrap(), Backend::Host);
+        let cuda = backend(&[
             ("FORKLESS_BACKEND", "cuda"),
             ("FORKLESS_CUDA_DEVICE", "1"),
             ("FORKLESS_CUDA_STACK_BYTES", "64"),
             ("FORKLESS_KERNEL_CACHE", "/run/k"),
-        ]))
+        ])
         .unwrap();
         let expected =
             cuda::CudaSettings { device: 1, stack_limit: Some(64), kernel_cache: Some(PathBuf::from("/run/k")) };
         assert_eq!(cuda, Backend::Cuda(expected));
-        let defaults = Backend::from_vars(&vars(&[("FORKLESS_BACKEND", "cuda")])).unwrap();
+        let defaults = backend(&[("FORKLESS_BACKEND", "cuda")]).unwrap();
         assert_eq!(defaults, Backend::Cuda(cuda::CudaSettings { device: 0, stack_limit: None, kernel_cache: None }));
     }
 
@@ -358,7 +335,7 @@ mod tests {
             &[("FORKLESS_BACKEND", "cuda"), ("FORKLESS_CUDA_DEVICE", "99999999999")][..],
         ] {
             let pairs: &'static [(&'static str, &'static str)] = bad;
-            let err = Backend::from_vars(&vars(pairs)).unwrap_err();
+            let err = OwnerError::from(ChildEnv::from_vars(vars(pairs)).unwrap_err());
             assert!(err.is_fatal(), "{err}");
             assert!(err.to_string().contains("FORKLESS_"), "{err}");
         }

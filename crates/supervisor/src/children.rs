@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use forkless_bus::child_env::ChildEnv;
 use forkless_bus::Role;
 use rustix::process::{kill_process_group, Pid, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -98,6 +99,21 @@ impl Context {
 
     fn spec(&self, label: ChildLabel) -> std::io::Result<ChildSpec> {
         let config = self.config();
+        let mut env = ChildEnv {
+            role: label.role,
+            index: label.index,
+            supervisor_pid: std::process::id(),
+            bus_fd: None, // the spawner knows where the socket lands
+            bus_path: Some(self.bus_socket.clone()),
+            model: config.model.path.clone(),
+            sharing: match config.model.sharing {
+                Sharing::Shared => forkless_bus::child_env::Sharing::Shared,
+                Sharing::None => forkless_bus::child_env::Sharing::None,
+            },
+            backend: self.backend.for_children(&config),
+            heartbeat: None,
+            max_requests: None,
+        };
         let mut spec = match label.role {
             Role::Owner => {
                 // Not current_exe(): after an in-place upgrade that path names the new binary
@@ -111,24 +127,13 @@ impl Context {
                 let mut spec = ChildSpec::new(resolve_program(&command[0], config.base_dir()));
                 spec.args = command[1..].to_vec();
                 spec.env.extend(config.workers.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-                spec.env.extend(worker_lifecycle_env(&config, label.index));
+                env.heartbeat = config.workers.heartbeat_period();
+                env.max_requests = request_budget(&config, label.index);
                 spec.listeners = self.listeners.duplicate()?;
                 spec
             }
         };
-        let sharing = match config.model.sharing {
-            Sharing::Shared => "shared",
-            Sharing::None => "none",
-        };
-        spec.env.extend([
-            (forkless_bus::ENV_BUS.into(), self.bus_socket.display().to_string()),
-            (forkless_bus::ENV_ROLE.into(), role_name(label.role).into()),
-            (forkless_bus::ENV_INDEX.into(), label.index.to_string()),
-            (forkless_bus::ENV_SUPERVISOR_PID.into(), std::process::id().to_string()),
-            (forkless_bus::ENV_MODEL.into(), config.model.path.display().to_string()),
-            (forkless_bus::ENV_SHARING.into(), sharing.into()),
-        ]);
-        spec.env.extend(self.backend.child_env(&config));
+        spec.child_env = Some(env);
         spec.label = Some((self.pids.clone(), label));
         Ok(spec)
     }
@@ -147,22 +152,14 @@ impl Context {
     }
 }
 
-/// Heartbeat period and request budget for a worker: heartbeats come four times per timeout
-/// (at least every second, which also keeps the request counts fresh); the budget is `max_requests` plus a per-worker draw of the jitter.
-fn worker_lifecycle_env(config: &Config, index: u32) -> Vec<(String, String)> {
-    let mut env = Vec::new();
-    if config.workers.timeout_s > 0.0 {
-        let period_ms = (config.workers.timeout_s * 1000.0 / 4.0).clamp(10.0, 1000.0) as u64;
-        env.push((forkless_bus::ENV_HEARTBEAT_MS.into(), period_ms.to_string()));
-    }
-    if config.workers.max_requests > 0 {
-        let jitter = match config.workers.max_requests_jitter {
-            0 => 0,
-            j => draw(index) % (j + 1),
-        };
-        env.push((forkless_bus::ENV_MAX_REQUESTS.into(), (config.workers.max_requests + jitter).to_string()));
-    }
-    env
+/// A worker's request budget: `max_requests` plus a per-worker draw of the jitter (none when
+/// `max_requests` is 0). Config validation keeps the sum far from overflowing.
+fn request_budget(config: &Config, index: u32) -> Option<u64> {
+    let jitter = match config.workers.max_requests_jitter {
+        0 => 0,
+        j => draw(index) % (j + 1),
+    };
+    (config.workers.max_requests > 0).then(|| config.workers.max_requests.saturating_add(jitter))
 }
 
 /// A cheap, varying number (no cryptographic needs: spreading recycles apart).

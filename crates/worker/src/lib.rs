@@ -24,14 +24,15 @@
 mod generation;
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use forkless_bus::channel::{RecvError, SendError};
+use forkless_bus::child_env::{ChildEnv, ChildEnvError, Sharing};
 use forkless_bus::host::{ArenaMap, MapError};
 use forkless_bus::manifest::ManifestError;
-use forkless_bus::{BusStream, Manifest, Message, Role};
+use forkless_bus::{BusStream, Manifest, Message};
 use forkless_owner::model_file::{LoadError, ModelFile};
 use tokio_util::sync::CancellationToken;
 
@@ -44,8 +45,8 @@ pub use generation::{Element, Generation, Generations, ViewError};
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("{0} is not set: workers are started by `supervisor run`, which sets it")]
-    Env(&'static str),
+    #[error(transparent)]
+    Env(#[from] ChildEnvError),
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
     #[error(transparent)]
@@ -160,25 +161,20 @@ pub struct Worker {
     attach: AttachTiming,
     shutdown: CancellationToken,
     requests: Requests,
-}
-
-fn env(name: &'static str) -> Result<String, AttachError> {
-    std::env::var(name).map_err(|_| AttachError::Env(name))
+    heartbeat: Option<std::time::Duration>,
 }
 
 impl Worker {
     /// Attaches to the supervisor named in the environment and maps the current generation.
     pub async fn from_env() -> Result<Self, AttachError> {
-        forkless_bus::child::die_with_supervisor()?;
-        let index = env(forkless_bus::ENV_INDEX)?.parse().map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
-        let private_model = match std::env::var(forkless_bus::ENV_SHARING).as_deref() {
-            Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
-            _ => None,
-        };
+        let env = ChildEnv::from_env()?;
+        forkless_bus::child::die_with_supervisor(&env)?;
+        let index = env.index;
+        let private_model = (env.sharing == Sharing::None).then(|| env.model.clone());
         // The CUDA context (~0.3 s, once per process) is not part of attaching to a generation.
-        let gpu = open_gpu()?;
+        let gpu = open_gpu(&env)?;
         let (started, cpu_started) = (Instant::now(), forkless_bus::child::thread_cpu_time());
-        let mut bus = forkless_bus::child::connect_to_supervisor(Role::Worker).await?;
+        let mut bus = forkless_bus::child::connect_to_supervisor(&env).await?;
         let generation = match private_model {
             Some(path) => load_private_copy(&path, gpu.as_ref())?,
             None => receive_generation(&mut bus, gpu.as_ref()).await?,
@@ -200,15 +196,9 @@ impl Worker {
             release_notice,
             index,
             attach,
-            requests: Requests {
-                served: Arc::default(),
-                limit: std::env::var(forkless_bus::ENV_MAX_REQUESTS)
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|&n| n > 0),
-                shutdown: shutdown.clone(),
-            },
+            requests: Requests { served: Arc::default(), limit: env.max_requests, shutdown: shutdown.clone() },
             shutdown,
+            heartbeat: env.heartbeat,
         })
     }
 
@@ -254,14 +244,9 @@ impl Worker {
         let generation = self.generations.current().number();
         bus.send(&Message::Ready { generation, attach: self.attach }, &[]).await?;
         let (notice, released) = (self.release_notice.clone(), self.released.take().ok_or(ReadyError::AlreadyReady)?);
-        let heartbeat = std::env::var(forkless_bus::ENV_HEARTBEAT_MS)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&ms: &u64| ms > 0)
-            .map(std::time::Duration::from_millis);
         let link = SupervisorLink {
             gpu: self.gpu.clone(),
-            heartbeat,
+            heartbeat: self.heartbeat,
             requests: self.requests.clone(),
             bus,
             generations: self.generations.clone(),
@@ -278,16 +263,13 @@ impl Worker {
 /// cache), or `None` on the host backend. A service that prepares its GPU work while
 /// [`Worker::from_env`] attaches (as the demo's engine does) reads them here.
 pub fn cuda_settings() -> Result<Option<CudaSettings>, AttachError> {
-    if std::env::var(forkless_bus::ENV_BACKEND).as_deref() != Ok("cuda") {
-        return Ok(None);
-    }
-    Ok(Some(forkless_owner::cuda_settings_from_env()?))
+    Ok(ChildEnv::from_env()?.cuda().map(CudaSettings::from))
 }
 
 /// With the `cuda` backend (`FORKLESS_BACKEND=cuda`), opens the configured GPU and shrinks
 /// its context to the configured stack limit; `None` on the host backend.
-fn open_gpu() -> Result<Option<Gpu>, AttachError> {
-    let Some(settings) = cuda_settings()? else { return Ok(None) };
+fn open_gpu(env: &ChildEnv) -> Result<Option<Gpu>, AttachError> {
+    let Some(settings) = env.cuda().map(CudaSettings::from) else { return Ok(None) };
     let device = settings.device;
     let gpu = Gpu::open(device as usize).map_err(|source| AttachError::Gpu { device, source })?;
     if let Some(bytes) = settings.stack_limit {
@@ -495,7 +477,7 @@ mod tests {
         let enomem = std::io::Error::from_raw_os_error(rustix::io::Errno::NOMEM.raw_os_error());
         let oom = AttachError::Map { arena: 0, source: forkless_bus::host::MapError::Mmap(enomem) };
         assert_eq!(oom.exit_code(), forkless_bus::child::EXIT_TEMPORARY);
-        assert_eq!(AttachError::Env("X").exit_code(), EXIT_FATAL);
+        assert_eq!(AttachError::Env(ChildEnvError::Missing("X")).exit_code(), EXIT_FATAL);
         assert_eq!(AttachError::Refused("no".into()).exit_code(), 1);
     }
 }

@@ -104,7 +104,20 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { config, log_format, backend } => run(config, log_format, RunOptions { backend }),
+        Command::Run { config, log_format, backend } => {
+            // First, while this is the only thread: descriptors inherited from whoever started
+            // us (`exec 9<secret`) must never reach the children.
+            let inherited = forkless_bus::child_env::mark_inherited_fds_cloexec();
+            let fd_limit = forkless_supervisor::limits::raise_fd_limit();
+            logging::init(log_format);
+            match inherited {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("{n} inherited descriptor(s) marked close-on-exec: children will not get them"),
+                Err(e) => tracing::warn!("cannot list inherited descriptors (/proc/self/fd): {e}"),
+            }
+            tracing::debug!(fd_limit, "open descriptor limit");
+            run(config, RunOptions { backend })
+        }
         Command::Owner => owner(),
         Command::ProbeGpu { device } => probe_gpu(device),
         Command::Status { target, json } => control(&target, Request::Status, json),
@@ -128,8 +141,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("cannot start the tokio runtime")
 }
 
-fn run(config: PathBuf, log_format: LogFormat, options: RunOptions) -> ExitCode {
-    logging::init(log_format);
+fn run(config: PathBuf, options: RunOptions) -> ExitCode {
     let result = Config::load(&config).map_err(anyhow::Error::from).and_then(|config| {
         runtime().block_on(async {
             let (health, health_rx) = tokio::sync::watch::channel(Health::default());
