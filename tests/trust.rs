@@ -145,8 +145,8 @@ fn a_workers_descendants_die_with_it() {
     let second = grandchild_of(&dir, 0);
     let groups = sup.bus.clone().unwrap().parent().unwrap().join("groups");
     // A recorded group whose member is no child of ours (as after pid reuse) must survive.
-    let mut stranger = Command::new("sleep").arg("600").process_group(0).spawn().unwrap();
-    std::fs::write(groups.join(stranger.id().to_string()), b"").unwrap();
+    let mut stranger = KillOnDrop(Command::new("sleep").arg("600").process_group(0).spawn().unwrap());
+    std::fs::write(groups.join(stranger.0.id().to_string()), b"").unwrap();
     sup.signal(libc::SIGKILL);
     sup.wait_exit();
     eventually("the worker to die with the supervisor", || sup.children("worker").is_empty());
@@ -155,9 +155,8 @@ fn a_workers_descendants_die_with_it() {
     let mut next = Supervisor::start(&config);
     next.wait_ready();
     eventually("the dead supervisor's leftover grandchild to end", || !alive(second));
-    assert!(stranger.try_wait().unwrap().is_none(), "a stranger's group was killed");
-    stranger.kill().unwrap();
-    stranger.wait().unwrap();
+    assert!(stranger.0.try_wait().unwrap().is_none(), "a stranger's group was killed");
+    drop(stranger);
     next.signal(libc::SIGTERM);
     assert!(next.wait_exit().success(), "{}", next.log_text());
     let last = grandchild_of(&dir, 0);
@@ -181,18 +180,30 @@ fn impostor_helper() {
     }
 }
 
+/// A helper process, killed when dropped (also when an assertion fails first).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts [`impostor_helper`] as `nobody`, listening at `path`; waits until it listens.
-fn start_impostor(path: &Path) -> std::process::Child {
+fn start_impostor(path: &Path) -> KillOnDrop {
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "trust::impostor_helper", "--ignored", "--nocapture", "--test-threads=1"])
         .env(IMPOSTOR, path)
         .uid(NOBODY)
         .gid(NOBODY)
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let impostor = KillOnDrop(child);
     eventually("the impostor to listen", || path.exists());
-    child
+    impostor
 }
 
 /// Item 12: another user cannot take the control socket over. Where another uid planted the
@@ -213,7 +224,7 @@ fn another_user_cannot_take_the_control_socket_over() {
     let config = dir.write_config_with(&ConfigExtra { supervisor: "runtime_dir = \"run\"", ..ConfigExtra::default() });
     open_to_others(&dir);
     let socket = control_socket_of(&config);
-    let mut impostor = start_impostor(&socket);
+    let impostor = start_impostor(&socket);
 
     let (ok, stdout, stderr) = control(&config, "stop", &[]);
     assert!(!ok, "`supervisor stop` believed the impostor: {stdout}");
@@ -224,8 +235,7 @@ fn another_user_cannot_take_the_control_socket_over() {
     assert!(!status.success(), "{log}");
     let folder = socket.parent().unwrap().display().to_string();
     assert!(log.contains(&folder) && log.contains(&format!("uid {NOBODY}")), "{log}");
-    impostor.kill().unwrap();
-    impostor.wait().unwrap();
+    drop(impostor);
 
     let theirs = dir.path().join("theirs");
     std::fs::create_dir(&theirs).unwrap();
