@@ -207,7 +207,7 @@ async fn handle(
             }
             match answer.await {
                 Ok(mut status) => {
-                    meter.fill(&mut status).await;
+                    fill_memory(meter, &mut status).await;
                     Response::Status { status: Box::new(status) }
                 }
                 Err(_) => gone(),
@@ -231,6 +231,16 @@ async fn handle(
                 Err(error) => Response::Failed { error },
             }
         }
+    }
+}
+
+/// Fills in the memory columns of `status` (read off the runtime, see [`MemoryMeter`]), or
+/// says why they are unknown.
+async fn fill_memory(meter: &MemoryMeter, status: &mut StatusReport) {
+    let pids = status.processes.iter().filter_map(|p| p.pid).collect();
+    match meter.measure(pids).await {
+        Ok(measured) => status.gpu_unattributed_bytes = measured.apply(&mut status.processes),
+        Err(reason) => status.memory_unknown = Some(reason),
     }
 }
 

@@ -255,15 +255,6 @@ impl MemoryMeter {
             Err(_) => Err(stuck()),
         }
     }
-
-    /// Fills in the memory columns of `status`, or says why they are unknown.
-    pub async fn fill(&self, status: &mut crate::service::StatusReport) {
-        let pids = status.processes.iter().filter_map(|p| p.pid).collect();
-        match self.measure(pids).await {
-            Ok(measured) => status.gpu_unattributed_bytes = measured.apply(&mut status.processes),
-            Err(reason) => status.memory_unknown = Some(reason),
-        }
-    }
 }
 
 /// Reads RSS from the kernel's current figures (sysinfo) and GPU memory from NVML. Blocking:
