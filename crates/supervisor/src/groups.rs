@@ -82,11 +82,25 @@ fn recorded_in(dir: &Path) -> Vec<u32> {
     groups
 }
 
-/// Ends the groups recorded in `dir` by the dead supervisor `dead_pid`: SIGTERM to every
-/// verified member, SIGKILL to those still there after [`STALE_GRACE`]. Returns how many
-/// processes it found.
+/// Ends the groups recorded in `dir` by the dead supervisor `dead_pid` (or by this process,
+/// on its way out): SIGTERM to every verified member, SIGKILL to those still there after
+/// [`STALE_GRACE`]. Returns how many processes it found.
+///
+/// If `dead_pid` names a live process again, its pid was reused, perhaps by another supervisor
+/// whose children carry the same marker: then nothing is touched (leftovers are safer than
+/// killing a stranger).
 pub fn end_stale_groups(dir: &Path, dead_pid: u32) -> usize {
     let groups = recorded_in(dir);
+    if groups.is_empty() {
+        return 0;
+    }
+    if dead_pid != std::process::id() && std::path::Path::new(&format!("/proc/{dead_pid}")).exists() {
+        tracing::warn!(
+            "supervisor pid {dead_pid} is in use again (pid reuse): leaving the process groups it recorded in {} alone",
+            dir.display()
+        );
+        return 0;
+    }
     let found: usize = groups.iter().map(|&g| signal_verified_members(g, dead_pid, Signal::TERM)).sum();
     let deadline = Instant::now() + STALE_GRACE;
     while found > 0 && Instant::now() < deadline && groups.iter().any(|&g| !verified_members(g, dead_pid).is_empty()) {
@@ -181,6 +195,21 @@ mod tests {
         assert!(stranger.try_wait().unwrap().is_none(), "a group without our marker is never touched");
         assert!(other_supervisors.try_wait().unwrap().is_none(), "nor one of another supervisor");
         for child in [&mut stranger, &mut other_supervisors] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    #[test]
+    fn nothing_is_touched_when_the_dead_supervisors_pid_is_in_use_again() {
+        let mut reused = spawn_group(None);
+        let mut marked = spawn_group(Some(reused.id()));
+        let dir = tempfile::tempdir().unwrap();
+        let groups = ProcessGroups::new(dir.path().join("groups"), reused.id()).unwrap();
+        groups.record(marked.id());
+        assert_eq!(end_stale_groups(&dir.path().join("groups"), reused.id()), 0);
+        assert!(marked.try_wait().unwrap().is_none(), "a process of a live supervisor was killed");
+        for child in [&mut reused, &mut marked] {
             child.kill().unwrap();
             child.wait().unwrap();
         }
