@@ -206,6 +206,31 @@ fn start_impostor(path: &Path) -> KillOnDrop {
     impostor
 }
 
+/// Item 12 (no other uid needed): a runtime folder open to others is refused, naming it and
+/// its mode, and so is a shared parent without the sticky bit.
+#[test]
+fn a_runtime_folder_others_could_use_is_refused() {
+    let dir = TestDir::new();
+    dir.write_model();
+    let config = dir.write_config_with(&ConfigExtra { supervisor: "runtime_dir = \"run\"", ..ConfigExtra::default() });
+    let folder = control_socket_of(&config).parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut sup = Supervisor::start(&config);
+    let status = exits_before(&mut sup, "listening on");
+    let log = sup.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(&folder.display().to_string()) && log.contains("mode 755"), "{log}");
+    std::fs::remove_dir(&folder).unwrap();
+    let shared = dir.path().join("run");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut sup = Supervisor::start(&config);
+    let status = exits_before(&mut sup, "listening on");
+    let log = sup.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(&shared.display().to_string()) && log.contains("sticky"), "{log}");
+}
+
 /// Item 12: another user cannot take the control socket over. Where another uid planted the
 /// runtime folder (and an impostor socket in it) first, the supervisor refuses to start,
 /// naming the folder and its owner, and `supervisor stop` refuses to believe the impostor;
@@ -224,6 +249,7 @@ fn another_user_cannot_take_the_control_socket_over() {
     let config = dir.write_config_with(&ConfigExtra { supervisor: "runtime_dir = \"run\"", ..ConfigExtra::default() });
     open_to_others(&dir);
     let socket = control_socket_of(&config);
+    let folder = socket.parent().unwrap().to_path_buf();
     let impostor = start_impostor(&socket);
 
     let (ok, stdout, stderr) = control(&config, "stop", &[]);
@@ -233,8 +259,7 @@ fn another_user_cannot_take_the_control_socket_over() {
     let status = exits_before(&mut sup, "listening on");
     let log = sup.log_text();
     assert!(!status.success(), "{log}");
-    let folder = socket.parent().unwrap().display().to_string();
-    assert!(log.contains(&folder) && log.contains(&format!("uid {NOBODY}")), "{log}");
+    assert!(log.contains(&folder.display().to_string()) && log.contains(&format!("uid {NOBODY}")), "{log}");
     drop(impostor);
 
     let theirs = dir.path().join("theirs");
