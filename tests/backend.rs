@@ -7,9 +7,10 @@ use std::ffi::OsStr;
 
 use crate::util::*;
 
-/// Marks every process a test's supervisor starts (they inherit its environment), so the test
+/// Marks every process a test's supervisor starts (they inherit its environment; not a
+/// `FORKLESS_*` name, which the supervisor keeps from its children), so the test
 /// can look for leftovers without mistaking another test's processes for its own.
-const MARK: &str = "FORKLESS_TEST_BACKEND_MARK";
+const MARK: &str = "FLTEST_BACKEND_MARK";
 
 /// Whether `supervisor probe-gpu` finds a usable GPU here: (usable, its one output line).
 fn probe_gpu() -> (bool, String) {

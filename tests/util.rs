@@ -207,16 +207,15 @@ impl Supervisor {
 
     /// Starts the `supervisor` executable `exe` (e.g. another build, for A/B benchmarks).
     pub fn start_program(exe: &Path, config: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Supervisor {
-        let mut child = Command::new(exe)
-            .args(["run", "--log-format", "json"])
-            .args(args)
-            .arg(config)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(exe);
+        command.args(["run", "--log-format", "json"]).args(args).arg(config).envs(env.iter().copied());
+        Self::start_command(command)
+    }
+
+    /// Starts `command`, which must end up exec'ing `supervisor run --log-format json …` (a
+    /// wrapper may set things up first, e.g. open descriptors the supervisor inherits).
+    pub fn start_command(mut command: Command) -> Supervisor {
+        let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -553,4 +552,44 @@ pub fn pss_bytes_of(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
     kb * 1024
+}
+
+/// Waits for the supervisor to exit by itself; panics at once if the log shows it got as far
+/// as `too_far` first (so a reproduction against the old code fails fast, not at PATIENCE).
+pub fn exits_before(sup: &mut Supervisor, too_far: &str) -> ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if sup.child.try_wait().unwrap().is_some() {
+            return sup.wait_exit();
+        }
+        let log = sup.log_text();
+        assert!(!log.contains(too_far), "the supervisor got as far as {too_far:?}:\n{log}");
+        assert!(Instant::now() < deadline, "the supervisor did not exit:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a control command with a failure guard, so a hanging CLI fails the test instead of
+/// hanging it: (exit status, stdout, stderr).
+pub fn control_guarded(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(supervisor_exe())
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`supervisor {}` hung", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
 }

@@ -105,7 +105,11 @@ impl RunArgs {
     /// The harness's options; `Err` for an unreadable `--kill`.
     fn options(&self) -> Result<Options, String> {
         let mut options = Options::new(self.config.clone());
-        options.duration = Duration::from_secs_f64(self.duration);
+        options.duration = Duration::try_from_secs_f64(self.duration)
+            .map_err(|_| format!("--duration {} is not a number of seconds", self.duration))?;
+        if self.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err("--rate must be a positive number of requests per second".into());
+        }
         options.rate = self.rate;
         options.connections = self.connections.unwrap_or(if self.rate.is_some() { 8 } else { options.connections });
         options.plans = schedule::parse_plans(&self.kill, self.every)?;

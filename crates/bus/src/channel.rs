@@ -98,6 +98,43 @@ pub enum RecvError {
     Io(#[from] io::Error),
 }
 
+/// One frame decoded by [`next_frame`]: the message, and how many bytes and queued fds it takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub message: Message,
+    /// Bytes of the inbox this frame used (prefix and payload).
+    pub bytes: usize,
+    /// Queued descriptors that belong to it, from the front of the queue.
+    pub fds: usize,
+}
+
+/// The receiving side's rules, without a socket (so they can be fuzzed): given the bytes
+/// received so far and how many descriptors are queued, the next complete frame, `None` if
+/// more bytes are needed, or why the peer broke the protocol. A frame without its fds, or fds
+/// left over once every byte is consumed, are errors: descriptors are never guessed at.
+pub fn next_frame(inbox: &[u8], queued_fds: usize) -> Result<Option<Frame>, RecvError> {
+    let Some(prefix) = inbox.first_chunk::<PREFIX>() else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(*prefix);
+    if len > MAX_FRAME_LEN {
+        return Err(RecvError::TooLarge { len });
+    }
+    let end = PREFIX + len as usize;
+    let Some(payload) = inbox.get(PREFIX..end) else {
+        return Ok(None);
+    };
+    let message: Message = codec::decode(payload)?;
+    let expected = message.fd_count();
+    if queued_fds < expected {
+        return Err(RecvError::MissingFds { kind: message.kind(), expected, got: queued_fds });
+    }
+    if end == inbox.len() && queued_fds > expected {
+        return Err(RecvError::UnclaimedFds(queued_fds - expected));
+    }
+    Ok(Some(Frame { message, bytes: end, fds: expected }))
+}
+
 /// One end of a bus connection.
 #[derive(Debug)]
 pub struct BusStream {
@@ -179,29 +216,12 @@ impl BusStream {
 
     /// Decodes one complete frame from the inbox, if there is one.
     fn take_frame(&mut self) -> Result<Option<(Message, Vec<OwnedFd>)>, RecvError> {
-        let Some(prefix) = self.inbox.first_chunk::<PREFIX>() else {
+        let Some(frame) = next_frame(&self.inbox, self.fds.len())? else {
             return Ok(None);
         };
-        let len = u32::from_le_bytes(*prefix);
-        if len > MAX_FRAME_LEN {
-            return Err(RecvError::TooLarge { len });
-        }
-        let end = PREFIX + len as usize;
-        if self.inbox.len() < end {
-            return Ok(None);
-        }
-        let msg: Message = codec::decode(&self.inbox[PREFIX..end])?;
-        self.inbox.drain(..end);
-        let expected = msg.fd_count();
-        if self.fds.len() < expected {
-            let got = self.fds.len();
-            return Err(RecvError::MissingFds { kind: msg.kind(), expected, got });
-        }
-        let fds: Vec<OwnedFd> = self.fds.drain(..expected).collect();
-        if self.inbox.is_empty() && !self.fds.is_empty() {
-            return Err(RecvError::UnclaimedFds(self.fds.len()));
-        }
-        Ok(Some((msg, fds)))
+        self.inbox.drain(..frame.bytes);
+        let fds: Vec<OwnedFd> = self.fds.drain(..frame.fds).collect();
+        Ok(Some((frame.message, fds)))
     }
 
     /// One `recvmsg`: bytes go to the inbox, descriptors to the fd queue.

@@ -11,10 +11,14 @@
 //! worker, the generation). [`take_inherited_bus`] claims it exactly once; workers claim their
 //! listening sockets (fds 3.., `LISTEN_FDS`) with [`take_inherited_listeners`].
 //!
+//! What the supervisor told the child (which fd, which pid) comes from its environment, read
+//! once as a [`ChildEnv`].
+//!
 //! ```no_run
 //! # async fn f() {
-//! forkless_bus::child::die_with_supervisor().expect("supervisor is gone");
-//! let bus = forkless_bus::child::take_inherited_bus().expect("inherited bus");
+//! let env = forkless_bus::child_env::ChildEnv::from_env().expect("started by the supervisor");
+//! forkless_bus::child::die_with_supervisor(&env).expect("supervisor is gone");
+//! let bus = forkless_bus::child::connect_to_supervisor(&env).await.expect("bus");
 //! # }
 //! ```
 
@@ -24,7 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::process::{getppid, set_parent_process_death_signal, Pid, Signal};
 
 use crate::channel::BusStream;
-use crate::{ENV_BUS_FD, ENV_SUPERVISOR_PID};
+use crate::child_env::ChildEnv;
+use crate::ENV_BUS_FD;
 
 /// Exit status of a child that must not be restarted because restarting cannot help (a missing
 /// or corrupt weights file, a broken configuration): sysexits' `EX_CONFIG`. The supervisor
@@ -66,24 +71,21 @@ pub fn is_out_of_memory(error: &std::io::Error) -> bool {
 /// Why a child could not tie itself to its supervisor.
 #[derive(Debug, thiserror::Error)]
 pub enum OrphanError {
-    #[error("{ENV_SUPERVISOR_PID} is not set: this program must be started by `supervisor run`")]
-    NotSupervised,
     #[error("cannot set PR_SET_PDEATHSIG: {0}")]
     Prctl(std::io::Error),
     #[error(
         "parent is pid {actual:?}, not the supervisor (pid {expected}): the supervisor is gone, or a \
          wrapper forked this program (end wrapper scripts with `exec program ...`)"
     )]
-    Orphaned { expected: i32, actual: Option<i32> },
+    Orphaned { expected: u32, actual: Option<i32> },
 }
 
 /// Arms SIGKILL-on-parent-death and checks that the parent is still the supervisor.
-pub fn die_with_supervisor() -> Result<(), OrphanError> {
-    let expected: i32 =
-        std::env::var(ENV_SUPERVISOR_PID).ok().and_then(|v| v.parse().ok()).ok_or(OrphanError::NotSupervised)?;
+pub fn die_with_supervisor(env: &ChildEnv) -> Result<(), OrphanError> {
+    let expected = env.supervisor_pid;
     set_parent_process_death_signal(Some(Signal::KILL)).map_err(|e| OrphanError::Prctl(e.into()))?;
     let actual = getppid().map(Pid::as_raw_nonzero).map(|p| p.get());
-    if actual != Some(expected) {
+    if actual.and_then(|p| u32::try_from(p).ok()) != Some(expected) {
         return Err(OrphanError::Orphaned { expected, actual });
     }
     Ok(())
@@ -137,18 +139,14 @@ fn is_socket(fd: BorrowedFd<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// Claims the bus socket the supervisor placed at `$FORKLESS_BUS_FD`. Must run inside a tokio
-/// runtime. Succeeds at most once per process. The socket must be one end of a socketpair the
-/// supervisor created (`SO_PEERCRED` names the supervisor's pid), so a grandchild that merely
-/// inherited the variable never adopts an unrelated descriptor.
-pub fn take_inherited_bus() -> Result<BusStream, InheritError> {
-    let text = std::env::var(ENV_BUS_FD).map_err(|_| InheritError::NotSet(ENV_BUS_FD))?;
-    let bad = || InheritError::BadValue { name: ENV_BUS_FD, value: text.clone() };
-    let fd: RawFd = text.parse().ok().filter(|&fd| fd > 2).ok_or_else(bad)?;
-    let supervisor: i32 = std::env::var(ENV_SUPERVISOR_PID)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .ok_or(InheritError::NotSet(ENV_SUPERVISOR_PID))?;
+/// Claims the bus socket the supervisor placed at fd `fd` (`FORKLESS_BUS_FD`). Must run inside
+/// a tokio runtime. Succeeds at most once per process. The socket must be one end of a
+/// socketpair the supervisor (`supervisor`, its pid) created (`SO_PEERCRED` names it), so a
+/// grandchild that merely inherited the variable never adopts an unrelated descriptor.
+pub fn take_inherited_bus(fd: RawFd, supervisor: u32) -> Result<BusStream, InheritError> {
+    if fd <= 2 {
+        return Err(InheritError::BadValue { name: ENV_BUS_FD, value: fd.to_string() });
+    }
     if BUS_TAKEN.swap(true, Ordering::SeqCst) {
         return Err(InheritError::AlreadyTaken("bus socket"));
     }
@@ -156,7 +154,7 @@ pub fn take_inherited_bus() -> Result<BusStream, InheritError> {
         is_socket(fd)?;
         let peer = rustix::net::sockopt::socket_peercred(fd).map_err(|e| e.to_string())?;
         match peer.pid.as_raw_nonzero().get() {
-            pid if pid == supervisor => Ok(()),
+            pid if u32::try_from(pid) == Ok(supervisor) => Ok(()),
             pid => Err(format!("its peer is pid {pid}, not the supervisor (pid {supervisor})")),
         }
     })?;
@@ -224,16 +222,18 @@ pub enum ConnectError {
     Unexpected(&'static str),
 }
 
-/// Opens the bus as `role`: the inherited socket (`FORKLESS_BUS_FD`) when there is one, else
-/// the path in `FORKLESS_BUS`; says hello and checks the welcome's protocol version.
-pub async fn connect_to_supervisor(role: crate::Role) -> Result<BusStream, ConnectError> {
+/// Opens the bus as `env.role`: the inherited socket (`FORKLESS_BUS_FD`) when there is one,
+/// else the path in `FORKLESS_BUS`; says hello and checks the welcome's protocol version.
+pub async fn connect_to_supervisor(env: &ChildEnv) -> Result<BusStream, ConnectError> {
     use crate::wire::{Message, PROTOCOL_VERSION};
-    let mut bus = match (std::env::var_os(ENV_BUS_FD), std::env::var_os(crate::ENV_BUS)) {
+    let role = env.role;
+    let mut bus = match (env.bus_fd, &env.bus_path) {
+        (Some(fd), _) => take_inherited_bus(fd, env.supervisor_pid)?,
         (None, Some(path)) => {
-            let path = std::path::PathBuf::from(path);
+            let path = path.clone();
             BusStream::connect(&path).await.map_err(|source| ConnectError::Connect { path, source })?
         }
-        _ => take_inherited_bus()?,
+        (None, None) => return Err(InheritError::NotSet(ENV_BUS_FD).into()),
     };
     bus.send(&Message::hello(role, std::process::id()), &[]).await?;
     match bus.recv().await?.0 {

@@ -35,6 +35,7 @@
 pub mod arena;
 pub mod channel;
 pub mod child;
+pub mod child_env;
 pub mod codec;
 pub mod host;
 pub mod lane;

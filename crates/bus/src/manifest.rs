@@ -347,9 +347,10 @@ impl Manifest {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// Total bytes of all arenas and replicas.
+    /// Total bytes of all arenas and replicas. Saturating: the supervisor logs this for a
+    /// publish before the manifest is validated, and a hostile owner's sizes must not overflow it.
     pub fn total_bytes(&self) -> u64 {
-        self.arenas.iter().chain(&self.replicas).map(|a| a.size).sum()
+        self.all_arenas().fold(0u64, |total, a| total.saturating_add(a.size))
     }
 
     /// Every arena then every replica, in fd order.
@@ -394,6 +395,16 @@ mod tests {
         layout.push("empty", Dtype::U8, vec![0]);
         let (arena, tensors) = layout.finish();
         Manifest::new("t".into(), vec![arena], tensors)
+    }
+
+    /// Found while writing the validator's fuzz target: arena sizes summing past u64::MAX overflowed (a
+    /// panic in debug builds) on a manifest not yet validated.
+    #[test]
+    fn total_bytes_of_a_hostile_manifest_saturates() {
+        let mut m = sample();
+        m.arenas.push(ArenaDesc { id: 1, kind: MemoryKind::Host, size: u64::MAX, checksum: 0 });
+        m.arenas[0].size = u64::MAX - 4095;
+        assert_eq!(m.total_bytes(), u64::MAX);
     }
 
     #[test]

@@ -136,7 +136,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let mut load = tokio::task::JoinSet::new();
     for index in 0..options.connections.max(1) {
-        let pace = options.rate.map(|r| Duration::from_secs_f64(options.connections.max(1) as f64 / r));
+        let pace = options.rate.and_then(|r| Duration::try_from_secs_f64(options.connections.max(1) as f64 / r).ok());
         let worker = LoadWorker {
             addr,
             index,

@@ -43,9 +43,10 @@ pub fn parse_plans(text: &str, default_every: f64) -> Result<Vec<Plan>, String> 
                 Some((name, secs)) => (name, secs.parse::<f64>().map_err(|_| format!("bad period in {item:?}"))?),
                 None => (item, default_every),
             };
-            if !(every.is_finite() && every > 0.0) {
-                return Err(format!("the period in {item:?} must be a positive number of seconds"));
-            }
+            let every = Duration::try_from_secs_f64(every)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| format!("the period in {item:?} must be a positive number of seconds"))?;
             let target = match name.split_once(':') {
                 None if name == "owner" => Target::Owner,
                 None if name == "worker" => Target::Worker,
@@ -53,7 +54,7 @@ pub fn parse_plans(text: &str, default_every: f64) -> Result<Vec<Plan>, String> 
                 Some(("workers", n)) => Target::Workers(n.parse().map_err(|_| format!("bad count in {item:?}"))?),
                 _ => return Err(format!("unknown kill target {item:?}: use owner, worker or workers[:N]")),
             };
-            Ok(Plan { target, every: Duration::from_secs_f64(every) })
+            Ok(Plan { target, every })
         })
         .collect()
 }

@@ -5,6 +5,12 @@
 //! [`GpuMemory::unattributed`] is the device's used memory minus every process's, which is
 //! where the escrow (and the driver's own reservation) shows.
 //!
+//! **Blocking.** The library is `dlopen`ed (through `LD_LIBRARY_PATH` like any library) on the
+//! first [`snapshot`], and every call goes into the driver: a wedged GPU or a driver upgrade in
+//! progress can make `nvmlInit_v2` or a query hang indefinitely, and nothing can cancel it. So
+//! call this only from a thread that may hang, never from an async runtime's worker (the
+//! supervisor's `processes::MemoryMeter` owns one thread for it and waits with a timeout).
+//!
 //! ```
 //! // Without an NVIDIA driver this is simply `None`.
 //! if let Some(memory) = forkless_gpu::nvml::snapshot() {

@@ -19,12 +19,13 @@ pub mod protocol;
 pub use forkless_weights::model_file;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
+use forkless_bus::child_env::ChildEnv;
 use forkless_bus::host::{ArenaMap, ArenaWriter, SealedArena};
 use forkless_bus::wire::RequestId;
-use forkless_bus::{BusStream, Manifest, Message, Role};
+use forkless_bus::{BusStream, Manifest, Message};
 use model_file::{LoadError, ModelFile};
 use protocol::{Incoming, OwnerProtocol};
 
@@ -35,8 +36,8 @@ pub use forkless_bus::child::EXIT_FATAL;
 pub enum OwnerError {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{0} is not set: the owner must be started by `supervisor run`")]
-    Env(&'static str),
+    #[error(transparent)]
+    Env(#[from] forkless_bus::child_env::ChildEnvError),
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
     #[error(transparent)]
@@ -51,8 +52,6 @@ pub enum OwnerError {
     Refused(String),
     #[error(transparent)]
     Protocol(#[from] protocol::ProtocolError),
-    #[error("{name}={value:?} is not valid: {expected}; it is set by `supervisor run`")]
-    BadEnv { name: &'static str, value: String, expected: &'static str },
 }
 
 impl OwnerError {
@@ -77,14 +76,8 @@ impl OwnerError {
         if let OwnerError::Load(LoadError::Gpu { .. }) = self {
             return false; // a GPU hiccup or a full GPU: a restart (with backoff) may succeed
         }
-        matches!(
-            self,
-            OwnerError::Load(_)
-                | OwnerError::Env(_)
-                | OwnerError::BadEnv { .. }
-                | OwnerError::Orphan(_)
-                | OwnerError::Refused(_)
-        ) || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
+        matches!(self, OwnerError::Load(_) | OwnerError::Env(_) | OwnerError::Orphan(_) | OwnerError::Refused(_))
+            || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
     }
 }
 
@@ -107,12 +100,8 @@ pub fn load_host_arena(path: &Path) -> Result<(Manifest, SealedArena), OwnerErro
     Ok((manifest, arena))
 }
 
-fn env(name: &'static str) -> Result<String, OwnerError> {
-    std::env::var(name).map_err(|_| OwnerError::Env(name))
-}
-
 /// Where the owner puts the weights: `FORKLESS_BACKEND` and, for `cuda`, the device, the
-/// context's stack limit and the kernel cache, all set by the supervisor.
+/// context's stack limit and the kernel cache, all set by the supervisor (see [`ChildEnv`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     Host,
@@ -120,33 +109,13 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Reads the backend from the environment; unset means `host`.
-    pub fn from_env() -> Result<Backend, OwnerError> {
-        Backend::from_vars(&|name| std::env::var(name).ok())
-    }
-
-    /// The same, from any source of variables (`var(name)`).
-    pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<Backend, OwnerError> {
-        let backend = var(forkless_bus::ENV_BACKEND).unwrap_or_else(|| "host".into());
-        match backend.as_str() {
-            "host" => Ok(Backend::Host),
-            "cuda" => Ok(Backend::Cuda(cuda_settings_from_vars(var)?)),
-            _ => Err(OwnerError::BadEnv { name: forkless_bus::ENV_BACKEND, value: backend, expected: "host or cuda" }),
+    /// The backend the supervisor gave this process.
+    pub fn of(env: &ChildEnv) -> Backend {
+        match env.cuda() {
+            None => Backend::Host,
+            Some(cuda) => Backend::Cuda(cuda.into()),
         }
     }
-}
-
-/// The `[cuda]` settings the supervisor passes to owner and workers alike.
-pub fn cuda_settings_from_env() -> Result<cuda::CudaSettings, OwnerError> {
-    cuda_settings_from_vars(&|name| std::env::var(name).ok())
-}
-
-fn cuda_settings_from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<cuda::CudaSettings, OwnerError> {
-    cuda::CudaSettings::from_vars(var).map_err(|e| OwnerError::BadEnv {
-        name: e.name,
-        value: e.value,
-        expected: e.expected,
-    })
 }
 
 /// Loads `path` with `backend`: the manifest (generation 0) and one fd per arena.
@@ -167,10 +136,10 @@ pub fn load(path: &Path, backend: &Backend) -> Result<(Manifest, Vec<OwnedFd>), 
 /// The owner process: tie to the supervisor, then follow the owner protocol
 /// ([`protocol::OwnerProtocol`]) until the supervisor closes the bus or SIGTERM arrives.
 pub async fn run() -> Result<(), OwnerError> {
-    forkless_bus::child::die_with_supervisor()?;
-    let model = PathBuf::from(env(forkless_bus::ENV_MODEL)?);
-    let backend = Backend::from_env()?;
-    let mut bus = forkless_bus::child::connect_to_supervisor(Role::Owner).await?;
+    let env = ChildEnv::from_env()?;
+    forkless_bus::child::die_with_supervisor(&env)?;
+    let (model, backend) = (env.model.clone(), Backend::of(&env));
+    let mut bus = forkless_bus::child::connect_to_supervisor(&env).await?;
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(OwnerError::Signal)?;
     let mut protocol = OwnerProtocol::default();
@@ -304,6 +273,7 @@ pub fn verify_escrowed(manifest: &Manifest, fds: Vec<OwnedFd>) -> Result<(), Ado
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn loaded() -> (tempfile::TempDir, Manifest, SealedArena) {
         let dir = tempfile::tempdir().unwrap();
@@ -315,23 +285,30 @@ mod tests {
     }
 
     fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        const BASE: [(&str, &str); 4] = [
+            ("FORKLESS_ROLE", "owner"),
+            ("FORKLESS_INDEX", "0"),
+            ("FORKLESS_SUPERVISOR_PID", "1"),
+            ("FORKLESS_MODEL", "/m"),
+        ];
+        move |name| pairs.iter().chain(&BASE).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
     }
 
     #[test]
     fn backend_comes_from_the_supervisors_variables() {
-        assert_eq!(Backend::from_vars(&vars(&[])).unwrap(), Backend::Host);
-        let cuda = Backend::from_vars(&vars(&[
+        let backend = |pairs| ChildEnv::from_vars(vars(pairs)).map(|env| Backend::of(&env));
+        assert_eq!(backend(&[]).unwrap(), Backend::Host);
+        let cuda = backend(&[
             ("FORKLESS_BACKEND", "cuda"),
             ("FORKLESS_CUDA_DEVICE", "1"),
             ("FORKLESS_CUDA_STACK_BYTES", "64"),
             ("FORKLESS_KERNEL_CACHE", "/run/k"),
-        ]))
+        ])
         .unwrap();
         let expected =
             cuda::CudaSettings { device: 1, stack_limit: Some(64), kernel_cache: Some(PathBuf::from("/run/k")) };
         assert_eq!(cuda, Backend::Cuda(expected));
-        let defaults = Backend::from_vars(&vars(&[("FORKLESS_BACKEND", "cuda")])).unwrap();
+        let defaults = backend(&[("FORKLESS_BACKEND", "cuda")]).unwrap();
         assert_eq!(defaults, Backend::Cuda(cuda::CudaSettings { device: 0, stack_limit: None, kernel_cache: None }));
     }
 
@@ -343,7 +320,7 @@ mod tests {
             &[("FORKLESS_BACKEND", "cuda"), ("FORKLESS_CUDA_DEVICE", "99999999999")][..],
         ] {
             let pairs: &'static [(&'static str, &'static str)] = bad;
-            let err = Backend::from_vars(&vars(pairs)).unwrap_err();
+            let err = OwnerError::from(ChildEnv::from_vars(vars(pairs)).unwrap_err());
             assert!(err.is_fatal(), "{err}");
             assert!(err.to_string().contains("FORKLESS_"), "{err}");
         }

@@ -24,6 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use forkless_bus::child_env::{Backend as ChildBackend, CudaEnv};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Backend, Config};
@@ -83,19 +84,18 @@ pub struct RunningBackend {
 }
 
 impl RunningBackend {
-    /// `FORKLESS_BACKEND`, and with cuda the device, the stack limit and the kernel cache, for
-    /// the owner and every worker. The stack limit comes from the config in force, so a reload
-    /// applies it to the processes it restarts; the device never changes.
-    pub fn child_env(&self, config: &Config) -> Vec<(String, String)> {
-        let mut env = vec![(forkless_bus::ENV_BACKEND.into(), self.resolved.env_value().into())];
-        if let ResolvedBackend::Cuda { device, .. } = &self.resolved {
-            env.push((forkless_bus::ENV_CUDA_DEVICE.into(), device.to_string()));
-            env.push((forkless_bus::ENV_CUDA_STACK_BYTES.into(), config.cuda.stack_limit_bytes.to_string()));
-            if let Some(cache) = &self.kernel_cache {
-                env.push((forkless_bus::ENV_KERNEL_CACHE.into(), cache.display().to_string()));
-            }
+    /// The backend the owner and every worker are told (`FORKLESS_BACKEND`, and with cuda the
+    /// device, the stack limit and the kernel cache). The stack limit comes from the config in
+    /// force, so a reload applies it to the processes it restarts; the device never changes.
+    pub fn for_children(&self, config: &Config) -> ChildBackend {
+        match &self.resolved {
+            ResolvedBackend::Host => ChildBackend::Host,
+            ResolvedBackend::Cuda { device, .. } => ChildBackend::Cuda(CudaEnv {
+                device: *device,
+                stack_limit_bytes: Some(config.cuda.stack_limit_bytes),
+                kernel_cache: self.kernel_cache.clone(),
+            }),
         }
-        env
     }
 
     /// What a reloaded config asks that cannot take effect without a restart (the backend or
@@ -285,26 +285,19 @@ mod tests {
         Config::parse(&text, Path::new("/srv/config.toml")).unwrap()
     }
 
-    fn env_of(backend: &RunningBackend, config: &Config) -> std::collections::BTreeMap<String, String> {
-        backend.child_env(config).into_iter().collect()
-    }
-
     #[test]
     fn children_learn_the_backend_and_cuda_settings() {
         let host = RunningBackend::default();
-        let env = env_of(&host, &config("", ""));
-        assert_eq!(env.len(), 1);
-        assert_eq!(env[forkless_bus::ENV_BACKEND], "host");
+        assert_eq!(host.for_children(&config("", "")), ChildBackend::Host);
         let cuda = RunningBackend {
             resolved: ResolvedBackend::Cuda { device: 1, name: "GPU".into() },
             configured: Backend::Auto,
             kernel_cache: Some("/run/forkless-x/kernels".into()),
         };
-        let env = env_of(&cuda, &config("", "[cuda]\ndevice = 1\nstack_limit_bytes = 64\n"));
-        assert_eq!(env[forkless_bus::ENV_BACKEND], "cuda");
-        assert_eq!(env[forkless_bus::ENV_CUDA_DEVICE], "1");
-        assert_eq!(env[forkless_bus::ENV_CUDA_STACK_BYTES], "64");
-        assert_eq!(env[forkless_bus::ENV_KERNEL_CACHE], "/run/forkless-x/kernels");
+        let expected =
+            CudaEnv { device: 1, stack_limit_bytes: Some(64), kernel_cache: Some("/run/forkless-x/kernels".into()) };
+        let config = config("", "[cuda]\ndevice = 1\nstack_limit_bytes = 64\n");
+        assert_eq!(cuda.for_children(&config), ChildBackend::Cuda(expected));
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! logged with its reason and closed; no other connection notices.
 //!
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use forkless_bus::channel::RecvError;
 use forkless_bus::wire::PROTOCOL_VERSION;
 use forkless_bus::{BusStream, Message, Role};
@@ -19,9 +22,14 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::limits::{Admitted, ConnectionSlots, RateLimitedLog};
 use crate::link::{BusState, ChildLink, ConnError};
 use crate::spawn::{ChildLabel, PidTable};
 use crate::{owner_link, worker_link};
+
+/// Path-based bus connections open at once (children use inherited socketpairs; this socket
+/// is a fallback, so a few suffice).
+pub const MAX_PATH_CONNECTIONS: usize = 64;
 
 /// Serves a child's inherited connection until it closes.
 pub(crate) async fn serve_child(bus: BusStream, label: ChildLabel, state: BusState, link: ChildLink) {
@@ -39,30 +47,41 @@ pub(crate) struct BusServer {
 }
 
 impl BusServer {
-    /// Accepts until `stop`; waits for open connections to finish before returning.
+    /// Accepts until `stop`; waits for open connections to finish before returning. At most
+    /// [`MAX_PATH_CONNECTIONS`] are open at once (beyond: closed at once, the oldest one not yet
+    /// authenticated first), and refusals are logged at most once a second, with a count.
     pub async fn serve(self) {
         let tracker = TaskTracker::new();
+        let slots = ConnectionSlots::new(MAX_PATH_CONNECTIONS);
+        let refusals = Arc::new(RateLimitedLog::new(Duration::from_secs(1)));
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning on the error.
-                        tracing::warn!("bus accept failed: {e}");
+                        refusals.warn(|| format!("bus accept failed: {e}"));
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 },
                 _ = self.stop.cancelled() => break,
             };
+            let Some(slot) = slots.admit() else {
+                refusals.warn(|| format!("bus connection refused: {MAX_PATH_CONNECTIONS} connections are open"));
+                continue;
+            };
             let conn =
                 Connection { bus: BusStream::new(stream), state: self.state.clone(), link: ChildLink::default() };
-            let (stop, pids) = (self.stop.clone(), self.state.pids.clone());
+            let (stop, pids, refusals) = (self.stop.clone(), self.state.pids.clone(), refusals.clone());
             tracker.spawn(async move {
                 tokio::select! {
-                    result = conn.authenticate_and_run(&pids) => if let Err(e) = result {
-                        tracing::warn!("bus connection closed: {e}");
+                    result = conn.authenticate_and_run(&pids, &slot) => match result {
+                        Err(e @ ConnError::Stranger(_)) => refusals.warn(|| format!("bus connection {e}")),
+                        Err(e) => tracing::warn!("bus connection closed: {e}"),
+                        Ok(()) => {}
                     },
+                    () = slot.evicted().cancelled() => {}
                     _ = stop.cancelled() => {}
                 }
             });
@@ -85,12 +104,15 @@ enum Opening {
 }
 
 impl Connection {
-    async fn authenticate_and_run(mut self, pids: &PidTable) -> Result<(), ConnError> {
+    async fn authenticate_and_run(mut self, pids: &PidTable, slot: &Admitted) -> Result<(), ConnError> {
         match self.authenticate(pids).await {
-            Ok(label) => self.run(label).await,
+            Ok(label) => {
+                slot.busy();
+                self.run(label).await
+            }
             Err(ConnError::Refused(reason)) => {
                 let _ = self.bus.send(&Message::Refused { reason: reason.clone() }, &[]).await;
-                Err(ConnError::Refused(reason))
+                Err(ConnError::Stranger(reason))
             }
             Err(e) => Err(e),
         }

@@ -1,7 +1,10 @@
 //! Starting and stopping one child: the exec (through the spawner thread) with its bus
 //! socketpair, line-by-line forwarding of its output (tagged with role, index and pid), and a
-//! graceful stop (SIGTERM to its process group, SIGKILL after the grace). What happens around
-//! that (readiness, restarts, replacement) is the slot's business, in [`crate::slot`].
+//! graceful stop (SIGTERM to its process group, SIGKILL after the grace). Whatever the child
+//! started dies with it: when the child exits, its process group gets SIGTERM, then SIGKILL
+//! after [`GROUP_GRACE`]; the group is recorded in the runtime folder meanwhile (see
+//! [`crate::groups`]). What happens around that (readiness, restarts, replacement) is the
+//! slot's business, in [`crate::slot`].
 //!
 //! ```no_run
 //! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) -> std::io::Result<()> {
@@ -17,6 +20,7 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use forkless_bus::child_env::ChildEnv;
 use forkless_bus::Role;
 use rustix::process::{kill_process_group, Pid, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -29,6 +33,7 @@ use crate::backend::RunningBackend;
 use crate::bus_server::serve_child;
 use crate::config::{resolve_program, Config, Sharing};
 use crate::events::Event;
+use crate::groups::ProcessGroups;
 use crate::link::{BusState, ChildLink};
 use crate::listeners::Listeners;
 use crate::spawn::{ChildLabel, ChildSpec, PidTable, Spawner};
@@ -36,6 +41,9 @@ use crate::spawn::{ChildLabel, ChildSpec, PidTable, Spawner};
 pub use forkless_bus::child::EXIT_FATAL;
 /// Stderr lines kept per child, quoted when it fails fatally.
 const STDERR_TAIL: usize = 20;
+/// What a child left in its process group gets between SIGTERM and SIGKILL once the child is
+/// gone (the child's own grace is `graceful_timeout_s`).
+pub const GROUP_GRACE: Duration = Duration::from_secs(2);
 
 /// What every slot shares.
 #[derive(Debug)]
@@ -52,6 +60,8 @@ pub struct Context {
     /// Cancelled by a fast stop (SIGQUIT, a second TERM/INT, `stop --now`): children still
     /// in their grace period are killed at once, and later stops get no grace.
     pub fast_stop: CancellationToken,
+    /// Where children's process groups are recorded (the runtime folder), if anywhere.
+    pub groups: Option<ProcessGroups>,
 }
 
 impl Context {
@@ -67,7 +77,13 @@ impl Context {
     ) -> Self {
         let config = RwLock::new(Arc::new(config));
         let events = bus.events.clone();
-        Context { config, spawner, listeners, bus_socket, bus, events, backend, fast_stop }
+        Context { config, spawner, listeners, bus_socket, bus, events, backend, fast_stop, groups: None }
+    }
+
+    /// Records every child's process group in `groups`.
+    pub fn with_groups(mut self, groups: ProcessGroups) -> Self {
+        self.groups = Some(groups);
+        self
     }
 
     /// The configuration in force.
@@ -82,6 +98,21 @@ impl Context {
 
     fn spec(&self, label: ChildLabel) -> std::io::Result<ChildSpec> {
         let config = self.config();
+        let mut env = ChildEnv {
+            role: label.role,
+            index: label.index,
+            supervisor_pid: std::process::id(),
+            bus_fd: None, // the spawner knows where the socket lands
+            bus_path: Some(self.bus_socket.clone()),
+            model: config.model.path.clone(),
+            sharing: match config.model.sharing {
+                Sharing::Shared => forkless_bus::child_env::Sharing::Shared,
+                Sharing::None => forkless_bus::child_env::Sharing::None,
+            },
+            backend: self.backend.for_children(&config),
+            heartbeat: None,
+            max_requests: None,
+        };
         let mut spec = match label.role {
             Role::Owner => {
                 // Not current_exe(): after an in-place upgrade that path names the new binary
@@ -95,24 +126,21 @@ impl Context {
                 let mut spec = ChildSpec::new(resolve_program(&command[0], config.base_dir()));
                 spec.args = command[1..].to_vec();
                 spec.env.extend(config.workers.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-                spec.env.extend(worker_lifecycle_env(&config, label.index));
+                env.heartbeat = config.workers.heartbeat_period();
+                env.max_requests = request_budget(&config, label.index);
                 spec.listeners = self.listeners.duplicate()?;
                 spec
             }
         };
-        let sharing = match config.model.sharing {
-            Sharing::Shared => "shared",
-            Sharing::None => "none",
-        };
-        spec.env.extend([
-            (forkless_bus::ENV_BUS.into(), self.bus_socket.display().to_string()),
-            (forkless_bus::ENV_ROLE.into(), label.role_name().into()),
-            (forkless_bus::ENV_INDEX.into(), label.index.to_string()),
-            (forkless_bus::ENV_SUPERVISOR_PID.into(), std::process::id().to_string()),
-            (forkless_bus::ENV_MODEL.into(), config.model.path.display().to_string()),
-            (forkless_bus::ENV_SHARING.into(), sharing.into()),
-        ]);
-        spec.env.extend(self.backend.child_env(&config));
+        if label.role == Role::Worker {
+            if let (Some(device), forkless_bus::child_env::Backend::Cuda(cuda)) =
+                (self.bus.device_of(label.index), &mut env.backend)
+            {
+                cuda.device = device;
+            }
+            spec.env.push((forkless_bus::ENV_HTTP.into(), config.workers.http.env_value()));
+        }
+        spec.child_env = Some(env);
         spec.label = Some((self.bus.pids.clone(), label));
         Ok(spec)
     }
@@ -122,32 +150,23 @@ impl Context {
         if self.fast_stop.is_cancelled() {
             return Duration::ZERO;
         }
-        Duration::try_from_secs_f64(self.config().supervisor.graceful_timeout_s).unwrap_or(Duration::MAX)
+        self.config().supervisor.graceful_timeout()
     }
 
     /// How long a ready worker may stay silent before it counts as hung.
     pub fn heartbeat_timeout(&self, role: Role) -> Option<Duration> {
-        let timeout = self.config().workers.timeout_s;
-        (role == Role::Worker && timeout > 0.0).then(|| Duration::try_from_secs_f64(timeout).unwrap_or(Duration::MAX))
+        self.config().workers.timeout().filter(|_| role == Role::Worker)
     }
 }
 
-/// Heartbeat period and request budget for a worker: heartbeats come four times per timeout
-/// (at least every second, which also keeps the request counts fresh); the budget is `max_requests` plus a per-worker draw of the jitter.
-fn worker_lifecycle_env(config: &Config, index: u32) -> Vec<(String, String)> {
-    let mut env = vec![(forkless_bus::ENV_HTTP.into(), config.workers.http.env_value())];
-    if config.workers.timeout_s > 0.0 {
-        let period_ms = (config.workers.timeout_s * 1000.0 / 4.0).clamp(10.0, 1000.0) as u64;
-        env.push((forkless_bus::ENV_HEARTBEAT_MS.into(), period_ms.to_string()));
-    }
-    if config.workers.max_requests > 0 {
-        let jitter = match config.workers.max_requests_jitter {
-            0 => 0,
-            j => draw(index) % (j + 1),
-        };
-        env.push((forkless_bus::ENV_MAX_REQUESTS.into(), (config.workers.max_requests + jitter).to_string()));
-    }
-    env
+/// A worker's request budget: `max_requests` plus a per-worker draw of the jitter (none when
+/// `max_requests` is 0). Config validation keeps the sum far from overflowing.
+fn request_budget(config: &Config, index: u32) -> Option<u64> {
+    let jitter = match config.workers.max_requests_jitter {
+        0 => 0,
+        j => draw(index) % (j + 1),
+    };
+    (config.workers.max_requests > 0).then(|| config.workers.max_requests.saturating_add(jitter))
 }
 
 /// A cheap, varying number (no cryptographic needs: spreading recycles apart).
@@ -179,6 +198,7 @@ pub struct Running {
     pids: PidTable,
     processes: crate::processes::ProcessTable,
     fast_stop: CancellationToken,
+    groups: Option<ProcessGroups>,
 }
 
 /// Spawns a child with a fresh bus socketpair. The welcome and the generation are queued on
@@ -204,9 +224,13 @@ pub async fn launch(ctx: &Context, label: ChildLabel) -> std::io::Result<Running
     let pid = child.id().unwrap_or(0);
     tracing::info!("started {label} (pid {pid})");
     ctx.bus.processes.spawned(label, pid);
+    if let Some(groups) = &ctx.groups {
+        groups.record(pid);
+    }
     let output = Output::forward(&mut child, label, pid);
     let (pids, processes, fast_stop) = (ctx.bus.pids.clone(), ctx.bus.processes.clone(), ctx.fast_stop.clone());
-    Ok(Running { label, child, pid, started: Instant::now(), ready, hung, output, pids, processes, fast_stop })
+    let groups = ctx.groups.clone();
+    Ok(Running { label, child, pid, started: Instant::now(), ready, hung, output, pids, processes, fast_stop, groups })
 }
 
 impl Running {
@@ -234,11 +258,15 @@ impl Running {
         self.reaped(status).await
     }
 
-    /// After the child exited on its own: clean up its process group and collect its output.
+    /// After the child exited on its own: end its process group and collect its output.
     pub async fn reaped(self, status: std::io::Result<ExitStatus>) -> (std::io::Result<ExitStatus>, String) {
         // Whatever the dead child started (its process group) goes with it: no orphans
-        // holding its pipes, its sockets or its memory.
-        signal_group(self.pid, Signal::KILL);
+        // holding its pipes, its sockets or its memory. SIGTERM first, so they can clean up.
+        if signal_group(self.pid, Signal::TERM) {
+            tokio::spawn(end_group(self.pid, self.groups.clone()));
+        } else if let Some(groups) = &self.groups {
+            groups.forget(self.pid);
+        }
         self.pids.remove(self.pid);
         self.processes.gone(self.label, self.pid);
         let tail = self.output.finish().await;
@@ -246,10 +274,34 @@ impl Running {
     }
 }
 
-pub(crate) fn signal_group(pid: u32, signal: Signal) {
-    if let Some(pgid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
-        // ESRCH means the group is already gone, which is what we wanted.
-        let _ = kill_process_group(pgid, signal);
+/// SIGKILLs what is left of group `pgid` after [`GROUP_GRACE`] (the group already had its
+/// SIGTERM), then forgets its record.
+async fn end_group(pgid: u32, groups: Option<ProcessGroups>) {
+    let deadline = tokio::time::Instant::now() + GROUP_GRACE;
+    while group_exists(pgid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if signal_group(pgid, Signal::KILL) {
+        tracing::warn!("process group {pgid} outlived its leader by {GROUP_GRACE:?} after SIGTERM: SIGKILL");
+    }
+    if let Some(groups) = groups {
+        groups.forget(pgid);
+    }
+}
+
+/// Signals the process group `pid` leads; false if it has no member left. (A group keeps its
+/// number reserved while it has members, so this cannot hit somebody else's group.)
+pub(crate) fn signal_group(pid: u32, signal: Signal) -> bool {
+    match i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        Some(pgid) => kill_process_group(pgid, signal).is_ok(),
+        None => false,
+    }
+}
+
+fn group_exists(pgid: u32) -> bool {
+    match i32::try_from(pgid).ok().and_then(Pid::from_raw) {
+        Some(pgid) => rustix::process::test_kill_process_group(pgid).is_ok(),
+        None => false,
     }
 }
 

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -27,8 +28,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("config {path}: `{key}` {problem}")]
-    Invalid { path: PathBuf, key: &'static str, problem: String },
+    #[error("config {path}{}: `{key}` {problem}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Invalid { path: PathBuf, key: &'static str, line: Option<usize>, problem: String },
 }
 
 /// The whole configuration of one supervisor.
@@ -326,6 +327,78 @@ impl Default for RestartConfig {
 /// Largest worker count accepted (a typo guard, not a resource limit).
 pub const MAX_WORKERS: u32 = 1024;
 
+/// Longest duration any `*_s` key accepts (one day): beyond it a number is a typo, and far
+/// beyond it it no longer fits a `Duration` (`1e300` used to panic a supervisor thread).
+pub const MAX_SECONDS: f64 = 86_400.0;
+/// Longest grace a stopping child gets (one hour).
+pub const MAX_GRACE_SECONDS: f64 = 3_600.0;
+/// Smallest non-zero timeout: a shorter one would kill children faster than they can answer.
+pub const MIN_TIMEOUT_SECONDS: f64 = 0.1;
+/// Longest restart backoff (one hour, in ms).
+pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+/// Largest `listen(2)` backlog (the kernel caps it at `net.core.somaxconn` anyway).
+pub const MAX_BACKLOG: i64 = 65_535;
+/// Largest `max_requests` and `max_requests_jitter` (their sum must not overflow).
+pub const MAX_REQUESTS: u64 = 1_000_000_000_000;
+/// Largest `max_restarts`.
+pub const MAX_RESTARTS: u32 = 1_000_000;
+/// Largest CUDA device ordinal accepted.
+pub const MAX_CUDA_DEVICE: u32 = 1023;
+
+/// Seconds from a validated config as a `Duration`. Validation keeps every value finite and in
+/// range; should an unvalidated value slip through, it saturates instead of panicking.
+fn seconds(value: f64) -> Duration {
+    match Duration::try_from_secs_f64(value) {
+        Ok(duration) => duration,
+        Err(_) if value > 0.0 => Duration::from_secs(MAX_SECONDS as u64),
+        Err(_) => Duration::ZERO,
+    }
+}
+
+impl SupervisorConfig {
+    /// SIGTERM → SIGKILL grace for a stopping child.
+    pub fn graceful_timeout(&self) -> Duration {
+        seconds(self.graceful_timeout_s)
+    }
+}
+
+impl WorkersConfig {
+    /// How long a ready worker may stay silent before it counts as hung; `None` when off.
+    pub fn timeout(&self) -> Option<Duration> {
+        (self.timeout_s > 0.0).then(|| seconds(self.timeout_s))
+    }
+
+    /// How long a child may take to become ready.
+    pub fn start_timeout(&self) -> Duration {
+        seconds(self.start_timeout_s)
+    }
+
+    /// A worker's heartbeat period: four per timeout, between 10 ms and 1 s (so request counts
+    /// stay fresh); `None` when the hang timeout is off.
+    pub fn heartbeat_period(&self) -> Option<Duration> {
+        self.timeout().map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+    }
+}
+
+impl ModelConfig {
+    /// How long a hot swap's load may take.
+    pub fn load_timeout(&self) -> Duration {
+        seconds(self.load_timeout_s)
+    }
+}
+
+impl RestartConfig {
+    /// Up this long, a child is healthy again (its next restart is immediate).
+    pub fn reset_after(&self) -> Duration {
+        seconds(self.reset_after_s)
+    }
+
+    /// The restart-intensity window.
+    pub fn within(&self) -> Duration {
+        seconds(self.within_s)
+    }
+}
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -341,20 +414,104 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.model.path = base.join(&config.model.path);
         config.supervisor.runtime_dir = config.supervisor.runtime_dir.map(|d| base.join(d));
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { path, key, problem, .. } => {
+                ConfigError::Invalid { path, key, line: line_of(text, key), problem }
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
     fn invalid(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { path: self.source.clone(), key, problem: problem.into() }
+        ConfigError::Invalid { path: self.source.clone(), key, line: None, problem: problem.into() }
+    }
+
+    /// Checks that `value` (of `key`) is finite and within `range` seconds; `off_allowed` also
+    /// accepts 0 (the key's "off").
+    fn check_seconds(
+        &self,
+        key: &'static str,
+        value: f64,
+        range: std::ops::RangeInclusive<f64>,
+        off_allowed: bool,
+    ) -> Result<(), ConfigError> {
+        if (off_allowed && value == 0.0) || range.contains(&value) {
+            return Ok(());
+        }
+        let off = if off_allowed { "0 (off) or " } else { "" };
+        Err(self.invalid(
+            key,
+            format!("must be {off}a number of seconds from {} to {} (it is {value})", range.start(), range.end()),
+        ))
+    }
+
+    /// Checks that integer `value` (of `key`) lies within `range`.
+    fn check_range<T>(&self, key: &'static str, value: T, range: std::ops::RangeInclusive<T>) -> Result<(), ConfigError>
+    where
+        T: PartialOrd + std::fmt::Display,
+    {
+        if range.contains(&value) {
+            return Ok(());
+        }
+        Err(self.invalid(key, format!("must be between {} and {} (it is {value})", range.start(), range.end())))
+    }
+
+    fn validate_numbers(&self) -> Result<(), ConfigError> {
+        let (w, r) = (&self.workers, &self.restart);
+        self.check_seconds(
+            "supervisor.graceful_timeout_s",
+            self.supervisor.graceful_timeout_s,
+            0.0..=MAX_GRACE_SECONDS,
+            false,
+        )?;
+        self.check_seconds("workers.timeout_s", w.timeout_s, MIN_TIMEOUT_SECONDS..=MAX_SECONDS, true)?;
+        self.check_seconds("workers.start_timeout_s", w.start_timeout_s, MIN_TIMEOUT_SECONDS..=MAX_SECONDS, false)?;
+        self.check_seconds("restart.reset_after_s", r.reset_after_s, 0.0..=MAX_SECONDS, false)?;
+        self.check_seconds("restart.within_s", r.within_s, 0.0..=MAX_SECONDS, false)?;
+        self.check_seconds(
+            "model.load_timeout_s",
+            self.model.load_timeout_s,
+            MIN_TIMEOUT_SECONDS..=MAX_SECONDS,
+            false,
+        )?;
+        self.check_range("workers.count", w.count, 1..=MAX_WORKERS)?;
+        self.check_range("workers.backlog", i64::from(w.backlog), 1..=MAX_BACKLOG)?;
+        self.check_range("workers.max_requests", w.max_requests, 0..=MAX_REQUESTS)?;
+        self.check_range("workers.max_requests_jitter", w.max_requests_jitter, 0..=MAX_REQUESTS)?;
+        self.check_range("restart.backoff_initial_ms", r.backoff_initial_ms, 0..=MAX_BACKOFF_MS)?;
+        self.check_range("restart.backoff_max_ms", r.backoff_max_ms, 0..=MAX_BACKOFF_MS)?;
+        self.check_range("restart.max_restarts", r.max_restarts, 0..=MAX_RESTARTS)?;
+        self.check_range("cuda.device", self.cuda.device, 0..=MAX_CUDA_DEVICE)?;
+        if r.backoff_initial_ms > r.backoff_max_ms {
+            return Err(self.invalid("restart.backoff_initial_ms", "must not exceed restart.backoff_max_ms"));
+        }
+        Ok(())
+    }
+
+    /// `[workers] env` may not set what the supervisor sets itself (the child-environment
+    /// contract, `FORKLESS_*`, and systemd's `LISTEN_*`), nor hold what no environment can.
+    fn validate_env(&self) -> Result<(), ConfigError> {
+        for (name, value) in &self.workers.env {
+            if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+                return Err(self.invalid("workers.env", format!("{name:?} is not a valid environment variable")));
+            }
+            if name.starts_with("FORKLESS_") || name.starts_with("LISTEN_") {
+                return Err(self.invalid(
+                    "workers.env",
+                    format!("{name:?} is reserved: the supervisor sets FORKLESS_* and LISTEN_* itself"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_numbers()?;
+        self.validate_env()?;
+        self.validate_http()?;
         if self.workers.command.first().is_none_or(|p| p.is_empty()) {
             return Err(self.invalid("workers.command", "must name a program, e.g. [\"linear-worker\"]"));
-        }
-        if self.workers.count == 0 || self.workers.count > MAX_WORKERS {
-            return Err(self.invalid("workers.count", format!("must be between 1 and {MAX_WORKERS}")));
         }
         if self.workers.listen.is_empty() {
             return Err(self.invalid("workers.listen", "needs at least one address, e.g. [\"127.0.0.1:8080\"]"));
@@ -364,30 +521,10 @@ impl Config {
                 return Err(self.invalid("workers.listen", format!("{addr:?} is not an IP:port address")));
             }
         }
-        if !(self.supervisor.graceful_timeout_s.is_finite() && self.supervisor.graceful_timeout_s >= 0.0) {
-            return Err(self.invalid("supervisor.graceful_timeout_s", "must be a number of seconds >= 0"));
-        }
-        for (key, value) in [
-            ("workers.timeout_s", self.workers.timeout_s),
-            ("workers.start_timeout_s", self.workers.start_timeout_s),
-            ("restart.within_s", self.restart.within_s),
-            ("model.load_timeout_s", self.model.load_timeout_s),
-        ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(self.invalid(key, "must be a number of seconds >= 0"));
-            }
-        }
-        self.validate_http()?;
         if let Some(addr) = &self.supervisor.metrics_listen {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(self.invalid("supervisor.metrics_listen", format!("{addr:?} is not an IP:port address")));
             }
-        }
-        if !(self.restart.reset_after_s.is_finite() && self.restart.reset_after_s >= 0.0) {
-            return Err(self.invalid("restart.reset_after_s", "must be a number of seconds >= 0"));
-        }
-        if self.restart.backoff_initial_ms > self.restart.backoff_max_ms {
-            return Err(self.invalid("restart.backoff_initial_ms", "must not exceed restart.backoff_max_ms"));
         }
         if self.model.make_if_missing.as_ref().is_some_and(|c| c.is_empty()) {
             return Err(self.invalid("model.make_if_missing", "must name a program or be left out"));
@@ -406,20 +543,11 @@ impl Config {
 
     fn validate_lane(&self) -> Result<(), ConfigError> {
         let lane = &self.lane;
-        if !(1..=1024).contains(&lane.max_batch) {
-            return Err(self.invalid("lane.max_batch", "must be between 1 and 1024"));
-        }
-        if lane.max_wait_us > 1_000_000 {
-            return Err(self.invalid("lane.max_wait_us", "must be at most 1000000 (1 s)"));
-        }
-        if !(1..=forkless_bus::lane::MAX_SLOTS).contains(&lane.slots) {
-            return Err(self.invalid("lane.slots", format!("must be between 1 and {}", forkless_bus::lane::MAX_SLOTS)));
-        }
-        for (key, bytes) in [("lane.input_bytes", lane.input_bytes), ("lane.output_bytes", lane.output_bytes)] {
-            if !(1..=16 << 20).contains(&bytes) {
-                return Err(self.invalid(key, "must be between 1 and 16777216 bytes"));
-            }
-        }
+        self.check_range("lane.max_batch", lane.max_batch, 1..=1024)?;
+        self.check_range("lane.max_wait_us", lane.max_wait_us, 0..=1_000_000)?;
+        self.check_range("lane.slots", lane.slots, 1..=forkless_bus::lane::MAX_SLOTS)?;
+        self.check_range("lane.input_bytes", lane.input_bytes, 1..=16 << 20)?;
+        self.check_range("lane.output_bytes", lane.output_bytes, 1..=16 << 20)?;
         if let Some(Err(e)) = lane.layout().map(|l| l.size()) {
             return Err(self.invalid("lane", format!("this lane cannot be made: {e}")));
         }
@@ -433,16 +561,10 @@ impl Config {
             ("workers.http.body_timeout_s", http.body_timeout_s),
             ("workers.http.idle_timeout_s", http.idle_timeout_s),
         ] {
-            if !(value.is_finite() && value >= 0.001) {
-                return Err(self.invalid(key, "must be a number of seconds >= 0.001"));
-            }
+            self.check_seconds(key, value, 0.001..=MAX_SECONDS, false)?;
         }
-        if http.max_body_bytes == 0 {
-            return Err(self.invalid("workers.http.max_body_bytes", "must be at least 1"));
-        }
-        if http.max_connections == 0 {
-            return Err(self.invalid("workers.http.max_connections", "must be at least 1"));
-        }
+        self.check_range("workers.http.max_body_bytes", http.max_body_bytes, 1..=u64::MAX)?;
+        self.check_range("workers.http.max_connections", http.max_connections, 1..=1 << 20)?;
         Ok(())
     }
 
@@ -450,6 +572,22 @@ impl Config {
     pub fn base_dir(&self) -> &Path {
         self.source.parent().unwrap_or(Path::new("."))
     }
+}
+
+/// The line (1-based) where `key` (`table.name`) is set in `text`, if it is.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let (table, name) = key.split_once('.')?;
+    let document = toml::de::DeTable::parse(text).ok()?;
+    let table = find_key(document.get_ref(), table)?;
+    let offset = find_key(table.get_ref().as_table()?, name)?.span().start;
+    Some(text.get(..offset)?.matches('\n').count() + 1)
+}
+
+fn find_key<'a, 'i>(
+    entries: &'a toml::de::DeTable<'i>,
+    wanted: &str,
+) -> Option<&'a toml::Spanned<toml::de::DeValue<'i>>> {
+    entries.iter().find(|(k, _)| k.get_ref().as_ref() == wanted).map(|(_, v)| v)
 }
 
 /// Resolves a program named in the config: a bare name is looked up beside the running
@@ -505,6 +643,61 @@ mod tests {
         assert!(err.contains("workers.listen"), "{err}");
         let err = parse(&GOOD.replace("path = \"m.safetensors\"", "path = \"m\"\nsharing = \"some\"")).unwrap_err();
         assert!(err.to_string().contains("sharing"), "{err}");
+    }
+
+    /// Every number is finite and in range, and a refusal names the key and its line.
+    #[test]
+    fn absurd_numbers_are_refused_with_key_and_line() {
+        for (table, line, key) in [
+            ("[supervisor]", "graceful_timeout_s = 1e300", "supervisor.graceful_timeout_s"),
+            ("[supervisor]", "graceful_timeout_s = nan", "supervisor.graceful_timeout_s"),
+            ("[supervisor]", "graceful_timeout_s = -0.5", "supervisor.graceful_timeout_s"),
+            ("[workers]", "timeout_s = inf", "workers.timeout_s"),
+            ("[workers]", "timeout_s = 0.001", "workers.timeout_s"),
+            ("[workers]", "start_timeout_s = 0", "workers.start_timeout_s"),
+            ("[workers]", "backlog = -1", "workers.backlog"),
+            ("[workers]", "backlog = 0", "workers.backlog"),
+            ("[workers]", "backlog = 100000", "workers.backlog"),
+            ("[workers]", "max_requests = 18446744073709551615", "workers.max_requests"),
+            ("[workers]", "max_requests_jitter = 1e3", "max_requests_jitter"),
+            ("[restart]", "reset_after_s = 1e20", "restart.reset_after_s"),
+            ("[restart]", "within_s = -inf", "restart.within_s"),
+            ("[restart]", "backoff_max_ms = 99999999999", "restart.backoff_max_ms"),
+            ("[restart]", "max_restarts = 4000000000", "restart.max_restarts"),
+            ("[cuda]", "device = 100000", "cuda.device"),
+        ] {
+            let text = match table {
+                "[workers]" => format!("{GOOD}{line}\n"),
+                _ => format!("{GOOD}{table}\n{line}\n"),
+            };
+            let number = text.lines().position(|l| l == line).unwrap() + 1;
+            let err = match parse(&text) {
+                Ok(_) => panic!("{line} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(key) && err.contains(&format!("line {number}")), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn in_range_numbers_give_durations() {
+        let text = GOOD.to_string() + "timeout_s = 2\nstart_timeout_s = 0.5\nbacklog = 65535\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.workers.timeout(), Some(Duration::from_secs(2)));
+        assert_eq!(c.workers.heartbeat_period(), Some(Duration::from_millis(500)));
+        assert_eq!(c.workers.start_timeout(), Duration::from_millis(500));
+        assert_eq!(c.supervisor.graceful_timeout(), Duration::from_secs(30));
+        let c = parse(&(GOOD.to_string() + "timeout_s = 0\n")).unwrap();
+        assert_eq!((c.workers.timeout(), c.workers.heartbeat_period()), (None, None));
+    }
+
+    #[test]
+    fn reserved_worker_variables_are_refused() {
+        for env in ["{ FORKLESS_MAX_REQUESTS = \"1\" }", "{ LISTEN_FDS = \"3\" }", "{ \"A=B\" = \"x\" }"] {
+            let err = parse(&format!("{GOOD}env = {env}\n")).unwrap_err().to_string();
+            assert!(err.contains("workers.env") && err.contains("line 6"), "{err}");
+        }
+        parse(&format!("{GOOD}env = {{ RUST_LOG = \"debug\" }}\n")).unwrap();
     }
 
     #[test]

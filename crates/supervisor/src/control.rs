@@ -1,9 +1,19 @@
-//! The control socket: how `supervisor reload-model` (and, later, the rest of the job API)
-//! reaches a running supervisor. One JSON object per line each way, on a Unix socket whose
-//! path follows from the config file, so a command given the same `-c CONFIG` finds it.
+//! The control socket: how `supervisor status|scale|restart|reload|reload-model|stop` reach a
+//! running supervisor. One JSON object per line each way, on a Unix socket inside the
+//! supervisor's private runtime folder (see [`crate::runtime_dir`]), whose path follows from
+//! the config file, so a command given the same `-c CONFIG` finds it.
 //!
-//! A socket left behind by a killed supervisor is detected (nobody answers on it) and
-//! replaced; one that answers means that config already runs, and a second start is refused.
+//! Trust goes both ways, and only to the same uid:
+//! - the supervisor closes a connection from any other uid at once (`SO_PEERCRED`); the
+//!   folder's mode 0700 keeps other users out before that;
+//! - the command checks the folder (ours, 0700) and the peer's `SO_PEERCRED` before it
+//!   believes an answer, so an impostor listening in the supervisor's place is named, not
+//!   obeyed.
+//!
+//! Bounds: a connection must send its request within [`READ_TIMEOUT`]; at most
+//! [`MAX_CONNECTIONS`] are open at once, and when all are taken the oldest idle one is closed
+//! to make room (see [`crate::limits::ConnectionSlots`]), so idle connections cannot lock out
+//! a real command. Refusals are logged at most once a second.
 //!
 //! ```no_run
 //! # async fn f(config: &forkless_supervisor::config::Config) -> anyhow::Result<()> {
@@ -14,6 +24,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
@@ -23,10 +34,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::limits::{Admitted, ConnectionSlots, RateLimitedLog};
+use crate::processes::MemoryMeter;
+use crate::runtime_dir;
 use crate::service::{Command, Reply, RestartTarget, StatusReport};
 
 /// Largest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
+/// How long a connection may take to send its request line.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections open at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,13 +83,14 @@ pub enum Response {
     Failed { error: String },
 }
 
-/// Where the control socket of `config` lives: `[supervisor] runtime_dir` (or
-/// `$XDG_RUNTIME_DIR`, or the temp dir) / `forkless-<hash of the config's absolute path>.sock`.
+/// Where the control socket of `config` lives: `control.sock` in its runtime folder
+/// ([`runtime_dir::path_for`]).
 pub fn socket_path(config: &Config) -> PathBuf {
-    let parent = config.supervisor.runtime_dir.clone().unwrap_or_else(crate::runtime_dir::default_parent);
-    let absolute = std::fs::canonicalize(&config.source).unwrap_or_else(|_| config.source.clone());
-    let hash = xxhash_rust::xxh3::xxh3_64(absolute.as_os_str().as_encoded_bytes());
-    parent.join(format!("forkless-{hash:016x}.sock"))
+    runtime_dir::control_socket_in(&runtime_folder(config))
+}
+
+fn runtime_folder(config: &Config) -> PathBuf {
+    runtime_dir::path_for(&config.source, config.supervisor.runtime_dir.as_deref())
 }
 
 /// The bound control socket; removed when dropped.
@@ -79,49 +98,65 @@ pub fn socket_path(config: &Config) -> PathBuf {
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    meter: MemoryMeter,
 }
 
 impl ControlSocket {
-    /// Binds `path`, replacing a stale socket, refusing if a live supervisor answers there.
-    pub async fn bind(path: &Path, config: &Path) -> anyhow::Result<Self> {
-        if path.exists() {
-            if UnixStream::connect(path).await.is_ok() {
-                bail!(
-                    "a supervisor for {} is already running (control socket {} answers): stop it first",
-                    config.display(),
-                    path.display()
-                );
-            }
-            tracing::warn!("removing the stale control socket {} of a supervisor that died", path.display());
-            std::fs::remove_file(path).with_context(|| format!("cannot remove stale {}", path.display()))?;
-        }
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    /// Binds `path`, inside the runtime folder this supervisor holds locked (so whatever
+    /// socket sat there belonged to a supervisor that died). `status` reads memory through
+    /// `meter`.
+    pub fn bind(path: &Path, meter: MemoryMeter) -> anyhow::Result<Self> {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::warn!("removed the stale control socket {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
         }
         let listener =
             UnixListener::bind(path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(ControlSocket { listener, path: path.to_path_buf() })
+        Ok(ControlSocket { listener, path: path.to_path_buf(), meter })
     }
 
     /// Answers requests until `stop`.
     pub async fn serve(self, commands: mpsc::UnboundedSender<Command>, stop: CancellationToken) {
+        let slots = ConnectionSlots::new(MAX_CONNECTIONS);
+        let refusals = std::sync::Arc::new(RateLimitedLog::new(Duration::from_secs(1)));
         loop {
             let stream = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        tracing::warn!("control accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        // Typically EMFILE: back off instead of spinning on the error.
+                        refusals.warn(|| format!("control accept failed: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
                 _ = stop.cancelled() => return,
             };
-            tokio::spawn(answer(stream, commands.clone()));
+            if let Err(reason) = check_peer_uid(&stream) {
+                refusals.warn(|| format!("control connection refused: {reason}"));
+                continue;
+            }
+            let Some(slot) = slots.admit() else {
+                refusals.warn(|| format!("control connection refused: {MAX_CONNECTIONS} commands are running"));
+                continue;
+            };
+            tokio::spawn(answer(stream, slot, commands.clone(), self.meter.clone()));
         }
     }
+}
+
+/// Only the supervisor's own uid may give it commands.
+fn check_peer_uid(stream: &UnixStream) -> Result<(), String> {
+    let cred = stream.peer_cred().map_err(|e| format!("cannot read its credentials: {e}"))?;
+    let uid = rustix::process::getuid().as_raw();
+    if cred.uid() != uid {
+        let pid = cred.pid().unwrap_or(0);
+        return Err(format!("pid {pid} runs as uid {}, not as the supervisor's uid {uid}", cred.uid()));
+    }
+    Ok(())
 }
 
 impl Drop for ControlSocket {
@@ -130,16 +165,23 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn answer(stream: UnixStream, commands: mpsc::UnboundedSender<Command>) {
+async fn answer(stream: UnixStream, slot: Admitted, commands: mpsc::UnboundedSender<Command>, meter: MemoryMeter) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_LINE as u64));
-    let response = match reader.read_line(&mut line).await {
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(request, &commands).await,
+    let read = tokio::select! {
+        read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)) => read,
+        // Closed to make room for a newer connection: this one had sent nothing.
+        () = slot.evicted().cancelled() => return,
+    };
+    slot.busy();
+    let response = match read {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(request, &commands, &meter).await,
             Err(e) => Response::Failed { error: format!("bad request: {e}") },
         },
-        Err(e) => Response::Failed { error: format!("cannot read request: {e}") },
+        Ok(Err(e)) => Response::Failed { error: format!("cannot read request: {e}") },
+        Err(_) => Response::Failed { error: format!("no request within {READ_TIMEOUT:?}") },
     };
     let mut text = serde_json::to_string(&response).expect("responses serialise");
     text.push('\n');
@@ -147,7 +189,7 @@ async fn answer(stream: UnixStream, commands: mpsc::UnboundedSender<Command>) {
 }
 
 /// Every request becomes a command for the one service task, which replies on a ticket.
-async fn handle(request: Request, commands: &mpsc::UnboundedSender<Command>) -> Response {
+async fn handle(request: Request, commands: &mpsc::UnboundedSender<Command>, meter: &MemoryMeter) -> Response {
     let gone = || Response::Failed { error: "the supervisor is stopping".into() };
     match request {
         Request::Status => {
@@ -156,7 +198,10 @@ async fn handle(request: Request, commands: &mpsc::UnboundedSender<Command>) -> 
                 return gone();
             }
             match answer.await {
-                Ok(status) => Response::Status { status: Box::new(status) },
+                Ok(mut status) => {
+                    fill_memory(meter, &mut status).await;
+                    Response::Status { status: Box::new(status) }
+                }
                 Err(_) => gone(),
             }
         }
@@ -184,6 +229,16 @@ async fn handle(request: Request, commands: &mpsc::UnboundedSender<Command>) -> 
     }
 }
 
+/// Fills in the memory columns of `status` (read off the runtime, see [`MemoryMeter`]), or
+/// says why they are unknown.
+async fn fill_memory(meter: &MemoryMeter, status: &mut StatusReport) {
+    let pids = status.processes.iter().filter_map(|p| p.pid).collect();
+    match meter.measure(pids).await {
+        Ok(measured) => status.gpu_unattributed_bytes = measured.apply(&mut status.processes),
+        Err(reason) => status.memory_unknown = Some(reason),
+    }
+}
+
 /// Sends the service a command carrying a reply channel, and turns the reply into a response.
 async fn ask(commands: &mpsc::UnboundedSender<Command>, command: impl FnOnce(Reply) -> Command) -> Response {
     let (reply, answer) = oneshot::channel();
@@ -197,19 +252,46 @@ async fn ask(commands: &mpsc::UnboundedSender<Command>, command: impl FnOnce(Rep
     }
 }
 
-/// Sends one request to the supervisor running `config` and returns its answer.
+/// Sends one request to the supervisor running `config` and returns its answer, once the
+/// runtime folder and the peer at the socket have shown they are this user's.
 pub async fn request(config: &Config, request: &Request) -> anyhow::Result<Response> {
-    let path = socket_path(config);
-    let stream = UnixStream::connect(&path).await.with_context(|| {
-        format!("no supervisor is running for {} (control socket {})", config.source.display(), path.display())
-    })?;
+    let stream = connect(config).await?;
     let (read, mut write) = stream.into_split();
     let mut text = serde_json::to_string(request)?;
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
+    if line.is_empty() {
+        bail!("the supervisor closed the control connection without answering (too many control connections open?): try again");
+    }
     serde_json::from_str(&line).with_context(|| format!("unreadable answer from the supervisor: {line:?}"))
+}
+
+/// Connects to `config`'s control socket, refusing a runtime folder or a peer that is not this
+/// user's: whoever else listens there is not the supervisor, whatever it answers.
+async fn connect(config: &Config) -> anyhow::Result<UnixStream> {
+    let (folder, path) = (runtime_folder(config), socket_path(config));
+    let not_running =
+        || format!("no supervisor is running for {} (control socket {})", config.source.display(), path.display());
+    match std::fs::symlink_metadata(&folder) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{}", not_running()),
+        _ => runtime_dir::check_private(&folder).context("refusing to talk to the supervisor's control socket")?,
+    }
+    let stream = UnixStream::connect(&path).await.with_context(not_running)?;
+    let cred = stream.peer_cred().with_context(|| format!("cannot read the credentials of {}", path.display()))?;
+    let uid = rustix::process::getuid().as_raw();
+    if cred.uid() != uid {
+        bail!(
+            "the control socket {} is served by uid {} (pid {}), not by this user (uid {uid}): refusing to believe \
+             its answer; something took the supervisor's place, check {}",
+            path.display(),
+            cred.uid(),
+            cred.pid().unwrap_or(0),
+            folder.display()
+        );
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@ pub mod config;
 pub mod control;
 pub mod escrow;
 pub mod events;
+pub mod groups;
+pub mod limits;
 mod link;
 pub mod listeners;
 pub mod logging;
@@ -83,12 +85,13 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     let spawner = Spawner::start(tokio::runtime::Handle::current());
     let stop = Stop::default();
     shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
-    let control = control::ControlSocket::bind(&control::socket_path(&config), &config.source).await?;
+    let runtime_dir = RuntimeDir::open(&config.source, config.supervisor.runtime_dir.as_deref())?;
+    let meter = processes::MemoryMeter::start().context("cannot start the memory-measuring thread")?;
+    let control = control::ControlSocket::bind(&runtime_dir.control_socket(), meter.clone())?;
     let requested = options.backend.unwrap_or(config.model.backend);
     let resolved = backend::resolve(requested, &config, &spawner, Path::new(SELF_EXE)).await?;
     tracing::info!(backend = resolved.env_value(), "backend {resolved}");
     ensure_model(&config, &spawner, &stop.token()).await?;
-    let runtime_dir = RuntimeDir::create(config.supervisor.runtime_dir.as_deref())?;
     let backend = running_backend(resolved, &config, &runtime_dir)?;
     let listeners = Listeners::bind(&config.workers.listen, config.workers.backlog)?;
     let addrs: Vec<String> = listeners.local_addrs().iter().map(ToString::to_string).collect();
@@ -114,15 +117,16 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
         events,
         config.model.sharing == Sharing::Shared,
         config.model.path.display().to_string(),
-        std::time::Duration::try_from_secs_f64(config.model.load_timeout_s).unwrap_or(std::time::Duration::MAX),
+        config.model.load_timeout(),
         config.lane.settings(),
     );
     bus_state.devices = backend.resolved.devices();
     let bus = BusServer { listener: bus_listener, state: bus_state.clone(), stop: bus_stop.clone() };
     let bus_task = tokio::spawn(bus.serve());
     let control_task = tokio::spawn(control.serve(commands, bus_stop.clone()));
-    let ctx = Arc::new(Context::new(config, backend, spawner, listeners, bus_socket, bus_state, stop.fast_token()));
-    let metrics_task = tokio::spawn(metrics::record_periodically(ctx.clone(), bus_stop.clone()));
+    let ctx = Context::new(config, backend, spawner, listeners, bus_socket, bus_state, stop.fast_token());
+    let ctx = Arc::new(ctx.with_groups(runtime_dir.groups().clone()));
+    let metrics_task = tokio::spawn(metrics::record_periodically(ctx.clone(), meter, bus_stop.clone()));
 
     let failure = Service::new(ctx, stop, health).counting_from(started).run(event_inbox, command_inbox).await;
 
@@ -147,11 +151,41 @@ fn running_backend(resolved: ResolvedBackend, config: &Config, dir: &RuntimeDir)
     Ok(RunningBackend { resolved, configured: config.model.backend, kernel_cache })
 }
 
+/// Whether `[model] path` exists; an error if it exists but is not a regular file (a FIFO
+/// would block the owner's `open` until its start timeout, again and again).
+fn weights_file_exists(config: &Config) -> anyhow::Result<bool> {
+    let path = &config.model.path;
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(true),
+        Ok(meta) => bail!(
+            "weights file {} ([model] path in {}) is {}, not a regular file: point it at a safetensors file",
+            path.display(),
+            config.source.display(),
+            file_kind(meta.file_type()),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => {
+            bail!("cannot read weights file {} ([model] path in {}): {e}", path.display(), config.source.display())
+        }
+    }
+}
+
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match kind {
+        k if k.is_dir() => "a directory",
+        k if k.is_fifo() => "a FIFO (named pipe)",
+        k if k.is_socket() => "a socket",
+        k if k.is_char_device() || k.is_block_device() => "a device",
+        _ => "not a regular file",
+    }
+}
+
 /// Makes sure the weights file exists before anything starts: a missing file is a clear
 /// error naming it, not a restart loop of owners that cannot load it.
 async fn ensure_model(config: &Config, spawner: &Spawner, stop: &CancellationToken) -> anyhow::Result<()> {
     let path = &config.model.path;
-    if path.exists() {
+    if weights_file_exists(config)? {
         return Ok(());
     }
     let Some(command) = &config.model.make_if_missing else {
@@ -183,7 +217,7 @@ async fn ensure_model(config: &Config, spawner: &Spawner, stop: &CancellationTok
         }
     };
     let stderr = collect.await.unwrap_or_default();
-    if !status.success() || !path.exists() {
+    if !status.success() || !weights_file_exists(config)? {
         bail!(
             "[model] make_if_missing {:?} ({}) did not create {}: {}",
             command,

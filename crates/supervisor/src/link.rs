@@ -22,6 +22,9 @@ pub enum ConnError {
     Cred(std::io::Error),
     #[error("refused: {0}")]
     Refused(String),
+    /// A path-based connection from a process that is not one of our children.
+    #[error("refused: {0}")]
+    Stranger(String),
     #[error(transparent)]
     Recv(#[from] RecvError),
     #[error(transparent)]

@@ -6,7 +6,8 @@
 //! ```no_run
 //! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) {
 //! let stop = tokio_util::sync::CancellationToken::new();
-//! forkless_supervisor::metrics::record_periodically(ctx, stop).await;
+//! let meter = forkless_supervisor::processes::MemoryMeter::start().unwrap();
+//! forkless_supervisor::metrics::record_periodically(ctx, meter, stop).await;
 //! # }
 //! ```
 
@@ -16,17 +17,18 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::children::Context;
-use crate::processes::{measure_memory, State};
+use crate::processes::{MemoryMeter, State};
 
 /// How often process gauges are refreshed.
 const PERIOD: Duration = Duration::from_secs(2);
 
-/// Refreshes the gauges every [`PERIOD`] until `stop`.
-pub async fn record_periodically(ctx: Arc<Context>, stop: CancellationToken) {
+/// Refreshes the gauges every [`PERIOD`] until `stop`. Memory is read through `meter`, off
+/// the runtime; while it cannot be read, the memory gauges keep their last values.
+pub async fn record_periodically(ctx: Arc<Context>, meter: MemoryMeter, stop: CancellationToken) {
     let mut tick = tokio::time::interval(PERIOD);
     loop {
         tokio::select! {
-            _ = tick.tick() => record(&ctx),
+            _ = tick.tick() => record(&ctx, &meter).await,
             _ = stop.cancelled() => return,
         }
     }
@@ -54,16 +56,21 @@ fn record_lane(lane: &crate::escrow::LaneStatus) {
     }
 }
 
-fn record(ctx: &Context) {
+async fn record(ctx: &Context, meter: &MemoryMeter) {
     let mut processes = ctx.bus.processes.snapshot();
-    if let Some(unattributed) = measure_memory(&mut processes) {
-        metrics::gauge!("forkless_gpu_unattributed_bytes").set(unattributed as f64);
+    let measured = meter.measure(processes.iter().filter_map(|p| p.pid).collect()).await;
+    match measured.map(|m| m.apply(&mut processes)) {
+        Ok(Some(unattributed)) => metrics::gauge!("forkless_gpu_unattributed_bytes").set(unattributed as f64),
+        Ok(None) => {}
+        Err(reason) => tracing::debug!("{reason}"),
     }
     for p in &processes {
         let labels = [("role", p.role.clone()), ("index", p.index.to_string())];
         let up = p.state == State::Ready;
         metrics::gauge!("forkless_process_up", &labels).set(if up { 1.0 } else { 0.0 });
-        metrics::gauge!("forkless_process_rss_bytes", &labels).set(p.rss_bytes.unwrap_or(0) as f64);
+        if let Some(rss) = p.rss_bytes {
+            metrics::gauge!("forkless_process_rss_bytes", &labels).set(rss as f64);
+        }
         metrics::gauge!("forkless_process_restarts", &labels).set(f64::from(p.restarts));
         if let Some(gpu) = p.gpu_bytes {
             metrics::gauge!("forkless_process_gpu_bytes", &labels).set(gpu as f64);

@@ -18,9 +18,9 @@
 //! assert_eq!(table.snapshot()[0].state, State::Ready);
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use forkless_bus::Role;
 use serde::{Deserialize, Serialize};
@@ -200,24 +200,94 @@ impl ProcessTable {
     }
 }
 
-/// Fills in `rss_bytes` from the kernel's current figures (sysinfo) and `gpu_bytes` from NVML
-/// when there is a GPU. Returns the GPU memory that no process accounts for (escrowed arenas
-/// held only by fds, and the driver's own), or `None` without NVML.
-pub fn measure_memory(infos: &mut [ProcessInfo]) -> Option<u64> {
+/// The longest `status` (or a metrics refresh) waits for memory figures. NVML is a driver
+/// call that can hang (a wedged GPU, a driver upgrade in progress), and `/proc` reads can block
+/// on a process stuck in the kernel: neither may stall the control socket or the service.
+pub const MEASURE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Memory figures read now: RSS by pid (sysinfo), and GPU memory (NVML) when there is a GPU.
+#[derive(Debug, Default)]
+pub struct Measured {
+    pub rss: HashMap<u32, u64>,
+    pub gpu: Option<forkless_gpu::nvml::GpuMemory>,
+}
+
+impl Measured {
+    /// Fills in `rss_bytes` and `gpu_bytes`; returns the GPU memory no process accounts for
+    /// (escrowed arenas held only by fds, and the driver's own), or `None` without NVML.
+    pub fn apply(&self, infos: &mut [ProcessInfo]) -> Option<u64> {
+        for info in infos {
+            info.rss_bytes = info.pid.and_then(|pid| self.rss.get(&pid).copied());
+            info.gpu_bytes =
+                self.gpu.as_ref().and_then(|g| info.pid.map(|pid| g.per_process.get(&pid).copied().unwrap_or(0)));
+        }
+        self.gpu.as_ref().map(|g| g.unattributed)
+    }
+}
+
+type Job = (Vec<u32>, tokio::sync::oneshot::Sender<Measured>);
+
+/// Measures memory on a thread of its own, off the async runtime, and gives up waiting after
+/// [`MEASURE_TIMEOUT`]: a hung NVML then costs that thread, never the service. While the thread
+/// is stuck, further requests are answered at once with the reason.
+#[derive(Debug, Clone)]
+pub struct MemoryMeter {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    /// When the measurement in progress started (none in progress: `None`).
+    busy_since: Arc<Mutex<Option<Instant>>>,
+}
+
+impl MemoryMeter {
+    /// Starts the measuring thread.
+    pub fn start() -> std::io::Result<Self> {
+        let (jobs, inbox) = std::sync::mpsc::sync_channel::<Job>(1);
+        let busy_since: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let busy = busy_since.clone();
+        std::thread::Builder::new().name("forkless-meter".into()).spawn(move || {
+            for (pids, reply) in inbox {
+                *busy.lock().expect("meter poisoned") = Some(Instant::now());
+                let measured = measure_now(&pids);
+                *busy.lock().expect("meter poisoned") = None;
+                let _ = reply.send(measured);
+            }
+        })?;
+        Ok(MemoryMeter { jobs, busy_since })
+    }
+
+    /// Memory of `pids` now, or why it is unknown (the measurement did not come in time).
+    pub async fn measure(&self, pids: Vec<u32>) -> Result<Measured, String> {
+        let stuck = || {
+            let since = self.busy_since.lock().expect("meter poisoned").map(|t| t.elapsed()).unwrap_or_default();
+            format!(
+                "memory unknown: reading it (NVML, /proc) has not answered for {:.0} s; the GPU driver may hang (check nvidia-smi)",
+                since.as_secs_f64().max(MEASURE_TIMEOUT.as_secs_f64())
+            )
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.jobs.try_send((pids, reply)).is_err() {
+            return Err(stuck());
+        }
+        match tokio::time::timeout(MEASURE_TIMEOUT, answer).await {
+            Ok(Ok(measured)) => Ok(measured),
+            Ok(Err(_)) => Err("memory unknown: the measuring thread is gone".into()),
+            Err(_) => Err(stuck()),
+        }
+    }
+}
+
+/// Reads RSS from the kernel's current figures (sysinfo) and GPU memory from NVML. Blocking:
+/// only the meter's thread calls this.
+fn measure_now(pids: &[u32]) -> Measured {
     use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
-    let pids: Vec<Pid> = infos.iter().filter_map(|i| i.pid).map(Pid::from_u32).collect();
+    let pids: Vec<Pid> = pids.iter().copied().map(Pid::from_u32).collect();
     let mut system = System::new();
     system.refresh_processes_specifics(
         ProcessesToUpdate::Some(&pids),
         true,
         ProcessRefreshKind::nothing().with_memory(),
     );
-    let gpu = forkless_gpu::nvml::snapshot();
-    for info in infos {
-        info.rss_bytes = info.pid.and_then(|pid| system.process(Pid::from_u32(pid))).map(|p| p.memory());
-        info.gpu_bytes = gpu.as_ref().and_then(|g| info.pid.map(|pid| g.per_process.get(&pid).copied().unwrap_or(0)));
-    }
-    gpu.map(|g| g.unattributed)
+    let rss = pids.iter().filter_map(|&pid| Some((pid.as_u32(), system.process(pid)?.memory()))).collect();
+    Measured { rss, gpu: forkless_gpu::nvml::snapshot() }
 }
 
 #[cfg(test)]

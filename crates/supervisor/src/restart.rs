@@ -37,7 +37,7 @@ impl Backoff {
         Backoff {
             initial: Duration::from_millis(config.backoff_initial_ms),
             max: Duration::from_millis(config.backoff_max_ms),
-            reset_after: Duration::from_secs_f64(config.reset_after_s),
+            reset_after: config.reset_after(),
             quick_deaths: 0,
         }
     }
@@ -79,11 +79,7 @@ pub struct Intensity {
 
 impl Intensity {
     pub fn new(config: &RestartConfig) -> Self {
-        Intensity {
-            max_restarts: config.max_restarts,
-            within: Duration::from_secs_f64(config.within_s),
-            recent: Default::default(),
-        }
+        Intensity { max_restarts: config.max_restarts, within: config.within(), recent: Default::default() }
     }
 
     /// Records one restart now; `Err` with the count when the limit is exceeded.

@@ -37,7 +37,7 @@ use crate::config::{Config, Sharing};
 use crate::escrow::Decision;
 use crate::events::Event;
 use crate::link::LoadRequest;
-use crate::processes::{measure_memory, ProcessInfo};
+use crate::processes::ProcessInfo;
 use crate::shutdown::Stop;
 use crate::slot::Slot;
 use crate::spawn::ChildLabel;
@@ -131,6 +131,9 @@ pub struct StatusReport {
     /// GPU memory in use that no process accounts for (escrowed arenas, the driver's own);
     /// `None` without a GPU.
     pub gpu_unattributed_bytes: Option<u64>,
+    /// Why the memory columns are empty, when they could not be read in time (a hung NVML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_unknown: Option<String>,
     pub workers_wanted: u32,
     pub processes: Vec<ProcessInfo>,
 }
@@ -539,8 +542,9 @@ impl Service {
     }
 
     fn status(&self) -> StatusReport {
-        let mut processes = self.ctx.bus.processes.snapshot();
-        let gpu_unattributed_bytes = measure_memory(&mut processes);
+        // Memory is filled in by the control connection (crate::processes::MemoryMeter), off
+        // this loop: a hung NVML must not stall the service.
+        let processes = self.ctx.bus.processes.snapshot();
         let escrow = &self.ctx.bus.escrow;
         StatusReport {
             supervisor_pid: std::process::id(),
@@ -553,7 +557,8 @@ impl Service {
             offered_generation: escrow.offer().map(|g| g.number()),
             lanes: escrow.live().map(|g| g.lane_status()).unwrap_or_default(),
             escrow_bytes: escrow.bytes_held(),
-            gpu_unattributed_bytes,
+            gpu_unattributed_bytes: None,
+            memory_unknown: None,
             workers_wanted: self.workers_wanted,
             processes,
         }

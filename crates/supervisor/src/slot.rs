@@ -136,7 +136,7 @@ impl SlotLoop {
     }
 
     fn start_timeout(&self) -> Duration {
-        Duration::try_from_secs_f64(self.ctx.config().workers.start_timeout_s).unwrap_or(Duration::MAX)
+        self.ctx.config().workers.start_timeout()
     }
 
     /// Starts a child and waits for readiness; `Err` carries what to do about the failure.

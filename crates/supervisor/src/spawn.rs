@@ -25,6 +25,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use command_fds::{CommandFdExt, FdMapping};
+use forkless_bus::child_env::ChildEnv;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
@@ -43,11 +44,22 @@ pub struct ChildSpec {
     pub bus: Option<OwnedFd>,
     /// Recorded in the [`PidTable`] right after the fork, before the child can connect.
     pub label: Option<(PidTable, ChildLabel)>,
+    /// The owner's and workers' environment contract, applied last (over `env`), with the bus
+    /// fd filled in where the socket lands.
+    pub child_env: Option<ChildEnv>,
 }
 
 impl ChildSpec {
     pub fn new(program: PathBuf) -> Self {
-        ChildSpec { program, args: Vec::new(), env: Vec::new(), listeners: Vec::new(), bus: None, label: None }
+        ChildSpec {
+            program,
+            args: Vec::new(),
+            env: Vec::new(),
+            listeners: Vec::new(),
+            bus: None,
+            label: None,
+            child_env: None,
+        }
     }
 }
 
@@ -126,13 +138,23 @@ impl Spawner {
     }
 }
 
+/// Variables of the supervisor's own environment that no child may inherit: the child
+/// environment contract (`FORKLESS_*`: only what the supervisor sets reaches a child) and
+/// systemd's socket activation (`LISTEN_*`: the supervisor's listeners are not the child's).
+fn inherited_but_not_passed_on() -> impl Iterator<Item = std::ffi::OsString> {
+    std::env::vars_os().map(|(name, _)| name).filter(|name| {
+        let name = name.as_encoded_bytes();
+        name.starts_with(forkless_bus::child_env::PREFIX.as_bytes()) || name.starts_with(b"LISTEN_")
+    })
+}
+
 fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
     let mut command = Command::new(&spec.program);
+    for name in inherited_but_not_passed_on() {
+        command.env_remove(name);
+    }
     command
         .args(&spec.args)
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_FDNAMES")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -143,8 +165,9 @@ fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
         command.env("LISTEN_FDS", spec.listeners.len().to_string());
     }
     let bus_fd = LISTEN_FDS_START + spec.listeners.len() as i32;
-    if spec.bus.is_some() {
-        command.env(forkless_bus::ENV_BUS_FD, bus_fd.to_string());
+    if let Some(mut env) = spec.child_env {
+        env.bus_fd = spec.bus.is_some().then_some(bus_fd);
+        command.envs(env.to_vars());
     }
     let mappings: Vec<FdMapping> = spec
         .listeners

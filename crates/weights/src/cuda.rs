@@ -3,7 +3,8 @@
 //! load, and a worker's private copy in the `sharing = "none"` baseline).
 //!
 //! ```no_run
-//! let settings = forkless_weights::cuda::CudaSettings::from_vars(&|name| std::env::var(name).ok()).unwrap();
+//! let env = forkless_bus::child_env::ChildEnv::from_env().unwrap();
+//! let settings = forkless_weights::cuda::CudaSettings::from(env.cuda().expect("the cuda backend"));
 //! let gpu = forkless_gpu::Gpu::open(settings.device as usize).unwrap();
 //! let file = forkless_weights::ModelFile::open("model.safetensors".as_ref()).unwrap();
 //! let filled = forkless_weights::cuda::fill_arena(&file, &gpu).unwrap();
@@ -27,34 +28,14 @@ pub struct CudaSettings {
     pub kernel_cache: Option<PathBuf>,
 }
 
-/// A `[cuda]` variable the supervisor set is not readable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{name}={value:?} is not valid: {expected}; it is set by `supervisor run`")]
-pub struct SettingsError {
-    pub name: &'static str,
-    pub value: String,
-    pub expected: &'static str,
-}
-
-impl CudaSettings {
-    /// Reads `FORKLESS_CUDA_DEVICE` (default 0), `FORKLESS_CUDA_STACK_BYTES` and
-    /// `FORKLESS_KERNEL_CACHE` through `var(name)`.
-    pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<CudaSettings, SettingsError> {
-        fn number<T: std::str::FromStr>(
-            var: &dyn Fn(&str) -> Option<String>,
-            name: &'static str,
-        ) -> Result<Option<T>, SettingsError> {
-            var(name)
-                .map(|value| {
-                    value.parse().map_err(|_| SettingsError { name, value, expected: "a small non-negative integer" })
-                })
-                .transpose()
+impl From<&forkless_bus::child_env::CudaEnv> for CudaSettings {
+    /// The settings the supervisor passed in the child environment ([`forkless_bus::child_env`]).
+    fn from(env: &forkless_bus::child_env::CudaEnv) -> Self {
+        CudaSettings {
+            device: env.device,
+            stack_limit: env.stack_limit_bytes.and_then(|b| usize::try_from(b).ok()),
+            kernel_cache: env.kernel_cache.clone(),
         }
-        Ok(CudaSettings {
-            device: number(var, forkless_bus::ENV_CUDA_DEVICE)?.unwrap_or(0),
-            stack_limit: number(var, forkless_bus::ENV_CUDA_STACK_BYTES)?,
-            kernel_cache: var(forkless_bus::ENV_KERNEL_CACHE).map(PathBuf::from),
-        })
     }
 }
 
@@ -116,20 +97,14 @@ pub fn fill_arena(file: &ModelFile, gpu: &forkless_gpu::Gpu) -> Result<FilledAre
 mod tests {
     use super::*;
 
-    fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
-    }
-
     #[test]
-    fn settings_come_from_the_supervisors_variables() {
-        let settings = CudaSettings::from_vars(&vars(&[
-            ("FORKLESS_CUDA_DEVICE", "1"),
-            ("FORKLESS_CUDA_STACK_BYTES", "64"),
-            ("FORKLESS_KERNEL_CACHE", "/run/k"),
-        ]))
-        .unwrap();
+    fn settings_come_from_the_child_environment() {
+        let env = forkless_bus::child_env::CudaEnv {
+            device: 1,
+            stack_limit_bytes: Some(64),
+            kernel_cache: Some("/run/k".into()),
+        };
+        let settings = CudaSettings::from(&env);
         assert_eq!(settings, CudaSettings { device: 1, stack_limit: Some(64), kernel_cache: Some("/run/k".into()) });
-        let err = CudaSettings::from_vars(&vars(&[("FORKLESS_CUDA_DEVICE", "-1")])).unwrap_err();
-        assert!(err.to_string().contains("FORKLESS_CUDA_DEVICE=\"-1\""), "{err}");
     }
 }

@@ -35,6 +35,10 @@ const CHUNK: usize = 8 << 20;
 pub enum LoadError {
     #[error("cannot open weights file {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
+    #[error(
+        "weights file {path} is {kind}, not a regular file: point [model] path (or reload-model) at a safetensors file"
+    )]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("weights file {path} is not a valid safetensors file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("weights file {path}: tensor {tensor:?} has dtype {dtype}, which forkless does not serve")]
@@ -66,7 +70,7 @@ pub struct ModelFile {
 impl ModelFile {
     /// Opens `path` and validates its header against the file's real size.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let file = File::open(path).map_err(|source| LoadError::Open { path: path.into(), source })?;
+        let file = open_regular(path)?;
         let corrupt = |reason: String| LoadError::Corrupt { path: path.into(), reason };
         let read = |source| LoadError::Read { path: path.into(), source };
         let file_len = file.metadata().map_err(read)?.len();
@@ -171,6 +175,44 @@ impl ModelFile {
     }
 }
 
+/// Opens `path` for reading only if it is a regular file. A FIFO would block `open` until some
+/// writer shows up (forever, as far as a supervisor's start timeout can tell), and a device
+/// or a directory is no model either. The path is checked first, then opened non-blocking (so
+/// a FIFO swapped in meanwhile cannot block us), and the opened descriptor checked again: that
+/// check is the one that counts, since the path may change between the two.
+fn open_regular(path: &Path) -> Result<File, LoadError> {
+    let open_error = |source| LoadError::Open { path: path.into(), source };
+    let not_regular = |mode| LoadError::NotRegular { path: path.into(), kind: file_kind(mode) };
+    let stat = rustix::fs::stat(path).map_err(|e| open_error(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(not_regular(stat.st_mode));
+    }
+    use rustix::fs::OFlags;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(path, flags, rustix::fs::Mode::empty()).map_err(|e| open_error(e.into()))?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| open_error(e.into()))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(not_regular(stat.st_mode));
+    }
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty()).map_err(|e| open_error(e.into()))?;
+    Ok(File::from(fd))
+}
+
+/// What a file that is not a regular file is, for the error message.
+pub fn file_kind(mode: rustix::fs::RawMode) -> &'static str {
+    use rustix::fs::FileType;
+    match FileType::from_raw_mode(mode) {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Symlink => "a symbolic link",
+        FileType::Unknown => "not a file",
+    }
+}
+
 fn convert_dtype(dtype: safetensors::Dtype) -> Option<Dtype> {
     use safetensors::Dtype as S;
     Some(match dtype {
@@ -244,5 +286,21 @@ mod tests {
         std::fs::write(&path, b"this is not a model at all").unwrap();
         let err = ModelFile::open(&path).err().unwrap();
         assert!(matches!(err, LoadError::Corrupt { .. }) && err.to_string().contains("m.safetensors"));
+    }
+
+    /// A FIFO without a writer used to block `open` forever; now it is refused at once, named.
+    #[test]
+    fn fifos_directories_and_devices_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.safetensors");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        for (path, kind) in [(fifo.as_path(), "FIFO"), (dir.path(), "directory"), (Path::new("/dev/zero"), "device")] {
+            let err = ModelFile::open(path).err().unwrap();
+            assert!(matches!(err, LoadError::NotRegular { .. }), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(&path.display().to_string()) && text.contains(kind), "{text}");
+            assert!(text.contains("[model] path"), "{text}");
+        }
     }
 }

@@ -47,8 +47,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use forkless_bus::channel::{RecvError, SendError};
+use forkless_bus::child_env::{ChildEnv, ChildEnvError, Sharing};
 use forkless_bus::host::ArenaMap;
-use forkless_bus::{BusStream, Message, Role};
+use forkless_bus::{BusStream, Message};
 use forkless_weights::model_file::ModelFile;
 
 pub use accept::{Acceptance, Dim, Expect, Shape};
@@ -59,7 +60,7 @@ pub use forkless_bus::wire::AttachTiming;
 pub use forkless_bus::{Dtype, Manifest, TensorEntry};
 pub use forkless_gpu::GpuError;
 pub use forkless_gpu::{DeviceView, Gpu};
-pub use forkless_weights::cuda::{CudaSettings, SettingsError};
+pub use forkless_weights::cuda::CudaSettings;
 pub use forkless_weights::LoadError;
 pub use generation::{Element, Generation, Generations, ViewError};
 /// The half-precision element types (`half::f16`, `half::bf16`) of F16/BF16 tensors.
@@ -74,8 +75,8 @@ use generation::MappedArena;
 /// Why a worker could not attach.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("{0} is not set: workers are started by `supervisor run`, which sets it")]
-    Env(&'static str),
+    #[error(transparent)]
+    Env(#[from] ChildEnvError),
     #[error(transparent)]
     Orphan(#[from] forkless_bus::child::OrphanError),
     #[error(transparent)]
@@ -94,8 +95,6 @@ pub enum AttachError {
     Map { arena: u32, source: MapError },
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error(transparent)]
-    Settings(#[from] forkless_weights::cuda::SettingsError),
     #[error("GPU {device}: {source}")]
     Gpu { device: u32, source: forkless_gpu::GpuError },
     #[error("arena {arena} is on GPU {found}, but this worker runs {configured}: the supervisor's backend and the owner disagree; restart the supervisor")]
@@ -127,7 +126,6 @@ impl AttachError {
                 | AttachError::Orphan(_)
                 | AttachError::Load(_)
                 | AttachError::Manifest(_)
-                | AttachError::Settings(_)
                 | AttachError::WrongPlace { .. }
                 | AttachError::NotAccepted { .. }
         )
@@ -226,16 +224,14 @@ impl WorkerBuilder {
     /// checks it. A generation the checks refuse is [`AttachError::NotAccepted`] (fatal: exit
     /// with [`AttachError::exit`]).
     pub async fn attach(self) -> Result<Worker, AttachError> {
-        forkless_bus::child::die_with_supervisor()?;
-        let index = env(forkless_bus::ENV_INDEX)?.parse().map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
-        let private_model = match std::env::var(forkless_bus::ENV_SHARING).as_deref() {
-            Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
-            _ => None,
-        };
+        let env = ChildEnv::from_env()?;
+        forkless_bus::child::die_with_supervisor(&env)?;
+        let index = env.index;
+        let private_model = (env.sharing == Sharing::None).then(|| env.model.clone());
         // The CUDA context (~0.3 s, once per process) is not part of attaching to a generation.
-        let gpu = open_gpu()?;
+        let gpu = open_gpu(&env)?;
         let (started, cpu_started) = (Instant::now(), forkless_bus::child::thread_cpu_time());
-        let mut bus = forkless_bus::child::connect_to_supervisor(Role::Worker).await?;
+        let mut bus = forkless_bus::child::connect_to_supervisor(&env).await?;
         let generation = match private_model {
             Some(path) => load_private_copy(&path, gpu.as_ref())?,
             None => receive_generation(&mut bus, gpu.as_ref()).await?,
@@ -263,10 +259,11 @@ impl WorkerBuilder {
             release_notice,
             index,
             attach,
-            requests: Requests { served: Arc::default(), limit: max_requests(), shutdown: shutdown.clone() },
+            requests: Requests { served: Arc::default(), limit: env.max_requests, shutdown: shutdown.clone() },
             reported_ready: Arc::default(),
             fault: Arc::default(),
             shutdown,
+            heartbeat: env.heartbeat,
         })
     }
 }
@@ -289,15 +286,8 @@ pub struct Worker {
     reported_ready: Arc<AtomicBool>,
     /// Why the link to the supervisor broke the protocol, if it did (the worker then exits 1).
     fault: Arc<OnceLock<String>>,
-}
-
-fn env(name: &'static str) -> Result<String, AttachError> {
-    std::env::var(name).map_err(|_| AttachError::Env(name))
-}
-
-/// `max_requests` (plus this worker's jitter), from `FORKLESS_MAX_REQUESTS`; `None`: off.
-fn max_requests() -> Option<u64> {
-    std::env::var(forkless_bus::ENV_MAX_REQUESTS).ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
+    /// How often to tell the supervisor this worker is alive (`None`: no hang detection).
+    heartbeat: Option<std::time::Duration>,
 }
 
 impl Worker {
@@ -370,15 +360,10 @@ impl Worker {
         let generation = self.generations.current().number();
         bus.send(&Message::Ready { generation, attach: self.attach }, &[]).await?;
         let released = self.released.take().ok_or(ReadyError::AlreadyReady)?;
-        let heartbeat = std::env::var(forkless_bus::ENV_HEARTBEAT_MS)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&ms: &u64| ms > 0)
-            .map(std::time::Duration::from_millis);
         let link = link::SupervisorLink {
             gpu: self.gpu.clone(),
             checks: self.checks.clone(),
-            heartbeat,
+            heartbeat: self.heartbeat,
             requests: self.requests.clone(),
             bus,
             generations: self.generations.clone(),
@@ -398,10 +383,7 @@ impl Worker {
 /// cache), or `None` on the host backend. A service that prepares its GPU work while
 /// [`WorkerBuilder::attach`] runs (as the demo's engine does) reads them here.
 pub fn cuda_settings() -> Result<Option<CudaSettings>, AttachError> {
-    if std::env::var(forkless_bus::ENV_BACKEND).as_deref() != Ok("cuda") {
-        return Ok(None);
-    }
-    Ok(Some(CudaSettings::from_vars(&|name| std::env::var(name).ok())?))
+    Ok(ChildEnv::from_env()?.cuda().map(CudaSettings::from))
 }
 
 /// Runs a worker's `main` future on a multi-threaded tokio runtime (one thread per core) and
@@ -424,8 +406,8 @@ pub fn model_path() -> Option<PathBuf> {
 
 /// With the `cuda` backend (`FORKLESS_BACKEND=cuda`), opens the configured GPU and shrinks
 /// its context to the configured stack limit; `None` on the host backend.
-fn open_gpu() -> Result<Option<Gpu>, AttachError> {
-    let Some(settings) = cuda_settings()? else { return Ok(None) };
+fn open_gpu(env: &ChildEnv) -> Result<Option<Gpu>, AttachError> {
+    let Some(settings) = env.cuda().map(CudaSettings::from) else { return Ok(None) };
     let device = settings.device;
     let gpu = Gpu::open(device as usize).map_err(|source| AttachError::Gpu { device, source })?;
     if let Some(bytes) = settings.stack_limit {
@@ -567,7 +549,7 @@ mod tests {
         let enomem = std::io::Error::from_raw_os_error(rustix::io::Errno::NOMEM.raw_os_error());
         let oom = AttachError::Map { arena: 0, source: forkless_bus::host::MapError::Mmap(enomem) };
         assert_eq!(oom.exit_code(), forkless_bus::child::EXIT_TEMPORARY);
-        assert_eq!(AttachError::Env("X").exit_code(), EXIT_FATAL);
+        assert_eq!(AttachError::Env(ChildEnvError::Missing("X")).exit_code(), EXIT_FATAL);
         assert_eq!(AttachError::Refused("no".into()).exit_code(), 1);
     }
 }

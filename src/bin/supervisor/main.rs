@@ -107,7 +107,20 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { config, log_format, backend } => run(config, log_format, RunOptions { backend }),
+        Command::Run { config, log_format, backend } => {
+            // First, while this is the only thread: descriptors inherited from whoever started
+            // us (`exec 9<secret`) must never reach the children.
+            let inherited = forkless_bus::child_env::mark_inherited_fds_cloexec();
+            let fd_limit = forkless_supervisor::limits::raise_fd_limit();
+            logging::init(log_format);
+            match inherited {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("{n} inherited descriptor(s) marked close-on-exec: children will not get them"),
+                Err(e) => tracing::warn!("cannot list inherited descriptors (/proc/self/fd): {e}"),
+            }
+            tracing::debug!(fd_limit, "open descriptor limit");
+            run(config, RunOptions { backend })
+        }
         Command::Owner => owner(),
         Command::ProbeGpu { device } => probe_gpu(device),
         Command::Status { target, json } => control(&target, Request::Status, json),
@@ -131,8 +144,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("cannot start the tokio runtime")
 }
 
-fn run(config: PathBuf, log_format: LogFormat, options: RunOptions) -> ExitCode {
-    logging::init(log_format);
+fn run(config: PathBuf, options: RunOptions) -> ExitCode {
     let result = Config::load(&config).map_err(anyhow::Error::from).and_then(|config| {
         runtime().block_on(async {
             let (health, health_rx) = tokio::sync::watch::channel(Health::default());
@@ -166,11 +178,28 @@ fn owner() -> ExitCode {
 /// `probe-gpu`: the only place this executable touches the CUDA driver outside the owner.
 fn probe_gpu(device: u32) -> ExitCode {
     let report = ProbeReport::probe_in_this_process(device);
-    println!("{}", serde_json::to_string(&report).expect("a probe report serialises"));
+    let printed = print(&format!("{}\n", serde_json::to_string(&report).expect("a probe report serialises")));
     if report.usable {
-        ExitCode::SUCCESS
+        printed
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`supervisor status | head -1`, a closed
+/// pipe) ends the command quietly with status 0, as ripgrep does: what was asked for was
+/// delivered as far as anyone listened. (Rust ignores SIGPIPE, so `print!` would panic there
+/// with exit status 101 instead.) Any other write error is reported, with status 1.
+fn print(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("supervisor: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -181,20 +210,12 @@ fn control(target: &Target, message: Request, json: bool) -> ExitCode {
         .and_then(|config| runtime().block_on(request(&config, &message)));
     match answer {
         Ok(Response::Status { status }) if json => {
-            println!("{}", serde_json::to_string_pretty(&status).expect("status serialises"));
-            ExitCode::SUCCESS
+            print(&format!("{}\n", serde_json::to_string_pretty(&status).expect("status serialises")))
         }
-        Ok(Response::Status { status }) => {
-            print!("{}", status_table(&status));
-            ExitCode::SUCCESS
-        }
-        Ok(Response::Done { message }) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
+        Ok(Response::Status { status }) => print(&status_table(&status)),
+        Ok(Response::Done { message }) => print(&format!("{message}\n")),
         Ok(Response::Reloaded { generation }) => {
-            println!("generation {generation} is live; workers switch between requests");
-            ExitCode::SUCCESS
+            print(&format!("generation {generation} is live; workers switch between requests\n"))
         }
         Ok(Response::Failed { error }) => {
             eprintln!("supervisor: {error}");
@@ -220,6 +241,9 @@ fn status_table(status: &StatusReport) -> String {
         mib(Some(status.escrow_bytes)),
         status.workers_wanted,
     );
+    if let Some(reason) = &status.memory_unknown {
+        out += &format!("{reason}\n\n");
+    }
     for lane in &status.lanes {
         out += &format!(
             "lane (generation {}{}): {} passes, {} served, mean batch {:.1}, {:.2} workers per pass, leader pid {}\n",
@@ -231,6 +255,9 @@ fn status_table(status: &StatusReport) -> String {
             lane.mean_workers_per_pass,
             lane.leader_pid
         );
+    }
+    if !status.lanes.is_empty() {
+        out += "\n";
     }
     out += &format!(
         "{:<7} {:>5} {:>8} {:<9} {:>8} {:>9} {:>9} {:>8} {:>4} {:>9}\n",
