@@ -250,7 +250,7 @@ mod tests {
             g.tensors().iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
         assert_eq!(
             listed,
-            [("bad", Dtype::Bool, &[2][..]), ("h", Dtype::F16, &[2][..]), ("ok", Dtype::Bool, &[3][..])]
+            [("h", Dtype::F16, &[2][..]), ("ok", Dtype::Bool, &[3][..]), ("bad", Dtype::Bool, &[2][..])]
         );
     }
 }
