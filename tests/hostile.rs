@@ -9,12 +9,19 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-const HEADER_S: f64 = 20.0;
-const BODY_S: f64 = 20.0;
+const HEADER_S: f64 = 30.0;
+const BODY_S: f64 = 30.0;
 const IDLE_S: f64 = 2.0;
 
+/// The demo's model size (64 MiB), the issue's setting: a worker of ~80 MB RSS that 300 stalled
+/// bodies pushed to ~460 MB, where it stayed.
 fn hostile_config(dir: &TestDir) -> std::path::PathBuf {
-    dir.write_model();
+    let status = std::process::Command::new(worker_exe())
+        .args(["make-weights", "--in", "2048", "--out", "8192"])
+        .arg(dir.model_path())
+        .status()
+        .unwrap();
+    assert!(status.success());
     let http = format!(
         "[workers.http]\nheader_timeout_s = {HEADER_S}\nbody_timeout_s = {BODY_S}\nidle_timeout_s = {IDLE_S}\n\
          max_body_bytes = 2097152\nmax_connections = 2000\n"
@@ -142,7 +149,8 @@ fn slowloris_and_stalled_bodies_do_not_starve_real_requests() {
     // While all of it is open: real requests are answered in under 100 ms. First the uploads
     // settle (moving 600 MB over loopback keeps the machine busy for a moment, whatever the
     // server does): the worker is waited for until it is idle again.
-    wait_until_idle(worker, attack_started + Duration::from_secs_f64(HEADER_S.min(BODY_S) - 6.0));
+    wait_until_idle(worker, attack_started + Duration::from_secs_f64(HEADER_S.min(BODY_S) - 8.0));
+    let (rss_attack, settled) = (rss_bytes(worker), attack_started.elapsed());
     let latencies = paced_requests(&addr, attack_started + Duration::from_secs_f64(HEADER_S.min(BODY_S) - 1.0));
     assert!(latencies.len() >= 20, "only {} requests answered during the attack", latencies.len());
     // Under 100 ms at the 99th percentile, and nobody near a timeout. On a shared machine so
@@ -176,15 +184,27 @@ fn slowloris_and_stalled_bodies_do_not_starve_real_requests() {
     );
 
     // The memory the attack used is given back.
-    eventually("the worker's RSS is back within 10 % of its start", || {
-        (rss_bytes(worker) as f64) < rss_before as f64 * 1.10
-    });
+    let back = Instant::now() + PATIENCE;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "worker RSS: {:.1} MiB before, {:.1} MiB with the attack open, {:.1} MiB after; uploads settled after {settled:?}; real requests p50 {:.2} ms, p99 {p99:.2} ms, max {worst:.2} ms (without the attack: p50 {:.2} ms, p99 {quiet_p99:.2} ms)",
+        mib(rss_before),
+        mib(rss_attack),
+        mib(rss_bytes(worker)),
+        percentile(&latencies, 0.5),
+        percentile(&quiet, 0.5)
+    );
+    while rss_bytes(worker) as f64 >= rss_before as f64 * 1.10 {
+        let now = rss_bytes(worker);
+        assert!(Instant::now() < back, "worker RSS {now} bytes after the attack, {rss_before} before: not within 10 %");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for line in
         ["request headers were not complete after", "body was not complete after", "keep-alive connection idle for"]
     {
         eventually(&format!("a log line {line:?}"), || sup.log_text().contains(line));
     }
-    assert_eq!(infer_seed(&addr, 1)["y_sum"].as_f64().unwrap(), expected_answer(1).0);
+    assert_eq!(infer_seed(&addr, 1)["generation"], 1);
 }
 
 #[test]

@@ -64,17 +64,37 @@ impl Generations {
 /// Element types a tensor may be viewed as: one per [`Dtype`], so a view is exactly the file's
 /// numbers (`half::f16`/`half::bf16` for the half-precision dtypes, `bool` for safetensors'
 /// one-byte booleans, whose bytes are checked to be 0 or 1 when viewed).
-pub trait Element: bytemuck::CheckedBitPattern + Send + Sync + 'static {
+pub trait Element: Sized + Send + Sync + 'static {
     const DTYPE: Dtype;
+
+    /// `bytes` as elements, or `None` if they are not valid values (only `bool` can fail).
+    fn view(bytes: &[u8]) -> Option<&[Self]>;
 }
 
 macro_rules! element {
-    ($($t:ty => $d:ident),* $(,)?) => { $(impl Element for $t { const DTYPE: Dtype = Dtype::$d; })* };
+    ($($t:ty => $d:ident),* $(,)?) => { $(
+        impl Element for $t {
+            const DTYPE: Dtype = Dtype::$d;
+
+            fn view(bytes: &[u8]) -> Option<&[Self]> {
+                // Every bit pattern is a value: a plain cast, no pass over the data.
+                bytemuck::try_cast_slice(bytes).ok()
+            }
+        }
+    )* };
 }
 element!(
     f64 => F64, f32 => F32, half::f16 => F16, half::bf16 => BF16,
-    i64 => I64, i32 => I32, i16 => I16, i8 => I8, u8 => U8, bool => Bool,
+    i64 => I64, i32 => I32, i16 => I16, i8 => I8, u8 => U8,
 );
+
+impl Element for bool {
+    const DTYPE: Dtype = Dtype::Bool;
+
+    fn view(bytes: &[u8]) -> Option<&[Self]> {
+        bytemuck::checked::try_cast_slice(bytes).ok()
+    }
+}
 
 /// Why a view could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,8 +197,7 @@ impl Generation {
         // Alignment and length cannot fail: offsets are TENSOR_ALIGN-aligned in page-aligned
         // mappings, and the length is a multiple of the element size (both checked by
         // Manifest::validate). Only a bool byte other than 0/1 can.
-        bytemuck::checked::try_cast_slice(self.bytes(name)?)
-            .map_err(|_| ViewError::InvalidValues { name: name.into(), dtype: T::DTYPE })
+        T::view(self.bytes(name)?).ok_or_else(|| ViewError::InvalidValues { name: name.into(), dtype: T::DTYPE })
     }
 
     /// Every tensor of this generation: name, dtype and shape (and where it lies in its arena),
@@ -190,5 +209,48 @@ impl Generation {
     /// A tensor's shape.
     pub fn shape(&self, name: &str) -> Result<&[u64], ViewError> {
         Ok(&self.entry(name)?.shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use forkless_bus::host::ArenaWriter;
+    use forkless_bus::manifest::LayoutBuilder;
+
+    use super::*;
+
+    /// A host generation holding `tensors` (name, dtype, shape, bytes).
+    fn generation(tensors: &[(&str, Dtype, Vec<u64>, Vec<u8>)]) -> Generation {
+        let mut layout = LayoutBuilder::default();
+        let offsets: Vec<u64> = tensors.iter().map(|(n, d, s, _)| layout.push(*n, *d, s.clone())).collect();
+        let (desc, entries) = layout.finish();
+        let writer = ArenaWriter::create("test-arena", desc.size).unwrap();
+        for ((_, _, _, bytes), offset) in tensors.iter().zip(offsets) {
+            writer.write_at(offset, bytes).unwrap();
+        }
+        let fd = writer.seal().unwrap().read_only_fd().unwrap();
+        let manifest = Manifest::new("test".into(), vec![desc], entries);
+        crate::map_generation(manifest, vec![fd], None).unwrap()
+    }
+
+    #[test]
+    fn half_precision_and_bool_views_and_the_tensor_list() {
+        let halves: Vec<u8> =
+            [half::f16::from_f32(1.5), half::f16::from_f32(-2.0)].iter().flat_map(|h| h.to_le_bytes()).collect();
+        let g = generation(&[
+            ("h", Dtype::F16, vec![2], halves),
+            ("ok", Dtype::Bool, vec![3], vec![0, 1, 1]),
+            ("bad", Dtype::Bool, vec![2], vec![1, 7]),
+        ]);
+        assert_eq!(g.tensor::<half::f16>("h").unwrap()[0].to_f32(), 1.5);
+        assert_eq!(g.tensor::<bool>("ok").unwrap(), &[false, true, true]);
+        assert!(matches!(g.tensor::<bool>("bad"), Err(ViewError::InvalidValues { .. })));
+        assert!(matches!(g.tensor::<half::bf16>("h"), Err(ViewError::WrongDtype { .. })));
+        let listed: Vec<(&str, Dtype, &[u64])> =
+            g.tensors().iter().map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice())).collect();
+        assert_eq!(
+            listed,
+            [("h", Dtype::F16, &[2][..]), ("ok", Dtype::Bool, &[3][..]), ("bad", Dtype::Bool, &[2][..])]
+        );
     }
 }
