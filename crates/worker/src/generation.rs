@@ -161,6 +161,19 @@ impl Generation {
         Ok(view.expect("validated manifest fits its mapping"))
     }
 
+    /// The device address of a tensor in GPU memory, whatever its dtype, valid while this
+    /// generation is held: for consumers that take a raw pointer (DLPack). Typed Rust code
+    /// uses [`Self::device_tensor`].
+    pub fn device_address(&self, name: &str) -> Result<u64, ViewError> {
+        let t = self.entry(name)?;
+        match &self.arenas[t.arena as usize] {
+            // In bounds: the manifest was validated against the mapped arena's size.
+            MappedArena::Device(arena) => Ok(arena.device_ptr() + t.offset),
+            MappedArena::PrivateDevice(arena) => Ok(arena.device_ptr() + t.offset),
+            MappedArena::Host(_) => Err(ViewError::OnHost { name: name.into() }),
+        }
+    }
+
     /// A tensor as a slice of `T`, row-major.
     pub fn tensor<T: Element>(&self, name: &str) -> Result<&[T], ViewError> {
         let t = self.entry(name)?;

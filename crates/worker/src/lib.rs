@@ -146,6 +146,37 @@ impl Requests {
     }
 }
 
+/// Who started a worker process: the check that ties its life to the supervisor's depends on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Parent {
+    /// The supervisor exec'd this process (every worker written in Rust).
+    #[default]
+    Supervisor,
+    /// A launcher the supervisor exec'd forked this process: the master process of a WSGI
+    /// server with one worker (`python -m forkless.gunicorn`), whose pid is in
+    /// `FORKLESS_LAUNCHER_PID`. The launcher ties itself to the supervisor, this process to the
+    /// launcher ([`forkless_bus::child::die_with_launcher`]).
+    Launcher,
+}
+
+/// How [`Worker::attach`] ties the process to the supervisor; the default is what
+/// [`Worker::from_env`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachOptions {
+    /// Who this process's parent must be.
+    pub parent: Parent,
+    /// Whether SIGTERM/SIGINT fire [`Worker::shutdown_token`] (the default). A worker embedded
+    /// in a server that owns its signals (a Python WSGI/ASGI server) turns this off: the server
+    /// drains on TERM, and the token still fires for `max_requests` and a vanished supervisor.
+    pub signal_handlers: bool,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions { parent: Parent::Supervisor, signal_handlers: true }
+    }
+}
+
 /// An attached worker.
 #[derive(Debug)]
 pub struct Worker {
@@ -169,7 +200,16 @@ fn env(name: &'static str) -> Result<String, AttachError> {
 impl Worker {
     /// Attaches to the supervisor named in the environment and maps the current generation.
     pub async fn from_env() -> Result<Self, AttachError> {
-        forkless_bus::child::die_with_supervisor()?;
+        Self::attach(AttachOptions::default()).await
+    }
+
+    /// [`Worker::from_env`] with options: for a worker whose parent is a launcher rather than
+    /// the supervisor, or whose server owns SIGTERM/SIGINT (the Python binding uses both).
+    pub async fn attach(options: AttachOptions) -> Result<Self, AttachError> {
+        match options.parent {
+            Parent::Supervisor => forkless_bus::child::die_with_supervisor()?,
+            Parent::Launcher => forkless_bus::child::die_with_launcher()?,
+        }
         let index = env(forkless_bus::ENV_INDEX)?.parse().map_err(|_| AttachError::Env(forkless_bus::ENV_INDEX))?;
         let private_model = match std::env::var(forkless_bus::ENV_SHARING).as_deref() {
             Ok("none") => Some(PathBuf::from(env(forkless_bus::ENV_MODEL)?)),
@@ -188,7 +228,9 @@ impl Worker {
             cpu_us: (forkless_bus::child::thread_cpu_time() - cpu_started).as_micros() as u64,
         };
         let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone());
+        if options.signal_handlers {
+            spawn_signal_handler(shutdown.clone());
+        }
         tracing::debug!(index, generation = generation.number(), ?attach, "attached");
         let (release_notice, released) = tokio::sync::mpsc::unbounded_channel();
         let generation = Arc::new(generation.notify_release(release_notice.clone()));
