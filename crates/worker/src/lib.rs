@@ -383,6 +383,12 @@ fn map_arena(
     }
 }
 
+/// Reads a safetensors file into a private, read-only host copy of this process, as generation
+/// 0: the views a worker gets, without a supervisor (tests, tools, notebooks).
+pub fn load_private(path: &Path) -> Result<Generation, AttachError> {
+    load_private_copy(path, None)
+}
+
 /// The `sharing = none` baseline: this process reads its own copy of the weights, into host
 /// memory or onto its GPU.
 fn load_private_copy(path: &Path, gpu: Option<&Gpu>) -> Result<Generation, AttachError> {
