@@ -20,13 +20,21 @@ torch is optional: with it (and always on the GPU) the model is the torch module
 """
 
 import os
+import sys
+import time
 
-import numpy as np
-from flask import Flask, jsonify, request
+started = time.monotonic()
+import numpy as np  # noqa: E402
+from flask import Flask, jsonify, request  # noqa: E402
 
-import forkless
-from seeded import seeded_input
+import forkless  # noqa: E402
+from seeded import seeded_input  # noqa: E402
 
+try:  # imported while forkless attaches (and opens the CUDA context) on its own thread
+    import torch
+except ImportError:
+    torch = None
+imported = time.monotonic()
 
 
 def is_linear(g):
@@ -44,14 +52,11 @@ def is_linear(g):
 # global past start-up: it would keep the weights of an old generation mapped after a hot swap.
 # In a request, forkless.generation() is the request's.
 generation = forkless.attach(accept=is_linear)
+attached = time.monotonic()
 OUT, IN = generation.info("weight").shape
 BACKEND = generation.backend
 HEAD = 8
 
-try:
-    import torch
-except ImportError:
-    torch = None
 ENGINE = "torch" if torch is not None and os.environ.get("FORKLESS_EXAMPLE_ENGINE") != "numpy" else "numpy"
 if BACKEND == "cuda" and ENGINE != "torch":
     raise SystemExit("the weights are in GPU memory: this app needs torch there")
@@ -93,8 +98,12 @@ else:
 
 # A hot swap to weights this model cannot use (other names or sizes) is refused, not served.
 forkless.attach(accept={"weight": ("float32", (OUT, IN)), "bias": ("float32", (OUT,))})
+bound = time.monotonic()
 warm_up()
 del generation
+print(f"app: {ENGINE} engine, W [{OUT}, {IN}] on {BACKEND}: imports {1e3 * (imported - started):.0f} ms, then "
+      f"attach {1e3 * (attached - imported):.0f} ms more, model bound {1e3 * (bound - attached):.0f} ms, warm-up "
+      f"{1e3 * (time.monotonic() - bound):.0f} ms", file=sys.stderr)
 
 app = Flask(__name__)
 

@@ -115,7 +115,7 @@ class Generation:
             raise TypeError(f"tensor {name!r} is in GPU memory ({self.device}): use generation.torch({name!r})")
         try:
             array = numpy.from_dlpack(producer)
-        except (BufferError, TypeError) as e:
+        except (BufferError, TypeError, RuntimeError) as e:
             raise TypeError(f"tensor {name!r} ({producer.dtype}) has no numpy equivalent here ({e}): use "
                             f"generation.torch({name!r})") from e
         # numpy >= 2.2.5 honours the read-only flag (versioned capsules) and makes legacy ones
@@ -301,13 +301,25 @@ def is_attached():
     return _native.is_attached()
 
 
+def _process_age_s():
+    """Seconds since this process started (a forked worker: since its fork), from /proc."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(") ", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def ready():
     """Tells the supervisor this worker serves (once). The launchers call it after the app
     is loaded; call it yourself if you serve some other way."""
     attach()
     if not _native.is_ready():
         _native.ready()
-        _log("ready")
+        _log(f"ready {_process_age_s():.2f} s after this process started")
 
 
 def info():
@@ -437,7 +449,7 @@ def _watch():
             if latest is None:
                 continue
             with _state.cond:
-                _state.cond.wait_for(lambda: _state.active == 0 or _state.seen != seen, timeout=1.0)
+                _state.cond.wait_for(lambda seen=seen: _state.active == 0 or _state.seen != seen, timeout=1.0)
                 if _state.active == 0 and _native.current_number() != _state.seen:
                     _take_up_locked()
         except Exception:  # noqa: BLE001 - the watcher must not die

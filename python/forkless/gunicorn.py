@@ -165,9 +165,14 @@ def main():
             self.cfg.set("post_worker_init", post_worker_init)
 
         def load(self):
+            import time
+
             from forkless.wsgi import wrap
 
-            return wrap(super().load())
+            started = time.monotonic()
+            app = wrap(super().load())
+            _say(f"app {self.app_uri} loaded in {(time.monotonic() - started) * 1e3:.0f} ms")
+            return app
 
     # Application.run() ends in BaseApplication.run(), which starts `Arbiter` by its global name.
     gunicorn.app.base.Arbiter = ForklessArbiter

@@ -9,6 +9,9 @@
 //! The pure-Python package around it (`forkless/`) adds numpy/torch views, module binding,
 //! generation switching between requests, WSGI/ASGI middleware and the server launchers.
 
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)] // C structs and capsules: every block says why it holds
 mod dlpack;
 mod generation;
 mod link;
@@ -192,6 +195,30 @@ fn cuda_stack_limit() -> PyResult<Option<usize>> {
     }
 }
 
+/// Opens GPU `device`'s primary context in this process and sets its per-thread stack limit,
+/// as a worker's attach does, but without a supervisor: for measuring what a context costs
+/// (scripts/gpu_python.py). The context stays retained for the life of the process. Returns
+/// the stack limit in force.
+#[pyfunction]
+#[pyo3(signature = (device, stack_limit=None))]
+fn cuda_open(py: Python<'_>, device: usize, stack_limit: Option<usize>) -> PyResult<usize> {
+    static OPENED: std::sync::OnceLock<forkless_gpu::Gpu> = std::sync::OnceLock::new();
+    let error = |e: forkless_gpu::GpuError| PyRuntimeError::new_err(format!("GPU {device}: {e}"));
+    py.detach(|| {
+        let gpu = match OPENED.get() {
+            Some(gpu) => gpu.clone(),
+            None => {
+                let gpu = forkless_gpu::Gpu::open(device).map_err(error)?;
+                OPENED.get_or_init(|| gpu).clone()
+            }
+        };
+        if let Some(bytes) = stack_limit {
+            gpu.set_stack_limit(bytes).map_err(error)?;
+        }
+        gpu.stack_limit().map_err(error)
+    })
+}
+
 /// What the worker knows about itself: index, backend, device, attach timings.
 #[pyfunction]
 fn info<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -247,6 +274,7 @@ fn forkless_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(served, m)?,
         wrap_pyfunction!(shutdown_requested, m)?,
         wrap_pyfunction!(cuda_stack_limit, m)?,
+        wrap_pyfunction!(cuda_open, m)?,
         wrap_pyfunction!(info, m)?,
         wrap_pyfunction!(die_with_supervisor, m)?,
         wrap_pyfunction!(load, m)?,
