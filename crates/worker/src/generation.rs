@@ -32,6 +32,14 @@ pub(crate) enum MappedArena {
 
 impl Drop for Generation {
     fn drop(&mut self) {
+        // Work queued on the GPU before the last reference went away may still read this memory
+        // (a foreign consumer such as PyTorch launches kernels asynchronously): let it finish
+        // before unmapping.
+        if let Some(gpu) = self.gpu.as_ref().filter(|_| self.on_gpu()) {
+            if let Err(e) = gpu.synchronize() {
+                tracing::warn!("generation {}: {e} before unmapping", self.manifest.generation);
+            }
+        }
         self.arenas.clear(); // unmap first: the notice means "no longer mapped here"
         if let Some(notice) = self.on_release.take() {
             let _ = notice.send(self.manifest.generation);
