@@ -762,7 +762,7 @@ def section_forkless(check):
         result = dict(gpu_mib=used, per_worker_mib=per, masters_mib=masters, owner_mib=owner, arena_mib=arena,
                       unattributed_mib=(status.get("gpu_unattributed_bytes") or 0) // MIB)
         if ARGS.backend == "cuda":
-            context = CONTEXT_MIB or max(per)
+            context = CONTEXT_MIB or max(per, default=0)
             literal = arena + 4 * context + 0.02 * gpu_total_mib()
             strict = (arena + owner + 4 * context) * 1.02
             check.say(f"GPU memory: {used} MiB in all = the arena {arena} MiB (escrow; NVML attributes it to no "
@@ -780,6 +780,12 @@ def section_forkless(check):
                 check.say(f"side by side: forkless {used} MiB, gunicorn -w 4 with copies {base['gpu_mib']} MiB")
         load = run_load(check, "forkless, 4 Python workers", PORT, sup.serving_pids)
         result["load"] = load
+        if ARGS.backend == "cuda":
+            apps = gpu_apps_mib()
+            result["gpu_mib_after_load"] = gpu_used_mib() - before
+            result["per_worker_mib_after_load"] = [apps.get(pid, 0) for pid in sup.serving_pids()]
+            check.say(f"after the load: {result['gpu_mib_after_load']} MiB in all, per worker "
+                      f"{result['per_worker_mib_after_load']} MiB")
         result["cold_start_ms"] = field(ready[1], "cold_start_ms")
         RESULTS["forkless"] = result
         check.verdict(load["failed"] == 0 and load["wrong"] == 0 and load["requests"] > 0,
@@ -833,9 +839,10 @@ def section_coldstart(check):
             seen = (ready[0] - sup.started) if ready else None
             logged = field(ready[1], "cold_start_ms") if ready else None
             stages = [line.strip() for _, line in sup.lines
-                      if re.search(r"attached generation|app app:app loaded|ready \d|published|onto GPU", line)]
+                      if re.search(r"attached generation|app app:app loaded|app: \w+ engine|ready \d|published|"
+                                   r"onto GPU", line)]
             check.say(f"run {attempt}: all 4 ready {fmt_s(seen)} after launch (supervisor: {logged} ms)")
-            for line in stages[:12]:
+            for line in stages[:20]:
                 message = re.search(r'"message":\s*"((?:[^"\\]|\\.)*)"', line)
                 check.say(f"    {message.group(1) if message else line[:200]}")
             times.append(seen)

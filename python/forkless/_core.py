@@ -257,6 +257,7 @@ def attach(accept=None, *, wait=True, timeout=None, exit_on_error=True, on_shutd
 
     Returns the current Generation (None with ``wait=False``). On failure it prints the reason
     and exits with the status the supervisor expects (``exit_on_error``), or raises AttachError.
+    The first call's ``on_shutdown`` and ``parent`` hold for the process (the launchers make it).
     """
     try:
         _native.start(parent, on_shutdown)
@@ -403,8 +404,9 @@ def begin_request(block=True):
 
     With ``block`` (threaded or one-at-a-time servers), a pending switch first waits for this
     process's running requests to finish, so that no request sees two generations. Without it
-    (an asyncio server, which must not block its loop), the switch happens only when no request
-    is running; otherwise this request starts on the current generation.
+    (an asyncio server, which must not block its loop), the switch happens at once: requests
+    already running keep their pinned generation, but a module rebound in place by a callback
+    changes under any of them suspended at an ``await``.
     """
     cond = _state.cond
     with cond:
@@ -413,7 +415,7 @@ def begin_request(block=True):
         if _native.current_number() != _state.seen:
             if block:
                 cond.wait_for(lambda: _state.active == 0)
-            if _state.active == 0 and _native.current_number() != _state.seen:
+            if _native.current_number() != _state.seen:
                 _take_up_locked()
         _state.active += 1
         current = _state.current

@@ -4,12 +4,12 @@
 
     app = forkless.asgi.Middleware(app)
 
-An asyncio server must not block its loop, so a hot swap is taken up at the start of a request
-when no other request of this process is running (or by forkless's watcher while the worker is
-idle). Inside a request, ``forkless.generation()`` (and ``scope["forkless.generation"]``) is the
-generation it started on. An ``on_generation`` callback that rebinds a module in place is seen
-by a request suspended at an ``await`` between two uses of the module: use the pinned generation
-(or one module per generation) where that matters.
+An asyncio server must not block its loop, so a hot swap is taken up at the start of the next
+request even while others run (or by forkless's watcher while the worker is idle). Inside a
+request, ``forkless.generation()`` (and ``scope["forkless.generation"]``) is the generation it
+started on. An ``on_generation`` callback that rebinds a module in place is seen by a request
+suspended at an ``await`` between two uses of the module: use the pinned generation (or one
+module per generation) where that matters.
 """
 
 from . import _core

@@ -43,6 +43,9 @@ ENFORCED = {
     "max_requests": 0,
     "reload": False,
     "daemon": False,
+    # gunicorn >= 25: one control socket per host by default (~/.gunicorn/gunicorn.ctl), which the
+    # masters of N worker slots would fight over; the supervisor is the control point.
+    "control_socket_disable": True,
 }
 
 
@@ -136,7 +139,9 @@ def main():
         def load_config(self):
             super().load_config()
             for key, value in ENFORCED.items():
-                if self.cfg.settings[key].get() != value:
+                if key not in self.cfg.settings:  # an older gunicorn
+                    continue
+                if self.cfg.settings[key].get() != value and key != "control_socket_disable":
                     _say(f"{key} = {self.cfg.settings[key].get()!r} ignored: forkless runs one worker per process "
                          f"and recycles it itself")
                 self.cfg.set(key, value)
