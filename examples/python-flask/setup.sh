@@ -22,7 +22,7 @@ fi
 echo "== forkless wheel (maturin build --release)"
 wheels="$here/.venv/wheels"
 rm -rf "$wheels"
-(cd "$root/python" && "$here/.venv/bin/maturin" build --release --quiet --out "$wheels")
+(cd "$root/python" && "$here/.venv/bin/maturin" build --release --quiet -i "$here/.venv/bin/python" --out "$wheels")
 "${pip[@]}" install --force-reinstall --no-deps "$wheels"/forkless-*.whl
 
 echo "== ready: $root/target/release/supervisor run examples/python-flask/config.toml"

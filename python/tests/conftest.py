@@ -109,9 +109,11 @@ def close(got, want, rel=1e-5):
 # Supervisors
 
 
-def python_config(folder, model, workers=4, app="app:app", app_dir=EXAMPLE, extra_workers="", extra=""):
+def python_config(folder, model, workers=4, app="app:app", app_dir=EXAMPLE, extra_workers="", extra="",
+                  gunicorn=()):
     """A config running `app` under `python -m forkless.gunicorn` with this Python."""
-    command = [sys.executable, "-m", "forkless.gunicorn", "--chdir", str(app_dir), "--log-level", "warning", app]
+    command = [sys.executable, "-m", "forkless.gunicorn", "--chdir", str(app_dir), "--log-level", "warning",
+               *gunicorn, app]
     return write_config(folder, model, command, workers, extra_workers, extra)
 
 

@@ -139,9 +139,12 @@ def test_writing_to_a_shared_array_raises(supervisors, weights, tmp_path):
     assert probe["first"] == float(Reference(weights[42]).w[0, 0]), probe
 
 
-def test_hot_swap_reaches_python_workers_between_requests(supervisors, weights, tmp_path):
+@pytest.mark.parametrize("server", ["sync", "threads"])
+def test_hot_swap_reaches_python_workers_between_requests(supervisors, weights, tmp_path, server):
     references = {1: Reference(weights[42]), 2: Reference(weights[43])}
-    sup = supervisors(python_config(tmp_path, weights[42], workers=4))
+    # A threaded worker runs several requests at once: a switch waits for those running.
+    threads = ("--worker-class", "gthread", "--threads", "4") if server == "threads" else ()
+    sup = supervisors(python_config(tmp_path, weights[42], workers=4 if server == "sync" else 2, gunicorn=threads))
     addr = sup.wait_ready()
     load = Load(addr, SEEDS, threads=8)
     load.wait_answers(50)
