@@ -55,7 +55,8 @@ def graph():
         captured.replay()
         torch.cuda.synchronize()
         replayed = out.double().sum().item()
-    return {"eager": eager, "graph": replayed, "equal": eager == replayed}
+    # The same kernels, though cuBLAS may pick another algorithm under capture: equal to rounding.
+    return {"eager": eager, "graph": replayed, "equal": abs(eager - replayed) <= 1e-6 * max(1.0, abs(eager))}
 
 
 def context_usable(device):
