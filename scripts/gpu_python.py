@@ -342,9 +342,9 @@ def drive(port, duration, connections=16, path="/", processes=None):
     """Closed-loop load: `connections` keep-alive connections over a few processes. Returns a
     dict with req/s, latency percentiles, failures and wrong answers."""
     processes = processes or min(4, connections)
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # this process has threads: no fork()
     queue = ctx.Queue()
-    start_at = time.time() + 0.5
+    start_at = time.time() + 2.0  # every client process is up by then
     per = [connections // processes + (1 if k < connections % processes else 0) for k in range(processes)]
     procs = [ctx.Process(target=_client, args=(("127.0.0.1", port), path, SEEDS, duration, n, start_at, queue,
                                                 sum(per[:k])))
