@@ -11,6 +11,8 @@
 #   scripts/gpu-check.sh                 # every section (~15 min; writes a 1.9 GB model once)
 #   scripts/gpu-check.sh probe vram      # some sections: probe correctness vram coldstart
 #                                        #   throughput survive ownerkill hotswap soak
+#   scripts/gpu-check.sh python          # the Python workers (issue 12): scripts/gpu_python.py;
+#                                        #   needs .whl/ (python3 scripts/gpu_python.py --prepare)
 #
 # Results: stdout, and $OUT (default /tmp/forkless-gpu): gpu-check.txt, JSON reports, logs,
 # chaos-gpu.html. FORKLESS_BIN=dir overrides .gpu-bin.
@@ -18,4 +20,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== machine: $(uname -r)"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,compute_mode --format=csv || true
+if [ "${1:-}" = python ]; then shift; exec python3 scripts/gpu_python.py "$@"; fi
 exec python3 scripts/gpu_check.py "$@"

@@ -78,6 +78,16 @@ pub enum OrphanError {
          wrapper forked this program (end wrapper scripts with `exec program ...`)"
     )]
     Orphaned { expected: u32, actual: Option<i32> },
+    #[error(
+        "{ENV_LAUNCHER_PID} is not set: a worker forked by a launcher (a WSGI server's master process) \
+         needs the launcher to set it (start the server with `python -m forkless.gunicorn`)"
+    )]
+    NoLauncher,
+    #[error(
+        "parent is pid {actual:?}, not the launcher (pid {expected}) that forked this worker: the \
+         launcher is gone"
+    )]
+    LauncherGone { expected: i32, actual: Option<i32> },
 }
 
 /// Arms SIGKILL-on-parent-death and checks that the parent is still the supervisor.
@@ -87,6 +97,26 @@ pub fn die_with_supervisor(env: &ChildEnv) -> Result<(), OrphanError> {
     let actual = getppid().map(Pid::as_raw_nonzero).map(|p| p.get());
     if actual.and_then(|p| u32::try_from(p).ok()) != Some(expected) {
         return Err(OrphanError::Orphaned { expected, actual });
+    }
+    Ok(())
+}
+
+/// Environment variable with the pid of a launcher: a process the supervisor exec'd that forks
+/// the real worker (a WSGI server's master process, such as gunicorn's, with one worker). The
+/// launcher sets it for its child.
+pub const ENV_LAUNCHER_PID: &str = "FORKLESS_LAUNCHER_PID";
+
+/// [`die_with_supervisor`] for a worker that a launcher forked: arms SIGKILL-on-parent-death and
+/// checks that the parent is still the launcher named in `FORKLESS_LAUNCHER_PID`. The launcher
+/// itself calls [`die_with_supervisor`] before it forks, so supervisor → launcher → worker die
+/// as a chain: the worker dies with the launcher, the launcher with the supervisor.
+pub fn die_with_launcher() -> Result<(), OrphanError> {
+    let expected: i32 =
+        std::env::var(ENV_LAUNCHER_PID).ok().and_then(|v| v.parse().ok()).ok_or(OrphanError::NoLauncher)?;
+    set_parent_process_death_signal(Some(Signal::KILL)).map_err(|e| OrphanError::Prctl(e.into()))?;
+    let actual = getppid().map(Pid::as_raw_nonzero).map(|p| p.get());
+    if actual != Some(expected) {
+        return Err(OrphanError::LauncherGone { expected, actual });
     }
     Ok(())
 }
@@ -248,4 +278,22 @@ pub async fn connect_to_supervisor(env: &ChildEnv) -> Result<BusStream, ConnectE
 pub fn thread_cpu_time() -> std::time::Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launched_worker_checks_its_launcher() {
+        // One test for every case: they share the process environment.
+        std::env::remove_var(ENV_LAUNCHER_PID);
+        assert!(matches!(die_with_launcher(), Err(OrphanError::NoLauncher)));
+        // Our own pid is never our parent: the check must see that the launcher is gone.
+        std::env::set_var(ENV_LAUNCHER_PID, std::process::id().to_string());
+        let err = die_with_launcher().unwrap_err();
+        std::env::remove_var(ENV_LAUNCHER_PID);
+        assert!(matches!(err, OrphanError::LauncherGone { .. }), "{err}");
+        assert!(err.to_string().contains("launcher"), "{err}");
+    }
 }

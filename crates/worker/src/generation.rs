@@ -32,6 +32,14 @@ pub(crate) enum MappedArena {
 
 impl Drop for Generation {
     fn drop(&mut self) {
+        // Work queued on the GPU before the last reference went away may still read this memory
+        // (a foreign consumer such as PyTorch launches kernels asynchronously): let it finish
+        // before unmapping.
+        if let Some(gpu) = self.gpu.as_ref().filter(|_| self.on_gpu()) {
+            if let Err(e) = gpu.synchronize() {
+                tracing::warn!("generation {}: {e} before unmapping", self.manifest.generation);
+            }
+        }
         self.arenas.clear(); // unmap first: the notice means "no longer mapped here"
         if let Some(notice) = self.on_release.take() {
             let _ = notice.send(self.manifest.generation);
@@ -186,6 +194,19 @@ impl Generation {
             MappedArena::Host(_) => return Err(ViewError::OnHost { name: name.into() }),
         };
         Ok(view.expect("validated manifest fits its mapping"))
+    }
+
+    /// The device address of a tensor in GPU memory, whatever its dtype, valid while this
+    /// generation is held: for consumers that take a raw pointer (DLPack). Typed Rust code
+    /// uses [`Self::device_tensor`].
+    pub fn device_address(&self, name: &str) -> Result<u64, ViewError> {
+        let t = self.entry(name)?;
+        match &self.arenas[t.arena as usize] {
+            // In bounds: the manifest was validated against the mapped arena's size.
+            MappedArena::Device(arena) => Ok(arena.device_ptr() + t.offset),
+            MappedArena::PrivateDevice(arena) => Ok(arena.device_ptr() + t.offset),
+            MappedArena::Host(_) => Err(ViewError::OnHost { name: name.into() }),
+        }
     }
 
     /// A tensor as a slice of `T`, row-major.

@@ -184,6 +184,19 @@ impl Requests {
     }
 }
 
+/// Who started a worker process: the check that ties its life to the supervisor's depends on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Parent {
+    /// The supervisor exec'd this process (every worker written in Rust).
+    #[default]
+    Supervisor,
+    /// A launcher the supervisor exec'd forked this process: the master process of a WSGI
+    /// server with one worker (`python -m forkless.gunicorn`), whose pid is in
+    /// `FORKLESS_LAUNCHER_PID`. The launcher ties itself to the supervisor, this process to the
+    /// launcher ([`forkless_bus::child::die_with_launcher`]).
+    Launcher,
+}
+
 /// Whether this worker should get traffic: true from [`Worker::ready`] until it starts
 /// draining. A worker only ever serves generations its service accepted (at attach, and each
 /// offer of a hot swap before it is committed), so "ready" always means "serving weights it
@@ -207,12 +220,35 @@ impl Readiness {
 }
 
 /// Declares what the service needs before attaching: see [`Worker::builder`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerBuilder {
     checks: Checks,
+    parent: Parent,
+    signal_handlers: bool,
+}
+
+impl Default for WorkerBuilder {
+    fn default() -> Self {
+        WorkerBuilder { checks: Checks::default(), parent: Parent::Supervisor, signal_handlers: true }
+    }
 }
 
 impl WorkerBuilder {
+    /// Who this process's parent is: the supervisor (the default), or a launcher it exec'd
+    /// that forked this process (a WSGI server's master; the Python binding says so).
+    pub fn parent(mut self, parent: Parent) -> Self {
+        self.parent = parent;
+        self
+    }
+
+    /// Whether SIGTERM/SIGINT fire [`Worker::shutdown_token`] (the default). A worker embedded
+    /// in a server that owns its signals (a Python WSGI/ASGI server) turns this off: the server
+    /// drains on TERM, and the token still fires for `max_requests` and a vanished supervisor.
+    pub fn signal_handlers(mut self, on: bool) -> Self {
+        self.signal_handlers = on;
+        self
+    }
+
     /// Adds a check every generation must pass before this worker serves it: an [`Expect`]
     /// or any `Fn(&Generation) -> Result<(), String>`. Several checks must all pass.
     pub fn accept(mut self, check: impl Acceptance) -> Self {
@@ -225,7 +261,10 @@ impl WorkerBuilder {
     /// with [`AttachError::exit`]).
     pub async fn attach(self) -> Result<Worker, AttachError> {
         let env = ChildEnv::from_env()?;
-        forkless_bus::child::die_with_supervisor(&env)?;
+        match self.parent {
+            Parent::Supervisor => forkless_bus::child::die_with_supervisor(&env)?,
+            Parent::Launcher => forkless_bus::child::die_with_launcher()?,
+        }
         let index = env.index;
         let private_model = (env.sharing == Sharing::None).then(|| env.model.clone());
         // The CUDA context (~0.3 s, once per process) is not part of attaching to a generation.
@@ -246,7 +285,9 @@ impl WorkerBuilder {
             cpu_us: (forkless_bus::child::thread_cpu_time() - cpu_started).as_micros() as u64,
         };
         let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone());
+        if self.signal_handlers {
+            spawn_signal_handler(shutdown.clone());
+        }
         tracing::debug!(index, generation = generation.number(), ?attach, "attached");
         let (release_notice, released) = tokio::sync::mpsc::unbounded_channel();
         let generation = Arc::new(generation.notify_release(release_notice.clone()));
@@ -463,6 +504,12 @@ fn map_arena(
             configured: place(gpu),
         }),
     }
+}
+
+/// Reads a safetensors file into a private, read-only host copy of this process, as generation
+/// 0: the views a worker gets, without a supervisor (tests, tools, notebooks).
+pub fn load_private(path: &Path) -> Result<Generation, AttachError> {
+    load_private_copy(path, None)
 }
 
 /// The `sharing = none` baseline: this process reads its own copy of the weights, into host

@@ -1,0 +1,60 @@
+"""forkless for Python: a WSGI/ASGI service as a forkless worker.
+
+The supervisor (``supervisor run config.toml``) loads a model's weights once, into shared
+memory (a sealed memfd on the host, a CUDA VMM allocation on a GPU), and starts N workers that
+map them read-only. This package makes a Python process such a worker:
+
+    import forkless, torch
+
+    generation = forkless.attach()                  # like a Rust worker, on a background thread
+    with torch.device("meta"):
+        model = torch.nn.Linear(10000, 50000)       # no memory of its own
+    forkless.bind(model)                            # parameters = the shared tensors, no copy
+    forkless.on_generation(lambda g: forkless.bind(model, g))   # hot swaps, between requests
+
+and serve it with one of the launchers, which take the listening sockets the supervisor
+bound (``LISTEN_FDS``), count requests and report the worker ready::
+
+    python -m forkless.gunicorn app:app      # WSGI (Flask): gunicorn, one worker process
+    python -m forkless.uvicorn app:app       # ASGI: uvicorn, one process
+
+Tensors are zero-copy and read-only: numpy arrays with ``writeable=False`` and torch tensors on
+the host path, torch tensors on ``cuda:N`` on the GPU path (through DLPack).
+"""
+
+from ._core import (
+    AttachError,
+    BindError,
+    Generation,
+    Refused,
+    TensorInfo,
+    attach,
+    count_request,
+    cuda_stack_limit,
+    generation,
+    info,
+    is_attached,
+    load,
+    on_generation,
+    ready,
+)
+from ._bind import bind, bind_problems
+
+__all__ = [
+    "AttachError",
+    "BindError",
+    "Generation",
+    "Refused",
+    "TensorInfo",
+    "attach",
+    "bind",
+    "bind_problems",
+    "count_request",
+    "cuda_stack_limit",
+    "generation",
+    "info",
+    "is_attached",
+    "load",
+    "on_generation",
+    "ready",
+]

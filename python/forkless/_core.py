@@ -1,0 +1,459 @@
+"""Attaching, generations, acceptance and switching between requests.
+
+One process attaches once. The Rust link (``forkless._native``, a background thread) holds the
+bus to the supervisor; a hot swap makes a new generation current there at once. Python serves
+the generation it *accepted*: requests start on it and keep it to their end (``generation()``
+inside a request is pinned), and a new generation is taken up between requests, when no request
+of this process is running:
+
+- at the start of the next request (``begin_request``, called by the WSGI/ASGI middleware), or
+- by a watcher thread while the worker is idle, so an idle worker lets go of the old
+  generation too (it is unmapped, and the supervisor frees it, once nothing refers to it).
+
+Taking a generation up runs the acceptance checks (``attach(accept=...)``), then the
+``on_generation`` callbacks (rebinding modules, recapturing CUDA graphs), never while a request
+of this process runs.
+"""
+
+import collections
+import contextvars
+import os
+import sys
+import threading
+import time
+import traceback
+
+from . import _native
+
+#: (name, dtype, shape) of one tensor of a generation; dtype is numpy's/torch's name
+#: ("float32", "bfloat16", ...), shape a tuple.
+TensorInfo = collections.namedtuple("TensorInfo", "name dtype shape")
+
+
+class AttachError(RuntimeError):
+    """The worker could not attach. ``exit_code`` is the status that tells the supervisor what
+    to do: 78 (restarting cannot help), 75 (resources not free yet: retry later), 1 (restart)."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Refused(Exception):
+    """Raised by an acceptance check to refuse a generation, with the reason."""
+
+
+class BindError(ValueError):
+    """A module does not fit a generation: every missing, extra or mismatched tensor is named."""
+
+
+def _log(message):
+    # One line on stderr: the supervisor re-emits it with this worker's role, index and pid.
+    sys.stderr.write(f"forkless: {message}\n")
+    sys.stderr.flush()
+
+
+class Generation:
+    """The weights of one generation, read-only, mapped for as long as this object or any array
+    or tensor made from it lives.
+
+    - ``number``: 1, 2, ... as the owner publishes them (0 for ``forkless.load``)
+    - ``backend``: "host" or "cuda"; ``device``: "cpu" or "cuda:N"
+    - ``tensors()``: ``[TensorInfo(name, dtype, shape)]``
+    - ``tensor(name)``: a numpy array (host) or a torch tensor (cuda), zero-copy, read-only
+    - ``numpy(name)`` / ``torch(name)`` / ``dlpack(name)`` to choose
+    """
+
+    __slots__ = ("_native", "number", "backend", "device", "_infos")
+
+    def __init__(self, native):
+        self._native = native
+        self.number = native.number
+        self.backend = native.backend
+        kind, index = native.dlpack_device
+        self.device = "cpu" if kind == 1 else f"cuda:{index}"
+        self._infos = None
+
+    @property
+    def source(self):
+        """The weights file the owner loaded."""
+        return self._native.source
+
+    def tensors(self):
+        if self._infos is None:
+            self._infos = [TensorInfo(name, dtype, tuple(shape)) for name, dtype, shape in self._native.tensors()]
+        return list(self._infos)
+
+    def names(self):
+        return [t.name for t in self.tensors()]
+
+    def info(self, name):
+        for t in self.tensors():
+            if t.name == name:
+                return t
+        raise KeyError(f"generation {self.number} has no tensor named {name!r}")
+
+    def __contains__(self, name):
+        return name in self._native
+
+    def __len__(self):
+        return len(self._native)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def dlpack(self, name):
+        """The DLPack producer of ``name`` (``__dlpack__``, ``__dlpack_device__``)."""
+        return self._native.tensor(name)
+
+    def numpy(self, name):
+        """A read-only numpy array over the shared memory (host backend only)."""
+        import numpy
+
+        producer = self._native.tensor(name)
+        if self.backend != "host":
+            raise TypeError(f"tensor {name!r} is in GPU memory ({self.device}): use generation.torch({name!r})")
+        try:
+            array = numpy.from_dlpack(producer)
+        except (BufferError, TypeError, RuntimeError) as e:
+            raise TypeError(f"tensor {name!r} ({producer.dtype}) has no numpy equivalent here ({e}): use "
+                            f"generation.torch({name!r})") from e
+        # numpy >= 2.2.5 honours the read-only flag (versioned capsules) and makes legacy ones
+        # read-only; older numpy does neither. The memory is mapped read-only either way.
+        array.flags.writeable = False
+        return array
+
+    def torch(self, name):
+        """A torch tensor over the shared memory: on the CPU (host backend) or on ``cuda:N``.
+
+        torch has no read-only tensors: a write through it is stopped by the memory itself (the
+        mapping is read-only): on the CPU the process dies of SIGSEGV (the supervisor restarts
+        it); on the GPU the driver refuses the copy or faults the kernel.
+        """
+        import torch
+
+        return torch.from_dlpack(self._native.tensor(name))
+
+    def tensor(self, name):
+        """``numpy(name)`` on the host backend, ``torch(name)`` on the cuda backend."""
+        return self.numpy(name) if self.backend == "host" else self.torch(name)
+
+    def same_as(self, other):
+        return isinstance(other, Generation) and self._native.same_as(other._native)
+
+    def __repr__(self):
+        return repr(self._native)
+
+
+def load(path):
+    """A safetensors file as a private, read-only generation of this process (number 0),
+    without a supervisor: for tests, tools and notebooks."""
+    return Generation(_native.load(os.fspath(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance
+
+
+def _spec_check(spec):
+    """{name: shape} or {name: (dtype, shape)}; a dimension or dtype of None matches anything."""
+    wanted = {}
+    for name, item in dict(spec).items():
+        if isinstance(item, dict):
+            dtype, shape = item.get("dtype"), item.get("shape")
+        elif isinstance(item, tuple) and len(item) == 2 and (item[0] is None or isinstance(item[0], str)):
+            dtype, shape = item
+        else:
+            dtype, shape = None, item
+        wanted[name] = (dtype, None if shape is None else tuple(shape))
+
+    def check(generation):
+        have = {t.name: t for t in generation.tensors()}
+        problems = []
+        for name, (dtype, shape) in wanted.items():
+            t = have.get(name)
+            if t is None:
+                problems.append(f"no tensor {name!r}")
+                continue
+            if dtype is not None and t.dtype != dtype:
+                problems.append(f"{name!r} is {t.dtype}, the service needs {dtype}")
+            if shape is not None and (len(shape) != len(t.shape)
+                                      or any(w is not None and w != h for w, h in zip(shape, t.shape))):
+                problems.append(f"{name!r} has shape {list(t.shape)}, the service needs {list(shape)}")
+        return "; ".join(problems) or None
+
+    return check
+
+
+def _make_check(accept):
+    """An acceptance check: a callable(Generation) returning None/True (accept) or False/a
+    reason (refuse), or raising Refused; an nn.Module (its tensors must bind); or a spec."""
+    if hasattr(accept, "state_dict") and hasattr(accept, "named_parameters"):
+        from ._bind import bind_problems
+
+        module = accept
+        return lambda generation: "; ".join(bind_problems(module, generation)) or None
+    if isinstance(accept, dict):
+        return _spec_check(accept)
+    if isinstance(accept, (list, tuple)):
+        checks = [_make_check(a) for a in accept]
+        return lambda generation: "; ".join(r for r in (c(generation) for c in checks) if r) or None
+    if callable(accept):
+        def check(generation):
+            try:
+                verdict = accept(generation)
+            except Refused as e:
+                return str(e) or "refused"
+            if verdict is None or verdict is True:
+                return None
+            if verdict is False:
+                return "refused by the service's check"
+            return str(verdict)
+
+        return check
+    raise TypeError(f"accept must be a callable, an nn.Module, a {{name: shape}} dict or a list of those, "
+                    f"not {type(accept).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The process's state
+
+
+class _State:
+    def __init__(self):
+        self.cond = threading.Condition(threading.RLock())
+        self.current = None  # the accepted Generation this process serves
+        self.seen = None  # the last generation number taken up or refused
+        self.checks = []
+        self.callbacks = []
+        self.active = 0  # requests running in this process
+        self.watcher = None
+        self.pid = None
+
+
+_state = _State()
+_request_generation = contextvars.ContextVar("forkless_generation", default=None)
+
+
+def _native_failure(error):
+    message, code = error.args if len(error.args) == 2 else (str(error), 1)
+    return AttachError(message, code)
+
+
+def attach(accept=None, *, wait=True, timeout=None, exit_on_error=True, on_shutdown="sigterm", parent="auto"):
+    """Attaches this process as a forkless worker (once; later calls add checks and wait).
+
+    On a background thread, exactly like a Rust worker: ties the process to the supervisor (or
+    to the launcher that forked it), receives the generation, maps it read-only (on the GPU:
+    opens the primary context with the configured stack limit, before torch uses CUDA), then
+    keeps heartbeats, hot swaps and releases going. No signal handler is installed: the server
+    owns SIGTERM. When the worker decides to stop (``max_requests`` reached, supervisor gone),
+    it sends SIGTERM to this process (``on_shutdown="sigterm"``) so the server drains, or does
+    nothing (``"none"``).
+
+    ``accept``: a check the generation must pass (see ``_make_check``), now and at every hot
+    swap. A refusal at attach ends the process with status 78 and the reason; at a swap the
+    worker keeps serving the generation it has.
+
+    Returns the current Generation (None with ``wait=False``). On failure it prints the reason
+    and exits with the status the supervisor expects (``exit_on_error``), or raises AttachError.
+    The first call's ``on_shutdown`` and ``parent`` hold for the process (the launchers make it).
+    """
+    try:
+        _native.start(parent, on_shutdown)
+    except _native.AttachFailed as e:
+        return _fail(_native_failure(e), exit_on_error)
+    with _state.cond:
+        if accept is not None:
+            _state.checks.append(_make_check(accept))
+    if not wait:
+        return None
+    try:
+        if not _native.wait(timeout):
+            return _fail(AttachError(f"not attached after {timeout} s"), exit_on_error)
+    except _native.AttachFailed as e:
+        return _fail(_native_failure(e), exit_on_error)
+    with _state.cond:
+        first = _state.current is None or _state.pid != os.getpid()
+        if first:
+            _state.current = Generation(_native.current())
+            _state.seen = _state.current.number
+            _state.pid = os.getpid()
+        reasons = [r for r in (check(_state.current) for check in _state.checks) if r]
+        if reasons:
+            message = f"generation {_state.current.number} refused: {'; '.join(reasons)}"
+            return _fail(AttachError(message, _native.EXIT_FATAL), exit_on_error)
+        if first:
+            details = _native.info()
+            _log(f"worker {details['index']} attached generation {_state.current.number} "
+                 f"({_state.current.backend}, {len(_state.current)} tensors) in {details['attach_ms']:.0f} ms")
+            _start_watcher()
+        return _state.current
+
+
+def _fail(error, exit_on_error):
+    if not exit_on_error:
+        raise error
+    _log(f"cannot attach: {error}")
+    sys.exit(error.exit_code)
+
+
+def is_attached():
+    return _native.is_attached()
+
+
+def _process_age_s():
+    """Seconds since this process started (a forked worker: since its fork), from /proc."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(") ", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def ready():
+    """Tells the supervisor this worker serves (once). The launchers call it after the app
+    is loaded; call it yourself if you serve some other way."""
+    attach()
+    if not _native.is_ready():
+        _native.ready()
+        _log(f"ready {_process_age_s():.2f} s after this process started")
+
+
+def info():
+    """index, pid, backend, cuda_device, attach_ms, requests (attaches first)."""
+    attach()
+    return _native.info()
+
+
+def cuda_stack_limit():
+    """The CUDA context's per-thread stack limit in bytes (None on the host backend)."""
+    attach()
+    return _native.cuda_stack_limit()
+
+
+def count_request():
+    """Counts one finished request (status, heartbeats, ``max_requests``). The middlewares and
+    launchers do it; call it if you serve without them."""
+    _native.request_finished()
+
+
+def on_generation(callback, *, now=False):
+    """Calls ``callback(generation)`` whenever this process takes up a new generation: between
+    requests, never while one of its requests runs (on the serving thread at the start of the
+    next request, or on forkless's watcher thread while the worker is idle). ``now=True`` also
+    calls it at once with the current generation. A callback that raises keeps the worker on
+    the generation it had."""
+    with _state.cond:
+        _state.callbacks.append(callback)
+        current = _state.current
+    if now:
+        callback(current if current is not None else attach())
+    return callback
+
+
+def generation():
+    """The generation to use: inside a request (through the middlewares), the one the request
+    started on; elsewhere the one this process serves now. Attaches first if needed."""
+    pinned = _request_generation.get()
+    if pinned is not None:
+        return pinned
+    current = _state.current
+    if current is not None and _state.pid == os.getpid():
+        return current
+    return attach()
+
+
+def _take_up_locked():
+    """Takes up the latest generation (lock held, no request running): checks, then callbacks."""
+    latest = Generation(_native.current())
+    _state.seen = latest.number
+    previous = _state.current
+    if previous is not None and latest.same_as(previous):
+        return
+    reasons = [r for r in (check(latest) for check in _state.checks) if r]
+    if reasons:
+        _log(f"generation {latest.number} refused: {'; '.join(reasons)}; still serving generation "
+             f"{previous.number if previous else None}")
+        return
+    _state.current = latest
+    for callback in list(_state.callbacks):
+        try:
+            callback(latest)
+        except Exception:  # noqa: BLE001 - reported; the worker stays on what it had
+            _log(f"on_generation callback {getattr(callback, '__name__', callback)!r} failed for generation "
+                 f"{latest.number}; still serving generation {previous.number if previous else None}:\n"
+                 f"{traceback.format_exc()}")
+            _state.current = previous
+            for undo in list(_state.callbacks):
+                if undo is callback:
+                    break
+                try:
+                    undo(previous)
+                except Exception:  # noqa: BLE001
+                    _log(f"restoring generation {previous.number} failed:\n{traceback.format_exc()}")
+            return
+    _log(f"switched to generation {latest.number} (was {previous.number if previous else None})")
+
+
+def begin_request(block=True):
+    """Pins the generation for one request; returns (generation, token) for ``end_request``.
+
+    With ``block`` (threaded or one-at-a-time servers), a pending switch first waits for this
+    process's running requests to finish, so that no request sees two generations. Without it
+    (an asyncio server, which must not block its loop), the switch happens at once: requests
+    already running keep their pinned generation, but a module rebound in place by a callback
+    changes under any of them suspended at an ``await``.
+    """
+    cond = _state.cond
+    with cond:
+        if _state.current is None or _state.pid != os.getpid():
+            attach()
+        if _native.current_number() != _state.seen:
+            if block:
+                cond.wait_for(lambda: _state.active == 0)
+            if _native.current_number() != _state.seen:
+                _take_up_locked()
+        _state.active += 1
+        current = _state.current
+    return current, _request_generation.set(current)
+
+
+def end_request(token):
+    """Ends a request begun with ``begin_request``: unpins, counts it, lets a switch proceed."""
+    try:
+        _request_generation.reset(token)
+    except ValueError:  # ended in another context (some servers close responses elsewhere)
+        _request_generation.set(None)
+    with _state.cond:
+        _state.active -= 1
+        if _state.active == 0:
+            _state.cond.notify_all()
+    _native.request_finished()
+
+
+def _start_watcher():
+    if _state.watcher is not None and _state.watcher.is_alive():
+        return
+    _state.watcher = threading.Thread(target=_watch, name="forkless-generations", daemon=True)
+    _state.watcher.start()
+
+
+def _watch():
+    """Takes up a new generation while the worker is idle (no request running)."""
+    while True:
+        try:
+            seen = _state.seen
+            latest = _native.wait_for_change(seen, 5.0)
+            if latest is None:
+                continue
+            with _state.cond:
+                _state.cond.wait_for(lambda seen=seen: _state.active == 0 or _state.seen != seen, timeout=1.0)
+                if _state.active == 0 and _native.current_number() != _state.seen:
+                    _take_up_locked()
+        except Exception:  # noqa: BLE001 - the watcher must not die
+            _log(f"generation watcher: {traceback.format_exc()}")
+            time.sleep(1.0)

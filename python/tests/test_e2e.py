@@ -1,0 +1,228 @@
+"""End to end on the host path: the real supervisor runs the Flask example
+(examples/python-flask/app.py, numpy engine) as Python workers under `python -m forkless.gunicorn`.
+"""
+
+import os
+import shutil
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import (APPS, IN, OUT, Load, Reference, alive, children_of, close, eventually, get, post,
+                      python_config, rust_config)
+
+SEEDS = list(range(24))
+# numpy (no torch) on CI; the torch engine is the GPU script's.
+os.environ.setdefault("FORKLESS_EXAMPLE_ENGINE", "numpy")
+
+
+def gunicorn_workers(sup):
+    """{master pid: the gunicorn worker it forked} for every worker slot."""
+    return {master: children_of(master) for master in sup.pids("worker")}
+
+
+def test_python_workers_answer_like_the_rust_worker(supervisors, bins, weights, tmp_path):
+    reference = Reference(weights[42])
+    rust = supervisors(rust_config(tmp_path / "rust", weights[42], bins))
+    py = supervisors(python_config(tmp_path / "py", weights[42], workers=4))
+    rust_addr, py_addr = rust.wait_ready(), py.wait_ready()
+
+    status = py.status()
+    workers = [p for p in status["processes"] if p["role"] == "worker"]
+    assert len(workers) == 4 and all(p["state"] == "ready" for p in workers), status
+    # Each slot is a gunicorn master with exactly one gunicorn worker, which serves.
+    assert all(len(kids) == 1 for kids in gunicorn_workers(py).values()), gunicorn_workers(py)
+
+    served_by = set()
+    for seed in SEEDS:
+        status_r, want = post(rust_addr, "/infer", {"seed": seed})
+        status_p, got = post(py_addr, "/", {"seed": seed})
+        status_i, got_infer = post(py_addr, "/infer", {"seed": seed})
+        assert (status_r, status_p, status_i) == (200, 200, 200), (want, got, got_infer)
+        exact = reference.y_sum(seed)
+        assert close(got["result"], want["y_sum"]), (seed, got, want)
+        assert close(got["result"], exact) and close(want["y_sum"], exact), (seed, got, want, exact)
+        assert got["generation"] == want["generation"] == 1
+        assert np.allclose(got_infer["y_head"], want["y_head"], rtol=1e-5, atol=1e-6), (got_infer, want)
+        assert np.allclose(got_infer["y_head"], reference.y(seed)[:8], rtol=1e-5, atol=1e-6)
+        served_by.add(got["worker"])
+    assert served_by <= {pid for kids in gunicorn_workers(py).values() for pid in kids}
+
+    # x given explicitly: the same answer as its seed.
+    x = [float(v) for v in reference_input(7)]
+    assert close(post(py_addr, "/", {"x": x})[1]["result"], reference.y_sum(7))
+    assert post(py_addr, "/", {"x": [1.0, 2.0]})[0] == 400
+    assert post(py_addr, "/", {"nothing": 1})[0] == 400
+    code, health = get(py_addr, "/healthz")
+    assert code == 200 and health["model"] == {"in": IN, "out": OUT}
+    assert health["engine"] == os.environ["FORKLESS_EXAMPLE_ENGINE"]
+
+    # Every request above was counted once (status, heartbeats, max_requests): 2 per seed, the
+    # explicit x, two bad requests and the health check.
+    eventually("heartbeats carry the request counts", lambda: counted_now(py) == 2 * len(SEEDS) + 4)
+
+
+def counted_now(sup):
+    return sum(p["requests"] for p in sup.status()["processes"] if p["role"] == "worker")
+
+
+def reference_input(seed):
+    from conftest import splitmix_inputs
+
+    return splitmix_inputs(seed, IN)
+
+
+def check_answers(answers, references):
+    wrong = [(seed, a) for seed, a in answers if not close(a["result"], references[a["generation"]].y_sum(seed))]
+    assert not wrong, wrong[:5]
+
+
+def test_owner_sigkill_under_load_fails_no_request(supervisors, weights, tmp_path):
+    sup = supervisors(python_config(tmp_path, weights[42], workers=4))
+    addr = sup.wait_ready()
+    load = Load(addr, SEEDS, threads=8)
+    load.wait_answers(50)
+    (owner,) = sup.pids("owner")
+    mark = sup.mark()
+    os.kill(owner, signal.SIGKILL)
+    sup.wait_for("adopted", start=mark)
+    done = load.count()
+    load.wait_answers(done + 100)
+    answers, failures = load.stop()
+    assert not failures, failures[:5]
+    check_answers(answers, {1: Reference(weights[42])})
+    (new_owner,) = sup.pids("owner")
+    assert new_owner != owner
+
+
+def test_killed_python_workers_are_replaced_and_attach_from_escrow(supervisors, weights, tmp_path):
+    model = tmp_path / "model.safetensors"
+    shutil.copy(weights[42], model)
+    sup = supervisors(python_config(tmp_path, model, workers=4))
+    addr = sup.wait_ready()
+    before = {seed: post(addr, "/", {"seed": seed})[1]["result"] for seed in SEEDS[:4]}
+    # The weights now exist only in the escrow: a worker started from here on can only attach there.
+    model.unlink()
+    slots = gunicorn_workers(sup)
+    masters = sorted(slots)
+    served = slots[masters[0]][0]  # a gunicorn worker: its master must exit with it
+    mark = sup.mark()
+    os.kill(served, signal.SIGKILL)
+    os.kill(masters[1], signal.SIGKILL)  # a master: its worker must die with it (PR_SET_PDEATHSIG)
+    sup.wait_for(r"worker \d+ ready", start=mark, count=2)
+    eventually("the killed processes are gone", lambda: not alive(served) and not alive(masters[1]))
+    eventually("the orphaned gunicorn worker died with its master",
+               lambda: not any(alive(pid) for pid in slots[masters[1]]))
+    status = sup.status()
+    workers = [p for p in status["processes"] if p["role"] == "worker"]
+    assert all(p["state"] == "ready" for p in workers) and len(workers) == 4, status
+    assert sum(p["restarts"] for p in workers) >= 2, status
+    new_slots = gunicorn_workers(sup)
+    assert masters[0] not in new_slots and masters[1] not in new_slots
+    assert all(len(kids) == 1 for kids in new_slots.values()), new_slots
+    after = {seed: post(addr, "/", {"seed": seed})[1]["result"] for seed in SEEDS[:4] for _ in range(4)}
+    assert after == before
+
+
+def test_writing_to_a_shared_array_raises(supervisors, weights, tmp_path):
+    sup = supervisors(python_config(tmp_path, weights[42], workers=1, app="probe:app", app_dir=APPS))
+    addr = sup.wait_ready()
+    code, probe = get(addr, "/write")
+    assert code == 200, probe
+    assert probe["writeable"] is False
+    assert probe["write"].startswith("ValueError") and "read-only" in probe["write"], probe
+    assert probe["set_writeable"].startswith("ValueError"), probe
+    # The array is the shared mapping itself (zero-copy), and the weights are unchanged.
+    assert probe["zero_copy"] is True, probe
+    assert probe["first"] == float(Reference(weights[42]).w[0, 0]), probe
+
+
+@pytest.mark.parametrize("server", ["sync", "threads"])
+def test_hot_swap_reaches_python_workers_between_requests(supervisors, weights, tmp_path, server):
+    references = {1: Reference(weights[42]), 2: Reference(weights[43])}
+    # A threaded worker runs several requests at once: a switch waits for those running.
+    threads = ("--worker-class", "gthread", "--threads", "4") if server == "threads" else ()
+    sup = supervisors(python_config(tmp_path, weights[42], workers=4 if server == "sync" else 2, gunicorn=threads))
+    addr = sup.wait_ready()
+    load = Load(addr, SEEDS, threads=8)
+    load.wait_answers(50)
+    swap = sup.control("reload-model", str(weights[43]))
+    assert swap.returncode == 0, swap.stderr
+    with load.lock:
+        swapped_at = len(load.answers)
+    # Every worker takes generation 2 up, at its next request or while idle.
+    eventually("answers from generation 2",
+               lambda: any(a["generation"] == 2 for _, a in load.answers[swapped_at:]))
+    load.wait_answers(load.count() + 200)
+    answers, failures = load.stop()
+    assert not failures, failures[:5]
+    check_answers(answers, references)  # no answer mixes generations
+    assert {a["generation"] for _, a in answers} == {1, 2}
+    # Generation 1 is let go by every worker, so the supervisor frees it.
+    eventually("generation 1 retired", lambda: sup.status().get("retiring_generation") is None)
+    # After the swap, every worker answers from generation 2 only.
+    late = [post(addr, "/", {"seed": seed})[1] for seed in SEEDS]
+    assert {a["generation"] for a in late} == {2}
+    check_answers(list(zip(SEEDS, late)), references)
+
+
+def test_idle_workers_let_go_of_the_old_generation(supervisors, weights, tmp_path):
+    sup = supervisors(python_config(tmp_path, weights[42], workers=2))
+    sup.wait_ready()
+    swap = sup.control("reload-model", str(weights[43]))
+    assert swap.returncode == 0, swap.stderr
+    # No request at all: the watcher takes generation 2 up and generation 1 is freed.
+    eventually("generation 1 retired without any request",
+               lambda: sup.status().get("retiring_generation") is None and sup.status()["generation"] == 2)
+    sup.wait_for("switched to generation 2")
+
+
+def test_max_requests_recycles_a_python_worker_without_failures(supervisors, weights, tmp_path):
+    sup = supervisors(python_config(tmp_path, weights[42], workers=1, extra_workers="max_requests = 30"))
+    addr = sup.wait_ready()
+    (first,) = sup.pids("worker")
+    mark = sup.mark()
+    load = Load(addr, SEEDS, threads=2)
+    sup.wait_for(r"worker 0 ready", start=mark)  # its successor
+    load.wait_answers(load.count() + 40)
+    answers, failures = load.stop()
+    assert not failures, failures[:5]
+    check_answers(answers, {1: Reference(weights[42])})
+    (second,) = sup.pids("worker")
+    assert second != first
+    # A planned recycle, not a crash.
+    assert [p["restarts"] for p in sup.status()["processes"] if p["role"] == "worker"] == [0]
+
+
+def test_a_refused_generation_stops_the_worker_with_status_78(supervisors, bins, tmp_path):
+    from conftest import make_weights
+
+    # A model this app cannot serve: a Linear layer of the wrong element type is simplest to
+    # make with the real writer, so rename its tensors instead.
+    other = make_weights(bins, tmp_path / "other.safetensors", 42)
+    raw = other.read_bytes().replace(b'"weight"', b'"kernel"')
+    other.write_bytes(raw)
+    sup = supervisors(python_config(tmp_path, other, workers=1))
+    code = sup.proc.wait(90)
+    assert code == 1, sup.log_text()
+    log = sup.log_text()
+    assert "refused" in log and "needs tensors 'weight'" in log, log
+    assert "78" in log, log
+
+
+@pytest.mark.skipif(sys.version_info < (3, 9), reason="python >= 3.9")
+def test_asgi_worker_under_uvicorn(supervisors, weights, tmp_path):
+    pytest.importorskip("uvicorn")
+    command = [sys.executable, "-m", "forkless.uvicorn", "--app-dir", str(APPS), "--log-level", "warning",
+               "probe_asgi:app"]
+    from conftest import write_config
+
+    sup = supervisors(write_config(tmp_path, weights[42], command, 2))
+    addr = sup.wait_ready()
+    reference = Reference(weights[42])
+    for seed in SEEDS[:8]:
+        code, answer = post(addr, "/", {"seed": seed})
+        assert code == 200 and close(answer["result"], reference.y_sum(seed)), answer
+    eventually("requests counted", lambda: counted_now(sup) == 8)
