@@ -10,6 +10,7 @@ mod failures;
 mod hardening;
 mod hostile;
 mod hot_swap;
+mod lane;
 mod lifecycle;
 mod policies;
 mod protocol;

@@ -151,6 +151,24 @@ impl PendingEngine {
     }
 }
 
+/// The engine's GPU state (context, kernels, stream, cuBLAS, scratch), prepared on one thread
+/// and then used on one thread at a time: the engine thread of [`GpuEngine`], or the batch
+/// lane's runner thread ([`LaneEngine::run`]).
+pub struct LaneEngine(Engine);
+
+impl LaneEngine {
+    /// Opens the GPU named by the supervisor, loads the kernels, creates a stream and cuBLAS.
+    pub fn prepare(settings: BatchSettings) -> Result<LaneEngine, EngineError> {
+        Engine::prepare(settings, Arc::new(BatchStats::default())).map(LaneEngine)
+    }
+
+    /// Answers `inputs` in one pass over `generation`'s weights.
+    pub fn run(&mut self, generation: &Generation, inputs: &[&Input]) -> Result<Vec<Answer>, EngineError> {
+        self.0.stats.record(inputs.len());
+        self.0.run_inputs(generation, inputs)
+    }
+}
+
 impl GpuEngine {
     /// Spawns the engine thread, which at once opens the GPU named by the supervisor
     /// (`FORKLESS_CUDA_DEVICE`, with its stack limit), loads the kernels (from the supervisor's
@@ -309,6 +327,12 @@ impl Engine {
     }
 
     fn run_batch(&mut self, generation: &Generation, batch: &[Job]) -> Result<Vec<Answer>, EngineError> {
+        let inputs: Vec<&Input> = batch.iter().map(|job| &job.input).collect();
+        self.run_inputs(generation, &inputs)
+    }
+
+    /// One pass: the inputs (at most `max_batch`) through `generation`'s weights.
+    fn run_inputs(&mut self, generation: &Generation, batch: &[&Input]) -> Result<Vec<Answer>, EngineError> {
         let (outputs, inputs) = match generation.shape("weight").map_err(|e| EngineError::Model(e.to_string()))? {
             [o, i] => (*o as usize, *i as usize),
             other => return Err(EngineError::Model(format!("weight has shape {other:?}, expected [out, in]"))),
@@ -325,11 +349,11 @@ impl Engine {
         let scratch = self.scratch.insert(scratch);
         let stream = &self.stream;
         let n = batch.len();
-        let seeds: Vec<u64> = batch.iter().map(|j| if let Input::Seed(s) = j.input { s } else { 0 }).collect();
+        let seeds: Vec<u64> = batch.iter().map(|input| if let Input::Seed(s) = input { *s } else { 0 }).collect();
         stream.memcpy_htod(&seeds, &mut scratch.seeds.slice_mut(0..n)).map_err(driver)?;
         self.kernels.seeded_inputs(stream, &mut *scratch.x, &*scratch.seeds, n, inputs)?;
-        for (row, job) in batch.iter().enumerate() {
-            if let Input::X(x) = &job.input {
+        for (row, input) in batch.iter().enumerate() {
+            if let Input::X(x) = input {
                 if x.len() != inputs {
                     return Err(EngineError::Model(format!("x has {} elements; the model takes {inputs}", x.len())));
                 }

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod gpu;
+mod lane;
 mod model;
 mod seeded;
 mod service;

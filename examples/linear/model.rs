@@ -46,6 +46,11 @@ impl Linear {
         self.generation.number()
     }
 
+    /// The generation this layer's weights live in.
+    pub fn generation_ref(&self) -> &Generation {
+        &self.generation
+    }
+
     /// True when the weights are on a GPU (answered by the [`crate::gpu::GpuEngine`]).
     pub fn on_gpu(&self) -> bool {
         self.generation.on_gpu()

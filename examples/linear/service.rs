@@ -71,12 +71,17 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         (None, Some(x)) => return bad_request(format!("x has {} elements; this model takes {inputs}", x.len())),
         _ => return bad_request("give exactly one of {\"seed\": u64} or {\"x\": [f32]}".into()),
     };
-    let answer = match &state.engine {
-        Some(engine) => {
+    let answer = match (model.generation_ref().lane().is_some(), &state.engine) {
+        (true, _) => match through_lane(&model, &input).await {
+            Ok(answer) => Ok(answer),
+            Err(LaneFailure::Full(e)) => return (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+            Err(LaneFailure::Failed(e)) => Err(e),
+        },
+        (false, Some(engine)) => {
             drop(model); // the engine takes the generation per batch
             engine.infer(input).await
         }
-        None => forward_on_cpu(model, input).await,
+        (false, None) => forward_on_cpu(model, input).await,
     };
     let answer = match answer {
         Ok(answer) => answer,
@@ -84,6 +89,27 @@ async fn infer(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     };
     Json(InferResponse { y_sum: answer.y_sum, y_head: answer.y_head, generation: answer.generation, worker: state.pid })
         .into_response()
+}
+
+enum LaneFailure {
+    /// Every slot of the lane is in use: the service is overloaded (503).
+    Full(String),
+    Failed(String),
+}
+
+/// One request through the generation's batch lane: one pass serves the requests of every
+/// worker, run by whichever worker holds the lane's lease (see `crate::lane`).
+async fn through_lane(model: &Linear, input: &Input) -> Result<crate::gpu::Answer, LaneFailure> {
+    use forkless_worker::lane::SubmitError;
+    let generation = model.generation_ref();
+    let lane = generation.lane().expect("checked by the caller");
+    let ticket = match lane.submit(&crate::lane::encode_input(input)) {
+        Ok(ticket) => ticket,
+        Err(e @ SubmitError::Full { .. }) => return Err(LaneFailure::Full(e.to_string())),
+        Err(e) => return Err(LaneFailure::Failed(e.to_string())),
+    };
+    let reply = ticket.await.map_err(|e| LaneFailure::Failed(e.to_string()))?;
+    crate::lane::decode_answer(&reply, generation.number()).map_err(LaneFailure::Failed)
 }
 
 /// The host backend: the matrix-vector product is CPU-bound, so it runs off the async threads.
@@ -153,7 +179,9 @@ async fn serve(batching: BatchSettings) -> ExitCode {
     let on_gpu = matches!(forkless_worker::cuda_settings(), Ok(Some(_)));
     let pending = on_gpu.then(|| GpuEngine::prepare(batching));
     let inputs = Arc::new(OnceLock::new());
-    let worker = match Worker::builder().accept(linear_layer()).accept(same_inputs(inputs.clone())).attach().await {
+    let builder = Worker::builder().accept(linear_layer()).accept(same_inputs(inputs.clone()));
+    let worker = match builder.lane_pass(move |generation| crate::lane::make_pass(generation, batching)).attach().await
+    {
         Ok(worker) => worker,
         Err(e) => return e.exit(),
     };
@@ -165,7 +193,13 @@ async fn serve(batching: BatchSettings) -> ExitCode {
     // Warm-up: one pass touches every weight page (or, on the GPU, loads the kernels and picks
     // cuBLAS's), so the first request is not the slow one. It consumes `model`: holding the
     // generation here would keep it mapped after a swap.
-    let engine = if let Some(pending) = pending.filter(|_| model.on_gpu()) {
+    let on_lane = model.generation_ref().lane().is_some();
+    let engine = if on_lane {
+        // One pass for every worker: the lane's runner (crate::lane) computes, not an engine
+        // of this worker's own; its warm-up is the runner's first pass.
+        drop((model, pending));
+        None
+    } else if let Some(pending) = pending.filter(|_| model.on_gpu()) {
         drop(model);
         let generations = worker.generations();
         match tokio::task::spawn_blocking(move || pending.start(generations)).await {

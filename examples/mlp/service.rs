@@ -39,7 +39,8 @@ struct Prediction {
 type Failure = (StatusCode, String);
 
 pub async fn serve() -> ExitCode {
-    let worker = match Worker::builder().accept(mlp()).accept(on_host).attach().await {
+    let builder = Worker::builder().accept(mlp()).accept(on_host).lane_pass(|_| Ok(Box::new(lane_pass)));
+    let worker = match builder.attach().await {
         Ok(worker) => worker,
         Err(e) => return e.exit(),
     };
@@ -68,11 +69,55 @@ async fn predict(
         _ => return Err(bad("give exactly one of {\"x\": [256 floats]} or {\"seed\": n}".into())),
     };
     let generation = generations.current(); // this request's weights, whatever swaps meanwhile
-    let y = tokio::task::spawn_blocking(move || forward(&generation, &x).map(|y| (y, generation.number())))
-        .await
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let (y, generation) = y.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(Prediction { y, generation, worker: std::process::id() }))
+    let number = generation.number();
+    let y = match generation.lane() {
+        Some(lane) => through_lane(lane, &x).await?,
+        None => tokio::task::spawn_blocking(move || forward(&generation, &x))
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+    };
+    Ok(Json(Prediction { y, generation: number, worker: std::process::id() }))
+}
+
+/// With `[lane]` on: the input joins one pass with every worker's requests (as f32 LE bytes),
+/// whichever worker runs it (see [`lane_pass`]).
+async fn through_lane(lane: &forkless_worker::lane::Lane, x: &[f32]) -> Result<Vec<f32>, Failure> {
+    use forkless_worker::lane::SubmitError;
+    let ticket = lane.submit(&to_bytes(x)).map_err(|e| match e {
+        SubmitError::Full { .. } => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        other => (StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    })?;
+    let reply = ticket.await.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(from_bytes(&reply))
+}
+
+/// One pass of the lane: each request's `x` through the layers (the same fixed-order dots as
+/// without the lane, so the answers are the same bits).
+fn lane_pass(generation: &Generation, batch: &mut forkless_worker::lane::Batch<'_>) {
+    for i in 0..batch.len() {
+        let x = from_bytes(batch.input(i));
+        if x.len() != IN {
+            batch.fail(i, &format!("x has {} values; this model takes {IN}", x.len()));
+            continue;
+        }
+        match forward(generation, &x) {
+            Ok(y) => {
+                if let Err(e) = batch.set_output(i, &to_bytes(&y)) {
+                    batch.fail(i, &e.to_string());
+                }
+            }
+            Err(e) => batch.fail(i, &e.to_string()),
+        }
+    }
+}
+
+fn to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn from_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
 
 /// `y = fc2(relu(fc1(x)))`, each row a fixed-order dot product: every worker answers the same

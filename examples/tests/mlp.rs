@@ -96,6 +96,41 @@ fn every_worker_matches_the_reference_computed_from_the_file() {
 }
 
 #[test]
+fn through_the_batch_lane_the_answers_are_the_same() {
+    let dir = TestDir::new();
+    make_weights(&dir.model_path(), 42);
+    let config = dir.write_config_with(&ConfigExtra {
+        workers: 3,
+        command: Some(vec![mlp_exe().display().to_string()]),
+        ..Default::default()
+    });
+    let text = std::fs::read_to_string(&config).unwrap() + "\n[lane]\nenabled = true\nmax_wait_us = 2000\n";
+    std::fs::write(&config, text).unwrap();
+    let mut sup = Supervisor::start(&config);
+    let addr = sup.wait_ready();
+    let threads: Vec<_> = (0..6u64)
+        .map(|seed| {
+            let (addr, weights) = (addr.clone(), dir.model_path());
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let (status, answer) = predict(&addr, &format!("{{\"seed\": {seed}}}"));
+                    assert_eq!(status, 200, "{answer}");
+                    assert!(close(&floats(&answer), &reference(&weights, seed)), "seed {seed}: {answer}");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let (ok, stdout, _) = control(&config, "status", &["--json"]);
+    assert!(ok);
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(status["lanes"][0]["served"].as_u64().unwrap() >= 120, "every request went through the lane: {status}");
+    drop(sup);
+}
+
+#[test]
 fn bad_input_gets_400_with_a_message() {
     let dir = TestDir::new();
     let (_sup, addr) = start(&dir, 1);

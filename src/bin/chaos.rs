@@ -39,7 +39,8 @@ struct RunArgs {
     /// Keep-alive connections, each with one request outstanding.
     #[arg(long)]
     connections: Option<usize>,
-    /// What to kill: owner, worker, workers[:N]; each may carry its own period (owner@5); `none`: load only.
+    /// What to kill: owner, worker, workers[:N], leader (the batch lane's pass runner); each may
+    /// carry its own period (owner@5); `none`: load only.
     #[arg(long, default_value = "owner,worker")]
     kill: String,
     /// Seconds between kills (for targets without @SECS); jittered ±20 %.

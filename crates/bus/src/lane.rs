@@ -153,7 +153,7 @@ mod runner;
 mod tests;
 
 pub use client::{Reply, SubmitError, Ticket, WaitError};
-pub use runner::{Batch, OutputTooLarge, RunError, RunnerConfig, RunnerReport};
+pub use runner::{Batch, OutputTooLarge, RunError, RunnerConfig, RunnerReport, StopSignal};
 
 /// Environment variable with the number of the inherited lane fd a worker maps (unset: no lane,
 /// each worker batches alone).
@@ -1498,6 +1498,12 @@ impl LaneMonitor {
 #[derive(Clone)]
 pub struct Lane {
     inner: Arc<client::Inner>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane").field("layout", &self.inner.region.layout()).finish()
+    }
 }
 
 impl Lane {

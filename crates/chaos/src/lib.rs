@@ -287,9 +287,11 @@ impl Killer {
                 .filter_map(|p| p.pid.map(|pid| (p.index, pid)))
                 .collect()
         };
+        let leader = status.lanes.first().map(|lane| lane.leader_pid).filter(|&pid| pid != 0);
         let (role, mut candidates) = match self.plan.target {
             Target::Owner => ("owner", ready("owner")),
             Target::Worker | Target::Workers(_) => ("worker", ready("worker")),
+            Target::Leader => ("worker", ready("worker").into_iter().filter(|&(_, pid)| Some(pid) == leader).collect()),
         };
         let count = match self.plan.target {
             Target::Workers(n) => n.min(candidates.len().saturating_sub(1)).max(1),
@@ -309,7 +311,9 @@ impl Killer {
             };
             let at_s = self.started.elapsed().as_secs_f64();
             let target = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
+            let killed_ns = monotonic_ns();
             rustix::process::kill_process(target, self.signal.raw()).with_context(|| format!("kill {pid}"))?;
+
             tracing::info!(
                 "t={at_s:.2}s: {:?} → {role} {index} (pid {pid}), {in_flight} requests in flight on it",
                 self.signal
@@ -324,9 +328,38 @@ impl Killer {
                 recovered_s: None,
                 failures: 0,
                 retried: 0,
+                next_pass_ms: None,
             });
+            if self.plan.target == Target::Leader {
+                let index = self.kills.lock().expect("kills").len() - 1;
+                tokio::spawn(time_next_pass(self.config.clone(), self.kills.clone(), index, killed_ns));
+            }
         }
         Ok(())
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
+}
+
+/// Waits (at most 10 s) until the lane records the first pass after a takeover that began
+/// after `killed_ns`, and notes the gap on kill `index`. Both clocks are CLOCK_MONOTONIC, so
+/// the gap is the lane's own, not this poll's.
+async fn time_next_pass(config: Config, kills: Arc<Mutex<Vec<Kill>>>, index: usize, killed_ns: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(status) = supervisor::status(&config).await {
+            let takeover = status.lanes.first().map_or(0, |lane| lane.takeover_pass_ns);
+            if takeover > killed_ns {
+                if let Some(kill) = kills.lock().expect("kills").get_mut(index) {
+                    kill.next_pass_ms = Some((takeover - killed_ns) as f64 / 1e6);
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -34,6 +34,11 @@ pub struct Kill {
     pub failures: u64,
     /// Requests sent again because their connection to this process closed first.
     pub retried: u64,
+    /// For the batch lane's pass runner (`--kill leader`): milliseconds from the kill to the
+    /// start of the next pass, run by the worker that took the lease over (the lane's own
+    /// CLOCK_MONOTONIC record, read through `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_pass_ms: Option<f64>,
 }
 
 /// How the supervisor ended when asked to stop.
@@ -402,6 +407,18 @@ impl Report {
         }
         if self.kills.len() > max_kill_rows && max_kill_rows > 0 {
             s += &format!("  … {} more (all of them in the JSON report)\n", self.kills.len() - max_kill_rows);
+        }
+        let mut next_pass: Vec<f64> = self.kills.iter().filter_map(|k| k.next_pass_ms).collect();
+        if !next_pass.is_empty() {
+            next_pass.sort_by(f64::total_cmp);
+            let at = |q: f64| next_pass[((next_pass.len() as f64 * q).ceil() as usize).clamp(1, next_pass.len()) - 1];
+            s += &format!(
+                "next pass after a pass runner's kill, ms: p50 {:.2}  p99 {:.2}  max {:.2} ({} kills)\n",
+                at(0.5),
+                at(0.99),
+                next_pass[next_pass.len() - 1],
+                next_pass.len()
+            );
         }
         let recovered: Vec<f64> = self.kills.iter().filter_map(|k| k.recovered_s).collect();
         if !recovered.is_empty() {

@@ -20,6 +20,8 @@ pub enum Target {
     Worker,
     /// This many workers at once.
     Workers(usize),
+    /// The worker that runs the batch lane's passes right now (its lease holder).
+    Leader,
 }
 
 /// One target and how often it is hit.
@@ -51,8 +53,9 @@ pub fn parse_plans(text: &str, default_every: f64) -> Result<Vec<Plan>, String> 
                 None if name == "owner" => Target::Owner,
                 None if name == "worker" => Target::Worker,
                 None if name == "workers" => Target::Workers(2),
+                None if name == "leader" => Target::Leader,
                 Some(("workers", n)) => Target::Workers(n.parse().map_err(|_| format!("bad count in {item:?}"))?),
-                _ => return Err(format!("unknown kill target {item:?}: use owner, worker or workers[:N]")),
+                _ => return Err(format!("unknown kill target {item:?}: use owner, worker, workers[:N] or leader")),
             };
             Ok(Plan { target, every })
         })

@@ -16,6 +16,8 @@
 //! ```
 
 use forkless_bus::host::ArenaMap;
+use forkless_bus::lane::Lane;
+use forkless_bus::wire::LaneSettings;
 use forkless_bus::{Dtype, Manifest, TensorEntry};
 use forkless_gpu::{DeviceView, Gpu, ImportedArena, VmmArena};
 
@@ -129,13 +131,32 @@ pub struct Generation {
     /// Told this generation's number once it is unmapped (the supervisor frees a retiring
     /// generation when no worker maps it any more).
     on_release: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
+    /// The generation's batch lane and its runner settings (`[lane]` on).
+    lane: Option<(Lane, LaneSettings)>,
 }
 
 impl Generation {
     /// Pairs a validated manifest with its mapped arenas (same order, same sizes).
     pub(crate) fn new(manifest: Manifest, arenas: Vec<MappedArena>, gpu: Option<Gpu>) -> Self {
         debug_assert_eq!(manifest.arenas.len(), arenas.len());
-        Generation { manifest, arenas, gpu, on_release: None }
+        Generation { manifest, arenas, gpu, on_release: None, lane: None }
+    }
+
+    /// Adds the generation's batch lane (mapped read-write: it holds requests, never weights).
+    pub(crate) fn with_lane(mut self, lane: Option<(Lane, LaneSettings)>) -> Self {
+        self.lane = lane;
+        self
+    }
+
+    /// The generation's batch lane: submit a request's input there and await its output, and
+    /// one pass serves the requests of every worker (see [`crate::lane`]). `None` when the
+    /// supervisor runs without `[lane]`.
+    pub fn lane(&self) -> Option<&Lane> {
+        self.lane.as_ref().map(|(lane, _)| lane)
+    }
+
+    pub(crate) fn lane_parts(&self) -> Option<(&Lane, LaneSettings)> {
+        self.lane.as_ref().map(|(lane, settings)| (lane, *settings))
     }
 
     /// Reports this generation's number on `notice` once it is dropped and unmapped.
@@ -251,7 +272,7 @@ mod tests {
         }
         let fd = writer.seal().unwrap().read_only_fd().unwrap();
         let manifest = Manifest::new("test".into(), vec![desc], entries);
-        crate::map_generation(manifest, vec![fd], None).unwrap()
+        crate::map_generation(manifest, vec![fd], None, None).unwrap()
     }
 
     #[test]

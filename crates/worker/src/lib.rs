@@ -37,6 +37,7 @@ mod accept;
 mod generation;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod lane;
 mod link;
 pub mod logging;
 
@@ -49,6 +50,7 @@ use std::time::Instant;
 use forkless_bus::channel::{RecvError, SendError};
 use forkless_bus::child_env::{ChildEnv, ChildEnvError, Sharing};
 use forkless_bus::host::ArenaMap;
+use forkless_bus::wire::LaneSettings;
 use forkless_bus::{BusStream, Message};
 use forkless_weights::model_file::ModelFile;
 
@@ -87,6 +89,8 @@ pub enum AttachError {
     Recv(#[from] RecvError),
     #[error("supervisor refused this worker: {0}")]
     Refused(String),
+    #[error("cannot map the generation's batch lane: {0}")]
+    Lane(#[from] forkless_bus::lane::LaneMapError),
     #[error("supervisor sent {0} where a generation was expected")]
     Unexpected(&'static str),
     #[error("received an invalid manifest: {0}")]
@@ -225,15 +229,27 @@ pub struct WorkerBuilder {
     checks: Checks,
     parent: Parent,
     signal_handlers: bool,
+    lane_pass: Option<lane::PassFactory>,
 }
 
 impl Default for WorkerBuilder {
     fn default() -> Self {
-        WorkerBuilder { checks: Checks::default(), parent: Parent::Supervisor, signal_handlers: true }
+        WorkerBuilder { checks: Checks::default(), parent: Parent::Supervisor, signal_handlers: true, lane_pass: None }
     }
 }
 
 impl WorkerBuilder {
+    /// How this service runs one pass of the batch lane (see [`lane`]): `make` is called once
+    /// per generation, on the runner thread, and returns the function that answers a batch.
+    /// Without it this worker only submits to the lane, never runs passes.
+    pub fn lane_pass(
+        mut self,
+        make: impl Fn(&Generation) -> Result<lane::PassFn, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.lane_pass = Some(lane::PassFactory(Arc::new(make)));
+        self
+    }
+
     /// Who this process's parent is: the supervisor (the default), or a launcher it exec'd
     /// that forked this process (a WSGI server's master; the Python binding says so).
     pub fn parent(mut self, parent: Parent) -> Self {
@@ -291,10 +307,12 @@ impl WorkerBuilder {
         tracing::debug!(index, generation = generation.number(), ?attach, "attached");
         let (release_notice, released) = tokio::sync::mpsc::unbounded_channel();
         let generation = Arc::new(generation.notify_release(release_notice.clone()));
+        lane::spawn_runner(&generation, self.lane_pass.as_ref());
         Ok(Worker {
             bus: Some(bus),
             generations: Generations::new(generation),
             checks: Arc::new(self.checks),
+            lane_pass: self.lane_pass,
             gpu,
             released: Some(released),
             release_notice,
@@ -312,6 +330,8 @@ impl WorkerBuilder {
 /// An attached worker.
 #[derive(Debug)]
 pub struct Worker {
+    /// How this service runs lane passes, for every generation it takes up.
+    lane_pass: Option<lane::PassFactory>,
     bus: Option<BusStream>,
     generations: Generations,
     checks: Arc<Checks>,
@@ -413,6 +433,7 @@ impl Worker {
             offered: None,
             shutdown: self.shutdown.clone(),
             fault: self.fault.clone(),
+            lane_pass: self.lane_pass.clone(),
         };
         self.reported_ready.store(true, Ordering::Relaxed);
         tokio::spawn(link.run());
@@ -460,7 +481,7 @@ fn open_gpu(env: &ChildEnv) -> Result<Option<Gpu>, AttachError> {
 /// Receives the generation the supervisor pushes right behind its welcome.
 async fn receive_generation(bus: &mut BusStream, gpu: Option<&Gpu>) -> Result<Generation, AttachError> {
     match bus.recv().await? {
-        (Message::Generation { manifest, .. }, fds) => map_generation(manifest, fds, gpu),
+        (Message::Generation { manifest, lane }, fds) => map_generation(manifest, fds, lane, gpu),
         (Message::Refused { reason }, _) => Err(AttachError::Refused(reason)),
         (other, _) => Err(AttachError::Unexpected(other.kind())),
     }
@@ -470,13 +491,22 @@ async fn receive_generation(bus: &mut BusStream, gpu: Option<&Gpu>) -> Result<Ge
 /// and sized, GPU memory read-only on this worker's GPU.
 pub(crate) fn map_generation(
     manifest: Manifest,
-    fds: Vec<OwnedFd>,
+    mut fds: Vec<OwnedFd>,
+    lane: Option<LaneSettings>,
     gpu: Option<&Gpu>,
 ) -> Result<Generation, AttachError> {
     manifest.validate()?;
+    // The channel checked the count: one fd per arena, then the lane's when there is one.
+    let lane = match (lane, fds.len() > manifest.arenas.len()) {
+        (Some(settings), true) => {
+            let fd = fds.pop().expect("one more fd than arenas");
+            Some((forkless_bus::lane::Lane::map(fd)?, settings))
+        }
+        _ => None,
+    };
     let arenas =
         manifest.arenas.iter().zip(fds).map(|(arena, fd)| map_arena(arena, fd, gpu)).collect::<Result<Vec<_>, _>>()?;
-    Ok(Generation::new(manifest, arenas, gpu.cloned()))
+    Ok(Generation::new(manifest, arenas, gpu.cloned()).with_lane(lane))
 }
 
 fn map_arena(

@@ -16,6 +16,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, OnceLock};
 
 use forkless_bus::channel::RecvError;
+use forkless_bus::wire::LaneSettings;
 use forkless_bus::{BusStream, Manifest, Message};
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +45,8 @@ pub(crate) struct SupervisorLink {
     pub(crate) offered: Option<Offered>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) fault: Arc<OnceLock<String>>,
+    /// How the service runs lane passes: a runner starts for every generation committed.
+    pub(crate) lane_pass: Option<crate::lane::PassFactory>,
 }
 
 /// What to do after handling one message from the supervisor.
@@ -85,11 +88,11 @@ impl SupervisorLink {
 
     async fn handle(&mut self, message: Message, fds: Vec<OwnedFd>) -> Step {
         match message {
-            Message::Offer { manifest, .. } => self.offer(manifest, fds).await,
+            Message::Offer { manifest, lane } => self.offer(manifest, fds, lane).await,
             Message::Commit { generation } => self.commit(generation),
             Message::Abort { generation, reason } => self.abort(generation, &reason).await,
-            Message::Generation { manifest, .. } => {
-                self.push(manifest, fds);
+            Message::Generation { manifest, lane } => {
+                self.push(manifest, fds, lane);
                 Ok(())
             }
             other => Err(format!("unexpected {} from the supervisor", other.kind())),
@@ -97,13 +100,13 @@ impl SupervisorLink {
     }
 
     /// Maps and checks an offered generation; answers whether this service can serve it.
-    async fn offer(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) -> Step {
+    async fn offer(&mut self, manifest: Manifest, fds: Vec<OwnedFd>, lane: Option<LaneSettings>) -> Step {
         let number = manifest.generation;
         if let Some(stale) = self.offered.take() {
             tracing::warn!(generation = stale.number, "offer of generation {} replaced by {number}", stale.number);
             self.forget(stale);
         }
-        let (generation, verdict) = self.map_and_check(manifest, fds);
+        let (generation, verdict) = self.map_and_check(manifest, fds, lane);
         self.offered = Some(Offered { number, generation, accepted: verdict.is_ok() });
         match verdict {
             Ok(()) => {
@@ -118,9 +121,14 @@ impl SupervisorLink {
     }
 
     /// The generation mapped (if it could be) and the service's verdict on it.
-    fn map_and_check(&self, manifest: Manifest, fds: Vec<OwnedFd>) -> (Option<Generation>, Result<(), String>) {
+    fn map_and_check(
+        &self,
+        manifest: Manifest,
+        fds: Vec<OwnedFd>,
+        lane: Option<LaneSettings>,
+    ) -> (Option<Generation>, Result<(), String>) {
         let number = manifest.generation;
-        match map_generation(manifest, fds, self.gpu.as_ref()) {
+        match map_generation(manifest, fds, lane, self.gpu.as_ref()) {
             Ok(generation) => {
                 let generation = generation.notify_release(self.notice.clone());
                 let verdict = self.checks.check(&generation);
@@ -134,7 +142,9 @@ impl SupervisorLink {
     fn commit(&mut self, number: u64) -> Step {
         match self.offered.take() {
             Some(Offered { number: offered, generation: Some(next), accepted: true }) if offered == number => {
-                let previous = self.generations.replace(Arc::new(next));
+                let next = Arc::new(next);
+                crate::lane::spawn_runner(&next, self.lane_pass.as_ref());
+                let previous = self.generations.replace(next);
                 tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");
                 Ok(())
             }
@@ -174,11 +184,13 @@ impl SupervisorLink {
 
     /// A one-phase push: switch at once if the checks accept it, else keep serving the current
     /// one and release the push, so it never pins memory.
-    fn push(&mut self, manifest: Manifest, fds: Vec<OwnedFd>) {
+    fn push(&mut self, manifest: Manifest, fds: Vec<OwnedFd>, lane: Option<LaneSettings>) {
         let number = manifest.generation;
-        match self.map_and_check(manifest, fds) {
+        match self.map_and_check(manifest, fds, lane) {
             (Some(next), Ok(())) => {
-                let previous = self.generations.replace(Arc::new(next));
+                let next = Arc::new(next);
+                crate::lane::spawn_runner(&next, self.lane_pass.as_ref());
+                let previous = self.generations.replace(next);
                 tracing::info!(generation = number, previous = previous.number(), "switched to generation {number}");
             }
             (mapped, verdict) => {
@@ -234,7 +246,7 @@ mod tests {
             let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
             let (notice, released) = tokio::sync::mpsc::unbounded_channel();
             let (manifest, fd) = arena(1, "bias", 4, 1.0);
-            let first = map_generation(manifest, vec![fd], None).unwrap().notify_release(notice.clone());
+            let first = map_generation(manifest, vec![fd], None, None).unwrap().notify_release(notice.clone());
             let generations = Generations::new(Arc::new(first));
             let mut checks = Checks::default();
             checks.push(Expect::new().tensor::<f32>("bias", [4]));
@@ -251,6 +263,7 @@ mod tests {
                 offered: None,
                 shutdown: shutdown.clone(),
                 fault: fault.clone(),
+                lane_pass: None,
             };
             tokio::spawn(link.run());
             Harness { supervisor: BusStream::new(theirs), generations, shutdown, fault }

@@ -58,6 +58,30 @@ pub struct RunnerReport {
     pub failed: u64,
 }
 
+/// What [`Lane::run_passes`] asks between passes (and at least every `poll`) to know whether to
+/// stop: a flag another thread sets, or a condition the runner evaluates itself.
+pub trait StopSignal {
+    fn stopped(&self) -> bool;
+}
+
+impl StopSignal for AtomicBool {
+    fn stopped(&self) -> bool {
+        self.load(Ordering::Acquire)
+    }
+}
+
+impl<S: StopSignal + ?Sized> StopSignal for std::sync::Arc<S> {
+    fn stopped(&self) -> bool {
+        (**self).stopped()
+    }
+}
+
+impl<F: Fn() -> bool> StopSignal for F {
+    fn stopped(&self) -> bool {
+        self()
+    }
+}
+
 /// Why [`Lane::run_passes`] stopped before `stop` was set.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -165,8 +189,9 @@ impl Lane {
     /// Runs passes whenever this process holds the lease, until `stop` is set (checked at least
     /// every `config.poll`). Call it on the thread that owns the engine; `pass` is called with
     /// each batch on this thread. Returns what it did, or an error if the lease mutex is broken.
-    pub fn run_passes<F>(&self, stop: &AtomicBool, config: &RunnerConfig, mut pass: F) -> Result<RunnerReport, RunError>
+    pub fn run_passes<S, F>(&self, stop: &S, config: &RunnerConfig, mut pass: F) -> Result<RunnerReport, RunError>
     where
+        S: StopSignal + ?Sized,
         F: FnMut(&mut Batch<'_>),
     {
         let region = &self.inner.region;
@@ -182,7 +207,7 @@ impl Lane {
         // After letting go of the lease for idleness: leave it to others until work arrives.
         let mut resting: Option<(u32, u64)> = None;
 
-        while !stop.load(Ordering::Acquire) {
+        while !stop.stopped() {
             if let Some((seen, until)) = resting {
                 let now = monotonic_ns();
                 if region.work_seen() == seen && now < until {
@@ -213,7 +238,7 @@ impl Lane {
             let mut takeover = previous_died;
 
             loop {
-                if stop.load(Ordering::Acquire) {
+                if stop.stopped() {
                     break;
                 }
                 let seen = region.work_seen();
