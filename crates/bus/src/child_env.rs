@@ -17,7 +17,9 @@
 //! | `FORKLESS_MODEL` | [`ChildEnv::model`] | always |
 //! | `FORKLESS_SHARING` | [`ChildEnv::sharing`] | always: `shared` or `none` |
 //! | `FORKLESS_BACKEND` | [`ChildEnv::backend`] | always: `host` or `cuda` |
-//! | `FORKLESS_CUDA_DEVICE`, `FORKLESS_CUDA_STACK_BYTES`, `FORKLESS_KERNEL_CACHE` | [`CudaEnv`] | backend cuda |
+//! | `FORKLESS_CUDA_DEVICE`, `FORKLESS_CUDA_STACK_BYTES`, `FORKLESS_KERNEL_CACHE` | [`CudaEnv`] | backend cuda (a worker: its own device) |
+//! | `FORKLESS_CUDA_REPLICAS` | [`CudaEnv::replicas`] | the owner on several GPUs: the other devices, e.g. `1,2,3` |
+//! | `FORKLESS_HTTP` | [`ChildEnv::http`] | workers: `[workers.http]` (parsed by the worker SDK) |
 //! | `FORKLESS_HEARTBEAT_MS` | [`ChildEnv::heartbeat`] | workers with a hang timeout |
 //! | `FORKLESS_MAX_REQUESTS` | [`ChildEnv::max_requests`] | workers with `max_requests` |
 //!
@@ -41,6 +43,7 @@
 //!     backend: Backend::Host,
 //!     heartbeat: Some(std::time::Duration::from_millis(250)),
 //!     max_requests: None,
+//!     http: None,
 //! };
 //! let vars: std::collections::HashMap<_, _> = env.to_vars().into_iter().collect();
 //! assert_eq!(vars["FORKLESS_INDEX"], "3");
@@ -54,8 +57,8 @@ use std::time::Duration;
 
 use crate::wire::Role;
 use crate::{
-    ENV_BACKEND, ENV_BUS, ENV_BUS_FD, ENV_CUDA_DEVICE, ENV_CUDA_STACK_BYTES, ENV_HEARTBEAT_MS, ENV_INDEX,
-    ENV_KERNEL_CACHE, ENV_MAX_REQUESTS, ENV_MODEL, ENV_ROLE, ENV_SHARING, ENV_SUPERVISOR_PID,
+    ENV_BACKEND, ENV_BUS, ENV_BUS_FD, ENV_CUDA_DEVICE, ENV_CUDA_REPLICAS, ENV_CUDA_STACK_BYTES, ENV_HEARTBEAT_MS,
+    ENV_HTTP, ENV_INDEX, ENV_KERNEL_CACHE, ENV_MAX_REQUESTS, ENV_MODEL, ENV_ROLE, ENV_SHARING, ENV_SUPERVISOR_PID,
 };
 
 /// Prefix of every variable of the contract; the supervisor strips its own from children.
@@ -81,6 +84,9 @@ pub struct ChildEnv {
     pub heartbeat: Option<Duration>,
     /// Requests after which a worker drains and exits 0 to be replaced; `None`: never.
     pub max_requests: Option<u64>,
+    /// A worker's HTTP limits (`[workers.http]`), encoded as the worker SDK's
+    /// `HttpLimits::to_env_value` writes them and parsed there.
+    pub http: Option<String>,
 }
 
 /// How workers get their weights.
@@ -109,6 +115,8 @@ pub struct CudaEnv {
     pub stack_limit_bytes: Option<u64>,
     /// A private folder for compiled kernels.
     pub kernel_cache: Option<PathBuf>,
+    /// The owner of a generation on several GPUs: the devices it copies `device`'s arena to.
+    pub replicas: Vec<u32>,
 }
 
 /// Why a child's environment is not what `supervisor run` gives.
@@ -145,6 +153,7 @@ impl ChildEnv {
             backend: backend(&vars)?,
             heartbeat: vars.positive(ENV_HEARTBEAT_MS)?.map(Duration::from_millis),
             max_requests: vars.positive(ENV_MAX_REQUESTS)?,
+            http: var(ENV_HTTP),
         })
     }
 
@@ -169,6 +178,7 @@ impl ChildEnv {
         vars.extend(self.bus_path.as_ref().map(|p| (ENV_BUS, p.display().to_string())));
         vars.extend(self.heartbeat.map(|h| (ENV_HEARTBEAT_MS, h.as_millis().max(1).to_string())));
         vars.extend(self.max_requests.map(|n| (ENV_MAX_REQUESTS, n.to_string())));
+        vars.extend(self.http.as_ref().map(|h| (ENV_HTTP, h.clone())));
         match &self.backend {
             Backend::Host => vars.push((ENV_BACKEND, "host".into())),
             Backend::Cuda(cuda) => {
@@ -176,6 +186,10 @@ impl ChildEnv {
                 vars.push((ENV_CUDA_DEVICE, cuda.device.to_string()));
                 vars.extend(cuda.stack_limit_bytes.map(|b| (ENV_CUDA_STACK_BYTES, b.to_string())));
                 vars.extend(cuda.kernel_cache.as_ref().map(|p| (ENV_KERNEL_CACHE, p.display().to_string())));
+                if !cuda.replicas.is_empty() {
+                    let list: Vec<String> = cuda.replicas.iter().map(ToString::to_string).collect();
+                    vars.push((ENV_CUDA_REPLICAS, list.join(",")));
+                }
             }
         }
         vars
@@ -239,9 +253,18 @@ fn backend(vars: &Vars<'_>) -> Result<Backend, ChildEnvError> {
             device: vars.number(ENV_CUDA_DEVICE)?.unwrap_or(0),
             stack_limit_bytes: vars.number(ENV_CUDA_STACK_BYTES)?,
             kernel_cache: (vars.0)(ENV_KERNEL_CACHE).map(PathBuf::from),
+            replicas: devices(vars, ENV_CUDA_REPLICAS)?,
         })),
         Some(other) => Err(invalid(ENV_BACKEND, other, "expected host or cuda")),
     }
+}
+
+/// A comma-separated list of device numbers (unset: none).
+fn devices(vars: &Vars<'_>, name: &'static str) -> Result<Vec<u32>, ChildEnvError> {
+    let Some(list) = (vars.0)(name) else { return Ok(Vec::new()) };
+    list.split(',')
+        .map(|d| d.trim().parse().map_err(|_| invalid(name, &list, "expected device numbers: 1,2,3")))
+        .collect()
 }
 
 /// Marks every descriptor above 2 that this process holds close-on-exec, and returns how many
@@ -278,11 +301,15 @@ mod tests {
     }
 
     fn cuda() -> impl Strategy<Value = Backend> {
-        (any::<u32>(), proptest::option::of(any::<u64>()), proptest::option::of(path())).prop_map(
-            |(device, stack_limit_bytes, kernel_cache)| {
-                Backend::Cuda(CudaEnv { device, stack_limit_bytes, kernel_cache })
-            },
+        (
+            any::<u32>(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(path()),
+            proptest::collection::vec(any::<u32>(), 0..4),
         )
+            .prop_map(|(device, stack_limit_bytes, kernel_cache, replicas)| {
+                Backend::Cuda(CudaEnv { device, stack_limit_bytes, kernel_cache, replicas })
+            })
     }
 
     fn child_env() -> impl Strategy<Value = ChildEnv> {
@@ -303,6 +330,7 @@ mod tests {
                     backend,
                     heartbeat: ms.map(Duration::from_millis),
                     max_requests: max,
+                    http: None,
                 },
             )
     }
@@ -335,7 +363,10 @@ mod tests {
         let mut vars = minimal();
         vars.insert(ENV_BACKEND, "cuda".into());
         let env = ChildEnv::from_vars(|name| vars.get(name).cloned()).unwrap();
-        assert_eq!(env.cuda(), Some(&CudaEnv { device: 0, stack_limit_bytes: None, kernel_cache: None }));
+        assert_eq!(
+            env.cuda(),
+            Some(&CudaEnv { device: 0, stack_limit_bytes: None, kernel_cache: None, replicas: Vec::new() })
+        );
     }
 
     #[test]

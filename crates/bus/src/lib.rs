@@ -72,6 +72,8 @@ pub const ENV_SHARING: &str = "FORKLESS_SHARING";
 pub const ENV_BACKEND: &str = "FORKLESS_BACKEND";
 /// Environment variable with the CUDA device ordinal the arena lives on (backend `cuda`).
 pub const ENV_CUDA_DEVICE: &str = "FORKLESS_CUDA_DEVICE";
+/// Environment variable with the other GPUs a multi-GPU owner copies the arena to (`1,2,3`).
+pub const ENV_CUDA_REPLICAS: &str = "FORKLESS_CUDA_REPLICAS";
 /// Environment variable with the per-thread stack limit in bytes for CUDA contexts
 /// (`cuCtxSetLimit(CU_LIMIT_STACK_SIZE)`): most of a context's memory is this reservation.
 pub const ENV_CUDA_STACK_BYTES: &str = "FORKLESS_CUDA_STACK_BYTES";

@@ -33,6 +33,9 @@ pub struct GpuMemory {
     pub used: u64,
     /// `used` minus what processes account for: escrowed (fd-only) memory and the driver's own.
     pub unattributed: u64,
+    /// Bytes in use per device, by NVML index (the CUDA ordinal when the process runs with
+    /// `CUDA_DEVICE_ORDER=PCI_BUS_ID`, as forkless's children do).
+    pub per_device: std::collections::BTreeMap<u32, u64>,
 }
 
 fn nvml() -> Option<&'static Nvml> {
@@ -49,7 +52,9 @@ pub fn snapshot() -> Option<GpuMemory> {
     let mut memory = GpuMemory::default();
     for index in 0..nvml.device_count().ok()? {
         let Ok(device) = nvml.device_by_index(index) else { continue };
-        memory.used += device.memory_info().map(|m| m.used).unwrap_or(0);
+        let used = device.memory_info().map(|m| m.used).unwrap_or(0);
+        memory.used += used;
+        memory.per_device.insert(index, used);
         for process in device.running_compute_processes().unwrap_or_default() {
             if let UsedGpuMemory::Used(bytes) = process.used_gpu_memory {
                 *memory.per_process.entry(process.pid).or_default() += bytes;

@@ -128,7 +128,7 @@ pub fn load(path: &Path, backend: &Backend) -> Result<(Manifest, Vec<OwnedFd>), 
         }
         Backend::Cuda(settings) => {
             let loaded = cuda::load(path, settings)?;
-            Ok((loaded.manifest, vec![loaded.fd]))
+            Ok((loaded.manifest, loaded.fds))
         }
     }
 }
@@ -305,11 +305,18 @@ mod tests {
             ("FORKLESS_KERNEL_CACHE", "/run/k"),
         ])
         .unwrap();
-        let expected =
-            cuda::CudaSettings { device: 1, stack_limit: Some(64), kernel_cache: Some(PathBuf::from("/run/k")) };
+        let expected = cuda::CudaSettings {
+            device: 1,
+            stack_limit: Some(64),
+            kernel_cache: Some(PathBuf::from("/run/k")),
+            replicas: vec![],
+        };
         assert_eq!(cuda, Backend::Cuda(expected));
         let defaults = backend(&[("FORKLESS_BACKEND", "cuda")]).unwrap();
-        assert_eq!(defaults, Backend::Cuda(cuda::CudaSettings { device: 0, stack_limit: None, kernel_cache: None }));
+        assert_eq!(
+            defaults,
+            Backend::Cuda(cuda::CudaSettings { device: 0, stack_limit: None, kernel_cache: None, replicas: vec![] })
+        );
     }
 
     #[test]

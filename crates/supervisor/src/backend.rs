@@ -41,8 +41,14 @@ pub enum ResolvedBackend {
     /// Sealed memfds in host memory.
     #[default]
     Host,
-    /// VMM allocations on GPU `device` (`name` as the driver reports it).
-    Cuda { device: u32, name: String },
+    /// VMM allocations on GPU `device` (`name` as the driver reports it), and on every device
+    /// of `devices` when the service spreads over several (`device` is its first).
+    Cuda {
+        device: u32,
+        name: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        devices: Vec<u32>,
+    },
 }
 
 impl ResolvedBackend {
@@ -50,7 +56,8 @@ impl ResolvedBackend {
     pub fn devices(&self) -> Vec<u32> {
         match self {
             ResolvedBackend::Host => Vec::new(),
-            ResolvedBackend::Cuda { device, .. } => vec![*device],
+            ResolvedBackend::Cuda { device, devices, .. } if devices.is_empty() => vec![*device],
+            ResolvedBackend::Cuda { devices, .. } => devices.clone(),
         }
     }
 
@@ -67,7 +74,12 @@ impl std::fmt::Display for ResolvedBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ResolvedBackend::Host => f.write_str("host"),
-            ResolvedBackend::Cuda { device, name } => write!(f, "cuda: {name} (device {device})"),
+            ResolvedBackend::Cuda { device, name, devices } if devices.len() <= 1 => {
+                write!(f, "cuda: {name} (device {device})")
+            }
+            ResolvedBackend::Cuda { name, devices, .. } => {
+                write!(f, "cuda: {} × {name} (devices {devices:?})", devices.len())
+            }
         }
     }
 }
@@ -87,13 +99,19 @@ impl RunningBackend {
     /// The backend the owner and every worker are told (`FORKLESS_BACKEND`, and with cuda the
     /// device, the stack limit and the kernel cache). The stack limit comes from the config in
     /// force, so a reload applies it to the processes it restarts; the device never changes.
-    pub fn for_children(&self, config: &Config) -> ChildBackend {
+    /// The backend a child of `role` gets: the owner the first device and the others as
+    /// replicas; a worker the first device (the spawner then puts each worker on its own).
+    pub fn for_children(&self, config: &Config, role: forkless_bus::Role) -> ChildBackend {
         match &self.resolved {
             ResolvedBackend::Host => ChildBackend::Host,
             ResolvedBackend::Cuda { device, .. } => ChildBackend::Cuda(CudaEnv {
                 device: *device,
                 stack_limit_bytes: Some(config.cuda.stack_limit_bytes),
                 kernel_cache: self.kernel_cache.clone(),
+                replicas: match role {
+                    forkless_bus::Role::Owner => self.resolved.devices().into_iter().skip(1).collect(),
+                    forkless_bus::Role::Worker => Vec::new(),
+                },
             }),
         }
     }
@@ -151,6 +169,9 @@ pub struct ProbeReport {
     /// The driver's CUDA version, `1000 * major + 10 * minor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver_version: Option<i32>,
+    /// How many GPUs the driver shows (for `[cuda] devices = "all"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_count: Option<u32>,
     /// Why the GPU is not usable, saying what to do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -166,6 +187,7 @@ impl ProbeReport {
             compute_capability: None,
             total_mem_bytes: None,
             driver_version: None,
+            device_count: None,
             error: Some(reason),
         }
     }
@@ -181,6 +203,7 @@ impl ProbeReport {
                 compute_capability: Some(format!("{}.{}", info.compute_capability.0, info.compute_capability.1)),
                 total_mem_bytes: Some(info.total_mem),
                 driver_version: Some(info.driver_version),
+                device_count: u32::try_from(info.device_count).ok(),
                 name: Some(info.name),
                 error: None,
             },
@@ -206,23 +229,61 @@ pub async fn resolve(
     spawner: &Spawner,
     exe: &Path,
 ) -> Result<ResolvedBackend, BackendError> {
-    let device = config.cuda.device;
-    let probed = match requested {
-        Backend::Host => return Ok(ResolvedBackend::Host),
-        Backend::Auto | Backend::Cuda => probe(spawner, exe, device).await,
-    };
+    if requested == Backend::Host {
+        return Ok(ResolvedBackend::Host);
+    }
+    let probed = probe_devices(spawner, exe, config.cuda.requested_devices()).await;
     match (probed, requested) {
-        (Ok(name), _) => Ok(ResolvedBackend::Cuda { device, name }),
-        (Err(reason), Backend::Cuda) => Err(BackendError::NoGpu { device, reason }),
-        (Err(reason), _) => {
+        (Ok((devices, name)), _) => {
+            let device = devices[0];
+            let devices = if devices.len() > 1 { devices } else { Vec::new() };
+            Ok(ResolvedBackend::Cuda { device, name, devices })
+        }
+        (Err((device, reason)), Backend::Cuda) => Err(BackendError::NoGpu { device, reason }),
+        (Err((_, reason)), _) => {
             tracing::info!("no usable GPU ({reason}): backend host");
             Ok(ResolvedBackend::Host)
         }
     }
 }
 
+/// Probes every requested device (in parallel; `None`: every device the driver shows) and
+/// returns them with the first one's name, or the first device that is not usable and why.
+async fn probe_devices(
+    spawner: &Spawner,
+    exe: &Path,
+    requested: Option<Vec<u32>>,
+) -> Result<(Vec<u32>, String), (u32, String)> {
+    let devices = match requested {
+        Some(devices) => devices,
+        None => {
+            let report = probe_report(spawner, exe, 0).await.map_err(|reason| (0, reason))?;
+            let count = report.device_count.unwrap_or(1).max(1);
+            (0..count).collect()
+        }
+    };
+    let probes: Vec<_> = devices
+        .iter()
+        .map(|&device| {
+            let (spawner, exe) = (spawner.clone(), exe.to_path_buf());
+            tokio::spawn(async move { probe(&spawner, &exe, device).await })
+        })
+        .collect();
+    let mut names = Vec::with_capacity(devices.len());
+    for (&device, probe) in devices.iter().zip(probes) {
+        let result = probe.await.unwrap_or_else(|e| Err(format!("the GPU probe task failed: {e}")));
+        names.push(result.map_err(|reason| (device, reason))?);
+    }
+    Ok((devices, names.swap_remove(0)))
+}
+
 /// Runs `exe probe-gpu --device N`: the GPU's name, or why it cannot be used.
 pub async fn probe(spawner: &Spawner, exe: &Path, device: u32) -> Result<String, String> {
+    probe_report(spawner, exe, device).await?.into_result()
+}
+
+/// Runs `exe probe-gpu --device N` and returns its report (usable or not), or why it gave none.
+async fn probe_report(spawner: &Spawner, exe: &Path, device: u32) -> Result<ProbeReport, String> {
     let mut spec = ChildSpec::new(exe.to_path_buf());
     spec.args = vec!["probe-gpu".into(), "--device".into(), device.to_string()];
     let child = spawner.spawn(spec).await.map_err(|e| format!("cannot run the GPU probe: {e}"))?;
@@ -239,7 +300,7 @@ pub async fn probe(spawner: &Spawner, exe: &Path, device: u32) -> Result<String,
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report = stdout.lines().rev().find_map(|line| serde_json::from_str::<ProbeReport>(line).ok());
     match report {
-        Some(report) => report.into_result(),
+        Some(report) => Ok(report),
         None => {
             let stderr = String::from_utf8_lossy(&output.stderr);
             Err(format!("the GPU probe ended with {} and no report: {}", output.status, stderr.trim()))
@@ -260,6 +321,7 @@ mod tests {
             compute_capability: Some("9.0".into()),
             total_mem_bytes: Some(80 << 30),
             driver_version: Some(13000),
+            device_count: Some(1),
             error: None,
         };
         let line = serde_json::to_string(&usable).unwrap();
@@ -288,22 +350,33 @@ mod tests {
     #[test]
     fn children_learn_the_backend_and_cuda_settings() {
         let host = RunningBackend::default();
-        assert_eq!(host.for_children(&config("", "")), ChildBackend::Host);
+        assert_eq!(host.for_children(&config("", ""), forkless_bus::Role::Owner), ChildBackend::Host);
         let cuda = RunningBackend {
-            resolved: ResolvedBackend::Cuda { device: 1, name: "GPU".into() },
+            resolved: ResolvedBackend::Cuda { device: 1, name: "GPU".into(), devices: vec![] },
             configured: Backend::Auto,
             kernel_cache: Some("/run/forkless-x/kernels".into()),
         };
-        let expected =
-            CudaEnv { device: 1, stack_limit_bytes: Some(64), kernel_cache: Some("/run/forkless-x/kernels".into()) };
+        let expected = CudaEnv {
+            device: 1,
+            stack_limit_bytes: Some(64),
+            kernel_cache: Some("/run/forkless-x/kernels".into()),
+            replicas: vec![],
+        };
         let config = config("", "[cuda]\ndevice = 1\nstack_limit_bytes = 64\n");
-        assert_eq!(cuda.for_children(&config), ChildBackend::Cuda(expected));
+        assert_eq!(cuda.for_children(&config, forkless_bus::Role::Worker), ChildBackend::Cuda(expected));
+        let several = RunningBackend {
+            resolved: ResolvedBackend::Cuda { device: 2, name: "GPU".into(), devices: vec![2, 0, 3] },
+            ..cuda
+        };
+        let ChildBackend::Cuda(owner) = several.for_children(&config, forkless_bus::Role::Owner) else { panic!() };
+        assert_eq!((owner.device, owner.replicas), (2, vec![0, 3]), "the owner copies the first device to the others");
+        assert_eq!(several.resolved.devices(), vec![2, 0, 3]);
     }
 
     #[test]
     fn reloads_that_change_the_backend_or_gpu_are_warned_about() {
         let cuda = RunningBackend {
-            resolved: ResolvedBackend::Cuda { device: 0, name: "GPU".into() },
+            resolved: ResolvedBackend::Cuda { device: 0, name: "GPU".into(), devices: vec![] },
             configured: Backend::Auto,
             kernel_cache: None,
         };
@@ -318,7 +391,7 @@ mod tests {
 
     #[test]
     fn resolved_backends_read_well_and_serialise_tagged() {
-        let cuda = ResolvedBackend::Cuda { device: 0, name: "NVIDIA H100".into() };
+        let cuda = ResolvedBackend::Cuda { device: 0, name: "NVIDIA H100".into(), devices: vec![] };
         assert_eq!(cuda.to_string(), "cuda: NVIDIA H100 (device 0)");
         assert_eq!(cuda.env_value(), "cuda");
         assert_eq!(serde_json::to_string(&cuda).unwrap(), r#"{"kind":"cuda","device":0,"name":"NVIDIA H100"}"#);

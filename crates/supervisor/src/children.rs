@@ -109,9 +109,10 @@ impl Context {
                 Sharing::Shared => forkless_bus::child_env::Sharing::Shared,
                 Sharing::None => forkless_bus::child_env::Sharing::None,
             },
-            backend: self.backend.for_children(&config),
+            backend: self.backend.for_children(&config, label.role),
             heartbeat: None,
             max_requests: None,
+            http: None,
         };
         let mut spec = match label.role {
             Role::Owner => {
@@ -138,7 +139,7 @@ impl Context {
             {
                 cuda.device = device;
             }
-            spec.env.push((forkless_bus::ENV_HTTP.into(), config.workers.http.env_value()));
+            env.http = Some(config.workers.http.env_value());
         }
         spec.child_env = Some(env);
         spec.label = Some((self.bus.pids.clone(), label));

@@ -117,8 +117,18 @@ pub const MAX_CUDA_STACK_BYTES: u64 = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CudaConfig {
-    /// The GPU the arena lives on; the owner and every worker use it.
+    /// The GPU the arena lives on; the owner and every worker use it (see `devices` for more).
     pub device: u32,
+    /// Every GPU of the node the service uses: `[0, 1, …]` or `"all"`. One arena per device in
+    /// each generation (the file is read once, the other devices get device-to-device copies),
+    /// and workers spread over the devices in turn (worker i on the i-th device, mod n).
+    pub devices: Option<DeviceSet>,
+    /// Workers per device: `[workers] count` becomes this × the number of devices.
+    pub workers_per_device: Option<u32>,
+    /// What happens when one device keeps failing (its workers exceed the restart intensity,
+    /// e.g. its arena cannot be imported): `stop` the service (default), or `degrade`: stop
+    /// that device's workers, report it, and keep serving on the others.
+    pub on_device_failure: DeviceFailure,
     /// Per-thread stack limit (`CU_LIMIT_STACK_SIZE`) of every CUDA context forkless starts:
     /// the driver reserves it for every thread the GPU can hold (1024 B: ~250 MiB of a
     /// context's ~520 MiB on an H100).
@@ -127,7 +137,47 @@ pub struct CudaConfig {
 
 impl Default for CudaConfig {
     fn default() -> Self {
-        CudaConfig { device: 0, stack_limit_bytes: DEFAULT_CUDA_STACK_BYTES }
+        CudaConfig {
+            device: 0,
+            devices: None,
+            workers_per_device: None,
+            on_device_failure: DeviceFailure::Stop,
+            stack_limit_bytes: DEFAULT_CUDA_STACK_BYTES,
+        }
+    }
+}
+
+/// `[cuda] devices`: a list of device numbers, or `"all"` (every GPU the driver shows).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceSet {
+    List(Vec<u32>),
+    Named(String),
+}
+
+/// `[cuda] on_device_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceFailure {
+    /// A device whose workers keep failing stops the service, like any other crash loop.
+    #[default]
+    Stop,
+    /// Its workers are stopped and it is reported; the other devices keep serving.
+    Degrade,
+}
+
+/// Most GPUs one service spreads over (one arena per device travels as one fd each).
+pub const MAX_DEVICES: usize = forkless_bus::manifest::MAX_ARENAS;
+
+impl CudaConfig {
+    /// The devices asked for: an explicit list, `None` for "all" (the probe decides), or
+    /// `device` alone.
+    pub fn requested_devices(&self) -> Option<Vec<u32>> {
+        match &self.devices {
+            Some(DeviceSet::List(list)) => Some(list.clone()),
+            Some(DeviceSet::Named(_)) => None,
+            None => Some(vec![self.device]),
+        }
     }
 }
 
@@ -483,6 +533,7 @@ impl Config {
         self.check_range("restart.backoff_max_ms", r.backoff_max_ms, 0..=MAX_BACKOFF_MS)?;
         self.check_range("restart.max_restarts", r.max_restarts, 0..=MAX_RESTARTS)?;
         self.check_range("cuda.device", self.cuda.device, 0..=MAX_CUDA_DEVICE)?;
+        self.validate_devices()?;
         if r.backoff_initial_ms > r.backoff_max_ms {
             return Err(self.invalid("restart.backoff_initial_ms", "must not exceed restart.backoff_max_ms"));
         }
@@ -541,6 +592,36 @@ impl Config {
         Ok(())
     }
 
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let cuda = &self.cuda;
+        match &cuda.devices {
+            None => {}
+            Some(DeviceSet::Named(name)) if name == "all" => {}
+            Some(DeviceSet::Named(name)) => {
+                return Err(self.invalid("cuda.devices", format!("{name:?}: give a list like [0, 1] or \"all\"")))
+            }
+            Some(DeviceSet::List(list)) => {
+                if list.is_empty() || list.len() > MAX_DEVICES {
+                    return Err(self.invalid("cuda.devices", format!("must list 1 to {MAX_DEVICES} devices")));
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                for &device in list {
+                    self.check_range("cuda.devices", device, 0..=MAX_CUDA_DEVICE)?;
+                    if !seen.insert(device) {
+                        return Err(self.invalid("cuda.devices", format!("lists device {device} twice")));
+                    }
+                }
+            }
+        }
+        if cuda.devices.is_some() && cuda.device != 0 {
+            return Err(self.invalid("cuda.device", "set either [cuda] device or [cuda] devices, not both"));
+        }
+        if let Some(n) = cuda.workers_per_device {
+            self.check_range("cuda.workers_per_device", n, 1..=MAX_WORKERS)?;
+        }
+        Ok(())
+    }
+
     fn validate_lane(&self) -> Result<(), ConfigError> {
         let lane = &self.lane;
         self.check_range("lane.max_batch", lane.max_batch, 1..=1024)?;
@@ -566,6 +647,15 @@ impl Config {
         self.check_range("workers.http.max_body_bytes", http.max_body_bytes, 1..=u64::MAX)?;
         self.check_range("workers.http.max_connections", http.max_connections, 1..=1 << 20)?;
         Ok(())
+    }
+
+    /// How many workers run: `[cuda] workers_per_device` × the devices in use when that is set
+    /// and the weights are on GPUs, else `[workers] count`.
+    pub fn worker_count(&self, devices: usize) -> u32 {
+        match (self.cuda.workers_per_device, devices) {
+            (Some(per_device), 1..) => per_device.saturating_mul(devices as u32).min(MAX_WORKERS),
+            _ => self.workers.count,
+        }
     }
 
     /// The folder relative program paths are resolved against.
@@ -704,14 +794,40 @@ mod tests {
     fn backend_and_cuda_keys_parse_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.model.backend, Backend::Auto);
-        assert_eq!(c.cuda, CudaConfig { device: 0, stack_limit_bytes: 64 });
+        assert_eq!(c.cuda, CudaConfig { device: 0, stack_limit_bytes: 64, ..CudaConfig::default() });
         let text = GOOD.replace("[workers]", "backend = \"cuda\"\n[workers]")
             + "[cuda]\ndevice = 1\nstack_limit_bytes = 128\n";
         let c = parse(&text).unwrap();
         assert_eq!(c.model.backend, Backend::Cuda);
-        assert_eq!(c.cuda, CudaConfig { device: 1, stack_limit_bytes: 128 });
+        assert_eq!(c.cuda, CudaConfig { device: 1, stack_limit_bytes: 128, ..CudaConfig::default() });
         let c = parse(&GOOD.replace("[workers]", "backend = \"host\"\n[workers]")).unwrap();
         assert_eq!(c.model.backend, Backend::Host);
+    }
+
+    #[test]
+    fn several_gpus_are_a_list_or_all() {
+        let c = parse(
+            &(GOOD.to_string()
+                + "[cuda]\ndevices = [2, 0, 3]\nworkers_per_device = 2\non_device_failure = \"degrade\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.cuda.requested_devices(), Some(vec![2, 0, 3]));
+        assert_eq!((c.cuda.workers_per_device, c.cuda.on_device_failure), (Some(2), DeviceFailure::Degrade));
+        let all = parse(&(GOOD.to_string() + "[cuda]\ndevices = \"all\"\n")).unwrap();
+        assert_eq!(all.cuda.requested_devices(), None, "the probe finds them");
+        assert_eq!(parse(GOOD).unwrap().cuda.requested_devices(), Some(vec![0]), "device alone");
+        for (bad, key) in [
+            ("devices = []", "cuda.devices"),
+            ("devices = [0, 0]", "cuda.devices"),
+            ("devices = \"some\"", "cuda.devices"),
+            ("devices = [0, 5000]", "cuda.devices"),
+            ("device = 1\ndevices = [0, 1]", "cuda.device"),
+            ("workers_per_device = 0", "cuda.workers_per_device"),
+            ("on_device_failure = \"ignore\"", "on_device_failure"),
+        ] {
+            let err = parse(&(GOOD.to_string() + "[cuda]\n" + bad + "\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

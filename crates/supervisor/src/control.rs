@@ -234,7 +234,12 @@ async fn handle(request: Request, commands: &mpsc::UnboundedSender<Command>, met
 async fn fill_memory(meter: &MemoryMeter, status: &mut StatusReport) {
     let pids = status.processes.iter().filter_map(|p| p.pid).collect();
     match meter.measure(pids).await {
-        Ok(measured) => status.gpu_unattributed_bytes = measured.apply(&mut status.processes),
+        Ok(measured) => {
+            status.gpu_unattributed_bytes = measured.apply(&mut status.processes);
+            for device in &mut status.devices {
+                device.gpu_used_bytes = measured.device_used(device.device);
+            }
+        }
         Err(reason) => status.memory_unknown = Some(reason),
     }
 }

@@ -459,6 +459,26 @@ impl Escrow {
         live + offer + bytes(&self.lock().retiring)
     }
 
+    /// Bytes held per GPU (live, offered and retiring generations), for status per device.
+    pub fn bytes_by_device(&self) -> BTreeMap<u32, u64> {
+        let mut generations = Vec::new();
+        {
+            let view = self.view.borrow();
+            generations.extend(view.live.clone());
+            generations.extend(view.offer.clone());
+        }
+        generations.extend(self.lock().retiring.clone());
+        let mut bytes = BTreeMap::new();
+        for generation in generations {
+            for arena in generation.manifest.all_arenas() {
+                if let forkless_bus::manifest::MemoryKind::CudaVmm { device } = arena.kind {
+                    *bytes.entry(device).or_default() += arena.size;
+                }
+            }
+        }
+        bytes
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().expect("escrow poisoned")
     }

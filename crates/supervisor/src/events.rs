@@ -25,4 +25,7 @@ pub enum Event {
     SlotEnded { label: ChildLabel },
     /// Something restarting cannot fix: stop everything and exit non-zero with this reason.
     Fatal(String),
+    /// A worker on `device` kept failing and the service degrades (`[cuda] on_device_failure =
+    /// "degrade"`): that device's workers stop; the others keep serving.
+    DeviceFailed { device: u32, reason: String },
 }

@@ -59,6 +59,13 @@ fn record_lane(lane: &crate::escrow::LaneStatus) {
 async fn record(ctx: &Context, meter: &MemoryMeter) {
     let mut processes = ctx.bus.processes.snapshot();
     let measured = meter.measure(processes.iter().filter_map(|p| p.pid).collect()).await;
+    if let Ok(measured) = &measured {
+        for &device in &ctx.bus.devices {
+            if let Some(used) = measured.device_used(device) {
+                metrics::gauge!("forkless_device_gpu_used_bytes", "device" => device.to_string()).set(used as f64);
+            }
+        }
+    }
     match measured.map(|m| m.apply(&mut processes)) {
         Ok(Some(unattributed)) => metrics::gauge!("forkless_gpu_unattributed_bytes").set(unattributed as f64),
         Ok(None) => {}
@@ -88,4 +95,7 @@ async fn record(ctx: &Context, meter: &MemoryMeter) {
         }
     }
     metrics::gauge!("forkless_workers_ready").set(ctx.bus.processes.ready_workers() as f64);
+    for (device, bytes) in escrow.bytes_by_device() {
+        metrics::gauge!("forkless_device_escrow_bytes", "device" => device.to_string()).set(bytes as f64);
+    }
 }

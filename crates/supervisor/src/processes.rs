@@ -223,6 +223,11 @@ impl Measured {
         }
         self.gpu.as_ref().map(|g| g.unattributed)
     }
+
+    /// GPU memory in use on `device`, when NVML answered.
+    pub fn device_used(&self, device: u32) -> Option<u64> {
+        self.gpu.as_ref().and_then(|g| g.per_device.get(&device).copied())
+    }
 }
 
 type Job = (Vec<u32>, tokio::sync::oneshot::Sender<Measured>);

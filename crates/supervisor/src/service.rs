@@ -126,6 +126,9 @@ pub struct StatusReport {
     /// workers per pass.
     #[serde(default)]
     pub lanes: Vec<crate::escrow::LaneStatus>,
+    /// Per GPU, when the weights are on GPUs: what is escrowed there, its workers, its memory.
+    #[serde(default)]
+    pub devices: Vec<DeviceStatus>,
     /// Bytes of weights held in escrow (memory no process may show as its own).
     pub escrow_bytes: u64,
     /// GPU memory in use that no process accounts for (escrowed arenas, the driver's own);
@@ -136,6 +139,21 @@ pub struct StatusReport {
     pub memory_unknown: Option<String>,
     pub workers_wanted: u32,
     pub processes: Vec<ProcessInfo>,
+}
+
+/// One GPU of the service, as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceStatus {
+    pub device: u32,
+    /// Bytes of the generations in escrow that live on this device.
+    pub escrow_bytes: u64,
+    /// Worker slots placed on this device, and how many of them serve.
+    pub workers: u32,
+    pub ready_workers: u32,
+    /// GPU memory in use on the device (NVML), filled in with the memory columns.
+    pub gpu_used_bytes: Option<u64>,
+    /// Why the device was taken out of service (`on_device_failure = "degrade"`).
+    pub failed: Option<String>,
 }
 
 /// Liveness and readiness, for `/livez` and `/readyz`.
@@ -179,13 +197,15 @@ pub struct Service {
     announced: bool,
     /// Workers whose readiness this loop has reported (and not seen die since).
     reported_ready: std::collections::BTreeSet<u32>,
+    /// GPUs taken out of service (`on_device_failure = "degrade"`), with why.
+    failed_devices: BTreeMap<u32, String>,
 
     owner_lost_at: Option<Instant>,
 }
 
 impl Service {
     pub fn new(ctx: Arc<Context>, stop: Stop, health: watch::Sender<Health>) -> Self {
-        let workers_wanted = ctx.config().workers.count;
+        let workers_wanted = ctx.config().worker_count(ctx.bus.devices.len());
         Service {
             ctx,
             started: Instant::now(),
@@ -196,6 +216,7 @@ impl Service {
             workers_wanted,
             announced: false,
             reported_ready: Default::default(),
+            failed_devices: BTreeMap::new(),
 
             owner_lost_at: None,
         }
@@ -331,6 +352,7 @@ impl Service {
                     "owner re-adopted generation {generation} from escrow without reading the weights file"
                 );
             }
+            Event::DeviceFailed { device, reason } => self.take_out(device, reason),
             Event::Fatal(_) => unreachable!("handled by the caller"),
         }
     }
@@ -376,7 +398,7 @@ impl Service {
             return;
         }
         for index in 0..self.workers_wanted {
-            if !self.workers.contains_key(&index) {
+            if !self.workers.contains_key(&index) && !self.on_failed_device(index) {
                 let label = ChildLabel { role: Role::Worker, index };
                 self.workers.insert(index, Slot::spawn(self.ctx.clone(), label));
             }
@@ -387,6 +409,28 @@ impl Service {
                 // Stopping a slot also cancels a start still in progress.
                 tokio::spawn(slot.stop());
             }
+        }
+    }
+
+    fn on_failed_device(&self, index: u32) -> bool {
+        self.ctx.bus.device_of(index).is_some_and(|device| self.failed_devices.contains_key(&device))
+    }
+
+    /// A device whose workers kept failing, with `on_device_failure = "degrade"`: its workers
+    /// stop and stay stopped; the other devices keep serving. With no device left, the service
+    /// stops as it would have.
+    fn take_out(&mut self, device: u32, reason: String) {
+        tracing::error!(device, "GPU {device} is taken out of service, the others keep serving: {reason}");
+        metrics::gauge!("forkless_device_failed", "device" => device.to_string()).set(1.0);
+        self.failed_devices.insert(device, reason);
+        let on_device: Vec<u32> = self.workers.keys().copied().filter(|&i| self.on_failed_device(i)).collect();
+        for index in on_device {
+            if let Some(slot) = self.workers.remove(&index) {
+                tokio::spawn(slot.stop());
+            }
+        }
+        if self.ctx.bus.devices.iter().all(|d| self.failed_devices.contains_key(d)) {
+            let _ = self.ctx.events.send(Event::Fatal("every GPU of the service failed".into()));
         }
     }
 
@@ -522,7 +566,7 @@ impl Service {
                 return;
             }
         };
-        let count = fresh.workers.count;
+        let count = fresh.worker_count(self.ctx.bus.devices.len());
         tracing::info!("reloaded {}: rolling restart of the workers", current.source.display());
         self.ctx.set_config(fresh);
         let replacers: Vec<_> = self.workers.values().map(Slot::replacer).collect();
@@ -556,12 +600,40 @@ impl Service {
             retiring_generation: escrow.retiring(),
             offered_generation: escrow.offer().map(|g| g.number()),
             lanes: escrow.live().map(|g| g.lane_status()).unwrap_or_default(),
+            devices: self.device_status(&processes),
             escrow_bytes: escrow.bytes_held(),
             gpu_unattributed_bytes: None,
             memory_unknown: None,
             workers_wanted: self.workers_wanted,
             processes,
         }
+    }
+
+    fn device_status(&self, processes: &[ProcessInfo]) -> Vec<DeviceStatus> {
+        let devices = &self.ctx.bus.devices;
+        let escrowed = self.ctx.bus.escrow.bytes_by_device();
+        devices
+            .iter()
+            .map(|&device| {
+                let placed = |p: &&ProcessInfo| p.role == "worker" && self.ctx.bus.device_of(p.index) == Some(device);
+                let workers: std::collections::BTreeSet<u32> =
+                    processes.iter().filter(placed).map(|p| p.index).collect();
+                let ready: std::collections::BTreeSet<u32> = processes
+                    .iter()
+                    .filter(placed)
+                    .filter(|p| p.state == crate::processes::State::Ready)
+                    .map(|p| p.index)
+                    .collect();
+                DeviceStatus {
+                    device,
+                    escrow_bytes: escrowed.get(&device).copied().unwrap_or(0),
+                    workers: workers.len() as u32,
+                    ready_workers: ready.len() as u32,
+                    gpu_used_bytes: None,
+                    failed: self.failed_devices.get(&device).cloned(),
+                }
+            })
+            .collect()
     }
 
     fn update_health(&self) {

@@ -135,6 +135,16 @@ impl SlotLoop {
         self.label.to_string()
     }
 
+    /// The GPU to take out of service instead of stopping everything, when this slot is a
+    /// worker of a service on several GPUs with `[cuda] on_device_failure = "degrade"`.
+    fn degradable_device(&self) -> Option<u32> {
+        let degrade = self.ctx.config().cuda.on_device_failure == crate::config::DeviceFailure::Degrade;
+        let several = self.ctx.bus.devices.len() > 1;
+        (degrade && several && self.label.role == forkless_bus::Role::Worker)
+            .then(|| self.ctx.bus.device_of(self.label.index))
+            .flatten()
+    }
+
     fn start_timeout(&self) -> Duration {
         self.ctx.config().workers.start_timeout()
     }
@@ -346,7 +356,11 @@ async fn handle_failure(slot: &mut SlotLoop, failure: Failure) -> bool {
                     "{name} kept dying ({count} restarts within {:?}; last: {reason}); giving up. Its last words:\n{tail}",
                     slot.intensity.window()
                 );
-                let _ = slot.ctx.events.send(Event::Fatal(reason));
+                let event = match slot.degradable_device() {
+                    Some(device) => Event::DeviceFailed { device, reason },
+                    None => Event::Fatal(reason),
+                };
+                let _ = slot.ctx.events.send(event);
                 return false;
             }
             let delay = slot.backoff.after_exit(uptime);

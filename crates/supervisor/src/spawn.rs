@@ -155,6 +155,9 @@ fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
     }
     command
         .args(&spec.args)
+        // GPUs are numbered in PCI bus order, as nvidia-smi and NVML number them, so a device
+        // number in the config, in a child and in status name the same GPU.
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -26,6 +26,8 @@ pub struct CudaSettings {
     pub stack_limit: Option<usize>,
     /// Folder of compiled kernels shared with the workers.
     pub kernel_cache: Option<PathBuf>,
+    /// The owner on several GPUs: the other devices it copies `device`'s arena to.
+    pub replicas: Vec<u32>,
 }
 
 impl From<&forkless_bus::child_env::CudaEnv> for CudaSettings {
@@ -35,6 +37,7 @@ impl From<&forkless_bus::child_env::CudaEnv> for CudaSettings {
             device: env.device,
             stack_limit: env.stack_limit_bytes.and_then(|b| usize::try_from(b).ok()),
             kernel_cache: env.kernel_cache.clone(),
+            replicas: env.replicas.clone(),
         }
     }
 }
@@ -46,6 +49,8 @@ pub enum CudaError {
     Gpu { device: u32, source: GpuError },
     #[error("GPU {device}: {source}")]
     Kernels { device: u32, source: KernelError },
+    #[error("GPU {device}: the copy of the arena has checksum {actual:#x}, the original {expected:#x}: the copy is corrupt; check the GPUs (nvidia-smi -q)")]
+    Replica { device: u32, expected: u64, actual: u64 },
 }
 
 impl CudaError {
@@ -54,7 +59,7 @@ impl CudaError {
         let result = match self {
             CudaError::Gpu { source, .. } => source.cu_result(),
             CudaError::Kernels { source: KernelError::Gpu(source), .. } => source.cu_result(),
-            CudaError::Kernels { .. } => None,
+            CudaError::Kernels { .. } | CudaError::Replica { .. } => None,
         };
         result == Some(forkless_gpu::CuResult(2))
     }
@@ -103,8 +108,15 @@ mod tests {
             device: 1,
             stack_limit_bytes: Some(64),
             kernel_cache: Some("/run/k".into()),
+            replicas: vec![2, 3],
         };
         let settings = CudaSettings::from(&env);
-        assert_eq!(settings, CudaSettings { device: 1, stack_limit: Some(64), kernel_cache: Some("/run/k".into()) });
+        let expected = CudaSettings {
+            device: 1,
+            stack_limit: Some(64),
+            kernel_cache: Some("/run/k".into()),
+            replicas: vec![2, 3],
+        };
+        assert_eq!(settings, expected);
     }
 }

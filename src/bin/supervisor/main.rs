@@ -259,6 +259,17 @@ fn status_table(status: &StatusReport) -> String {
     if !status.lanes.is_empty() {
         out += "\n";
     }
+    for device in status.devices.iter().filter(|_| status.devices.len() > 1) {
+        out += &format!(
+            "GPU {}: escrow {} MiB, workers {} ({} ready), memory used {} MiB{}\n",
+            device.device,
+            mib(Some(device.escrow_bytes)),
+            device.workers,
+            device.ready_workers,
+            mib(device.gpu_used_bytes),
+            device.failed.as_ref().map_or(String::new(), |why| format!(", OUT OF SERVICE: {why}"))
+        );
+    }
     out += &format!(
         "{:<7} {:>5} {:>8} {:<9} {:>8} {:>9} {:>9} {:>8} {:>4} {:>9}\n",
         "ROLE", "INDEX", "PID", "STATE", "RESTARTS", "UPTIME", "RSS MiB", "GPU MiB", "GEN", "REQUESTS"
