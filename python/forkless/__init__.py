@@ -6,7 +6,10 @@ map them read-only. This package makes a Python process such a worker:
 
     import forkless, torch
 
-    generation = forkless.attach()                  # like a Rust worker, on a background thread
+    # Like a Rust worker, on a background thread. The check decides on the generation at attach
+    # and on every hot swap's offer: a refused swap is aborted for every worker, and
+    # `supervisor reload-model` fails with the reason. A check sees names, dtypes and shapes.
+    generation = forkless.attach(accept={"weight": ("float32", (50000, 10000))})
     with torch.device("meta"):
         model = torch.nn.Linear(10000, 50000)       # no memory of its own
     forkless.bind(model)                            # parameters = the shared tensors, no copy
@@ -25,6 +28,7 @@ the host path, torch tensors on ``cuda:N`` on the GPU path (through DLPack).
 from ._core import (
     AttachError,
     BindError,
+    Candidate,
     Generation,
     Refused,
     TensorInfo,
@@ -43,6 +47,7 @@ from ._bind import bind, bind_problems
 __all__ = [
     "AttachError",
     "BindError",
+    "Candidate",
     "Generation",
     "Refused",
     "TensorInfo",

@@ -1,18 +1,23 @@
 """Attaching, generations, acceptance and switching between requests.
 
 One process attaches once. The Rust link (``forkless._native``, a background thread) holds the
-bus to the supervisor; a hot swap makes a new generation current there at once. Python serves
-the generation it *accepted*: requests start on it and keep it to their end (``generation()``
-inside a request is pinned), and a new generation is taken up between requests, when no request
-of this process is running:
+bus to the supervisor; a committed hot swap makes the new generation current there at once.
+Python serves the generation it has *taken up*: requests start on it and keep it to their end
+(``generation()`` inside a request is pinned), and a new generation is taken up between
+requests, when no request of this process is running:
 
 - at the start of the next request (``begin_request``, called by the WSGI/ASGI middleware), or
 - by a watcher thread while the worker is idle, so an idle worker lets go of the old
   generation too (it is unmapped, and the supervisor frees it, once nothing refers to it).
 
-Taking a generation up runs the acceptance checks (``attach(accept=...)``), then the
-``on_generation`` callbacks (rebinding modules, recapturing CUDA graphs), never while a request
-of this process runs.
+Acceptance checks (``attach(accept=...)``) run before that, where a Rust worker's checks run:
+in the worker crate's hook on the link thread, at attach and on every hot swap's *offer*, so the
+supervisor commits a swap only when every worker accepted it, and ``supervisor reload-model``
+fails with the refusing check's reason. A check sees a ``Candidate``: the generation's number,
+source, backend and device, and each tensor's name, dtype and shape, but not its values (the
+same at attach and at a swap). Taking an accepted generation up runs the ``on_generation``
+callbacks (rebinding modules, recapturing CUDA graphs), never while a request of this process
+runs.
 """
 
 import collections
@@ -53,16 +58,9 @@ def _log(message):
     sys.stderr.flush()
 
 
-class Generation:
-    """The weights of one generation, read-only, mapped for as long as this object or any array
-    or tensor made from it lives.
-
-    - ``number``: 1, 2, ... as the owner publishes them (0 for ``forkless.load``)
-    - ``backend``: "host" or "cuda"; ``device``: "cpu" or "cuda:N"
-    - ``tensors()``: ``[TensorInfo(name, dtype, shape)]``
-    - ``tensor(name)``: a numpy array (host) or a torch tensor (cuda), zero-copy, read-only
-    - ``numpy(name)`` / ``torch(name)`` / ``dlpack(name)`` to choose
-    """
+class _Described:
+    """What is known of a generation without reading its values (``Generation`` and
+    ``Candidate`` share it)."""
 
     __slots__ = ("_native", "number", "backend", "device", "_infos")
 
@@ -101,6 +99,23 @@ class Generation:
 
     def __iter__(self):
         return iter(self.names())
+
+    def __repr__(self):
+        return repr(self._native)
+
+
+class Generation(_Described):
+    """The weights of one generation, read-only, mapped for as long as this object or any array
+    or tensor made from it lives.
+
+    - ``number``: 1, 2, ... as the owner publishes them (0 for ``forkless.load``)
+    - ``backend``: "host" or "cuda"; ``device``: "cpu" or "cuda:N"; ``source``: the file
+    - ``tensors()``: ``[TensorInfo(name, dtype, shape)]``; ``names()``; ``info(name)``
+    - ``tensor(name)``: a numpy array (host) or a torch tensor (cuda), zero-copy, read-only
+    - ``numpy(name)`` / ``torch(name)`` / ``dlpack(name)`` to choose
+    """
+
+    __slots__ = ()
 
     def dlpack(self, name):
         """The DLPack producer of ``name`` (``__dlpack__``, ``__dlpack_device__``)."""
@@ -141,8 +156,26 @@ class Generation:
     def same_as(self, other):
         return isinstance(other, Generation) and self._native.same_as(other._native)
 
-    def __repr__(self):
-        return repr(self._native)
+    def candidate(self):
+        """What an acceptance check sees of this generation."""
+        return Candidate(self._native.candidate())
+
+
+class Candidate(_Described):
+    """A generation as an acceptance check sees it, at attach and at a hot swap's offer alike:
+    ``number``, ``source``, ``backend``, ``device``, ``tensors()`` (``TensorInfo`` name, dtype,
+    shape), ``names()``, ``info(name)``, ``name in candidate``, ``len()``. Not the values: an
+    offer is checked before this process may use it (it may yet be withdrawn and unmapped), so
+    ``tensor()``, ``numpy()``, ``torch()`` and ``dlpack()`` raise TypeError."""
+
+    __slots__ = ()
+
+    def _no_values(self, name):
+        raise TypeError(f"an acceptance check sees generation {self.number}'s names, dtypes and shapes, not its "
+                        f"values (asked for tensor {name!r}): it decides on a generation before this process may "
+                        f"use it; decide on tensors(), info(name) and source")
+
+    dlpack = numpy = torch = tensor = _no_values
 
 
 def load(path):
@@ -153,6 +186,17 @@ def load(path):
 
 # ---------------------------------------------------------------------------------------------
 # Acceptance
+#
+# Every check given to attach(accept=...) is kept in _checks (append-only) and run by
+# _run_checks, which the Rust link calls (on its own thread, with the GIL) for the generation it
+# attaches and for every generation a hot swap offers: the supervisor hears the verdict before
+# it commits. A check registered after the attach started (under the launchers, the app is
+# imported while the link attaches) may have missed the current generation: _approved says how
+# many checks accepted each generation, and attach() runs the rest on it at once.
+#
+# Lock order: _checks_lock is held only to read or change _checks/_approved, never while
+# waiting on the link or calling a check; the link thread never takes _state.cond (a request
+# thread may hold it while it waits for the attach).
 
 
 def _spec_check(spec):
@@ -183,6 +227,69 @@ def _spec_check(spec):
         return "; ".join(problems) or None
 
     return check
+
+
+_checks = []
+_approved = {}  # generation number -> how many of _checks (the first k) accepted it
+_checks_lock = threading.Lock()
+_in_check = threading.local()
+
+
+def _check_name(check):
+    return getattr(check, "__qualname__", None) or repr(check)
+
+
+def _verdicts(checks, candidate):
+    """The reasons the checks refuse ``candidate`` for (empty: accepted). An exception refuses
+    too, with its type and message (its traceback is logged)."""
+    reasons = []
+    _in_check.active = True
+    try:
+        for check in checks:
+            try:
+                reason = check(candidate)
+            except Exception as e:  # noqa: BLE001 - a broken check refuses; the worker stays up
+                _log(f"acceptance check {_check_name(check)} raised on generation {candidate.number}:\n"
+                     f"{traceback.format_exc()}")
+                reason = f"the acceptance check {_check_name(check)} raised {type(e).__name__}: {e}"
+            if reason:
+                reasons.append(str(reason))
+    finally:
+        _in_check.active = False
+    return reasons
+
+
+def _run_checks(native_candidate):
+    """The link's acceptance hook (forkless._native.start(check=...)): None accepts, a string
+    refuses with that reason. Runs on the link thread with the GIL."""
+    candidate = Candidate(native_candidate)
+    with _checks_lock:
+        checks = list(_checks)
+    reasons = _verdicts(checks, candidate)
+    with _checks_lock:
+        if reasons:
+            _approved.pop(candidate.number, None)
+        else:
+            _approved[candidate.number] = len(checks)
+            for old in sorted(_approved)[:-8]:  # a few recent generations are enough
+                del _approved[old]
+    return "; ".join(reasons) or None
+
+
+def _catch_up(generation):
+    """Runs the checks that ``generation`` has not passed yet (registered after it was checked);
+    returns the reasons they refuse it for."""
+    with _checks_lock:
+        done = _approved.get(generation.number, 0)
+        late = _checks[done:]
+    if not late:
+        return []
+    reasons = _verdicts(late, generation.candidate())
+    if not reasons:
+        with _checks_lock:
+            if _approved.get(generation.number, 0) == done:
+                _approved[generation.number] = done + len(late)
+    return reasons
 
 
 def _make_check(accept):
@@ -224,7 +331,6 @@ class _State:
         self.cond = threading.Condition(threading.RLock())
         self.current = None  # the accepted Generation this process serves
         self.seen = None  # the last generation number taken up or refused
-        self.checks = []
         self.callbacks = []
         self.active = 0  # requests running in this process
         self.watcher = None
@@ -251,21 +357,31 @@ def attach(accept=None, *, wait=True, timeout=None, exit_on_error=True, on_shutd
     it sends SIGTERM to this process (``on_shutdown="sigterm"``) so the server drains, or does
     nothing (``"none"``).
 
-    ``accept``: a check the generation must pass (see ``_make_check``), now and at every hot
-    swap. A refusal at attach ends the process with status 78 and the reason; at a swap the
-    worker keeps serving the generation it has.
+    ``accept``: a check every generation must pass (see ``_make_check``), at attach and on every
+    hot swap's offer. It gets a ``Candidate`` (names, dtypes, shapes, number, source; not the
+    values) and runs on forkless's link thread. A refusal at attach ends the process with status
+    78 and the reason; at a swap it aborts the swap for every worker: the live generation keeps
+    serving and ``supervisor reload-model`` fails with the reason. Give checks to the first
+    ``attach()`` call, which starts the attach; a check given later (under the launchers, the
+    app is imported while the attach runs) is run at once on the generation served now, in this
+    thread, then on every offer.
 
     Returns the current Generation (None with ``wait=False``). On failure it prints the reason
     and exits with the status the supervisor expects (``exit_on_error``), or raises AttachError.
     The first call's ``on_shutdown`` and ``parent`` hold for the process (the launchers make it).
+    Must not be called from an acceptance check (RuntimeError).
     """
+    if getattr(_in_check, "active", False):
+        raise RuntimeError("forkless.attach() cannot be called from an acceptance check: the check gets the "
+                           "generation it decides on as its argument")
+    if accept is not None:
+        check = _make_check(accept)
+        with _checks_lock:
+            _checks.append(check)
     try:
-        _native.start(parent, on_shutdown)
+        _native.start(parent, on_shutdown, _run_checks)
     except _native.AttachFailed as e:
         return _fail(_native_failure(e), exit_on_error)
-    with _state.cond:
-        if accept is not None:
-            _state.checks.append(_make_check(accept))
     if not wait:
         return None
     try:
@@ -279,9 +395,11 @@ def attach(accept=None, *, wait=True, timeout=None, exit_on_error=True, on_shutd
             _state.current = Generation(_native.current())
             _state.seen = _state.current.number
             _state.pid = os.getpid()
-        reasons = [r for r in (check(_state.current) for check in _state.checks) if r]
+        reasons = _catch_up(_state.current)
         if reasons:
-            message = f"generation {_state.current.number} refused: {'; '.join(reasons)}"
+            current = _state.current
+            message = (f"this service cannot use the weights of generation {current.number} ({current.source}): "
+                       f"{'; '.join(reasons)}; point [model] path at weights it accepts")
             return _fail(AttachError(message, _native.EXIT_FATAL), exit_on_error)
         if first:
             details = _native.info()
@@ -374,10 +492,13 @@ def _take_up_locked():
     previous = _state.current
     if previous is not None and latest.same_as(previous):
         return
-    reasons = [r for r in (check(latest) for check in _state.checks) if r]
+    # The offer was accepted on the link thread. A check registered after that (a race: checks
+    # are registered at start-up) runs here; its refusal keeps this process on what it had,
+    # though the supervisor has committed the swap.
+    reasons = _catch_up(latest)
     if reasons:
-        _log(f"generation {latest.number} refused: {'; '.join(reasons)}; still serving generation "
-             f"{previous.number if previous else None}")
+        _log(f"generation {latest.number} refused by a check registered after its offer was accepted: "
+             f"{'; '.join(reasons)}; still serving generation {previous.number if previous else None}")
         return
     _state.current = latest
     for callback in list(_state.callbacks):

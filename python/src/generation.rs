@@ -1,6 +1,7 @@
 //! The Python classes over an attached generation: `Generation` (names, dtypes, shapes, one
 //! `Tensor` per name) and `Tensor`, a DLPack producer (`__dlpack__`, `__dlpack_device__`) that
-//! numpy and torch turn into zero-copy, read-only arrays and tensors.
+//! numpy and torch turn into zero-copy, read-only arrays and tensors; and `Candidate`, what an
+//! acceptance check sees of a generation it decides on (names, dtypes, shapes: no values).
 
 use std::sync::Arc;
 
@@ -37,11 +38,29 @@ pub struct PyGeneration {
 
 impl PyGeneration {
     fn device(&self) -> DlDevice {
-        match self.inner.gpu() {
-            Some(gpu) if self.inner.on_gpu() => DlDevice { device_type: DEVICE_CUDA, device_id: gpu.ordinal() as i32 },
-            _ => DlDevice { device_type: DEVICE_CPU, device_id: 0 },
-        }
+        device_of(&self.inner)
     }
+}
+
+/// The DLPack device of a generation's tensors.
+fn device_of(generation: &Generation) -> DlDevice {
+    match generation.gpu() {
+        Some(gpu) if generation.on_gpu() => DlDevice { device_type: DEVICE_CUDA, device_id: gpu.ordinal() as i32 },
+        _ => DlDevice { device_type: DEVICE_CPU, device_id: 0 },
+    }
+}
+
+fn backend_of(generation: &Generation) -> &'static str {
+    if generation.on_gpu() {
+        "cuda"
+    } else {
+        "host"
+    }
+}
+
+/// `[(name, dtype, shape)]` of a generation, in arena order.
+fn tensor_list(generation: &Generation) -> Vec<(String, &'static str, Vec<u64>)> {
+    generation.manifest().tensors.iter().map(|t| (t.name.clone(), dtype_info(t.dtype).0, t.shape.clone())).collect()
 }
 
 #[pymethods]
@@ -55,11 +74,7 @@ impl PyGeneration {
     /// "cuda" when the weights are in GPU memory, else "host".
     #[getter]
     fn backend(&self) -> &'static str {
-        if self.inner.on_gpu() {
-            "cuda"
-        } else {
-            "host"
-        }
+        backend_of(&self.inner)
     }
 
     /// The DLPack device of its tensors: (1, 0) for the CPU, (2, N) for GPU N.
@@ -77,7 +92,12 @@ impl PyGeneration {
 
     /// `[(name, dtype, shape)]` in arena order.
     fn tensors(&self) -> Vec<(String, &'static str, Vec<u64>)> {
-        self.inner.manifest().tensors.iter().map(|t| (t.name.clone(), dtype_info(t.dtype).0, t.shape.clone())).collect()
+        tensor_list(&self.inner)
+    }
+
+    /// What an acceptance check sees of this generation (see `Candidate`).
+    fn candidate(&self) -> PyCandidate {
+        PyCandidate::of(&self.inner)
     }
 
     /// The DLPack producer of tensor `name` (KeyError if there is none).
@@ -122,6 +142,79 @@ impl PyGeneration {
             self.backend(),
             self.__len__(),
             self.inner.manifest().source
+        )
+    }
+}
+
+/// What an acceptance check sees of a generation it decides on: its number, its source, where
+/// its tensors live, and each tensor's name, dtype and shape; not the values. The check runs
+/// on a generation the worker crate lends for the length of the call (a hot swap's offer, which
+/// may yet be aborted and unmapped), so nothing that outlives the call may point into it: this
+/// is a copy of the metadata, the same at attach and at a swap.
+#[pyclass(frozen, name = "Candidate", module = "forkless._native")]
+pub struct PyCandidate {
+    number: u64,
+    source: String,
+    backend: &'static str,
+    device: DlDevice,
+    tensors: Vec<(String, &'static str, Vec<u64>)>,
+}
+
+impl PyCandidate {
+    /// Copies the metadata of `generation` (no GIL needed).
+    pub fn of(generation: &Generation) -> Self {
+        PyCandidate {
+            number: generation.number(),
+            source: generation.manifest().source.clone(),
+            backend: backend_of(generation),
+            device: device_of(generation),
+            tensors: tensor_list(generation),
+        }
+    }
+}
+
+#[pymethods]
+impl PyCandidate {
+    #[getter]
+    fn number(&self) -> u64 {
+        self.number
+    }
+
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    #[getter]
+    fn dlpack_device(&self) -> (i32, i32) {
+        (self.device.device_type, self.device.device_id)
+    }
+
+    #[getter]
+    fn source(&self) -> String {
+        self.source.clone()
+    }
+
+    /// `[(name, dtype, shape)]` in arena order.
+    fn tensors(&self) -> Vec<(String, &'static str, Vec<u64>)> {
+        self.tensors.clone()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.tensors.iter().any(|(n, _, _)| n == name)
+    }
+
+    fn __len__(&self) -> usize {
+        self.tensors.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<forkless candidate generation {} ({}, {} tensors, from {})>",
+            self.number,
+            self.backend,
+            self.tensors.len(),
+            self.source
         )
     }
 }

@@ -3,14 +3,18 @@
 //! - [`link`]: attaching to the supervisor on a background thread (a small tokio runtime), and
 //!   everything the worker crate does after that: heartbeats, hot swaps, releases, `ready()`,
 //!   request counting, the end of the worker;
+//! - [`accept`]: the Python acceptance check, run in the worker crate's hook (at attach and on
+//!   every hot swap's offer), so a refusal reaches the supervisor;
 //! - [`generation`]: the `Generation` and `Tensor` classes, zero-copy through DLPack
-//!   ([`dlpack`], the crate's only `unsafe`: C structs and capsules).
+//!   ([`dlpack`], the crate's only `unsafe`: C structs and capsules), and `Candidate`, what a
+//!   check sees.
 //!
 //! The pure-Python package around it (`forkless/`) adds numpy/torch views, module binding,
 //! generation switching between requests, WSGI/ASGI middleware and the server launchers.
 
 #![deny(unsafe_code)]
 
+mod accept;
 #[allow(unsafe_code)] // C structs and capsules: every block says why it holds
 mod dlpack;
 mod generation;
@@ -22,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use forkless_worker::Parent;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use generation::{PyGeneration, PyTensor};
+use accept::PythonCheck;
+use generation::{PyCandidate, PyGeneration, PyTensor};
 use link::{Failure, OnShutdown, StartOptions};
 
 create_exception!(
@@ -84,9 +89,15 @@ fn parent(mode: &str) -> Result<Parent, Failure> {
 }
 
 /// Starts attaching on the background thread (once per process; later calls do nothing).
+///
+/// `check(candidate) -> None | str`, if given, is the service's acceptance check: the worker
+/// crate calls it on the link thread (with the GIL) for the generation it attaches and for every
+/// generation a hot swap offers, with a `Candidate` (metadata only). None accepts; a string
+/// refuses with that reason: at attach the attach fails (exit code 78), at a swap the supervisor
+/// aborts it and `reload-model` fails with the reason. Only the first call's check is used.
 #[pyfunction]
-#[pyo3(signature = (parent="auto", on_shutdown="sigterm"))]
-fn start(parent: &str, on_shutdown: &str) -> PyResult<()> {
+#[pyo3(signature = (parent="auto", on_shutdown="sigterm", check=None))]
+fn start(parent: &str, on_shutdown: &str, check: Option<Bound<'_, PyAny>>) -> PyResult<()> {
     let on_shutdown = match on_shutdown {
         "sigterm" => OnShutdown::Terminate,
         "none" => OnShutdown::Nothing,
@@ -95,10 +106,17 @@ fn start(parent: &str, on_shutdown: &str) -> PyResult<()> {
         }
     };
     let parent = self::parent(parent).map_err(failed)?;
+    if let Some(check) = check.as_ref().filter(|c| !c.is_callable()) {
+        return Err(PyTypeError::new_err(format!(
+            "check must be a callable(candidate) -> None | str, not {}",
+            check.get_type().name()?
+        )));
+    }
     if link::get().is_none() {
         init_logging();
     }
-    link::start(StartOptions { parent, on_shutdown }).map_err(failed)?;
+    let check = check.map(|c| PythonCheck::new(c.unbind()));
+    link::start(StartOptions { parent, on_shutdown, check }).map_err(failed)?;
     Ok(())
 }
 
@@ -259,6 +277,7 @@ fn forkless_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AttachFailed", m.py().get_type::<AttachFailed>())?;
     m.add("ENV_LAUNCHER_PID", forkless_bus::child::ENV_LAUNCHER_PID)?;
     m.add("EXIT_FATAL", forkless_worker::EXIT_FATAL)?;
+    m.add_class::<PyCandidate>()?;
     m.add_class::<PyGeneration>()?;
     m.add_class::<PyTensor>()?;
     for function in [

@@ -1,6 +1,8 @@
 //! The worker's tie to the supervisor, on a background thread: a small tokio runtime that
 //! attaches exactly like a Rust worker ([`forkless_worker::WorkerBuilder::attach`]), then keeps the
-//! link (heartbeats, hot swaps, releases) and carries out `ready()`.
+//! link (heartbeats, hot swaps, releases) and carries out `ready()`. The Python acceptance
+//! checks run on this thread, in the worker crate's hook ([`crate::accept`]): at attach and on
+//! every offer of a hot swap.
 //!
 //! Python threads talk to it through [`Link`]: they wait for the attach on a condition
 //! variable and send commands over a channel, never running anything on the runtime themselves,
@@ -12,9 +14,12 @@
 //! uvicorn's graceful stop). It never exits the process.
 
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use forkless_worker::{Generations, Gpu, Parent, Requests, Worker};
+
+use crate::accept::PythonCheck;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
 
@@ -28,10 +33,11 @@ pub enum OnShutdown {
 }
 
 /// How to attach.
-#[derive(Debug, Clone, Copy)]
 pub struct StartOptions {
     pub parent: Parent,
     pub on_shutdown: OnShutdown,
+    /// The service's acceptance check, run at attach and on every offer.
+    pub check: Option<PythonCheck>,
 }
 
 /// An attach that did not work: the message, and the exit status that tells the supervisor
@@ -70,6 +76,8 @@ enum Command {
 /// The one link of this process.
 pub struct Link {
     pid: u32,
+    /// The link thread: it must never wait on itself (an acceptance check runs on it).
+    thread: OnceLock<ThreadId>,
     state: Mutex<State>,
     changed: Condvar,
     commands: UnboundedSender<Command>,
@@ -87,6 +95,7 @@ pub fn start(options: StartOptions) -> Result<&'static Link, Failure> {
         receiver = Some(inbox);
         Link {
             pid: std::process::id(),
+            thread: OnceLock::new(),
             state: Mutex::new(State::Attaching),
             changed: Condvar::new(),
             commands,
@@ -133,9 +142,25 @@ impl Link {
         })
     }
 
+    /// Refuses a wait on the link from the link thread itself (from an acceptance check): it
+    /// would never end.
+    fn check_thread(&self) -> Result<(), Failure> {
+        if self.thread.get() != Some(&std::thread::current().id()) {
+            return Ok(());
+        }
+        Err(Failure {
+            message: "forkless.attach(), ready() and generation() cannot be called from an acceptance check: the \
+                      check runs while the worker attaches or takes a hot swap's offer, and gets the generation it \
+                      decides on as its argument"
+                .into(),
+            exit_code: 1,
+        })
+    }
+
     /// Waits (at most `timeout`) for the attach to finish. `Ok(None)` on timeout.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<Option<Arc<Attached>>, Failure> {
         self.check_pid()?;
+        self.check_thread()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = self.state.lock().expect("link state poisoned");
         loop {
@@ -193,6 +218,7 @@ impl Link {
 /// process ends with the server; this thread never ends it).
 fn run(options: StartOptions, mut inbox: UnboundedReceiver<Command>) {
     let link = LINK.get().expect("the link exists before its thread starts");
+    let _ = link.thread.set(std::thread::current().id());
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -202,7 +228,10 @@ fn run(options: StartOptions, mut inbox: UnboundedReceiver<Command>) {
     };
     runtime.block_on(async move {
         let started = Instant::now();
-        let attach = Worker::builder().parent(options.parent).signal_handlers(false);
+        let mut attach = Worker::builder().parent(options.parent).signal_handlers(false);
+        if let Some(check) = options.check {
+            attach = attach.accept(check);
+        }
         let mut worker = match attach.attach().await {
             Ok(worker) => worker,
             Err(e) => {

@@ -4,13 +4,16 @@ weights, supervisors whose JSON log lines a test can wait on, a keep-alive HTTP 
 independent reference for every answer (SplitMix64 in plain Python integers, float64 numpy).
 """
 
+import atexit
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -121,10 +124,23 @@ def rust_config(folder, model, bins, workers=2):
     return write_config(folder, model, [str(bins / "linear-worker")], workers, name="rust.toml")
 
 
+_runtime_parent = None
+
+
+def runtime_parent():
+    """A short private folder for the supervisors' runtime folders (`forkless-<hash>/`, which
+    hold the control and bus sockets): a socket path must fit in 107 bytes, which pytest's
+    tmp_path does not leave room for. Removed when the tests end."""
+    global _runtime_parent
+    if _runtime_parent is None:
+        _runtime_parent = Path(tempfile.mkdtemp(prefix="fl-"))
+        atexit.register(shutil.rmtree, _runtime_parent, ignore_errors=True)
+    return _runtime_parent
+
+
 def write_config(folder, model, command, workers, extra_workers="", extra="", name="config.toml"):
     folder.mkdir(parents=True, exist_ok=True)
-    runtime = folder / "run"
-    runtime.mkdir(exist_ok=True)
+    runtime = runtime_parent()
     path = folder / name
     path.write_text(f"""[model]
 path = {json.dumps(str(model))}

@@ -151,6 +151,58 @@ def test_acceptance_specs(model):
         check(42)
 
 
+def test_a_check_sees_names_dtypes_and_shapes_not_values(model):
+    g = forkless.load(model)
+    c = g.candidate()
+    assert isinstance(c, forkless.Candidate) and not isinstance(c, forkless.Generation)
+    assert (c.number, c.backend, c.device, c.source) == (g.number, g.backend, g.device, g.source)
+    assert c.tensors() == g.tensors() and c.names() == g.names() and len(c) == len(g)
+    assert c.info("weight").shape == (OUT, IN) and "bias" in c and "nope" not in c
+    for read in (c.tensor, c.numpy, c.torch, c.dlpack):
+        with pytest.raises(TypeError, match="names, dtypes and shapes, not its values"):
+            read("weight")
+    # Every kind of check decides on a candidate as it does on the generation.
+    check = _core._make_check
+    assert check({"weight": ("float32", (OUT, IN)), "bias": (OUT,)})(c) is None
+    assert "shape [1024, 256], the service needs [1024, 512]" in check({"weight": (OUT, 512)})(c)
+    wrong = FakeModule({"weight": FakeTensor("float32", IN, OUT), "bias": FakeTensor("float32", OUT)})
+    assert "weight: the module has float32 [256, 1024], generation 0 has" in check(wrong)(c)
+
+
+def test_the_link_hook_runs_every_check_and_a_raising_check_refuses(model, monkeypatch):
+    native = forkless.load(model)._native.candidate()
+    monkeypatch.setattr(_core, "_checks", [])
+    monkeypatch.setattr(_core, "_approved", {})
+    assert _core._run_checks(native) is None  # no checks: accepted
+    _core._checks.append(_core._make_check({"weight": (OUT, IN)}))
+    assert _core._run_checks(native) is None and _core._approved[0] == 1
+
+    def broken(gen):
+        raise KeyError("oops")
+
+    _core._checks.append(_core._make_check(lambda gen: "too small"))
+    _core._checks.append(_core._make_check(broken))
+    reason = _core._run_checks(native)
+    assert reason.startswith("too small; the acceptance check ") and "raised KeyError: 'oops'" in reason, reason
+    assert 0 not in _core._approved  # refused: nothing approved
+    # A check may not wait on the link it runs on.
+    _core._checks[:] = [_core._make_check(lambda gen: forkless.attach())]
+    assert "RuntimeError: forkless.attach() cannot be called from an acceptance check" in _core._run_checks(native)
+
+
+def test_checks_registered_late_run_once_on_the_generation_they_missed(model, monkeypatch):
+    g = forkless.load(model)
+    calls = []
+    monkeypatch.setattr(_core, "_checks", [_core._make_check(lambda gen: calls.append("early"))])
+    monkeypatch.setattr(_core, "_approved", {})
+    assert _core._run_checks(g._native.candidate()) is None  # the link checked generation 0
+    _core._checks.append(_core._make_check(lambda gen: calls.append("late")))
+    assert _core._catch_up(g) == [] and _core._catch_up(g) == []
+    assert calls == ["early", "late"]  # each check once
+    _core._checks.append(_core._make_check({"weight": (OUT, 512)}))
+    assert "the service needs [1024, 512]" in _core._catch_up(g)[0]
+
+
 class FakeDtype:
     def __init__(self, name):
         self.name = name

@@ -64,6 +64,13 @@ def test_python_workers_answer_like_the_rust_worker(supervisors, bins, weights, 
     eventually("heartbeats carry the request counts", lambda: counted_now(py) == 2 * len(SEEDS) + 4)
 
 
+def descendants(pid):
+    found = set()
+    for child in children_of(pid):
+        found |= {child} | descendants(child)
+    return found
+
+
 def counted_now(sup):
     return sum(p["requests"] for p in sup.status()["processes"] if p["role"] == "worker")
 
@@ -168,6 +175,78 @@ def test_hot_swap_reaches_python_workers_between_requests(supervisors, weights, 
     check_answers(list(zip(SEEDS, late)), references)
 
 
+def test_a_hot_swap_the_app_refuses_is_aborted_and_the_old_generation_keeps_serving(supervisors, bins, weights,
+                                                                                   tmp_path):
+    from conftest import make_weights
+
+    # A valid Linear layer of another input size: the Flask example's check refuses it.
+    refused = make_weights(bins, tmp_path / "other-input-size.safetensors", 43, inputs=2 * IN)
+    sup = supervisors(python_config(tmp_path, weights[42], workers=4))
+    addr = sup.wait_ready()
+    processes = descendants(sup.proc.pid)  # the owner, 4 gunicorn masters and their workers
+    load = Load(addr, SEEDS, threads=8)
+    load.wait_answers(50)
+    mark = sup.mark()
+    swap = sup.control("reload-model", str(refused))
+    during = load.count()
+    load.wait_answers(during + 100)  # answers keep coming after the refusal
+    answers, failures = load.stop()
+
+    assert swap.returncode != 0, (swap.stdout, swap.stderr)
+    reason = f"'weight' has shape [{OUT}, {2 * IN}], the service needs [{OUT}, {IN}]"
+    assert reason in swap.stderr and "not taken" in swap.stderr, swap.stderr
+    assert not failures, failures[:5]
+    assert {a["generation"] for _, a in answers} == {1}
+    check_answers(answers, {1: Reference(weights[42])})
+    status = sup.status()
+    assert status["generation"] == 1 and status["offered_generation"] is None, status
+    # Refusing is no fault: every worker (and the owner) is the process it was.
+    assert descendants(sup.proc.pid) == processes, (processes, sup.log_text())
+    with sup.cond:
+        exits = [line for line in sup.lines[mark:] if "exited" in str(line.get("message"))]
+    assert not exits, sup.log_text()
+    eventually("the refused generation is freed", lambda: sup.status().get("retiring_generation") is None)
+    # A file the app accepts still swaps in afterwards.
+    swap = sup.control("reload-model", str(weights[43]))
+    assert swap.returncode == 0, swap.stderr
+    live = sup.status()["generation"]
+    assert live > 1
+    eventually("every worker answers from the new generation",
+               lambda: all(post(addr, "/", {"seed": seed})[1]["generation"] == live for seed in SEEDS[:8]))
+    late = [post(addr, "/", {"seed": seed})[1] for seed in SEEDS[:8]]
+    check_answers(list(zip(SEEDS, late)), {live: Reference(weights[43])})
+
+
+def strict_config(tmp_path, model, inputs, workers=2):
+    from conftest import write_config
+
+    return write_config(tmp_path, model, [sys.executable, str(APPS / "strict.py"), str(inputs)], workers)
+
+
+def test_a_check_given_to_the_first_attach_refuses_at_attach_with_status_78(supervisors, weights, tmp_path):
+    sup = supervisors(strict_config(tmp_path, weights[42], inputs=2 * IN, workers=1))
+    code = sup.proc.wait(90)
+    assert code == 1, sup.log_text()
+    log = sup.log_text()
+    assert f"this worker takes {2 * IN} inputs, the weights are [{OUT}, {IN}]" in log, log
+    assert "cannot use the weights of generation 1" in log and "78" in log, log
+
+
+def test_a_check_given_to_the_first_attach_decides_on_hot_swap_offers(supervisors, bins, weights, tmp_path):
+    from conftest import make_weights
+
+    sup = supervisors(strict_config(tmp_path, weights[42], inputs=IN))
+    sup.wait_ready()
+    refused = make_weights(bins, tmp_path / "other-input-size.safetensors", 43, inputs=2 * IN)
+    swap = sup.control("reload-model", str(refused))
+    assert swap.returncode != 0, swap.stdout
+    assert f"this worker takes {IN} inputs, the weights are [{OUT}, {2 * IN}]" in swap.stderr, swap.stderr
+    assert sup.status()["generation"] == 1
+    swap = sup.control("reload-model", str(weights[43]))
+    assert swap.returncode == 0, swap.stderr
+    assert sup.status()["generation"] > 1
+
+
 def test_idle_workers_let_go_of_the_old_generation(supervisors, weights, tmp_path):
     sup = supervisors(python_config(tmp_path, weights[42], workers=2))
     sup.wait_ready()
@@ -208,7 +287,7 @@ def test_a_refused_generation_stops_the_worker_with_status_78(supervisors, bins,
     code = sup.proc.wait(90)
     assert code == 1, sup.log_text()
     log = sup.log_text()
-    assert "refused" in log and "needs tensors 'weight'" in log, log
+    assert "cannot use the weights of generation 1" in log and "needs tensors 'weight'" in log, log
     assert "78" in log, log
 
 
