@@ -133,7 +133,11 @@ impl Connection {
             let _ = queued.send(());
         }
         let (bus, state, link) = (&mut self.bus, &self.state, &mut self.link);
-        let result = match (expect_hello(bus, label).await, opening) {
+        let hello = match expect_hello(bus, label).await {
+            Ok(reported) => spawned_pid(link, reported).await,
+            Err(e) => Err(e),
+        };
+        let result = match (hello, opening) {
             (Ok(pid), Opening::Owner(protocol)) => owner_link::serve(bus, state, link, label, pid, protocol).await,
             (Ok(pid), Opening::Worker(session)) => worker_link::serve(bus, state, link, label, pid, session).await,
             (Err(e), _) => Err(e),
@@ -157,12 +161,27 @@ impl Connection {
             return Err(ConnError::Refused(format!("uid {} is not the supervisor's uid {my_uid}", cred.uid())));
         }
         let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
-        pids.get(pid).ok_or_else(|| ConnError::Refused(format!("pid {pid} is not a child of this supervisor")))
+        let label =
+            pids.get(pid).ok_or_else(|| ConnError::Refused(format!("pid {pid} is not a child of this supervisor")))?;
+        // The kernel's word, not the hello's, names this child in the process table.
+        self.link.spawned = Some(tokio::sync::watch::channel(Some(pid)).1);
+        Ok(label)
     }
 }
 
-/// Returns the pid the child reports (for logs and the process table; its connection already
-/// identifies it).
+/// The pid the process table knows this child by: the one the supervisor started (set by the
+/// spawner right after the fork), which is not the reporting process when a launcher forked
+/// the worker; on a path-based connection, the authenticated peer's.
+async fn spawned_pid(link: &mut ChildLink, reported: u32) -> Result<u32, ConnError> {
+    let Some(spawned) = link.spawned.as_mut() else { return Ok(reported) };
+    let pid = spawned
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| ConnError::Refused("the child was never started".into()))?;
+    Ok(pid.unwrap_or(reported))
+}
+
+/// Returns the pid the child reports (its connection already identifies it).
 async fn expect_hello(bus: &mut BusStream, label: ChildLabel) -> Result<u32, ConnError> {
     let (hello, _) = bus.recv().await?;
     let (role, pid) = hello.check_hello().map_err(|e| ConnError::Refused(e.to_string()))?;

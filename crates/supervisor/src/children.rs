@@ -212,12 +212,15 @@ pub async fn launch(ctx: &Context, label: ChildLabel) -> std::io::Result<Running
     let bus = forkless_bus::BusStream::from_std(ours)?;
     let (queued, is_queued) = oneshot::channel();
     let (ready_tx, ready) = oneshot::channel();
+    let (spawned, spawned_rx) = tokio::sync::watch::channel(None);
+    spec.spawned = Some(spawned);
     let hung = CancellationToken::new();
     let link = ChildLink {
         queued: Some(queued),
         ready: Some(ready_tx),
         hung: hung.clone(),
         heartbeat_timeout: ctx.heartbeat_timeout(label.role),
+        spawned: Some(spawned_rx),
     };
     tokio::spawn(serve_child(bus, label, ctx.bus.clone(), link));
     let _ = tokio::time::timeout(QUEUE_WAIT, is_queued).await;

@@ -134,6 +134,9 @@ pub struct ChildLink {
     /// `heartbeat_timeout`, an owner whose hot-swap load outlived `[model] load_timeout_s`.
     pub hung: CancellationToken,
     pub heartbeat_timeout: Option<Duration>,
+    /// The pid the supervisor started, set by the spawner right after the fork (inherited
+    /// connections); the process table is keyed by it, not by the pid the child reports.
+    pub spawned: Option<tokio::sync::watch::Receiver<Option<u32>>>,
 }
 
 impl ChildLink {

@@ -44,6 +44,9 @@ pub struct ChildSpec {
     pub bus: Option<OwnedFd>,
     /// Recorded in the [`PidTable`] right after the fork, before the child can connect.
     pub label: Option<(PidTable, ChildLabel)>,
+    /// Told the child's pid right after the fork: its bus connection keys the process table by
+    /// it (a worker forked by a launcher says hello with its own pid, not the one we started).
+    pub spawned: Option<tokio::sync::watch::Sender<Option<u32>>>,
     /// The owner's and workers' environment contract, applied last (over `env`), with the bus
     /// fd filled in where the socket lands.
     pub child_env: Option<ChildEnv>,
@@ -58,6 +61,7 @@ impl ChildSpec {
             listeners: Vec::new(),
             bus: None,
             label: None,
+            spawned: None,
             child_env: None,
         }
     }
@@ -190,6 +194,9 @@ fn spawn_now(spec: ChildSpec) -> std::io::Result<Child> {
     })?;
     if let (Some((table, label)), Some(pid)) = (spec.label, child.id()) {
         table.insert(pid, label);
+    }
+    if let (Some(spawned), Some(pid)) = (spec.spawned, child.id()) {
+        spawned.send_replace(Some(pid));
     }
     Ok(child)
 }

@@ -205,6 +205,14 @@ fn on_message(
             tracing::warn!("worker {} (pid {pid}) refused generation {generation}: {reason}", label.index);
             state.escrow.answer(session.conn, generation, Err(format!("{reason} (pid {pid})")));
         }
+        // A verdict that crossed the decision on the wire: another worker's refusal (or the
+        // offer timeout) decided the offer, and this worker was sent the outcome, while it was
+        // still checking. Nothing to do: the Abort or Commit it is about to read settles it.
+        (Message::Accepted { generation } | Message::Rejected { generation, .. }, Some(session))
+            if session.offered.is_none_or(|offered| offered > generation) && generation <= session.newest =>
+        {
+            tracing::debug!("worker {} (pid {pid}) answered generation {generation} after it was decided", label.index);
+        }
         (other, _) => return Err(ConnError::Refused(format!("worker sent unexpected {}", other.kind()))),
     }
     Ok(())
