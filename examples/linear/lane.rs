@@ -53,6 +53,9 @@ pub fn decode_answer(bytes: &[u8], generation: u64) -> Result<Answer, String> {
 /// The pass for `generation`: a GPU engine made on this (runner) thread, or the host forward.
 pub fn make_pass(generation: &Generation, settings: BatchSettings) -> Result<PassFn, String> {
     if generation.on_gpu() {
+        // Scratch for the largest pass the lane forms, whatever `--max-batch` says.
+        let lane_batch = generation.lane_settings().map_or(0, |lane| lane.max_batch as usize);
+        let settings = BatchSettings { max_batch: settings.max_batch.max(lane_batch), ..settings };
         let mut engine = LaneEngine::prepare(settings).map_err(|e| e.to_string())?;
         return Ok(Box::new(move |generation, batch| gpu_pass(&mut engine, generation, batch)));
     }

@@ -187,12 +187,14 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     }
     let supervisor_fds_after = report::fd_count(sup.pid());
     let pids_seen = sup.pids_seen();
+    // What the batch lanes did over the run (mean batch, workers per pass), before they go.
+    let lanes = supervisor::status(&config).await.map(|s| s.lanes).unwrap_or_default();
     let shutdown = sup.stop().await;
     let leaks = baseline.check(&pids_seen, &sup.leftover_paths());
 
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
     let kills = std::mem::take(&mut *kills.lock().expect("kills"));
-    Ok(Report::build(report::Inputs {
+    let mut report = Report::build(report::Inputs {
         options: &options,
         outcomes,
         kills,
@@ -201,7 +203,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         shutdown,
         leaks,
         supervisor_fd_growth: supervisor_fds_after as i64 - supervisor_fds_before as i64,
-    }))
+    });
+    report.lanes = lanes;
+    Ok(report)
 }
 
 /// One closed-loop connection.

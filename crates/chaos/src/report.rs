@@ -194,6 +194,10 @@ pub struct Report {
     pub leaks: Leaks,
     pub timeline: Vec<Bucket>,
     pub violations: Vec<String>,
+    /// The service's batch lanes at the end of the run (`[lane]` on): passes, mean batch,
+    /// workers per pass.
+    #[serde(default)]
+    pub lanes: Vec<forkless_supervisor::escrow::LaneStatus>,
 }
 
 /// What [`Report::build`] needs.
@@ -299,6 +303,7 @@ impl Report {
             leaks,
             timeline,
             violations: Vec::new(),
+            lanes: Vec::new(),
         };
         report.violations = report.find_violations();
         report
@@ -407,6 +412,17 @@ impl Report {
         }
         if self.kills.len() > max_kill_rows && max_kill_rows > 0 {
             s += &format!("  … {} more (all of them in the JSON report)\n", self.kills.len() - max_kill_rows);
+        }
+        for lane in &self.lanes {
+            s += &format!(
+                "lane{}: {} passes, {} served, mean batch {:.1}, {:.2} workers per pass, {} recoveries\n",
+                lane.device.map_or(String::new(), |d| format!(" (GPU {d})")),
+                lane.passes,
+                lane.served,
+                lane.mean_batch,
+                lane.mean_workers_per_pass,
+                lane.recoveries
+            );
         }
         let mut next_pass: Vec<f64> = self.kills.iter().filter_map(|k| k.next_pass_ms).collect();
         if !next_pass.is_empty() {

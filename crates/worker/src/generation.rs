@@ -155,6 +155,11 @@ impl Generation {
         self.lane.as_ref().map(|(lane, _)| lane)
     }
 
+    /// How the lane's passes are formed (largest batch, longest wait), as `[lane]` says.
+    pub fn lane_settings(&self) -> Option<LaneSettings> {
+        self.lane.as_ref().map(|(_, settings)| *settings)
+    }
+
     pub(crate) fn lane_parts(&self) -> Option<(&Lane, LaneSettings)> {
         self.lane.as_ref().map(|(lane, settings)| (lane, *settings))
     }

@@ -58,7 +58,7 @@ pub use accept::{Acceptance, Dim, Expect, Shape};
 pub use forkless_bus::child::{EXIT_FATAL, EXIT_TEMPORARY};
 pub use forkless_bus::host::MapError;
 pub use forkless_bus::manifest::ManifestError;
-pub use forkless_bus::wire::AttachTiming;
+pub use forkless_bus::wire::{AttachTiming, LaneSettings};
 pub use forkless_bus::{Dtype, Manifest, TensorEntry};
 pub use forkless_gpu::GpuError;
 pub use forkless_gpu::{DeviceView, Gpu};
