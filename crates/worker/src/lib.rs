@@ -50,7 +50,6 @@ use std::time::Instant;
 use forkless_bus::channel::{RecvError, SendError};
 use forkless_bus::child_env::{ChildEnv, ChildEnvError, Sharing};
 use forkless_bus::host::ArenaMap;
-use forkless_bus::wire::LaneSettings;
 use forkless_bus::{BusStream, Message};
 use forkless_weights::model_file::ModelFile;
 
