@@ -86,8 +86,9 @@ def tuning_args(workspace_kib):
 
 
 def write_config(path, model, workers, sharing="shared", backend="cuda", stack=None, worker_args=(), extra="",
-                 workspace_kib="tuned", env="tuned"):
-    """A config for this machine; `workspace_kib` None means cuBLAS's default workspace."""
+                 workspace_kib="tuned", env="tuned", cuda_extra=""):
+    """A config for this machine; `workspace_kib` None means cuBLAS's default workspace; `extra`
+    is TOML after the last table, `cuda_extra` lines inside `[cuda]`."""
     stack = TUNING["stack"] if stack is None else stack
     env = TUNING["env"] if env == "tuned" else env
     workspace_kib = TUNING["workspace_kib"] if workspace_kib == "tuned" else workspace_kib
@@ -102,6 +103,7 @@ backend = "{backend}"
 [cuda]
 device = 0
 stack_limit_bytes = {stack}
+{cuda_extra}
 
 [workers]
 command = [{json.dumps(str(BIN / "linear-worker"))}, {args}]
@@ -573,6 +575,236 @@ def section_soak(check):
                   f"{data.get('wrong_answers')} wrong, {len(data.get('kills', []))} kills, leaks {data.get('leaks')}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The batch lane (issue #13) and every GPU of the node (issue #14)
+
+def lane_toml(max_batch=32, max_wait_us=100):
+    # max_batch 32: on an H200, cuBLAS's fp32 pass of the seed's layer costs the same from batch
+    # 8 to 32 and half again from 48 on (the gemm section); 100 us of waiting fills passes at
+    # 16 connections without holding back 64 (the lanesweep section).
+    return f"\n[lane]\nenabled = true\nmax_batch = {max_batch}\nmax_wait_us = {max_wait_us}\n"
+
+
+def lane_row(data, workers, connections):
+    lat = data.get("latency_ms", {})
+    lanes = data.get("lanes", [])
+    passes = sum(lane.get("passes", 0) for lane in lanes)
+    served = sum(lane.get("served", 0) for lane in lanes)
+    return {"workers": workers, "connections": connections, "rps": round(data.get("throughput_rps", 0)),
+            "p50_ms": lat.get("p50"), "p99_ms": lat.get("p99"),
+            "mean_batch": round(served / passes, 2) if passes else None,
+            "workers_per_pass": round(statistics.mean(l.get("mean_workers_per_pass", 0) for l in lanes), 2)
+            if lanes else None,
+            "failed": data.get("failed"), "wrong": data.get("wrong_answers")}
+
+
+def section_lane(check):
+    """The batch lane: 1, 2, 4, 8 workers at 16 and 64 connections, every answer checked (issue #13)."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    duration = int(os.environ.get("LANE_SECONDS", 10))
+    rows, before = [], []
+    check.say("| workers | connections | lane req/s | p50 ms | p99 ms | mean batch | workers per pass | "
+              "without lane req/s | p99 ms |")
+    check.say("|---|---|---|---|---|---|---|---|---|")
+    for workers in (1, 2, 4, 8):
+        for connections in (16, 64):
+            settle_gpu(BASELINE)
+            config = write_config(WORK / "lane.toml", model, workers, extra=lane_toml())
+            rc, data, _ = chaos(check, f"lane-w{workers}-c{connections}", config, duration, connections=connections)
+            row = lane_row(data, workers, connections)
+            row["ok"] = rc == 0 and data.get("failed") == 0 and data.get("wrong_answers") == 0
+            rows.append(row)
+            base = {}
+            if os.environ.get("LANE_BASELINE", "1") == "1":
+                # Before: every worker batching on its own (--max-batch 64, --max-wait-us 500).
+                settle_gpu(BASELINE)
+                config = write_config(WORK / "nolane.toml", model, workers,
+                                      worker_args=("--max-batch", 64, "--max-wait-us", 500))
+                _, base_data, _ = chaos(check, f"nolane-w{workers}-c{connections}", config, duration,
+                                        connections=connections)
+                base = lane_row(base_data, workers, connections)
+                before.append(base)
+            check.say(f"| {workers} | {connections} | {row['rps']} | {row['p50_ms']} | {row['p99_ms']} | "
+                      f"{row['mean_batch']} | {row['workers_per_pass']} | {base.get('rps', '-')} | "
+                      f"{base.get('p99_ms', '-')} |")
+    (OUT / "batching-h200.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if before:
+        (OUT / "batching-h200-without-lane.json").write_text(json.dumps(before, indent=1) + "\n")
+    by = {(r["workers"], r["connections"]): r for r in rows}
+    check.verdict(all(r["ok"] for r in rows), "every lane run: every answer checked, none failed or wrong")
+    four64, four16, eight64 = by[(4, 64)], by[(4, 16)], by[(8, 64)]
+    check.verdict(four64["rps"] >= 25000 and (four64["p99_ms"] or 99) <= 5,
+                  f"4 workers, 64 connections: {four64['rps']} req/s >= 25000 with p99 {four64['p99_ms']} ms <= 5")
+    check.verdict(four16["rps"] >= 8000, f"4 workers, 16 connections: {four16['rps']} req/s >= 8000")
+    check.verdict(eight64["rps"] >= 0.9 * four64["rps"] and by[(8, 16)]["rps"] >= 0.9 * four16["rps"],
+                  f"8 workers within 10 % of 4: {eight64['rps']} vs {four64['rps']} (64 connections), "
+                  f"{by[(8, 16)]['rps']} vs {four16['rps']} (16)")
+
+
+def section_lanekill(check):
+    """The lane's pass runner SIGKILLed every second under load: 0 wrong, failures only on its own
+    connections, the next pass within 10 ms (p99) of the kill (issue #13)."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    settle_gpu(BASELINE)
+    config = write_config(WORK / "lanekill.toml", model, 4,
+                          extra=lane_toml() + "\n[restart]\nmax_restarts = 1000\nwithin_s = 60\n")
+    rc, data, _ = chaos(check, "lane-leader-kills", config, int(os.environ.get("LANEKILL_SECONDS", 40)),
+                        kill="leader@1", connections=64)
+    kills = data.get("kills", [])
+    gaps = sorted(k["next_pass_ms"] for k in kills if k.get("next_pass_ms") is not None)
+    p99 = gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] if gaps else None
+    check.say(f"{len(kills)} pass-runner kills; next pass after the kill: median "
+              f"{statistics.median(gaps) if gaps else None} ms, p99 {p99} ms, max {gaps[-1] if gaps else None} ms; "
+              f"{data.get('requests')} requests, {data.get('failed')} failed ({data.get('unexplained_failures')} "
+              f"not on a killed worker's connections), {data.get('wrong_answers')} wrong")
+    (OUT / "lane-kills-h200.json").write_text(json.dumps(
+        {"kills": len(kills), "next_pass_ms": gaps, "next_pass_p99_ms": p99, "requests": data.get("requests"),
+         "failed": data.get("failed"), "unexplained_failures": data.get("unexplained_failures"),
+         "wrong_answers": data.get("wrong_answers"), "throughput_rps": data.get("throughput_rps")}, indent=1) + "\n")
+    check.verdict(data.get("wrong_answers") == 0 and data.get("unexplained_failures") == 0 and len(kills) >= 10,
+                  "pass-runner kills: 0 wrong answers, every failure on the killed worker's own connections")
+    check.verdict(p99 is not None and len(gaps) == len(kills) and p99 <= 10,
+                  f"the next pass starts within 10 ms (p99) of the kill: {p99} ms")
+
+
+def section_gemm(check):
+    """One pass of the seed's layer per batch size (gpu-probe gemm): cuBLAS (both operand orders,
+    default and 1 MiB workspace) and forkless's linear_small kernel, after gpu-probe kernels."""
+    kernels = sh(BIN / "gpu-probe", "kernels", check=False)
+    check.say(kernels.stdout.strip() or kernels.stderr.strip())
+    check.verdict(kernels.returncode == 0, "gpu-probe kernels: every kernel against the host (linear_small included)")
+    for variant in ((), ("--outputs-major",), ("--small",), ("--workspace-kib", 1024)):
+        run = sh(BIN / "gpu-probe", "gemm", *variant, check=False)
+        check.say(run.stdout.strip() or run.stderr.strip())
+
+
+def section_lanesweep(check):
+    """4 workers on the lane: max_batch x max_wait_us (LANE_SWEEP="64:0,64:100"), 16 and 64 connections."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    sweep = os.environ.get("LANE_SWEEP", "64:0,64:100,64:300,128:100,32:100")
+    check.say("| max_batch | max_wait_us | cuBLAS workspace | connections | req/s | p50 ms | p99 ms | mean batch | "
+              "mean pass us |")
+    check.say("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    variants = [(*map(int, v.split(":")), "tuned") for v in sweep.split(",")] + [(64, 100, None)]
+    for max_batch, max_wait, workspace in variants:
+        for connections in (16, 64):
+            settle_gpu(BASELINE)
+            env = "tuned" if workspace else {}
+            config = write_config(WORK / "sweep.toml", model, 4, extra=lane_toml(max_batch, max_wait),
+                                  workspace_kib=None, env=env)
+            rc, data, _ = chaos(check, f"sweep-{max_batch}-{max_wait}-{workspace}-c{connections}", config, 8,
+                                connections=connections)
+            row = lane_row(data, 4, connections)
+            lanes = data.get("lanes", [])
+            pass_us = round(statistics.mean(l.get("mean_pass_us", 0) for l in lanes)) if lanes else None
+            row.update(max_batch=max_batch, max_wait_us=max_wait, mean_pass_us=pass_us,
+                       workspace="1 MiB" if workspace else "default")
+            rows.append(row)
+            check.say(f"| {max_batch} | {max_wait} | {row['workspace']} | {connections} | {row['rps']} | "
+                      f"{row['p50_ms']} | {row['p99_ms']} | {row['mean_batch']} | {pass_us} |")
+    (OUT / "lane-sweep-h200.json").write_text(json.dumps(rows, indent=1) + "\n")
+    check.verdict(all(r["failed"] == 0 and r["wrong"] == 0 for r in rows), "sweep: none failed or wrong")
+
+
+def gpu_count():
+    return len(sh("nvidia-smi", "-L").stdout.strip().splitlines())
+
+
+def per_device_used_mib():
+    out = sh("nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits").stdout
+    return {int(i): int(m) for i, m in (line.split(",") for line in out.strip().splitlines())}
+
+
+def section_multigpu(check):
+    """[cuda] devices on 1, 2, 4 GPUs: cold start, req/s at 64 connections, GPU memory per device,
+    owner SIGKILL with the weights file gone (issue #14)."""
+    model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
+    model_mib = model.stat().st_size / MIB
+    per_device = int(os.environ.get("WORKERS_PER_DEVICE", 4))
+    rows = []
+    for n in [d for d in (1, 2, 4, 8) if d <= gpu_count()]:
+        devices = list(range(n))
+        cuda = f"devices = {devices}\nworkers_per_device = {per_device}"
+        idle = per_device_used_mib()
+        settle_gpu(BASELINE)
+        colds = []
+        for attempt in range(3):
+            config = write_config(WORK / f"multi{n}.toml", model, per_device, cuda_extra=cuda, extra=lane_toml())
+            sup = Supervisor(config, OUT / f"multi{n}-cold{attempt}.log")
+            ready = sup.wait_for("workers ready", timeout=120)
+            colds.append(field(ready, "cold_start_ms"))
+            if attempt == 2:
+                time.sleep(1)
+                used = per_device_used_mib()
+                status = sup.status() or {}
+                apps = gpu_apps_mib()
+                workers = [p for p in status.get("processes", []) if p.get("role") == "worker"]
+                context = statistics.median(apps.get(p["pid"], 0) for p in workers) if workers else 0
+            sup.stop()
+            settle_gpu(BASELINE)
+        mib = {d: used[d] - idle.get(d, 0) for d in devices}
+        bound = model_mib + per_device * context
+        config = write_config(WORK / f"multi{n}.toml", model, per_device, cuda_extra=cuda, extra=lane_toml())
+        rc, data, _ = chaos(check, f"multi{n}-rps64", config, 10, connections=64)
+        # Owner SIGKILLed every 2 s, the weights file moved away after the first kill (chaos has
+        # read its reference answers from it by then): every later owner must take every
+        # device's copy back from the escrow, none from disk.
+        moved = model.with_suffix(".moved")
+        probe = Supervisor.__new__(Supervisor)
+        probe.config = config
+
+        def owner_pid():
+            status = probe.status() or {}
+            return next((p["pid"] for p in status.get("processes", []) if p.get("role") == "owner"), None)
+
+        def move_when_ready():
+            first = None
+            for _ in range(300):
+                pid = owner_pid()
+                first = first or pid
+                if first and pid and pid != first:
+                    model.rename(moved)
+                    return
+                time.sleep(0.1)
+
+        mover = threading.Thread(target=move_when_ready, daemon=True)
+        mover.start()
+        krc, kdata, klog = chaos(check, f"multi{n}-ownerkill", config, 12, kill="owner@2", connections=64)
+        mover.join()
+        weights_moved = moved.exists()
+        if weights_moved:
+            moved.rename(model)
+        kills = [k for k in kdata.get("kills", []) if k["role"] == "owner"]
+        row = {"devices": n, "cold_start_s": round(statistics.median(c for c in colds if c) / 1e3, 3) if any(colds)
+               else None, "cold_starts_ms": colds, "rps_64": round(data.get("throughput_rps", 0)),
+               "p99_ms_64": data.get("latency_ms", {}).get("p99"),
+               "gpu_mib_per_device": [mib[d] for d in devices], "model_mib": round(model_mib),
+               "worker_context_mib": context, "bound_mib": round(bound * 1.02),
+               "owner_kills": len(kills), "owner_kills_recovered": sum(k.get("recovered_s") is not None for k in kills),
+               "owner_kill_failed": kdata.get("failed"), "weights_file_moved_after_first_kill": weights_moved, "wrong": (data.get("wrong_answers"), kdata.get("wrong_answers"))}
+        rows.append(row)
+        check.say(json.dumps(row))
+        check.verdict(rc == 0 and krc == 0 and kdata.get("failed") == 0 and len(kills) >= 3 and weights_moved
+                      and row["owner_kills_recovered"] == len(kills),
+                      f"{n} device(s): {len(kills)} owner kills with the weights file gone, all re-adopted, "
+                      f"0 failed, 0 wrong")
+        check.verdict(all(m <= bound * 1.02 for m in mib.values()),
+                      f"{n} device(s): GPU memory per device {list(mib.values())} MiB <= model {model_mib:.0f} + "
+                      f"{per_device} x {context} MiB + 2 %")
+    (OUT / "multigpu-h200.json").write_text(json.dumps(rows, indent=1) + "\n")
+    one = rows[0]
+    for row in rows[1:]:
+        cold_limit, rps_factor = {2: (1.25, 1.8), 4: (1.5, 3.4)}.get(row["devices"], (None, None))
+        if cold_limit is None:
+            continue
+        check.verdict(row["cold_start_s"] <= cold_limit * one["cold_start_s"],
+                      f"{row['devices']} devices: cold start {row['cold_start_s']} s <= {cold_limit} x "
+                      f"{one['cold_start_s']} s")
+        check.verdict(row["rps_64"] >= rps_factor * one["rps_64"],
+                      f"{row['devices']} devices: {row['rps_64']} req/s >= {rps_factor} x {one['rps_64']}")
+
+
 SECTIONS = {
     "probe": section_probe,
     "correctness": section_correctness,
@@ -584,6 +816,11 @@ SECTIONS = {
     "ownerkill": section_ownerkill,
     "hotswap": section_hotswap,
     "soak": section_soak,
+    "gemm": section_gemm,
+    "lanesweep": section_lanesweep,
+    "lane": section_lane,
+    "lanekill": section_lanekill,
+    "multigpu": section_multigpu,
 }
 
 
@@ -624,7 +861,9 @@ def main():
 
 def pack(out):
     """Logs, configs and JSON reports into one archive beside gpu-check.txt and the HTML page."""
-    keep = {"gpu-check.txt", "chaos-gpu.html", "chaos-gpu.json", "results.tar.gz"}
+    keep = {"gpu-check.txt", "chaos-gpu.html", "chaos-gpu.json", "results.tar.gz", "batching-h200.json",
+            "batching-h200-without-lane.json", "lane-kills-h200.json", "multigpu-h200.json",
+            "lane-sweep-h200.json"}
     loose = [p for p in out.rglob("*") if p.is_file() and p.name not in keep]
     if loose:
         subprocess.run(["tar", "czf", str(out / "results.tar.gz"), "-C", str(out),

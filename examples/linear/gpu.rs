@@ -360,7 +360,11 @@ impl Engine {
                 stream.memcpy_htod(x, &mut scratch.x.slice_mut(row * inputs..(row + 1) * inputs)).map_err(driver)?;
             }
         }
-        self.blas.linear(w, outputs, inputs, &*scratch.x, &mut *scratch.y, n)?;
+        // Small batches (the lane's, at low concurrency) on forkless's own kernel at the HBM
+        // limit; larger ones, and shapes it does not take, on cuBLAS.
+        if !self.kernels.linear_small(stream, w, outputs, inputs, &*scratch.x, &mut *scratch.y, n)? {
+            self.blas.linear(w, outputs, inputs, &*scratch.x, &mut *scratch.y, n)?;
+        }
         let head = HEAD.min(outputs);
         self.kernels.bias_add_rowsum(
             stream,

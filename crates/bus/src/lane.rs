@@ -208,7 +208,10 @@ struct Header {
     /// `CLOCK_MONOTONIC` ns at which the last runner that took over from a dead one started
     /// its first pass: how fast a pass runner's death is repaired, measurable from outside.
     takeover_pass_ns: AtomicU64,
-    _reserved: [AtomicU64; 2],
+    /// Nanoseconds spent inside the service's pass function, over all passes: with `passes`,
+    /// the mean pass time (how much of the lane's time the GPU work takes).
+    pass_ns: AtomicU64,
+    _reserved: [AtomicU64; 1],
     /// The lease: held by the process running passes.
     lease: SharedMutex,
     /// Bumped by every lease acquisition; `Taken` words carry its low 24 bits.
@@ -1308,8 +1311,9 @@ impl Region {
         self.header().takeover_pass_ns.store(monotonic_ns(), Ordering::Relaxed);
     }
 
-    pub(crate) fn record_pass(&self, done: u64, failed: u64, processes: usize) {
+    pub(crate) fn record_pass(&self, done: u64, failed: u64, processes: usize, took: Duration) {
         let stats = self.stats_words();
+        self.header().pass_ns.fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
         let size = (done + failed) as usize;
         stats.passes.fetch_add(1, Ordering::Relaxed);
         stats.served.fetch_add(done, Ordering::Relaxed);
@@ -1370,6 +1374,7 @@ impl Region {
             reclaimed: load(&s.reclaimed),
             requester_deaths: load(&s.requester_deaths),
             takeover_pass_ns: load(&header.takeover_pass_ns),
+            pass_ns: load(&header.pass_ns),
             batch_sizes: std::array::from_fn(|i| load(&s.batch_sizes[i])),
             processes_per_pass: std::array::from_fn(|i| load(&s.processes_per_pass[i])),
             slots: slot_states,
@@ -1437,6 +1442,8 @@ pub struct LaneStats {
     /// pass runner (0: none yet). A chaos run that notes when it killed the runner (same
     /// clock, any process) gets the time to the next pass from it.
     pub takeover_pass_ns: u64,
+    /// Nanoseconds inside the service's pass function, over all passes.
+    pub pass_ns: u64,
     /// Passes by number of requests: buckets 1, 2, 3–4, 5–8, … ([`batch_bucket_bounds`]).
     pub batch_sizes: [u64; BATCH_BUCKETS],
     /// Passes by number of distinct processes served: 1, 2, …, 15, 16 or more.
@@ -1445,6 +1452,15 @@ pub struct LaneStats {
 }
 
 impl LaneStats {
+    /// Mean time of one pass (the service's pass function), in microseconds.
+    pub fn mean_pass_us(&self) -> f64 {
+        if self.passes == 0 {
+            0.0
+        } else {
+            self.pass_ns as f64 / self.passes as f64 / 1e3
+        }
+    }
+
     /// Mean requests per pass.
     pub fn mean_batch(&self) -> f64 {
         if self.passes == 0 {

@@ -415,11 +415,12 @@ impl Report {
         }
         for lane in &self.lanes {
             s += &format!(
-                "lane{}: {} passes, {} served, mean batch {:.1}, {:.2} workers per pass, {} recoveries\n",
+                "lane{}: {} passes, {} served, mean batch {:.1} in {:.0} us, {:.2} workers per pass, {} recoveries\n",
                 lane.device.map_or(String::new(), |d| format!(" (GPU {d})")),
                 lane.passes,
                 lane.served,
                 lane.mean_batch,
+                lane.mean_pass_us,
                 lane.mean_workers_per_pass,
                 lane.recoveries
             );

@@ -122,4 +122,59 @@ impl Blas {
         }
         .map_err(|e| GpuError::Cublas { op: "cublasSgemm", status: format!("{e:?}") })
     }
+
+    /// Like [`Blas::linear`], with the operands' roles swapped: `y` comes out outputs-major
+    /// (`y[o][b]`, row-major `[outputs, batch]`). cuBLAS picks its kernels by shape, and a
+    /// batch as the *rows* of the product gets other kernels than a batch as its columns.
+    pub fn linear_outputs_major(
+        &self,
+        w: DeviceView<'_, f32>,
+        outputs: usize,
+        inputs: usize,
+        x: &impl DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<f32>,
+        batch: usize,
+    ) -> Result<(), GpuError> {
+        let shape = |detail: String| GpuError::Cublas { op: "cublasSgemm", status: detail };
+        if outputs.checked_mul(inputs) != Some(w.len()) {
+            return Err(shape(format!("weight has {} elements, not {outputs} x {inputs}", w.len())));
+        }
+        if batch.checked_mul(inputs).is_none_or(|n| n > x.len())
+            || batch.checked_mul(outputs).is_none_or(|n| n > y.len())
+        {
+            return Err(shape(format!("batch {batch}: x has {} and y {} elements, too few", x.len(), y.len())));
+        }
+        let int = |v: usize| c_int::try_from(v).map_err(|_| shape(format!("{v} does not fit cuBLAS's int")));
+        let (m, n, k) = (int(batch)?, int(outputs)?, int(inputs)?);
+        if batch == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1f32, 0f32);
+        let (x_ptr, _x_done) = x.device_ptr(&self.stream);
+        let (y_ptr, _y_done) = y.device_ptr_mut(&self.stream);
+        // Column-major view: x (row-major [batch, in]) is [in, batch] with ld in, op T gives
+        // [batch, in]; w is [in, out] with ld in (op N); y is [batch, out] with ld batch, which
+        // is y row-major [out, batch].
+        // SAFETY: as in `linear`: a live handle bound to `self.stream`, device pointers of this
+        // context with the extents checked above, kept alive for the queued call.
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                &alpha,
+                x_ptr as *const f32,
+                k,
+                w.ptr() as *const f32,
+                k,
+                &beta,
+                y_ptr as *mut f32,
+                m,
+            )
+        }
+        .map_err(|e| GpuError::Cublas { op: "cublasSgemm", status: format!("{e:?}") })
+    }
 }

@@ -6,7 +6,10 @@
 //! - `seeded_inputs` (`kernels/linear.cu`): the input rows of `{"seed": n}` requests, generated
 //!   on the GPU, bit for bit the same as the host's SplitMix64 (`examples/linear/seeded.rs`);
 //! - `bias_add_rowsum`: `y += bias` row by row, each row's sum in f64 (written, not
-//!   accumulated: `y_sum` needs no zeroing), and each row's first values gathered.
+//!   accumulated: `y_sum` needs no zeroing), and each row's first values gathered;
+//! - `linear_small8`/`linear_small16`: `y = W x` for batches of up to 8 / 16 at the HBM limit
+//!   (on an H200, cuBLAS's fp32 kernels for such skinny products read the weights at about
+//!   half of it: `gpu-probe gemm`).
 //!
 //! [`Kernels::load`] checks that NVRTC is present first ([`nvrtc_available`]), compiles both
 //! files as one program to a CUBIN for the device's exact architecture (`sm_XY`), loads it and
@@ -48,11 +51,17 @@ pub const SOURCE: &str =
     concat!(include_str!("../../../kernels/arena.cu"), "\n", include_str!("../../../kernels/linear.cu"));
 /// Threads per block of `arena_checksum`.
 const CHECKSUM_THREADS: u32 = 256;
-/// Largest head (first values per row) `bias_add_rowsum` gathers: one block's threads.
-pub const MAX_HEAD: usize = ROWSUM_THREADS as usize;
+/// Largest head (first values per row) `bias_add_rowsum` gathers.
+pub const MAX_HEAD: usize = 256;
 
 /// Threads per block of `bias_add_rowsum` (the kernel's `ROWSUM_THREADS`).
-const ROWSUM_THREADS: u32 = 256;
+const ROWSUM_THREADS: u32 = 1024;
+/// Threads per block of `linear_small8/16` (`SMALL_THREADS`), and rows of `w` per warp
+/// (`SMALL_ROWS`).
+const SMALL_THREADS: u32 = 256;
+const SMALL_ROWS: u32 = 4;
+/// Largest batch [`Kernels::linear_small`] takes; larger ones go to cuBLAS.
+pub const SMALL_MAX_BATCH: usize = 16;
 /// Threads per block of `seeded_inputs`.
 const SEEDED_THREADS: u32 = 256;
 /// At most this many blocks for grid-stride kernels (plenty to fill an H100).
@@ -101,6 +110,8 @@ pub struct Kernels {
     arena_checksum: CudaFunction,
     seeded_inputs: CudaFunction,
     bias_add_rowsum: CudaFunction,
+    linear_small8: CudaFunction,
+    linear_small16: CudaFunction,
     arch: String,
     compile_time: Duration,
     loaded_from: LoadedFrom,
@@ -259,6 +270,8 @@ impl Kernels {
             arena_checksum: function("arena_checksum")?,
             seeded_inputs: function("seeded_inputs")?,
             bias_add_rowsum: function("bias_add_rowsum")?,
+            linear_small8: function("linear_small8")?,
+            linear_small16: function("linear_small16")?,
             _module: module,
             arch,
             compile_time,
@@ -414,6 +427,67 @@ impl Kernels {
     }
 }
 
+impl Kernels {
+    /// `y[b][o] = Σ_i w[o][i] · x[b][i]` for `b < batch`, like [`crate::Blas::linear`] (same
+    /// layouts, fp32), for small batches: `Ok(false)` where this kernel does not apply (batch
+    /// above [`SMALL_MAX_BATCH`], `inputs` not a multiple of 4, `w` or `x` not 16-byte
+    /// aligned) and the caller should use cuBLAS. Asynchronous on `stream`.
+    #[allow(clippy::too_many_arguments)] // one per kernel parameter, like Blas::linear
+    pub fn linear_small(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: DeviceView<'_, f32>,
+        outputs: usize,
+        inputs: usize,
+        x: &impl DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<f32>,
+        batch: usize,
+    ) -> Result<bool, KernelError> {
+        const K: &str = "linear_small";
+        self.check_stream(stream, K)?;
+        if outputs.checked_mul(inputs) != Some(w.len())
+            || batch.checked_mul(inputs).is_none_or(|n| n > x.len())
+            || batch.checked_mul(outputs).is_none_or(|n| n > y.len())
+        {
+            return Err(KernelError::Shape {
+                kernel: K,
+                detail: format!(
+                    "w has {}, x {} and y {} elements; batch {batch}, {outputs} x {inputs} do not fit",
+                    w.len(),
+                    x.len(),
+                    y.len()
+                ),
+            });
+        }
+        let (x_ptr, _x_done) = x.device_ptr(stream);
+        let aligned = w.ptr() % 16 == 0 && x_ptr % 16 == 0 && inputs % 4 == 0;
+        if batch == 0 || outputs == 0 {
+            return Ok(true); // nothing to compute
+        }
+        if batch > SMALL_MAX_BATCH || !aligned {
+            return Ok(false);
+        }
+        let (batch_i, out_i, in_i) = (to_i32(K, "batch", batch)?, to_i32(K, "out", outputs)?, to_i32(K, "in", inputs)?);
+        let rows_per_block = (SMALL_THREADS / 32 * SMALL_ROWS) as usize;
+        let blocks = u32::try_from(outputs.div_ceil(rows_per_block))
+            .map_err(|_| KernelError::Shape { kernel: K, detail: format!("{outputs} outputs need too many blocks") })?;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (SMALL_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let function = if batch <= 8 { &self.linear_small8 } else { &self.linear_small16 };
+        let w_ptr = w.ptr();
+        let (y_ptr, _y_done) = y.device_ptr_mut(stream);
+        let mut launch = stream.launch_builder(function);
+        launch.arg(&w_ptr).arg(&x_ptr).arg(&y_ptr).arg(&batch_i).arg(&out_i).arg(&in_i);
+        // SAFETY: the arguments match `linear_small8/16(const float*, const float*, float*, int,
+        // int, int)` in order and type; w holds outputs*inputs, x batch*inputs and y
+        // batch*outputs floats (checked above), w and x are 16-byte aligned with inputs a
+        // multiple of 4 (the kernel's float4 loads), batch <= the kernel's MAXB; the block has
+        // the SMALL_THREADS threads and the grid the blocks the kernel's indexing assumes; all
+        // memory belongs to this stream's context.
+        unsafe { launch.launch(cfg) }.map_err(launch_err("cuLaunchKernel(linear_small)"))?;
+        Ok(true)
+    }
+}
+
 fn to_i32(kernel: &'static str, what: &str, value: usize) -> Result<i32, KernelError> {
     i32::try_from(value)
         .map_err(|_| KernelError::Shape { kernel, detail: format!("{what} = {value} does not fit the kernel's int") })
@@ -438,7 +512,11 @@ mod tests {
         assert!(!ARENA_SOURCE.contains("#include"), "NVRTC gets no headers");
         assert!(ARENA_SOURCE.contains("0x9E3779B97F4A7C15ULL"), "same gamma as checksum.rs");
         assert!(LINEAR_SOURCE.contains("extern \"C\" __global__ void seeded_inputs("));
-        assert!(LINEAR_SOURCE.contains("extern \"C\" __global__ void bias_add_rowsum("));
+        assert!(LINEAR_SOURCE.contains("bias_add_rowsum(float* __restrict__ y"));
+        assert!(LINEAR_SOURCE.contains("LINEAR_SMALL(linear_small8, 8,"));
+        assert!(LINEAR_SOURCE.contains("LINEAR_SMALL(linear_small16, 16,"));
+        assert!(LINEAR_SOURCE.contains(&format!("#define SMALL_THREADS {SMALL_THREADS}")));
+        assert!(LINEAR_SOURCE.contains(&format!("#define SMALL_ROWS {SMALL_ROWS}")));
         assert!(!LINEAR_SOURCE.contains("#include"), "NVRTC gets no headers");
         assert!(LINEAR_SOURCE.contains(&format!("#define ROWSUM_THREADS {ROWSUM_THREADS}")));
     }

@@ -136,6 +136,7 @@ impl EscrowedGeneration {
             leader_pid: stats.leader_pid,
             takeover_pass_ns: stats.takeover_pass_ns,
             mean_batch: stats.mean_batch(),
+            mean_pass_us: stats.mean_pass_us(),
             mean_workers_per_pass: stats.mean_processes_per_pass(),
             batch_sizes,
             workers_per_pass: stats.processes_per_pass.to_vec(),
@@ -163,6 +164,10 @@ pub struct LaneStatus {
     /// runner started (0: none yet).
     pub takeover_pass_ns: u64,
     pub mean_batch: f64,
+    /// Mean time of one pass (the service's pass function: on the GPU, the batch's kernels and
+    /// copies), in microseconds.
+    #[serde(default)]
+    pub mean_pass_us: f64,
     /// How many workers' requests one pass served, on average.
     pub mean_workers_per_pass: f64,
     /// Passes by batch size bucket ("1", "2", "3-4", …).

@@ -44,6 +44,7 @@ fn record_lane(lane: &crate::escrow::LaneStatus) {
     gauge("forkless_lane_requests_rejected", lane.rejected as f64);
     gauge("forkless_lane_recoveries", lane.recoveries as f64);
     gauge("forkless_lane_mean_batch", lane.mean_batch);
+    gauge("forkless_lane_mean_pass_seconds", lane.mean_pass_us / 1e6);
     gauge("forkless_lane_mean_workers_per_pass", lane.mean_workers_per_pass);
     for (bucket, passes) in &lane.batch_sizes {
         metrics::gauge!("forkless_lane_passes_by_batch_size", "device" => device.clone(), "size" => bucket.clone())

@@ -246,12 +246,14 @@ fn status_table(status: &StatusReport) -> String {
     }
     for lane in &status.lanes {
         out += &format!(
-            "lane (generation {}{}): {} passes, {} served, mean batch {:.1}, {:.2} workers per pass, leader pid {}\n",
+            "lane (generation {}{}): {} passes, {} served, mean batch {:.1} in {:.0} us, {:.2} workers per pass, \
+             leader pid {}\n",
             lane.generation,
             lane.device.map_or(String::new(), |d| format!(", GPU {d}")),
             lane.passes,
             lane.served,
             lane.mean_batch,
+            lane.mean_pass_us,
             lane.mean_workers_per_pass,
             lane.leader_pid
         );

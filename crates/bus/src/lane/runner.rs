@@ -308,7 +308,9 @@ where
     if batch.items.is_empty() {
         return (0, 0);
     }
+    let started = std::time::Instant::now();
     pass(&mut batch);
+    let took = started.elapsed();
 
     let (mut done, mut failed) = (0, 0);
     let mut owners: Vec<u32> = Vec::with_capacity(4);
@@ -334,7 +336,7 @@ where
     for &owner in &owners {
         region.notify(owner);
     }
-    region.record_pass(done, failed, distinct.len());
+    region.record_pass(done, failed, distinct.len(), took);
     (done, failed)
 }
 

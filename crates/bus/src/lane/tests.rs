@@ -784,7 +784,7 @@ impl Actor for RunnerActor {
                 for &(_, owner) in &self.taken {
                     region.notify(owner.index as u32);
                 }
-                region.record_pass(self.taken.len() as u64, 0, 1);
+                region.record_pass(self.taken.len() as u64, 0, 1, Duration::ZERO);
                 if choice < 60 {
                     RunPhase::Release
                 } else {

@@ -10,7 +10,9 @@
 //! - `ctx`: creates a context with a given stack limit and waits, so its memory can be measured.
 //!
 //! `gpu-probe kernels` (run on its own) compiles `kernels/linear.cu` with NVRTC and checks both
-//! kernels against host computations; `gpu-probe nvml` prints GPU memory per process.
+//! kernels against host computations; `gpu-probe nvml` prints GPU memory per process;
+//! `gpu-probe gemm` times one pass of the linear layer (`Blas::linear`) per batch size, against
+//! the HBM and FP32 limits (what a batch lane's pass can cost at best).
 //!
 //! Children get fds by inheritance (close-on-exec cleared for the one spawn) and learn their
 //! numbers from environment variables. Nothing runs CUDA in a forked copy of another process.
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         "ctx" => role_ctx(&args[1..]),
         "nvml" => role_nvml(),
         "kernels" => role_kernels(),
+        "gemm" => role_gemm(&args[1..]),
         "check" | "--size-mib" => orchestrate(&args),
         other => Err(format!("unknown role {other:?}: run `gpu-probe [--size-mib N]`")),
     };
@@ -316,6 +319,91 @@ fn role_ctx(args: &[String]) -> Result<ExitCode, String> {
     // Hold the context until the orchestrator has measured and closes our stdin.
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: gemm
+
+/// `gpu-probe gemm [--inputs 10000] [--outputs 50000] [--workspace-kib N] [--reps 50]
+/// [--outputs-major | --small]`: the
+/// seed's layer (`y = W x`, fp32) once per batch size, timed over `reps` passes queued back to
+/// back. The weights live in a VMM arena, as the workers see them.
+fn role_gemm(args: &[String]) -> Result<ExitCode, String> {
+    let number = |name: &str, default: usize| -> Result<usize, String> {
+        arg_value(args, name).map_or(Ok(default), |v| v.parse().map_err(|e| format!("{name}: {e}")))
+    };
+    let (inputs, outputs, reps) = (number("--inputs", 10_000)?, number("--outputs", 50_000)?, number("--reps", 50)?);
+    let workspace =
+        arg_value(args, "--workspace-kib").map(str::parse::<usize>).transpose().map_err(|e| e.to_string())?;
+    let drv = |e: forkless_gpu::cudarc::driver::DriverError| format!("{e:?}");
+    let gpu = Gpu::open(0).map_err(gpu_err)?;
+    let stream = gpu.context().default_stream();
+    let blas = match workspace {
+        Some(kib) => forkless_gpu::Blas::with_workspace(stream.clone(), kib << 10),
+        None => forkless_gpu::Blas::new(stream.clone()),
+    }
+    .map_err(gpu_err)?;
+    let bytes = (inputs * outputs * 4) as u64;
+    let granularity = gpu.granularity().map_err(gpu_err)?;
+    let arena =
+        VmmArena::create(&gpu, forkless_gpu::round_up(bytes, granularity).ok_or("size overflows")?).map_err(gpu_err)?;
+    arena.fill(0, 0x3c, bytes as usize).map_err(gpu_err)?;
+    let w = arena.view::<f32>(0, inputs * outputs).map_err(gpu_err)?;
+    let batches = [1usize, 8, 16, 32, 48, 64, 96, 128, 256];
+    let largest = batches[batches.len() - 1];
+    let x = stream.alloc_zeros::<f32>(largest * inputs).map_err(drv)?;
+    let mut y = stream.alloc_zeros::<f32>(largest * outputs).map_err(drv)?;
+    println!(
+        "gemm on {}: W [{outputs} x {inputs}] fp32 ({:.0} MiB), cuBLAS workspace {}, {reps} passes per batch size",
+        gpu.info().name,
+        bytes as f64 / (1 << 20) as f64,
+        workspace.map_or("default".to_string(), |kib| format!("{kib} KiB"))
+    );
+    println!("| batch | us per pass | passes/s | requests/s | weights GB/s | TFLOPS |");
+    println!("|---|---|---|---|---|---|");
+    let outputs_major = args.iter().any(|a| a == "--outputs-major");
+    let small = args.iter().any(|a| a == "--small");
+    let kernels = if small { Some(forkless_gpu::Kernels::compile(&gpu).map_err(|e| e.to_string())?) } else { None };
+    let linear = |batch: usize, y: &mut forkless_gpu::cudarc::driver::CudaSlice<f32>| {
+        if let Some(k) = &kernels {
+            return match k.linear_small(&stream, w, outputs, inputs, &x, y, batch) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("declined".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        if outputs_major {
+            blas.linear_outputs_major(w, outputs, inputs, &x, y, batch)
+        } else {
+            blas.linear(w, outputs, inputs, &x, y, batch)
+        }
+        .map_err(gpu_err)
+    };
+    if outputs_major {
+        println!("(operands swapped: y outputs-major)");
+    }
+    if small {
+        println!("(forkless's linear_small kernel, batches up to {})", forkless_gpu::kernels::SMALL_MAX_BATCH);
+    }
+    for batch in batches.into_iter().filter(|&b| !small || b <= forkless_gpu::kernels::SMALL_MAX_BATCH) {
+        linear(batch, &mut y)?;
+        stream.synchronize().map_err(drv)?;
+        let started = Instant::now();
+        for _ in 0..reps {
+            linear(batch, &mut y)?;
+        }
+        stream.synchronize().map_err(drv)?;
+        let pass = started.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "| {batch} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
+            pass * 1e6,
+            1.0 / pass,
+            batch as f64 / pass,
+            bytes as f64 / pass / 1e9,
+            2.0 * (inputs * outputs * batch) as f64 / pass / 1e12
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -735,6 +823,7 @@ fn role_kernels() -> Result<ExitCode, String> {
 
     failed += check_arena_checksum(&gpu, &k)?;
     failed += check_blas(&gpu)?;
+    failed += check_linear_small(&gpu, &k)?;
     failed += check_kernel_cache(&gpu)?;
     println!("{}", if failed == 0 { "ALL PASS".to_string() } else { format!("{failed} FAILED") });
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -820,6 +909,54 @@ fn check_blas(gpu: &Gpu) -> Result<usize, String> {
         verdict(pass)
     );
     Ok(usize::from(!pass))
+}
+
+/// `linear_small` against a host f64 product, for batch sizes across both kernels, rows that do
+/// not fill a block and several shared-memory chunks; shapes it must decline are declined.
+fn check_linear_small(gpu: &Gpu, k: &forkless_gpu::Kernels) -> Result<usize, String> {
+    let err = |e: forkless_gpu::KernelError| e.to_string();
+    let drv = |e: forkless_gpu::cudarc::driver::DriverError| format!("{e:?}");
+    let stream = gpu.context().default_stream();
+    let mut failed = 0;
+    for (outputs, inputs, batch) in
+        [(1000usize, 512usize, 1usize), (777, 2052, 8), (333, 1028, 13), (65, 4, 16), (50, 3000, 9)]
+    {
+        let w: Vec<f32> = host_inputs(21, outputs * inputs).iter().map(|v| v / (inputs as f32).sqrt()).collect();
+        let x: Vec<f32> = (0..batch as u64).flat_map(|s| host_inputs(300 + s, inputs)).collect();
+        let arena = VmmArena::create(gpu, (w.len() * 4) as u64).map_err(gpu_err)?;
+        arena.write_at(0, &f32_bytes(&w)).map_err(gpu_err)?;
+        let w_view = arena.view::<f32>(0, w.len()).map_err(gpu_err)?;
+        let d_x = stream.clone_htod(&x).map_err(drv)?;
+        let mut d_y = stream.clone_htod(&vec![f32::NAN; batch * outputs]).map_err(drv)?;
+        let ran = k.linear_small(&stream, w_view, outputs, inputs, &d_x, &mut d_y, batch).map_err(err)?;
+        stream.synchronize().map_err(drv)?;
+        let y = stream.clone_dtoh(&d_y).map_err(drv)?;
+        let mut worst = 0f64;
+        for (row, xs) in x.chunks(inputs).enumerate() {
+            for o in 0..outputs {
+                let terms = w[o * inputs..][..inputs].iter().zip(xs).map(|(a, c)| f64::from(*a) * f64::from(*c));
+                let (want, scale) = terms.fold((0f64, 0f64), |(s, m), t| (s + t, m + t.abs()));
+                let got = f64::from(y[row * outputs + o]);
+                let error = if got.is_finite() { (got - want).abs() / scale.max(1e-12) } else { f64::INFINITY };
+                worst = worst.max(error);
+            }
+        }
+        let pass = ran && worst < 1e-6;
+        failed += usize::from(!pass);
+        println!(
+            "{} linear_small {outputs}x{inputs} batch {batch}: ran {ran}, worst error {worst:.2e} of the sum of |terms|",
+            verdict(pass)
+        );
+    }
+    let w_arena = VmmArena::create(gpu, 64 * 6 * 4).map_err(gpu_err)?;
+    let x = stream.alloc_zeros::<f32>(17 * 8).map_err(drv)?;
+    let mut y = stream.alloc_zeros::<f32>(17 * 64).map_err(drv)?;
+    let odd = k.linear_small(&stream, w_arena.view::<f32>(0, 64 * 6).map_err(gpu_err)?, 64, 6, &x, &mut y, 2);
+    let big = k.linear_small(&stream, w_arena.view::<f32>(0, 64 * 8).map_err(gpu_err)?, 64, 8, &x, &mut y, 17);
+    let pass = matches!(odd, Ok(false)) && matches!(big, Ok(false));
+    failed += usize::from(!pass);
+    println!("{} linear_small declines inputs % 4 != 0 ({odd:?}) and batch 17 ({big:?})", verdict(pass));
+    Ok(failed)
 }
 
 /// Loading twice with a cache folder: the second load reads the CUBIN the first one stored.
