@@ -86,14 +86,9 @@ fn status_into_a_closed_pipe_exits_quietly() {
     let mut sup = Supervisor::start(&config);
     sup.wait_ready();
     for json in [false, true] {
-        let mut fds = [0; 2];
-        // SAFETY: pipe(2) fills the array with two new descriptors; nothing else is touched.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fds[0] is the read end just created and owned by nobody else: closing it
-        // leaves a pipe without readers, as `| head -0` does.
-        unsafe { libc::close(fds[0]) };
-        // SAFETY: fds[1] is the write end just created; the OwnedFd takes sole ownership.
-        let write_end = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+        // A pipe without readers, as `| head -0` leaves it.
+        let (read_end, write_end) = rustix::pipe::pipe().unwrap();
+        drop(read_end);
         let mut args: Vec<&OsStr> = vec!["status".as_ref(), "-c".as_ref(), config.as_os_str()];
         if json {
             args.push("--json".as_ref());
@@ -107,13 +102,9 @@ fn status_into_a_closed_pipe_exits_quietly() {
 
 /// Raises this test process's descriptor limit, so it can hold many connections open.
 pub fn raise_own_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum }).unwrap();
 }
 
 /// Item 5: a GPU driver whose NVML hangs (here: a fake `libnvidia-ml.so.1` whose

@@ -192,9 +192,8 @@ fn a_reload_of_a_fifo_fails_and_later_reloads_work() {
     let dir = TestDir::new();
     dir.write_model();
     let fifo = dir.path().join("fifo.safetensors");
-    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a NUL-terminated path the test owns.
-    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0)
+        .unwrap();
     let new_model = dir.write_model_at(&dir.path().join("new.safetensors"), 43);
     let config = dir.write_config(1, "load_timeout_s = 5");
     let mut sup = Supervisor::start(&config);

@@ -18,8 +18,7 @@ const NOBODY: u32 = 65534;
 const IMPOSTOR: &str = "FLTEST_IMPOSTOR_SOCKET";
 
 fn is_root() -> bool {
-    // SAFETY: geteuid(2) has no preconditions and touches no memory.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 /// Opens `dir` (and the config in it) to other users, so a helper running as `nobody` can

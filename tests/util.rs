@@ -309,9 +309,9 @@ impl Drop for Supervisor {
 }
 
 pub fn send_signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid the test started; no memory is involved.
-    let rc = unsafe { libc::kill(pid as i32, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    let target = rustix::process::Pid::from_raw(pid as i32).expect("a pid the test started");
+    let signal = rustix::process::Signal::from_named_raw(signal).expect("a named signal");
+    rustix::process::kill_process(target, signal).unwrap_or_else(|e| panic!("kill({pid}, {signal:?}) failed: {e}"));
 }
 
 /// Direct children of `pid`, from `/proc/PID/task/*/children`.

@@ -13,6 +13,7 @@
 //! generation switching between requests, WSGI/ASGI middleware and the server launchers.
 
 #![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod accept;
 #[allow(unsafe_code)] // C structs and capsules: every block says why it holds

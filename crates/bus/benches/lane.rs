@@ -12,6 +12,9 @@
 //! Children are this binary again, selected by `LANE_BENCH_ROLE`. Set `LANE_BENCH_SECS` to
 //! change the length of each throughput run (default 1.5).
 
+// Part of the bus crate, where `unsafe` is allowed: the child adopts the lane fd it inherited.
+#![allow(unsafe_code)]
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};

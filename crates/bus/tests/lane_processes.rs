@@ -8,6 +8,9 @@
 //! Children are this test binary again (`child` below), selected by `LANE_TEST_ROLE`, with the
 //! lane memfd inherited at the fd number in `FORKLESS_LANE_FD`.
 
+// Part of the bus crate, where `unsafe` is allowed: the child adopts the lane fd it inherited.
+#![allow(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};

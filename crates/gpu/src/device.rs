@@ -209,8 +209,9 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, GpuError> {
     let mut name_buf = [0 as c_char; 256];
     // SAFETY: the buffer is 256 bytes and we pass its length; the driver NUL-terminates.
     check("cuDeviceGetName", unsafe { sys::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev) })?;
-    // SAFETY: the driver wrote a NUL-terminated string into the buffer; force a final NUL anyway.
-    name_buf[255] = 0;
+    name_buf[255] = 0; // the driver NUL-terminates; a final NUL anyway
+                       // SAFETY: the buffer holds a NUL-terminated string (its last byte is 0) and outlives the
+                       // borrow, which ends with the copy into `name`.
     let name = unsafe { CStr::from_ptr(name_buf.as_ptr()) }.to_string_lossy().into_owned();
 
     let mut total: usize = 0;

@@ -205,7 +205,7 @@ impl Default for LaneConfig {
         LaneConfig {
             enabled: false,
             max_batch: 32,
-            max_wait_us: 500,
+            max_wait_us: 100,
             slots: 256,
             input_bytes: 64 << 10,
             output_bytes: 4 << 10,

@@ -17,6 +17,9 @@
 //! Children get fds by inheritance (close-on-exec cleared for the one spawn) and learn their
 //! numbers from environment variables. Nothing runs CUDA in a forked copy of another process.
 
+// Part of the gpu crate, where `unsafe` is allowed (every block says why it holds).
+#![allow(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
