@@ -356,3 +356,43 @@ async fn forward_lines(pipe: impl AsyncRead + Unpin, span: tracing::Span, tail: 
         }
     }
 }
+
+/// A [`Context`] for unit tests of the slot and service logic: no runtime folder, no
+/// listener, and a worker program that does not exist, so nothing a test does can start a
+/// process. Needs a tokio runtime entered (the spawner thread's handle).
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::backend::ResolvedBackend;
+    use crate::escrow::Escrow;
+
+    /// A context whose config is a minimal one plus `extra` (TOML tables), with the weights
+    /// on `devices` (the cuda backend; empty: host memory). Returns the receiver of the events
+    /// slots and the service send.
+    pub(crate) fn context(extra: &str, devices: &[u32]) -> (Arc<Context>, mpsc::UnboundedReceiver<Event>) {
+        let text = format!(
+            "[model]\npath = \"m.safetensors\"\n[workers]\ncommand = [\"/nonexistent/forkless-test-worker\"]\n\
+             listen = [\"127.0.0.1:0\"]\n{extra}\n"
+        );
+        let config = Config::parse(&text, std::path::Path::new("/nonexistent/config.toml")).expect("a valid config");
+        let (events, inbox) = mpsc::unbounded_channel();
+        let mut bus =
+            BusState::new(Escrow::default(), events, true, "m.safetensors".into(), Duration::from_secs(1), None);
+        bus.devices = devices.to_vec();
+        let resolved = match devices {
+            [] => ResolvedBackend::Host,
+            [first, ..] => ResolvedBackend::Cuda { device: *first, name: "test".into(), devices: devices.to_vec() },
+        };
+        let backend = RunningBackend { resolved, ..RunningBackend::default() };
+        let ctx = Context::new(
+            config,
+            backend,
+            Spawner::start(tokio::runtime::Handle::current()),
+            Listeners::bind(&[], 1).expect("no listener to bind"),
+            PathBuf::from("/nonexistent/bus.sock"),
+            bus,
+            CancellationToken::new(),
+        );
+        (Arc::new(ctx), inbox)
+    }
+}

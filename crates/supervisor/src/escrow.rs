@@ -668,3 +668,148 @@ mod lane_tests {
         assert_eq!(second.lane_status()[0].generation, 2);
     }
 }
+
+/// Generations with one arena per GPU. The read end of a pipe stands in for each device's
+/// exported VMM handle (the escrow only holds and duplicates it, and a pipe is not a file, as
+/// a handle must not be); both ends of a pipe share one inode, which tells which device's fd
+/// went where, and a write to the other end fails (EPIPE) once the escrow closed its end.
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+    use forkless_bus::host::ArenaWriter;
+    use forkless_bus::manifest::{ArenaDesc, Dtype, LayoutBuilder, MemoryKind};
+    use std::os::fd::{AsFd, BorrowedFd};
+
+    const W0: WorkerConn = WorkerConn { index: 0, id: 100 };
+
+    /// Deposits a generation on `devices` (arena 0 on the first, replicas on the others) and
+    /// returns the write ends of the pipes, in the same order, and the arena's size.
+    fn deposit_on(escrow: &Escrow, devices: &[u32]) -> (Deposited, Vec<OwnedFd>, u64) {
+        let mut layout = LayoutBuilder::default();
+        layout.push("w", Dtype::F32, vec![3000]);
+        let (mut arena, tensors) = layout.finish();
+        arena.kind = MemoryKind::CudaVmm { device: devices[0] };
+        arena.checksum = 7;
+        let replicas = devices[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, &device)| ArenaDesc { id: 1 + i as u32, kind: MemoryKind::CudaVmm { device }, ..arena.clone() })
+            .collect();
+        let size = arena.size;
+        let manifest = Manifest::new("t".into(), vec![arena], tensors).with_replicas(replicas);
+        let (readers, writers): (Vec<OwnedFd>, Vec<OwnedFd>) =
+            devices.iter().map(|_| rustix::pipe::pipe().unwrap()).unzip();
+        (escrow.deposit(manifest, readers).unwrap(), writers, size)
+    }
+
+    fn inode(fd: impl AsFd) -> u64 {
+        rustix::fs::fstat(fd).unwrap().st_ino
+    }
+
+    fn held_fd(arena: &HeldArena) -> BorrowedFd<'_> {
+        match arena {
+            HeldArena::CudaVmm { fd, .. } => fd.as_fd(),
+            HeldArena::Host(_) => panic!("a host arena"),
+        }
+    }
+
+    /// Whether the escrow still holds the read end of the pipe whose write end is `writer`.
+    fn still_held(writer: &OwnedFd) -> bool {
+        match rustix::io::write(writer, b"x") {
+            Ok(_) => true,
+            Err(rustix::io::Errno::PIPE) => false,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn by_device(pairs: &[(u32, u64)]) -> BTreeMap<u32, u64> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_worker_is_given_its_own_devices_arena_and_lane() {
+        let escrow = Escrow::new(Some(LaneLayout::new(8, 64, 64)));
+        let (deposited, writers, _) = deposit_on(&escrow, &[0, 1]);
+        assert_eq!(deposited, Deposited::Live(1));
+        let live = escrow.live().unwrap();
+        assert_eq!((live.arenas.len(), live.lanes.len()), (2, 2), "one arena and one lane per device");
+        assert_ne!(inode(live.lanes[0].fd()), inode(live.lanes[1].fd()));
+        for (index, device) in [(0, 0), (1, 1)] {
+            let (view, arena, lane) = live.for_device(Some(device)).unwrap();
+            assert_eq!(view.arenas.len(), 1);
+            assert!(view.replicas.is_empty(), "a worker sees its own copy only");
+            assert_eq!(view.arenas[0].kind, MemoryKind::CudaVmm { device });
+            view.validate().unwrap();
+            assert_eq!(arena.kind(), MemoryKind::CudaVmm { device });
+            assert_eq!(inode(held_fd(arena)), inode(&writers[index]), "device {device}'s own fd");
+            assert_eq!(inode(lane.unwrap().fd()), inode(live.lanes[index].fd()), "device {device}'s own lane");
+        }
+        assert!(live.for_device(Some(7)).is_none(), "no copy on device 7");
+        assert!(live.for_device(None).is_none(), "a GPU generation has no host view");
+        let lanes: Vec<Option<u32>> = live.lane_status().iter().map(|l| l.device).collect();
+        assert_eq!(lanes, [Some(0), Some(1)]);
+
+        let unlaned = Escrow::default();
+        deposit_on(&unlaned, &[0, 1]);
+        let live = unlaned.live().unwrap();
+        let (_, arena, lane) = live.for_device(Some(1)).unwrap();
+        assert_eq!(arena.kind(), MemoryKind::CudaVmm { device: 1 });
+        assert!(lane.is_none(), "[lane] off: no lane");
+    }
+
+    #[test]
+    fn bytes_are_counted_per_device_across_generations() {
+        let escrow = Escrow::default();
+        escrow.join(W0); // keeps the second generation offered
+        let (_, _w1, size) = deposit_on(&escrow, &[0, 1]);
+        assert_eq!(escrow.bytes_by_device(), by_device(&[(0, size), (1, size)]));
+        assert_eq!(escrow.bytes_held(), 2 * size);
+        let (deposited, _w2, _) = deposit_on(&escrow, &[1, 2]);
+        assert_eq!(deposited, Deposited::Offered(2));
+        assert_eq!(escrow.bytes_by_device(), by_device(&[(0, size), (1, 2 * size), (2, size)]));
+        assert_eq!(escrow.bytes_held(), 4 * size);
+        escrow.abort(2, "test".into());
+        assert_eq!(escrow.bytes_by_device(), by_device(&[(0, size), (1, size)]), "an aborted offer no longer counts");
+
+        let host = Escrow::default();
+        let fd = ArenaWriter::create("t", 4096).unwrap().seal().unwrap().fd().try_clone_to_owned().unwrap();
+        let mut layout = LayoutBuilder::default();
+        layout.push("w", Dtype::F32, vec![2]);
+        let (arena, tensors) = layout.finish();
+        host.deposit(Manifest::new("t".into(), vec![arena], tensors), vec![fd]).unwrap();
+        assert!(host.bytes_by_device().is_empty(), "host memory is on no device");
+    }
+
+    #[test]
+    fn a_hot_swap_keeps_each_devices_arenas_apart_and_retiring_closes_them_all() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let escrow = Escrow::new(Some(LaneLayout::new(8, 64, 64)));
+        escrow.join(W0);
+        let (_, old, size) = deposit_on(&escrow, &[0, 1]);
+        let held = runtime.block_on(escrow.acquire_live()); // W0 serves generation 1
+        let (deposited, new, _) = deposit_on(&escrow, &[0, 1]);
+        assert_eq!(deposited, Deposited::Offered(2));
+        let offer = escrow.acquire_offer(2).unwrap();
+        escrow.answer(W0, 2, Ok(()));
+        assert_eq!((escrow.live().unwrap().number(), escrow.retiring()), (2, Some(1)));
+
+        let live = escrow.live().unwrap();
+        for device in [0, 1] {
+            let index = device as usize;
+            let (_, now, now_lane) = live.for_device(Some(device)).unwrap();
+            let (_, before, before_lane) = held.for_device(Some(device)).unwrap();
+            assert_eq!(inode(held_fd(now)), inode(&new[index]), "generation 2 on device {device}");
+            assert_eq!(inode(held_fd(before)), inode(&old[index]), "generation 1 on device {device}");
+            assert_ne!(inode(now_lane.unwrap().fd()), inode(before_lane.unwrap().fd()), "a lane per generation");
+        }
+        assert_eq!(escrow.bytes_by_device(), by_device(&[(0, 2 * size), (1, 2 * size)]));
+        assert!(old.iter().chain(&new).all(still_held));
+
+        drop((held, offer, live));
+        assert_eq!(escrow.release(1), Some(1), "W0 let go of generation 1: it is freed");
+        assert_eq!(escrow.retiring(), None);
+        assert!(!old.iter().any(still_held), "every device's fd of generation 1 is closed");
+        assert!(new.iter().all(still_held), "generation 2 is untouched");
+        assert_eq!(escrow.bytes_by_device(), by_device(&[(0, size), (1, size)]));
+    }
+}

@@ -147,3 +147,56 @@ impl ChildLink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn bus_on(devices: &[u32]) -> BusState {
+        let (events, _) = mpsc::unbounded_channel();
+        let mut bus = BusState::new(Escrow::default(), events, true, "m".into(), Duration::from_secs(1), None);
+        bus.devices = devices.to_vec();
+        bus
+    }
+
+    fn config(cuda: &str) -> Config {
+        let text = format!(
+            "[model]\npath = \"m\"\n[workers]\ncommand = [\"w\"]\ncount = 5\nlisten = [\"127.0.0.1:0\"]\n[cuda]\n{cuda}\n"
+        );
+        Config::parse(&text, std::path::Path::new("/etc/forkless/config.toml")).unwrap()
+    }
+
+    /// Worker i runs on the i-th device of the list, mod n; with `workers_per_device` every
+    /// device gets exactly that many.
+    #[test]
+    fn workers_take_the_devices_in_turn() {
+        for (devices, per_device) in [(&[0, 1][..], 3), (&[0, 1, 2, 3][..], 2), (&[2, 0, 3][..], 1)] {
+            let config = config(&format!("devices = {devices:?}\nworkers_per_device = {per_device}"));
+            let bus = bus_on(devices);
+            let count = config.worker_count(bus.devices.len());
+            assert_eq!(count, per_device * devices.len() as u32, "[workers] count gives way");
+            let placed: Vec<u32> = (0..count).map(|i| bus.device_of(i).unwrap()).collect();
+            let expected: Vec<u32> = devices.iter().copied().cycle().take(count as usize).collect();
+            assert_eq!(placed, expected);
+            for device in devices {
+                let on = placed.iter().filter(|&d| d == device).count();
+                assert_eq!(on, per_device as usize, "device {device} of {devices:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn without_workers_per_device_the_count_spreads_and_the_host_has_no_device() {
+        let spread = config("devices = [0, 1]");
+        let bus = bus_on(&[0, 1]);
+        assert_eq!(spread.worker_count(2), 5);
+        assert_eq!((0..5).map(|i| bus.device_of(i).unwrap()).collect::<Vec<_>>(), [0, 1, 0, 1, 0]);
+        let host = bus_on(&[]);
+        assert_eq!(spread.worker_count(0), 5);
+        assert_eq!(host.device_of(0), None);
+        assert_eq!(host.device_of(7), None);
+        let per_device = config("devices = [0, 1]\nworkers_per_device = 4");
+        assert_eq!(per_device.worker_count(0), 5, "on the host workers_per_device means nothing");
+    }
+}

@@ -655,3 +655,65 @@ async fn roll(replacers: Vec<crate::slot::Replacer>) -> Result<String, String> {
     }
     Ok(format!("restarted {count} process{}", if count == 1 { "" } else { "es" }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::children::test_support::context;
+
+    fn workers(service: &Service) -> Vec<u32> {
+        service.workers.keys().copied().collect()
+    }
+
+    /// Degrading, without processes: the slots the service keeps are checked right after each
+    /// step, before the runtime ever runs a slot's task (the worker program does not exist
+    /// anyway), so no child is started.
+    #[test]
+    fn a_failed_device_gets_no_workers_and_the_others_keep_serving() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _entered = runtime.enter();
+        let cuda = "[cuda]\ndevices = [0, 1]\nworkers_per_device = 2\non_device_failure = \"degrade\"";
+        let (ctx, mut events) = context(cuda, &[0, 1]);
+        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        assert_eq!(service.workers_wanted, 4, "workers_per_device × devices");
+        service.reconcile();
+        assert_eq!(workers(&service), [0, 1, 2, 3]);
+
+        service.on_event(Event::DeviceFailed { device: 1, reason: "worker 1 kept dying".into() });
+        assert_eq!(workers(&service), [0, 2], "device 1's workers (1 and 3) are stopped");
+        service.reconcile();
+        assert_eq!(workers(&service), [0, 2], "and not started again");
+        service.scale(6).unwrap();
+        assert_eq!(workers(&service), [0, 2, 4], "a new slot on device 1 (5) is not placed either");
+        let devices = service.status().devices;
+        assert_eq!(
+            devices.iter().map(|d| (d.device, d.failed.clone())).collect::<Vec<_>>(),
+            [(0, None), (1, Some("worker 1 kept dying".to_string()))]
+        );
+        assert!(events.try_recv().is_err(), "one device left: the service keeps running");
+
+        service.on_event(Event::DeviceFailed { device: 0, reason: "worker 0 kept dying".into() });
+        assert_eq!(workers(&service), [] as [u32; 0]);
+        match events.try_recv() {
+            Ok(Event::Fatal(reason)) => assert!(reason.contains("every GPU"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// On one GPU or on the host, placement does not depend on devices at all.
+    #[test]
+    fn without_several_devices_every_slot_is_placed() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _entered = runtime.enter();
+        let (ctx, _events) = context("[cuda]\nworkers_per_device = 3", &[5]);
+        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        service.reconcile();
+        assert_eq!(workers(&service), [0, 1, 2]);
+        let (ctx, _events) = context("", &[]);
+        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        assert_eq!(service.workers_wanted, 1, "[workers] count on the host");
+        assert!(!service.workers_may_run(), "host memory: workers wait for a live generation");
+        service.reconcile();
+        assert_eq!(workers(&service), [] as [u32; 0]);
+    }
+}

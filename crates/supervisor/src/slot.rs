@@ -392,3 +392,60 @@ fn cannot_ever_start(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::{InvalidInput, NotFound, PermissionDenied};
     matches!(e.kind(), NotFound | PermissionDenied | InvalidInput)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::children::test_support::context;
+    use forkless_bus::Role;
+
+    /// What a slot reports once its child has crashed more often than `[restart]` allows
+    /// (`max_restarts = 0`: the first crash).
+    async fn give_up(cuda: &str, devices: &[u32], role: Role, index: u32) -> Event {
+        let (ctx, mut events) = context(&format!("[restart]\nmax_restarts = 0\n[cuda]\n{cuda}\n"), devices);
+        let restart = ctx.config().restart.clone();
+        let mut slot = SlotLoop {
+            ctx,
+            label: ChildLabel { role, index },
+            stop: CancellationToken::new(),
+            backoff: Backoff::new(&restart),
+            intensity: Intensity::new(&restart),
+        };
+        let crash =
+            Failure::Crash { reason: "exited with status 1".into(), tail: String::new(), uptime: Duration::ZERO };
+        assert!(!handle_failure(&mut slot, crash).await, "the slot ends instead of restarting");
+        assert!(matches!(events.try_recv(), Ok(Event::Crashed { label }) if label == slot.label));
+        let verdict = events.try_recv().expect("a verdict");
+        assert!(events.try_recv().is_err(), "one verdict only");
+        verdict
+    }
+
+    /// `on_device_failure = "degrade"` on several GPUs turns a worker's crash loop into its
+    /// device's failure (worker i is on devices[i % n]); `stop`, a single GPU, or the owner
+    /// stop the service, as any crash loop does.
+    #[tokio::test]
+    async fn a_crash_loop_takes_the_workers_device_out_only_when_degrading() {
+        let degrade = "devices = [0, 1]\non_device_failure = \"degrade\"";
+        let stop = "devices = [0, 1]\non_device_failure = \"stop\"";
+        let one = "devices = [3]\non_device_failure = \"degrade\"";
+        match give_up(degrade, &[0, 1], Role::Worker, 3).await {
+            Event::DeviceFailed { device, reason } => {
+                assert_eq!(device, 1, "worker 3 of 2 devices is on device 1");
+                assert!(reason.contains("worker 3 kept dying") && reason.contains("status 1"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(give_up(degrade, &[0, 1], Role::Worker, 2).await, Event::DeviceFailed { device: 0, .. }));
+        for (cuda, devices, role) in [
+            (stop, &[0, 1][..], Role::Worker),
+            (one, &[3][..], Role::Worker),
+            (degrade, &[0, 1][..], Role::Owner),
+            (degrade, &[][..], Role::Worker),
+        ] {
+            match give_up(cuda, devices, role, 1).await {
+                Event::Fatal(reason) => assert!(reason.contains("kept dying"), "{reason}"),
+                other => panic!("{cuda} on {devices:?}, {role:?}: {other:?}"),
+            }
+        }
+    }
+}
