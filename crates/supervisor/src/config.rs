@@ -851,6 +851,7 @@ mod tests {
             ("examples/linear/config-gpu.toml", include_str!("../../../examples/linear/config-gpu.toml")),
             ("examples/mlp/config.toml", include_str!("../../../examples/mlp/config.toml")),
             ("deploy/config.toml", include_str!("../../../deploy/config.toml")),
+            ("deploy/config-multigpu.toml", include_str!("../../../deploy/config-multigpu.toml")),
         ] {
             if let Err(e) = Config::parse(text, Path::new(name)) {
                 panic!("{name}: {e}");
@@ -858,17 +859,45 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_kubernetes_configmap_holds_a_valid_config() {
-        let manifest = include_str!("../../../deploy/kubernetes.yaml");
+    /// The config in a manifest's ConfigMap (the block under `config.toml: |`).
+    fn configmap_config(name: &str, manifest: &str) -> Config {
         let (_, block) = manifest.split_once("config.toml: |\n").expect("a config.toml entry");
         let text: String = block
             .lines()
             .take_while(|line| line.is_empty() || line.starts_with("    "))
             .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
             .collect();
-        let config = Config::parse(&text, Path::new("deploy/kubernetes.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        Config::parse(&text, Path::new(name)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_kubernetes_configmap_holds_a_valid_config() {
+        let config = configmap_config("deploy/kubernetes.yaml", include_str!("../../../deploy/kubernetes.yaml"));
         assert_eq!(config.model.backend, Backend::Cuda);
+    }
+
+    /// The multi-GPU files ask for what their comments say: every GPU, 4 workers each,
+    /// degrade, the lane; and the ConfigMap is the TOML file with the pod's paths.
+    #[test]
+    fn the_multi_gpu_deployment_configs_are_valid_and_agree() {
+        let file =
+            Config::parse(include_str!("../../../deploy/config-multigpu.toml"), Path::new("config-multigpu.toml"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        let pod = configmap_config(
+            "deploy/kubernetes-multigpu.yaml",
+            include_str!("../../../deploy/kubernetes-multigpu.yaml"),
+        );
+        for config in [&file, &pod] {
+            assert_eq!(config.model.backend, Backend::Cuda);
+            assert_eq!(config.cuda.devices, Some(DeviceSet::Named("all".into())));
+            assert_eq!(config.cuda.requested_devices(), None, "the probe counts the GPUs");
+            assert_eq!(config.cuda.workers_per_device, Some(4));
+            assert_eq!(config.worker_count(8), 32);
+            assert_eq!(config.cuda.on_device_failure, DeviceFailure::Degrade);
+            assert_eq!((config.lane.enabled, config.lane.max_batch, config.lane.max_wait_us), (true, 32, 100));
+        }
+        assert_eq!(file.cuda, pod.cuda);
+        assert_eq!(file.lane, pod.lane);
     }
 
     #[test]
