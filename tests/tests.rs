@@ -16,4 +16,5 @@ mod policies;
 mod protocol;
 mod serving;
 mod sharing;
+mod structure;
 mod trust;

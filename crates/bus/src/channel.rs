@@ -55,8 +55,8 @@ async fn io_now_or_when_ready<R>(
     }
 }
 
-/// Largest payload a frame may carry (4 MiB: room for manifests of ~50k tensors).
-pub const MAX_FRAME_LEN: u32 = 4 << 20;
+/// Largest payload a frame may carry (defined beside the decoder, which is bounded by it).
+pub use crate::codec::MAX_FRAME_LEN;
 const PREFIX: usize = 4;
 const READ_CHUNK: usize = 64 * 1024;
 /// More queued fds than this means the peer is sending descriptors nobody asked for.

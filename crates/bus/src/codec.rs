@@ -24,8 +24,12 @@ pub enum CodecError {
     Trailing(usize),
 }
 
+/// Largest payload a frame may carry (4 MiB: room for manifests of ~50k tensors); frames are
+/// [`crate::channel`]'s, and a decode may allocate no more than one holds.
+pub const MAX_FRAME_LEN: u32 = 4 << 20;
+
 /// Upper bound on what one decode may allocate; equal to the frame limit.
-const DECODE_LIMIT: usize = crate::channel::MAX_FRAME_LEN as usize;
+const DECODE_LIMIT: usize = MAX_FRAME_LEN as usize;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_little_endian().with_variable_int_encoding().with_limit::<DECODE_LIMIT>()

@@ -291,7 +291,7 @@ async fn probe_report(spawner: &Spawner, exe: &Path, device: u32) -> Result<Prob
     let output = match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
         Ok(output) => output.map_err(|e| format!("the GPU probe failed: {e}"))?,
         Err(_) => {
-            crate::children::signal_group(pid, rustix::process::Signal::KILL);
+            crate::groups::signal_group(pid, rustix::process::Signal::KILL);
             return Err(format!(
                 "the GPU probe did not answer within {PROBE_TIMEOUT:?}: the driver hangs; check nvidia-smi"
             ));

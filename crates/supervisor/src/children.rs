@@ -5,14 +5,6 @@
 //! after [`GROUP_GRACE`]; the group is recorded in the runtime folder meanwhile (see
 //! [`crate::groups`]). What happens around that (readiness, restarts, replacement) is the
 //! slot's business, in [`crate::slot`].
-//!
-//! ```no_run
-//! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) -> std::io::Result<()> {
-//! use forkless_supervisor::{children::launch, spawn::ChildLabel};
-//! let running = launch(&ctx, ChildLabel { role: forkless_bus::Role::Worker, index: 0 }).await?;
-//! running.stop(std::time::Duration::from_secs(5)).await;
-//! # Ok(()) }
-//! ```
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -22,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use forkless_bus::child_env::ChildEnv;
 use forkless_bus::Role;
-use rustix::process::{kill_process_group, Pid, Signal};
+use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
@@ -33,6 +25,7 @@ use crate::backend::RunningBackend;
 use crate::bus_server::serve_child;
 use crate::config::{resolve_program, Config, Sharing};
 use crate::events::Event;
+pub(crate) use crate::groups::signal_group;
 use crate::groups::ProcessGroups;
 use crate::link::{BusState, ChildLink};
 use crate::listeners::Listeners;
@@ -290,15 +283,6 @@ async fn end_group(pgid: u32, groups: Option<ProcessGroups>) {
     }
     if let Some(groups) = groups {
         groups.forget(pgid);
-    }
-}
-
-/// Signals the process group `pid` leads; false if it has no member left. (A group keeps its
-/// number reserved while it has members, so this cannot hit somebody else's group.)
-pub(crate) fn signal_group(pid: u32, signal: Signal) -> bool {
-    match i32::try_from(pid).ok().and_then(Pid::from_raw) {
-        Some(pgid) => kill_process_group(pgid, signal).is_ok(),
-        None => false,
     }
 }
 

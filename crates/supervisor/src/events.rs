@@ -1,10 +1,4 @@
 //! Events that children's slots and the bus report to the supervisor's main loop.
-//!
-//! ```
-//! use forkless_supervisor::events::Event;
-//! let event = Event::Fatal("owner kept failing".into());
-//! assert!(matches!(event, Event::Fatal(_)));
-//! ```
 
 use crate::spawn::ChildLabel;
 
@@ -28,4 +22,15 @@ pub enum Event {
     /// A worker on `device` kept failing and the service degrades (`[cuda] on_device_failure =
     /// "degrade"`): that device's workers stop; the others keep serving.
     DeviceFailed { device: u32, reason: String },
+}
+
+#[cfg(test)]
+mod module_example {
+    /// What this module's documentation once showed as an example (the module is private now).
+    #[test]
+    fn the_module_in_a_few_lines() {
+        use crate::events::Event;
+        let event = Event::Fatal("owner kept failing".into());
+        assert!(matches!(event, Event::Fatal(_)));
+    }
 }

@@ -15,15 +15,6 @@
 //! through one pidfd, so a pid reused between the two is never hit. A descendant that scrubbed
 //! its environment, or changed its uid, is beyond this (under systemd the unit's cgroup still
 //! ends it: see deploy/README.md).
-//!
-//! ```
-//! let dir = tempfile::tempdir().unwrap();
-//! let groups = forkless_supervisor::groups::ProcessGroups::new(dir.path().join("groups"), 4242).unwrap();
-//! groups.record(31337);
-//! assert_eq!(groups.recorded(), vec![31337]);
-//! groups.forget(31337);
-//! assert!(groups.recorded().is_empty());
-//! ```
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -164,6 +155,15 @@ fn has_env(pid: u32, entry: &str) -> bool {
         .is_ok_and(|environ| environ.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
 }
 
+/// Signals the process group `pid` leads; false if it has no member left. (A group keeps its
+/// number reserved while it has members, so this cannot hit somebody else's group.)
+pub(crate) fn signal_group(pid: u32, signal: rustix::process::Signal) -> bool {
+    match i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        Some(pgid) => rustix::process::kill_process_group(pgid, signal).is_ok(),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +213,19 @@ mod tests {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+}
+
+#[cfg(test)]
+mod module_example {
+    /// What this module's documentation once showed as an example (the module is private now).
+    #[test]
+    fn the_module_in_a_few_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = crate::groups::ProcessGroups::new(dir.path().join("groups"), 4242).unwrap();
+        groups.record(31337);
+        assert_eq!(groups.recorded(), vec![31337]);
+        groups.forget(31337);
+        assert!(groups.recorded().is_empty());
     }
 }

@@ -23,26 +23,26 @@
 
 pub mod backend;
 mod bus_server;
-pub mod children;
+mod children;
 pub mod config;
 pub mod control;
 pub mod escrow;
-pub mod events;
-pub mod groups;
+mod events;
+mod groups;
 pub mod limits;
 mod link;
-pub mod listeners;
+mod listeners;
 pub mod logging;
-pub mod metrics;
+mod metrics;
 mod owner_link;
 pub mod processes;
-pub mod restart;
-pub mod runtime_dir;
-pub mod sd_notify;
+mod restart;
+mod runtime_dir;
+mod sd_notify;
 pub mod service;
-pub mod shutdown;
-pub mod slot;
-pub mod spawn;
+mod shutdown;
+mod slot;
+mod spawn;
 mod worker_link;
 
 use std::path::Path;

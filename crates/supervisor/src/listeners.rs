@@ -1,12 +1,6 @@
 //! Listening sockets: bound once by the supervisor, inherited by every worker as fds 3.. under
 //! the systemd `LISTEN_FDS` convention. All workers accept on the same queue, so a worker that
 //! restarts loses no queued connection: the kernel keeps them for the others.
-//!
-//! ```
-//! let listeners = forkless_supervisor::listeners::Listeners::bind(&["127.0.0.1:0".into()], 128).unwrap();
-//! assert_eq!(listeners.len(), 1);
-//! assert_ne!(listeners.local_addrs()[0].port(), 0);
-//! ```
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -62,4 +56,15 @@ fn bind_one(addr: &str, backlog: i32) -> std::io::Result<Socket> {
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod module_example {
+    /// What this module's documentation once showed as an example (the module is private now).
+    #[test]
+    fn the_module_in_a_few_lines() {
+        let listeners = crate::listeners::Listeners::bind(&["127.0.0.1:0".into()], 128).unwrap();
+        assert_eq!(listeners.len(), 1);
+        assert_ne!(listeners.local_addrs()[0].port(), 0);
+    }
 }

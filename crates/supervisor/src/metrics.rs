@@ -2,14 +2,6 @@
 //! the Prometheus exporter and serves it): restarts by role and reason (counted where they
 //! happen), and, refreshed every few seconds, per process: up, RSS, requests served; plus the
 //! live generation, the bytes held in escrow and the workers wanted and ready.
-//!
-//! ```no_run
-//! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) {
-//! let stop = tokio_util::sync::CancellationToken::new();
-//! let meter = forkless_supervisor::processes::MemoryMeter::start().unwrap();
-//! forkless_supervisor::metrics::record_periodically(ctx, meter, stop).await;
-//! # }
-//! ```
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,17 +6,6 @@
 //! removed when it is gone; every update names the pid, so a late event about an old process
 //! (or an early one about a new process, such as its bus connection reporting `Ready` before
 //! the spawner recorded the start) can never move a record backwards or touch another process.
-//!
-//! ```
-//! use forkless_supervisor::processes::{ProcessTable, State};
-//! use forkless_supervisor::spawn::ChildLabel;
-//! let table = ProcessTable::default();
-//! let label = ChildLabel { role: forkless_bus::Role::Worker, index: 0 };
-//! table.open_slot(label);
-//! table.advance(label, 4242, State::Ready);
-//! table.spawned(label, 4242); // late: does not move it back to starting
-//! assert_eq!(table.snapshot()[0].state, State::Ready);
-//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -348,5 +337,20 @@ mod tests {
         table.remove(W0);
         table.ready(W0, 10, Some(1));
         assert!(table.snapshot().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod module_example {
+    #[test]
+    fn a_late_spawn_record_does_not_move_a_ready_process_back() {
+        use crate::processes::{ProcessTable, State};
+        use crate::spawn::ChildLabel;
+        let table = ProcessTable::default();
+        let label = ChildLabel { role: forkless_bus::Role::Worker, index: 0 };
+        table.open_slot(label);
+        table.advance(label, 4242, State::Ready);
+        table.spawned(label, 4242); // late: does not move it back to starting
+        assert_eq!(table.snapshot()[0].state, State::Ready);
     }
 }

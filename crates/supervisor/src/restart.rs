@@ -3,20 +3,6 @@
 //! has stayed up `reset_after_s` waits `backoff_initial_ms`, then twice that, and so on up to
 //! `backoff_max_ms`; staying up that long makes it healthy again. The slot spreads each delay
 //! by ±20 % ([`jittered`]).
-//!
-//! ```
-//! use std::time::Duration;
-//! use forkless_supervisor::{config::RestartConfig, restart::Backoff};
-//! let config = RestartConfig { backoff_initial_ms: 100, backoff_max_ms: 400, reset_after_s: 10.0, ..Default::default() };
-//! let mut backoff = Backoff::new(&config);
-//! let quick = Duration::from_millis(5);
-//! assert_eq!(backoff.after_exit(quick), Duration::ZERO);
-//! assert_eq!(backoff.after_exit(quick), Duration::from_millis(100));
-//! assert_eq!(backoff.after_exit(quick), Duration::from_millis(200));
-//! assert_eq!(backoff.after_exit(quick), Duration::from_millis(400));
-//! assert_eq!(backoff.after_exit(quick), Duration::from_millis(400));
-//! assert_eq!(backoff.after_exit(Duration::from_secs(60)), Duration::ZERO);
-//! ```
 
 use std::time::Duration;
 
@@ -165,5 +151,25 @@ mod tests {
         assert_eq!(ExitKind::of(&status(75 << 8)), ExitKind::Temporary);
         assert_eq!(ExitKind::of(&status(1 << 8)), ExitKind::Crash);
         assert_eq!(ExitKind::of(&status(9)), ExitKind::Crash);
+    }
+}
+
+#[cfg(test)]
+mod module_example {
+    /// What this module's documentation once showed as an example (the module is private now).
+    #[test]
+    fn the_module_in_a_few_lines() {
+        use crate::{config::RestartConfig, restart::Backoff};
+        use std::time::Duration;
+        let config =
+            RestartConfig { backoff_initial_ms: 100, backoff_max_ms: 400, reset_after_s: 10.0, ..Default::default() };
+        let mut backoff = Backoff::new(&config);
+        let quick = Duration::from_millis(5);
+        assert_eq!(backoff.after_exit(quick), Duration::ZERO);
+        assert_eq!(backoff.after_exit(quick), Duration::from_millis(100));
+        assert_eq!(backoff.after_exit(quick), Duration::from_millis(200));
+        assert_eq!(backoff.after_exit(quick), Duration::from_millis(400));
+        assert_eq!(backoff.after_exit(quick), Duration::from_millis(400));
+        assert_eq!(backoff.after_exit(Duration::from_secs(60)), Duration::ZERO);
     }
 }

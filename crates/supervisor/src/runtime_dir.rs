@@ -22,14 +22,6 @@
 //! A folder left by a supervisor that was killed is recovered on the next start: its recorded
 //! process groups are ended, its sockets and cache removed. The folder goes when its supervisor
 //! exits.
-//!
-//! ```
-//! let base = tempfile::tempdir().unwrap();
-//! let config = base.path().join("config.toml");
-//! let dir = forkless_supervisor::runtime_dir::RuntimeDir::open(&config, Some(base.path())).unwrap();
-//! assert!(dir.bus_socket().starts_with(base.path()));
-//! assert_eq!(dir.path(), forkless_supervisor::runtime_dir::path_for(&config, Some(base.path())));
-//! ```
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -135,6 +127,7 @@ impl RuntimeDir {
         Ok(RuntimeDir { path, groups, _lock: lock })
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -320,5 +313,18 @@ mod tests {
         assert!(matches!(err, RuntimeDirError::UnsafeParent { .. }), "{err}");
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
         drop(RuntimeDir::open(&config, Some(&shared)).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod module_example {
+    /// What this module's documentation once showed as an example (the module is private now).
+    #[test]
+    fn the_module_in_a_few_lines() {
+        let base = tempfile::tempdir().unwrap();
+        let config = base.path().join("config.toml");
+        let dir = crate::runtime_dir::RuntimeDir::open(&config, Some(base.path())).unwrap();
+        assert!(dir.bus_socket().starts_with(base.path()));
+        assert_eq!(dir.path(), crate::runtime_dir::path_for(&config, Some(base.path())));
     }
 }

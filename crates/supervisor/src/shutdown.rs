@@ -2,14 +2,6 @@
 //! `graceful_timeout_s`, then the owner stops, exit 0); SIGQUIT for a fast one (no grace).
 //! A second TERM/INT during a graceful stop (or `supervisor stop --now`) turns it into a fast
 //! one: children still in their grace period are killed at once.
-//!
-//! ```no_run
-//! # async fn f() -> std::io::Result<()> {
-//! let stop = forkless_supervisor::shutdown::Stop::default();
-//! forkless_supervisor::shutdown::on_signals(stop.clone())?;
-//! stop.requested().await;
-//! # Ok(()) }
-//! ```
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;

@@ -13,15 +13,6 @@
 //!   the old one, and only once it is ready is the old one stopped gracefully, so the slot
 //!   never stops serving;
 //! - stop: the child is stopped gracefully and the slot ends.
-//!
-//! ```no_run
-//! # async fn f(ctx: std::sync::Arc<forkless_supervisor::children::Context>) {
-//! use forkless_supervisor::{slot::Slot, spawn::ChildLabel};
-//! let slot = Slot::spawn(ctx, ChildLabel { role: forkless_bus::Role::Worker, index: 0 });
-//! slot.replace().await.unwrap();
-//! slot.stop().await;
-//! # }
-//! ```
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,20 +51,10 @@ impl Slot {
         Replacer { label: self.label, commands: self.commands.clone() }
     }
 
-    /// Starts a new child, waits until it is ready, then stops the old one gracefully.
-    pub async fn replace(&self) -> Result<(), String> {
-        self.replacer().replace().await
-    }
-
     /// Stops the child gracefully and ends the slot.
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
-    }
-
-    /// Asks the slot to stop without waiting for it.
-    pub fn begin_stop(&self) {
-        self.stop.cancel();
     }
 }
 

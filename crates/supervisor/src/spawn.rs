@@ -9,14 +9,6 @@
 //! no allocation) run: listening sockets land at fixed fds 3.. for `LISTEN_FDS`, the child's
 //! bus socket right after them (`FORKLESS_BUS_FD`).
 //! Each child gets its own process group, so a stop signal reaches anything it started.
-//!
-//! ```no_run
-//! # async fn f() -> std::io::Result<()> {
-//! use forkless_supervisor::spawn::{ChildSpec, Spawner};
-//! let spawner = Spawner::start(tokio::runtime::Handle::current());
-//! let child = spawner.spawn(ChildSpec::new("/bin/true".into())).await?;
-//! # Ok(()) }
-//! ```
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cuda;
+mod cuda_error;
 pub mod model_file;
 
 pub use model_file::{LoadError, ModelFile};

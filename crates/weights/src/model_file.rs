@@ -48,7 +48,7 @@ pub enum LoadError {
     #[error("cannot store weights of {path}: {source}")]
     Store { path: PathBuf, source: ArenaError },
     #[error("cannot put weights of {path} on the GPU: {source}")]
-    Gpu { path: PathBuf, source: Box<crate::cuda::CudaError> },
+    Gpu { path: PathBuf, source: Box<crate::cuda_error::CudaError> },
 }
 
 struct FileTensor {
