@@ -319,13 +319,7 @@ impl Service {
                 // Counted from the events this loop has logged, so "all N ready" always comes
                 // after the N-th worker's own line.
                 self.reported_ready.insert(index);
-                let ready = self.reported_ready.range(..self.workers_wanted).count();
-                if ready >= self.workers_wanted as usize && !self.announced {
-                    self.announced = true;
-                    let cold_start_ms = self.started.elapsed().as_millis() as u64;
-                    tracing::info!(cold_start_ms, "all {} workers ready", self.workers_wanted);
-                    crate::sd_notify::notify("READY=1");
-                }
+                self.announce_if_all_ready();
             }
             Event::Crashed { label } => match label.role {
                 Role::Owner => self.owner_lost_at = Some(Instant::now()),
@@ -412,6 +406,19 @@ impl Service {
         }
     }
 
+    /// Once every worker that can run is ready (those on a device taken out cannot): the cold
+    /// start's log line and systemd's READY=1, once.
+    fn announce_if_all_ready(&mut self) {
+        let placeable: Vec<u32> = (0..self.workers_wanted).filter(|&i| !self.on_failed_device(i)).collect();
+        let all_ready = !placeable.is_empty() && placeable.iter().all(|i| self.reported_ready.contains(i));
+        if all_ready && !self.announced {
+            self.announced = true;
+            let cold_start_ms = self.started.elapsed().as_millis() as u64;
+            tracing::info!(cold_start_ms, "all {} workers ready", placeable.len());
+            crate::sd_notify::notify("READY=1");
+        }
+    }
+
     fn on_failed_device(&self, index: u32) -> bool {
         self.ctx.bus.device_of(index).is_some_and(|device| self.failed_devices.contains_key(&device))
     }
@@ -431,6 +438,9 @@ impl Service {
         }
         if self.ctx.bus.devices.iter().all(|d| self.failed_devices.contains_key(d)) {
             let _ = self.ctx.events.send(Event::Fatal("every GPU of the service failed".into()));
+        } else {
+            // The workers of the other devices may all be ready already.
+            self.announce_if_all_ready();
         }
     }
 
@@ -698,6 +708,35 @@ mod tests {
             Ok(Event::Fatal(reason)) => assert!(reason.contains("every GPU"), "{reason}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// With a device taken out before its workers were ready, "all workers
+    /// ready" (and systemd's READY=1) must still come once the other devices' workers are.
+    #[test]
+    fn readiness_is_announced_without_the_workers_of_a_device_taken_out() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _entered = runtime.enter();
+        let cuda = "[cuda]\ndevices = [0, 1]\nworkers_per_device = 2\non_device_failure = \"degrade\"";
+        let (ctx, _events) = context(cuda, &[0, 1]);
+        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        service.reconcile();
+        let ready = |index| Event::WorkerReady { index, pid: 100 + index, generation: 1, attach: Default::default() };
+        service.on_event(ready(0));
+        service.on_event(ready(2));
+        assert!(!service.announced, "workers 1 and 3 (device 1) are not ready yet");
+        service.on_event(Event::DeviceFailed { device: 1, reason: "worker 1 kept dying".into() });
+        assert!(service.announced, "every worker that can run (0 and 2) is ready");
+
+        // Before any device fails, all four are needed.
+        let (ctx, _events) = context(cuda, &[0, 1]);
+        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        service.reconcile();
+        for index in [0, 1, 2] {
+            service.on_event(ready(index));
+        }
+        assert!(!service.announced);
+        service.on_event(ready(3));
+        assert!(service.announced);
     }
 
     /// On one GPU or on the host, placement does not depend on devices at all.
