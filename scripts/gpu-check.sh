@@ -5,12 +5,15 @@
 #
 #   cargo build --release --bins
 #   mkdir -p .gpu-bin && cp target/release/{supervisor,linear-worker,chaos,gpu-probe} .gpu-bin/
+#   strip .gpu-bin/*                     # 16 MB instead of 160 (the release profile keeps line tables)
 #
 # then, on the GPU machine:
 #
 #   scripts/gpu-check.sh                 # every section (~15 min; writes a 1.9 GB model once)
 #   scripts/gpu-check.sh probe vram      # some sections: probe correctness vram coldstart
-#                                        #   throughput survive ownerkill hotswap soak
+#                                        #   throughput survive ownerkill hotswap soak, and
+#                                        #   gemm lanesweep lane lanekill (the batch lane, issue 13),
+#                                        #   multigpu (every GPU of the node, issue 14)
 #   scripts/gpu-check.sh python          # the Python workers (issue 12): scripts/gpu_python.py;
 #                                        #   needs .whl/ (python3 scripts/gpu_python.py --prepare)
 #

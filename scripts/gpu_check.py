@@ -3,11 +3,12 @@
 with release binaries built elsewhere (the GPU machine needs no Rust toolchain):
 
     cargo build --release --bins && mkdir -p .gpu-bin && \
-      cp target/release/{supervisor,linear-worker,chaos,gpu-probe} .gpu-bin/
+      cp target/release/{supervisor,linear-worker,chaos,gpu-probe} .gpu-bin/ && strip .gpu-bin/*
     python3 scripts/gpu_check.py all            # or a list of sections, see SECTIONS
 
 Every section prints what it measured and PASS/FAIL lines against the targets of issue #3
-(and the GPU halves of #5 and #6); the results also go to $OUT (default /tmp/forkless-gpu)
+(and the GPU halves of #5 and #6; `gemm`, `lane`, `lanesweep`, `lanekill`: issue #13;
+`multigpu`: issue #14); the results also go to $OUT (default /tmp/forkless-gpu)
 as gpu-check.txt plus JSON reports, logs and the chaos HTML page. Only the standard library,
 nvidia-smi and the forkless binaries are used (numpy, if present, for the hot-swap reference).
 """
