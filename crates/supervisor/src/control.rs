@@ -16,7 +16,7 @@
 //! a real command. Refusals are logged at most once a second.
 //!
 //! ```no_run
-//! # async fn f(config: &forkless_supervisor::config::Config) -> anyhow::Result<()> {
+//! # async fn f(config: &forkless_supervisor::config::Config) -> Result<(), Box<dyn std::error::Error>> {
 //! use forkless_supervisor::control::{request, Request, Response};
 //! let answer = request(config, &Request::ReloadModel { path: None }).await?;
 //! assert!(matches!(answer, Response::Reloaded { .. } | Response::Failed { .. }));
@@ -26,7 +26,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -105,16 +104,17 @@ impl ControlSocket {
     /// Binds `path`, inside the runtime folder this supervisor holds locked (so whatever
     /// socket sat there belonged to a supervisor that died). `status` reads memory through
     /// `meter`.
-    pub fn bind(path: &Path, meter: MemoryMeter) -> anyhow::Result<Self> {
+    pub fn bind(path: &Path, meter: MemoryMeter) -> Result<Self, BindError> {
+        let failed = |what: &'static str| move |error| BindError { what, path: path.to_path_buf(), error };
         match std::fs::remove_file(path) {
             Ok(()) => tracing::warn!("removed the stale control socket {}", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
+            Err(e) => return Err(failed("cannot remove the stale control socket")(e)),
         }
-        let listener =
-            UnixListener::bind(path).with_context(|| format!("cannot create the control socket {}", path.display()))?;
+        let listener = UnixListener::bind(path).map_err(failed("cannot create the control socket"))?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(failed("cannot make the control socket private"))?;
         Ok(ControlSocket { listener, path: path.to_path_buf(), meter })
     }
 
@@ -257,44 +257,68 @@ async fn ask(commands: &mpsc::UnboundedSender<Command>, command: impl FnOnce(Rep
     }
 }
 
+/// Why the control socket could not be made (`supervisor run`).
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {error}")]
+pub struct BindError {
+    what: &'static str,
+    path: PathBuf,
+    error: std::io::Error,
+}
+
+/// Why a control request got no answer to believe. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("no supervisor is running for {config} (control socket {socket}{detail})")]
+    NotRunning { config: PathBuf, socket: PathBuf, detail: String },
+    #[error("refusing to talk to the supervisor's control socket: {0}")]
+    UntrustedFolder(#[from] crate::RuntimeDirError),
+    #[error(
+        "the control socket {socket} is served by uid {uid} (pid {pid}), not by this user (uid {own}): refusing to \
+         believe its answer; something took the supervisor's place, check {folder}"
+    )]
+    Impostor { socket: PathBuf, uid: u32, pid: i32, own: u32, folder: PathBuf },
+    #[error("control socket {socket}: {error}")]
+    Io { socket: PathBuf, error: std::io::Error },
+    #[error("the supervisor closed the control connection without answering (too many control connections open?): try again")]
+    NoAnswer,
+    #[error("unreadable answer from the supervisor: {line:?} ({error})")]
+    Unreadable { line: String, error: serde_json::Error },
+}
+
 /// Sends one request to the supervisor running `config` and returns its answer, once the
 /// runtime folder and the peer at the socket have shown they are this user's.
-pub async fn request(config: &Config, request: &Request) -> anyhow::Result<Response> {
+pub async fn request(config: &Config, request: &Request) -> Result<Response, RequestError> {
+    let socket = socket_path(config);
+    let io = |error| RequestError::Io { socket: socket.clone(), error };
     let stream = connect(config).await?;
     let (read, mut write) = stream.into_split();
-    let mut text = serde_json::to_string(request)?;
+    let mut text = serde_json::to_string(request).expect("requests serialise");
     text.push('\n');
-    write.write_all(text.as_bytes()).await?;
+    write.write_all(text.as_bytes()).await.map_err(io)?;
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
+    BufReader::new(read).read_line(&mut line).await.map_err(io)?;
     if line.is_empty() {
-        bail!("the supervisor closed the control connection without answering (too many control connections open?): try again");
+        return Err(RequestError::NoAnswer);
     }
-    serde_json::from_str(&line).with_context(|| format!("unreadable answer from the supervisor: {line:?}"))
+    serde_json::from_str(&line).map_err(|error| RequestError::Unreadable { line, error })
 }
 
 /// Connects to `config`'s control socket, refusing a runtime folder or a peer that is not this
 /// user's: whoever else listens there is not the supervisor, whatever it answers.
-async fn connect(config: &Config) -> anyhow::Result<UnixStream> {
-    let (folder, path) = (runtime_folder(config), socket_path(config));
+async fn connect(config: &Config) -> Result<UnixStream, RequestError> {
+    let (folder, socket) = (runtime_folder(config), socket_path(config));
     let not_running =
-        || format!("no supervisor is running for {} (control socket {})", config.source.display(), path.display());
+        |detail: String| RequestError::NotRunning { config: config.source.clone(), socket: socket.clone(), detail };
     match std::fs::symlink_metadata(&folder) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{}", not_running()),
-        _ => runtime_dir::check_private(&folder).context("refusing to talk to the supervisor's control socket")?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running(String::new())),
+        _ => runtime_dir::check_private(&folder)?,
     }
-    let stream = UnixStream::connect(&path).await.with_context(not_running)?;
-    let cred = stream.peer_cred().with_context(|| format!("cannot read the credentials of {}", path.display()))?;
-    let uid = rustix::process::getuid().as_raw();
-    if cred.uid() != uid {
-        bail!(
-            "the control socket {} is served by uid {} (pid {}), not by this user (uid {uid}): refusing to believe \
-             its answer; something took the supervisor's place, check {}",
-            path.display(),
-            cred.uid(),
-            cred.pid().unwrap_or(0),
-            folder.display()
-        );
+    let stream = UnixStream::connect(&socket).await.map_err(|e| not_running(format!(": {e}")))?;
+    let cred = stream.peer_cred().map_err(|error| RequestError::Io { socket: socket.clone(), error })?;
+    let own = rustix::process::getuid().as_raw();
+    if cred.uid() != own {
+        return Err(RequestError::Impostor { socket, uid: cred.uid(), pid: cred.pid().unwrap_or(0), own, folder });
     }
     Ok(stream)
 }

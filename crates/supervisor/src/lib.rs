@@ -13,7 +13,7 @@
 //! - which memory holds the weights (host or a GPU), resolved once at start: [`backend`].
 //!
 //! ```no_run
-//! # async fn f() -> anyhow::Result<()> {
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = forkless_supervisor::config::Config::load("examples/linear/config.toml".as_ref())?;
 //! let (health, _) = tokio::sync::watch::channel(Default::default());
 //! forkless_supervisor::run(config, forkless_supervisor::RunOptions::default(), health).await?;
@@ -48,8 +48,6 @@ mod worker_link;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _};
-
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -66,6 +64,34 @@ use crate::service::{Health, Service};
 use crate::shutdown::Stop;
 use crate::spawn::{ChildSpec, Spawner};
 
+pub use listeners::BindError as ListenError;
+pub use runtime_dir::RuntimeDirError;
+
+/// Why `supervisor run` stopped with a failure. Each names what failed and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
+    #[error("cannot start the memory-measuring thread: {0}")]
+    Meter(std::io::Error),
+    #[error(transparent)]
+    Control(#[from] control::BindError),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot create the bus socket {path}: {error}")]
+    BusSocket { path: std::path::PathBuf, error: std::io::Error },
+    /// The weights file is missing, not a regular file, or `make_if_missing` did not make it.
+    #[error("{0}")]
+    Model(String),
+    /// Something restarting cannot fix (a crash loop, every GPU failed, …): the reason.
+    #[error("{0}")]
+    Fatal(String),
+}
+
 /// What `supervisor run` was told on its command line, beside the config.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -80,13 +106,13 @@ const SELF_EXE: &str = "/proc/self/exe";
 
 /// Runs the supervisor until a stop signal (`Ok`) or a fatal failure (`Err` with the reason).
 /// `health` receives liveness and readiness (for `/livez` and `/readyz`).
-pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Health>) -> anyhow::Result<()> {
+pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Health>) -> Result<(), RunError> {
     let started = std::time::Instant::now();
     let spawner = Spawner::start(tokio::runtime::Handle::current());
     let stop = Stop::default();
-    shutdown::on_signals(stop.clone()).context("cannot install signal handlers")?;
+    shutdown::on_signals(stop.clone()).map_err(RunError::Signals)?;
     let runtime_dir = RuntimeDir::open(&config.source, config.supervisor.runtime_dir.as_deref())?;
-    let meter = processes::MemoryMeter::start().context("cannot start the memory-measuring thread")?;
+    let meter = processes::MemoryMeter::start().map_err(RunError::Meter)?;
     let control = control::ControlSocket::bind(&runtime_dir.control_socket(), meter.clone())?;
     let requested = options.backend.unwrap_or(config.model.backend);
     let resolved = backend::resolve(requested, &config, &spawner, Path::new(SELF_EXE)).await?;
@@ -96,8 +122,8 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     let listeners = Listeners::bind(&config.workers.listen, config.workers.backlog)?;
     let addrs: Vec<String> = listeners.local_addrs().iter().map(ToString::to_string).collect();
     let bus_socket = runtime_dir.bus_socket();
-    let bus_listener = UnixListener::bind(&bus_socket)
-        .with_context(|| format!("cannot create bus socket {}", bus_socket.display()))?;
+    let bus_listener =
+        UnixListener::bind(&bus_socket).map_err(|error| RunError::BusSocket { path: bus_socket.clone(), error })?;
     tracing::info!(
         workers = config.workers.count,
         sharing = ?config.model.sharing,
@@ -110,7 +136,7 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
 
     let (events, event_inbox) = mpsc::unbounded_channel();
     let (commands, command_inbox) = mpsc::unbounded_channel();
-    service::forward_signals(commands.clone()).context("cannot install signal handlers")?;
+    service::forward_signals(commands.clone()).map_err(RunError::Signals)?;
     let bus_stop = CancellationToken::new();
     let mut bus_state = BusState::new(
         Escrow::new(config.lane.layout()),
@@ -134,7 +160,7 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
     let _ = tokio::join!(bus_task, control_task, metrics_task);
     drop(runtime_dir);
     match failure {
-        Some(reason) => bail!(reason),
+        Some(reason) => Err(RunError::Fatal(reason)),
         None => {
             tracing::info!("stopped");
             Ok(())
@@ -143,7 +169,11 @@ pub async fn run(config: Config, options: RunOptions, health: watch::Sender<Heal
 }
 
 /// The resolved backend with what its children need: for cuda, a private kernel cache.
-fn running_backend(resolved: ResolvedBackend, config: &Config, dir: &RuntimeDir) -> anyhow::Result<RunningBackend> {
+fn running_backend(
+    resolved: ResolvedBackend,
+    config: &Config,
+    dir: &RuntimeDir,
+) -> Result<RunningBackend, RuntimeDirError> {
     let kernel_cache = match resolved {
         ResolvedBackend::Cuda { .. } => Some(dir.kernel_cache()?),
         ResolvedBackend::Host => None,
@@ -153,20 +183,22 @@ fn running_backend(resolved: ResolvedBackend, config: &Config, dir: &RuntimeDir)
 
 /// Whether `[model] path` exists; an error if it exists but is not a regular file (a FIFO
 /// would block the owner's `open` until its start timeout, again and again).
-fn weights_file_exists(config: &Config) -> anyhow::Result<bool> {
+fn weights_file_exists(config: &Config) -> Result<bool, RunError> {
     let path = &config.model.path;
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => Ok(true),
-        Ok(meta) => bail!(
+        Ok(meta) => Err(RunError::Model(format!(
             "weights file {} ([model] path in {}) is {}, not a regular file: point it at a safetensors file",
             path.display(),
             config.source.display(),
             file_kind(meta.file_type()),
-        ),
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => {
-            bail!("cannot read weights file {} ([model] path in {}): {e}", path.display(), config.source.display())
-        }
+        Err(e) => Err(RunError::Model(format!(
+            "cannot read weights file {} ([model] path in {}): {e}",
+            path.display(),
+            config.source.display()
+        ))),
     }
 }
 
@@ -183,24 +215,25 @@ fn file_kind(kind: std::fs::FileType) -> &'static str {
 
 /// Makes sure the weights file exists before anything starts: a missing file is a clear
 /// error naming it, not a restart loop of owners that cannot load it.
-async fn ensure_model(config: &Config, spawner: &Spawner, stop: &CancellationToken) -> anyhow::Result<()> {
+async fn ensure_model(config: &Config, spawner: &Spawner, stop: &CancellationToken) -> Result<(), RunError> {
     let path = &config.model.path;
     if weights_file_exists(config)? {
         return Ok(());
     }
     let Some(command) = &config.model.make_if_missing else {
-        bail!(
+        return Err(RunError::Model(format!(
             "weights file {} ([model] path in {}) does not exist: create it, or set [model] make_if_missing to a command that does",
             path.display(),
             config.source.display()
-        );
+        )));
     };
     tracing::info!("weights file {} is missing: running {:?}", path.display(), command);
     let mut spec = ChildSpec::new(config::resolve_program(&command[0], config.base_dir()));
     spec.args = command[1..].to_vec();
     spec.env.push((forkless_bus::ENV_MODEL.into(), path.display().to_string()));
-    let mut child =
-        spawner.spawn(spec).await.with_context(|| format!("[model] make_if_missing in {}", config.source.display()))?;
+    let make_failed =
+        |e: std::io::Error| RunError::Model(format!("[model] make_if_missing in {}: {e}", config.source.display()));
+    let mut child = spawner.spawn(spec).await.map_err(make_failed)?;
     let mut stderr = child.stderr.take().expect("spawned with piped stderr");
     let collect = tokio::spawn(async move {
         let mut text = String::new();
@@ -208,23 +241,26 @@ async fn ensure_model(config: &Config, spawner: &Spawner, stop: &CancellationTok
         text
     });
     let status = tokio::select! {
-        status = child.wait() => status?,
+        status = child.wait() => status.map_err(make_failed)?,
         _ = stop.cancelled() => {
             let pid = child.id().unwrap_or(0);
             children::signal_group(pid, rustix::process::Signal::KILL);
             let _ = child.wait().await;
-            bail!("stopped while [model] make_if_missing was writing {}", path.display());
+            return Err(RunError::Model(format!(
+                "stopped while [model] make_if_missing was writing {}",
+                path.display()
+            )));
         }
     };
     let stderr = collect.await.unwrap_or_default();
     if !status.success() || !weights_file_exists(config)? {
-        bail!(
+        return Err(RunError::Model(format!(
             "[model] make_if_missing {:?} ({}) did not create {}: {}",
             command,
             status,
             path.display(),
             stderr.trim()
-        );
+        )));
     }
     Ok(())
 }

@@ -151,7 +151,7 @@ fn run(config: PathBuf, options: RunOptions) -> ExitCode {
             if let Some(addr) = &config.supervisor.metrics_listen {
                 prometheus::serve(addr.parse()?, health_rx).await?;
             }
-            forkless_supervisor::run(config, options, health).await
+            Ok(forkless_supervisor::run(config, options, health).await?)
         })
     });
     match result {
@@ -207,7 +207,7 @@ fn print(text: &str) -> ExitCode {
 fn control(target: &Target, message: Request, json: bool) -> ExitCode {
     let answer = Config::load(&target.config)
         .map_err(anyhow::Error::from)
-        .and_then(|config| runtime().block_on(request(&config, &message)));
+        .and_then(|config| Ok(runtime().block_on(request(&config, &message))?));
     match answer {
         Ok(Response::Status { status }) if json => {
             print(&format!("{}\n", serde_json::to_string_pretty(&status).expect("status serialises")))
