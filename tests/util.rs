@@ -504,6 +504,10 @@ fn try_infer(addr: &str, seed: u64) -> Result<Value, String> {
     .map_err(|e| format!("write: {e}"))?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(|e| format!("read: {e}"))?;
+    if response.is_empty() {
+        // Closed before any answer: a worker that began draining after it accepted us.
+        return Err("read: the connection closed before any answer".into());
+    }
     let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("no response: {response:?}"))?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!("{head}: {body}"));
