@@ -152,6 +152,11 @@ impl Bursts {
 /// Refused connections that may linger at once.
 const LINGERING: usize = 256;
 
+/// How long a draining worker keeps serving connections it has already accepted before it
+/// closes the idle ones: long enough for a request a client wrote right after connecting to
+/// be read (local clients need microseconds), short against any drain.
+const ACCEPTED_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Server {
     pub fn new(app: Router, limits: HttpLimits) -> Server {
         Server {
@@ -249,7 +254,12 @@ impl Server {
                 bursts.closed();
             });
         }
-        drop(listener); // the supervisor and the other workers keep theirs
+        // The supervisor and the other workers keep their copies of the listener.
+        drop(listener);
+        // A connection accepted just now may have its request still in the socket buffer,
+        // unread: hyper would count it idle and close it, and a client that does not retry
+        // would see a failure. A moment lets such requests start; they are then answered.
+        tokio::time::sleep(ACCEPTED_GRACE).await;
         graceful.shutdown().await;
         Ok(())
     }
