@@ -78,49 +78,7 @@ impl Blas {
         y: &mut impl DevicePtrMut<f32>,
         batch: usize,
     ) -> Result<(), GpuError> {
-        let shape = |detail: String| GpuError::Cublas { op: "cublasSgemm", status: detail };
-        if outputs.checked_mul(inputs) != Some(w.len()) {
-            return Err(shape(format!("weight has {} elements, not {outputs} x {inputs}", w.len())));
-        }
-        if batch.checked_mul(inputs).is_none_or(|n| n > x.len())
-            || batch.checked_mul(outputs).is_none_or(|n| n > y.len())
-        {
-            return Err(shape(format!("batch {batch}: x has {} and y {} elements, too few", x.len(), y.len())));
-        }
-        let int = |v: usize| c_int::try_from(v).map_err(|_| shape(format!("{v} does not fit cuBLAS's int")));
-        let (m, n, k) = (int(outputs)?, int(batch)?, int(inputs)?);
-        if batch == 0 {
-            return Ok(());
-        }
-        let (alpha, beta) = (1f32, 0f32);
-        let (x_ptr, _x_done) = x.device_ptr(&self.stream);
-        let (y_ptr, _y_done) = y.device_ptr_mut(&self.stream);
-        // Column-major view: w (row-major [out, in]) is wᵀ with leading dimension `in`, so
-        // op(A) = T gives [out, in]; x is [in, batch] (ld in); y is [out, batch] (ld out),
-        // which is y row-major [batch, out].
-        // SAFETY: the handle is live and bound to `self.stream`; all three pointers are device
-        // memory of this context with at least the extents checked above (w borrowed for the
-        // call, x and y kept alive by their borrows, with cudarc's events recorded on drop of
-        // the guards after the call is queued).
-        unsafe {
-            cudarc::cublas::result::sgemm(
-                *self.blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                &alpha,
-                w.ptr() as *const f32,
-                k,
-                x_ptr as *const f32,
-                k,
-                &beta,
-                y_ptr as *mut f32,
-                m,
-            )
-        }
-        .map_err(|e| GpuError::Cublas { op: "cublasSgemm", status: format!("{e:?}") })
+        self.linear_as(Layout::BatchMajor, w, outputs, inputs, x, y, batch)
     }
 
     /// Like [`Blas::linear`], with the operands' roles swapped: `y` comes out outputs-major
@@ -135,28 +93,45 @@ impl Blas {
         y: &mut impl DevicePtrMut<f32>,
         batch: usize,
     ) -> Result<(), GpuError> {
-        let shape = |detail: String| GpuError::Cublas { op: "cublasSgemm", status: detail };
-        if outputs.checked_mul(inputs) != Some(w.len()) {
-            return Err(shape(format!("weight has {} elements, not {outputs} x {inputs}", w.len())));
-        }
-        if batch.checked_mul(inputs).is_none_or(|n| n > x.len())
-            || batch.checked_mul(outputs).is_none_or(|n| n > y.len())
-        {
-            return Err(shape(format!("batch {batch}: x has {} and y {} elements, too few", x.len(), y.len())));
-        }
+        self.linear_as(Layout::OutputsMajor, w, outputs, inputs, x, y, batch)
+    }
+
+    /// Both layouts are one `sgemm(T, N)` with every leading dimension the product's `k` or
+    /// `m` (column-major view): w (row-major `[out, in]`) is `[in, out]` with ld `in`, x
+    /// (row-major `[batch, in]`) is `[in, batch]` with ld `in`. Batch-major: C = op_T(w)·x is
+    /// `[out, batch]` with ld `out`, i.e. y row-major `[batch, out]`. Outputs-major: C =
+    /// op_T(x)·w is `[batch, out]` with ld `batch`, i.e. y row-major `[out, batch]`.
+    #[allow(clippy::too_many_arguments)] // the public signature plus the layout
+    fn linear_as(
+        &self,
+        layout: Layout,
+        w: DeviceView<'_, f32>,
+        outputs: usize,
+        inputs: usize,
+        x: &impl DevicePtr<f32>,
+        y: &mut impl DevicePtrMut<f32>,
+        batch: usize,
+    ) -> Result<(), GpuError> {
+        let shape = |status: String| GpuError::Cublas { op: "cublasSgemm", status };
+        linear_shape_fits(w.len(), outputs, inputs, x.len(), y.len(), batch).map_err(shape)?;
         let int = |v: usize| c_int::try_from(v).map_err(|_| shape(format!("{v} does not fit cuBLAS's int")));
-        let (m, n, k) = (int(batch)?, int(outputs)?, int(inputs)?);
+        let (outputs, batch_i, k) = (int(outputs)?, int(batch)?, int(inputs)?);
         if batch == 0 {
             return Ok(());
         }
         let (alpha, beta) = (1f32, 0f32);
         let (x_ptr, _x_done) = x.device_ptr(&self.stream);
         let (y_ptr, _y_done) = y.device_ptr_mut(&self.stream);
-        // Column-major view: x (row-major [batch, in]) is [in, batch] with ld in, op T gives
-        // [batch, in]; w is [in, out] with ld in (op N); y is [batch, out] with ld batch, which
-        // is y row-major [out, batch].
-        // SAFETY: as in `linear`: a live handle bound to `self.stream`, device pointers of this
-        // context with the extents checked above, kept alive for the queued call.
+        let (w_ptr, x_ptr) = (w.ptr() as *const f32, x_ptr as *const f32);
+        let (m, n, a, b) = match layout {
+            Layout::BatchMajor => (outputs, batch_i, w_ptr, x_ptr),
+            Layout::OutputsMajor => (batch_i, outputs, x_ptr, w_ptr),
+        };
+        // SAFETY: the handle is live and bound to `self.stream`; all three pointers are device
+        // memory of this context with at least the extents checked above (w borrowed for the
+        // call, x and y kept alive by their borrows, with cudarc's events recorded on drop of
+        // the guards after the call is queued); the dimensions match those extents in either
+        // layout (see above).
         unsafe {
             cudarc::cublas::result::sgemm(
                 *self.blas.handle(),
@@ -166,9 +141,9 @@ impl Blas {
                 n,
                 k,
                 &alpha,
-                x_ptr as *const f32,
+                a,
                 k,
-                w.ptr() as *const f32,
+                b,
                 k,
                 &beta,
                 y_ptr as *mut f32,
@@ -176,5 +151,46 @@ impl Blas {
             )
         }
         .map_err(|e| GpuError::Cublas { op: "cublasSgemm", status: format!("{e:?}") })
+    }
+}
+
+/// Which way round [`Blas::linear_as`] puts the batch.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    BatchMajor,
+    OutputsMajor,
+}
+
+/// Whether `w` (`w_len` elements), `x` and `y` hold a linear layer of `outputs x inputs` over
+/// `batch` rows; else what does not fit. Shared by cuBLAS and the `linear_small` kernel.
+pub(crate) fn linear_shape_fits(
+    w_len: usize,
+    outputs: usize,
+    inputs: usize,
+    x_len: usize,
+    y_len: usize,
+    batch: usize,
+) -> Result<(), String> {
+    if outputs.checked_mul(inputs) != Some(w_len) {
+        return Err(format!("weight has {w_len} elements, not {outputs} x {inputs}"));
+    }
+    if batch.checked_mul(inputs).is_none_or(|n| n > x_len) || batch.checked_mul(outputs).is_none_or(|n| n > y_len) {
+        return Err(format!("batch {batch}: x has {x_len} and y {y_len} elements, too few"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linear_shape_fits;
+
+    #[test]
+    fn shapes_that_do_not_hold_the_layer_are_named() {
+        assert_eq!(linear_shape_fits(12, 4, 3, 6, 8, 2), Ok(()));
+        assert_eq!(linear_shape_fits(12, 4, 3, 0, 0, 0), Ok(()), "an empty batch needs no room");
+        assert!(linear_shape_fits(11, 4, 3, 6, 8, 2).unwrap_err().contains("weight has 11 elements, not 4 x 3"));
+        assert!(linear_shape_fits(12, 4, 3, 5, 8, 2).unwrap_err().contains("x has 5"));
+        assert!(linear_shape_fits(12, 4, 3, 6, 7, 2).unwrap_err().contains("y 7"));
+        assert!(linear_shape_fits(0, 0, usize::MAX, 0, 0, 2).is_err(), "overflow is a misfit, not a panic");
     }
 }

@@ -445,20 +445,8 @@ impl Kernels {
     ) -> Result<bool, KernelError> {
         const K: &str = "linear_small";
         self.check_stream(stream, K)?;
-        if outputs.checked_mul(inputs) != Some(w.len())
-            || batch.checked_mul(inputs).is_none_or(|n| n > x.len())
-            || batch.checked_mul(outputs).is_none_or(|n| n > y.len())
-        {
-            return Err(KernelError::Shape {
-                kernel: K,
-                detail: format!(
-                    "w has {}, x {} and y {} elements; batch {batch}, {outputs} x {inputs} do not fit",
-                    w.len(),
-                    x.len(),
-                    y.len()
-                ),
-            });
-        }
+        crate::blas::linear_shape_fits(w.len(), outputs, inputs, x.len(), y.len(), batch)
+            .map_err(|detail| KernelError::Shape { kernel: K, detail })?;
         let (x_ptr, _x_done) = x.device_ptr(stream);
         let aligned = w.ptr() % 16 == 0 && x_ptr % 16 == 0 && inputs % 4 == 0;
         if batch == 0 || outputs == 0 {
