@@ -119,6 +119,12 @@ graceful_timeout_s = 10
     return path
 
 
+def supervisor_status(config):
+    """`supervisor status --json` of the service running `config` (None if none answers)."""
+    out = sh(BIN / "supervisor", "status", "--json", "-c", config, check=False, timeout=10)
+    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+
+
 class Supervisor:
     """`supervisor run CONFIG --log-format json`, its log kept in memory and on disk."""
 
@@ -158,8 +164,7 @@ class Supervisor:
         return None
 
     def status(self):
-        out = sh(BIN / "supervisor", "status", "--json", "-c", self.config, check=False, timeout=10)
-        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+        return supervisor_status(self.config)
 
     def control(self, *args):
         return sh(BIN / "supervisor", *args, "-c", self.config, check=False, timeout=60)
@@ -758,11 +763,8 @@ def section_multigpu(check):
         # read its reference answers from it by then): every later owner must take every
         # device's copy back from the escrow, none from disk.
         moved = model.with_suffix(".moved")
-        probe = Supervisor.__new__(Supervisor)
-        probe.config = config
-
         def owner_pid():
-            status = probe.status() or {}
+            status = supervisor_status(config) or {}
             return next((p["pid"] for p in status.get("processes", []) if p.get("role") == "owner"), None)
 
         def move_when_ready():
