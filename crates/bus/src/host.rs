@@ -23,6 +23,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use rustix::fs::{Mode, OFlags, SealFlags};
@@ -42,7 +43,12 @@ pub enum ArenaError {
     #[error("cannot write to memfd: {0}")]
     Write(std::io::Error),
     #[error("cannot seal memfd: {0}")]
-    Seal(memfd::Error),
+    Seal(std::io::Error),
+    #[error(
+        "cannot seal memfd: the kernel still saw a writable mapping or a pinned page after {tries} tries \
+         over {waited:?} (EBUSY); is another thread mapping the arena, or is the host under heavy memory pressure?"
+    )]
+    SealBusy { tries: u32, waited: std::time::Duration },
     #[error("cannot reopen memfd read-only through /proc/self/fd: {0}")]
     Reopen(std::io::Error),
 }
@@ -93,19 +99,42 @@ impl ArenaWriter {
 
     /// Seals the contents for good (`WRITE | SHRINK | GROW`, then `SEAL` so no seal can be
     /// removed or added) and returns the shareable arena.
+    ///
+    /// `F_SEAL_WRITE` is refused with `EBUSY` while the kernel sees an extra reference on any
+    /// page of the file (its "pinned" check waits only a moment): not only a writable mapping,
+    /// but also a page that reclaim, compaction or migration holds for a while on a busy host.
+    /// Seen in CI: an owner that had just written 256 MiB exited 78. The owner never maps the
+    /// arena writable, so a busy answer is such a transient reference; it is retried with
+    /// backoff for up to [`SEAL_PATIENCE`] (a refusal adds no seal, so a retry starts clean).
     pub fn seal(self) -> Result<SealedArena, ArenaError> {
-        let memfd = memfd::Memfd::try_from_file(self.file)
-            .map_err(|_| ArenaError::Seal(memfd::Error::AddSeals(std::io::Error::other("not a memfd"))))?;
-        let seals = [
-            memfd::FileSeal::SealWrite,
-            memfd::FileSeal::SealShrink,
-            memfd::FileSeal::SealGrow,
-            memfd::FileSeal::SealSeal,
-        ];
-        memfd.add_seals(&seals).map_err(ArenaError::Seal)?;
-        Ok(SealedArena { fd: memfd.into_file().into(), size: self.size })
+        self.seal_within(SEAL_PATIENCE)
+    }
+
+    fn seal_within(self, patience: Duration) -> Result<SealedArena, ArenaError> {
+        let seals = REQUIRED_SEALS.union(SealFlags::SEAL);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match rustix::fs::fcntl_add_seals(&self.file, seals) {
+                Ok(()) => return Ok(SealedArena { fd: self.file.into(), size: self.size }),
+                Err(rustix::io::Errno::BUSY) => {
+                    let waited = started.elapsed();
+                    if waited >= patience {
+                        return Err(ArenaError::SealBusy { tries, waited });
+                    }
+                    std::thread::sleep(pause.min(patience - waited));
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(ArenaError::Seal(e.into())),
+            }
+        }
     }
 }
+
+/// How long [`ArenaWriter::seal`] retries a seal the kernel answers with `EBUSY`.
+pub const SEAL_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A sealed arena: immutable bytes behind a file descriptor.
 #[derive(Debug)]
@@ -337,6 +366,42 @@ mod tests {
             .status()
             .unwrap();
         assert_eq!(status.signal(), Some(libc_sigsegv()), "child must die of SIGSEGV, got {status:?}");
+    }
+
+    /// Maps the writer's memfd writable: the one thing that makes `F_SEAL_WRITE` answer
+    /// `EBUSY` on demand, standing in for the kernel's transient page references.
+    fn writable_mapping(writer: &ArenaWriter) -> MmapMut {
+        // SAFETY: test-only mapping of a memfd this test owns; nothing truncates it while
+        // mapped, and the bytes are never read through a shared reference during a write.
+        unsafe { MmapOptions::new().len(4096).map_mut(&writer.file) }.unwrap()
+    }
+
+    #[test]
+    fn a_busy_seal_is_retried_until_the_kernel_lets_go() {
+        let writer = ArenaWriter::create("test", 4096).unwrap();
+        let mapping = writable_mapping(&writer);
+        let refused = rustix::fs::fcntl_add_seals(&writer.file, SealFlags::WRITE);
+        assert_eq!(refused, Err(rustix::io::Errno::BUSY), "a writable mapping must block F_SEAL_WRITE");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            drop(mapping);
+        });
+        let arena = writer.seal_within(Duration::from_secs(60)).expect("the seal lands once the mapping is gone");
+        release.join().unwrap();
+        assert!(rustix::fs::fcntl_get_seals(arena.fd()).unwrap().contains(REQUIRED_SEALS | SealFlags::SEAL));
+    }
+
+    #[test]
+    fn a_seal_that_stays_busy_gives_up_and_says_why() {
+        let writer = ArenaWriter::create("test", 4096).unwrap();
+        let _mapping = writable_mapping(&writer);
+        match writer.seal_within(Duration::from_millis(20)) {
+            Err(error @ ArenaError::SealBusy { tries, .. }) => {
+                assert!(tries >= 2, "retried before giving up: {tries}");
+                assert!(error.to_string().contains("EBUSY"), "{error}");
+            }
+            other => panic!("expected SealBusy, got {other:?}"),
+        }
     }
 
     fn libc_sigsegv() -> i32 {

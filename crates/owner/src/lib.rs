@@ -73,8 +73,14 @@ impl OwnerError {
 
     /// True when restarting the owner would fail the same way.
     pub fn is_fatal(&self) -> bool {
-        if let OwnerError::Load(LoadError::Gpu { .. }) = self {
-            return false; // a GPU hiccup or a full GPU: a restart (with backoff) may succeed
+        match self {
+            // A GPU hiccup or a full GPU: a restart (with backoff) may succeed.
+            OwnerError::Load(LoadError::Gpu { .. }) => return false,
+            // The kernel held a page of the arena for longer than the seal waits: transient.
+            OwnerError::Load(LoadError::Store { source: forkless_bus::host::ArenaError::SealBusy { .. }, .. }) => {
+                return false;
+            }
+            _ => {}
         }
         matches!(self, OwnerError::Load(_) | OwnerError::Env(_) | OwnerError::Orphan(_) | OwnerError::Refused(_))
             || matches!(self, OwnerError::Send(forkless_bus::channel::SendError::TooLarge { .. }))
@@ -331,6 +337,17 @@ mod tests {
             assert!(err.is_fatal(), "{err}");
             assert!(err.to_string().contains("FORKLESS_"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_seal_the_kernel_kept_busy_is_retried_by_a_restart_other_seal_errors_are_fatal() {
+        let store = |source| OwnerError::Load(LoadError::Store { path: "m.safetensors".into(), source });
+        let busy =
+            store(forkless_bus::host::ArenaError::SealBusy { tries: 9, waited: std::time::Duration::from_secs(5) });
+        assert!(!busy.is_fatal(), "{busy}");
+        assert_eq!(busy.exit_code(), 1);
+        let other = store(forkless_bus::host::ArenaError::Seal(std::io::Error::from_raw_os_error(22)));
+        assert!(other.is_fatal(), "{other}");
     }
 
     #[test]
