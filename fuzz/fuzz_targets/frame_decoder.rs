@@ -42,8 +42,8 @@ fn check(message: &Message) {
     let _ = message.kind();
     let _ = message.check_hello();
     if let Message::Publish { manifest, .. }
-    | Message::Generation { manifest }
-    | Message::Offer { manifest }
+    | Message::Generation { manifest, .. }
+    | Message::Offer { manifest, .. }
     | Message::Adopt { manifest, .. } = message
     {
         let _ = manifest.validate();
