@@ -584,11 +584,13 @@ def section_soak(check):
 # ---------------------------------------------------------------------------------------------
 # The batch lane (issue #13) and every GPU of the node (issue #14)
 
-def lane_toml(max_batch=32, max_wait_us=100):
+def lane_toml(max_batch=32, max_wait_us=100, linger_us=0):
     # max_batch 32: on an H200, cuBLAS's fp32 pass of the seed's layer costs the same from batch
     # 8 to 32 and half again from 48 on (the gemm section); 100 us of waiting fills passes at
-    # 16 connections without holding back 64 (the lanesweep section).
-    return f"\n[lane]\nenabled = true\nmax_batch = {max_batch}\nmax_wait_us = {max_wait_us}\n"
+    # 16 connections without holding back 64 (the lanesweep section). linger_us: docs/LANE.md,
+    # "Cohorts".
+    return (f"\n[lane]\nenabled = true\nmax_batch = {max_batch}\nmax_wait_us = {max_wait_us}\n"
+            f"linger_us = {linger_us}\n")
 
 
 def lane_row(data, workers, connections):
@@ -724,10 +726,12 @@ def per_device_used_mib():
 
 def section_multigpu(check):
     """[cuda] devices on 1, 2, 4 GPUs: cold start, req/s at 64 connections, GPU memory per device,
-    owner SIGKILL with the weights file gone (issue #14)."""
+    owner SIGKILL with the weights file gone (issue #14). LINGER_US sets [lane] linger_us."""
     model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
     model_mib = model.stat().st_size / MIB
     per_device = int(os.environ.get("WORKERS_PER_DEVICE", 4))
+    # LINGER_US=1000: passes wait for their closed-loop clients to come back (docs/LANE.md).
+    linger = int(os.environ.get("LINGER_US", 0))
     rows = []
     for n in [d for d in (1, 2, 4, 8) if d <= gpu_count()]:
         devices = list(range(n))
@@ -736,7 +740,7 @@ def section_multigpu(check):
         settle_gpu(BASELINE)
         colds = []
         for attempt in range(3):
-            config = write_config(WORK / f"multi{n}.toml", model, per_device, cuda_extra=cuda, extra=lane_toml())
+            config = write_config(WORK / f"multi{n}.toml", model, per_device, cuda_extra=cuda, extra=lane_toml(linger_us=linger))
             sup = Supervisor(config, OUT / f"multi{n}-cold{attempt}.log")
             ready = sup.wait_for("workers ready", timeout=120)
             colds.append(field(ready, "cold_start_ms"))
@@ -751,7 +755,7 @@ def section_multigpu(check):
             settle_gpu(BASELINE)
         mib = {d: used[d] - idle.get(d, 0) for d in devices}
         bound = model_mib + per_device * context
-        config = write_config(WORK / f"multi{n}.toml", model, per_device, cuda_extra=cuda, extra=lane_toml())
+        config = write_config(WORK / f"multi{n}.toml", model, per_device, cuda_extra=cuda, extra=lane_toml(linger_us=linger))
         rc, data, _ = chaos(check, f"multi{n}-rps64", config, 10, connections=64)
         # And with 64 connections per device: as many requests in flight per device's lane as
         # one device had (at a fixed 64, more devices mostly shorten each pass).

@@ -12,6 +12,10 @@ use crate::util::*;
 /// `[lane]` on, with a wait long enough that concurrent requests of different workers meet in
 /// one pass even on a busy 2-core machine.
 fn lane_config(dir: &TestDir, workers: u32, extra_workers: &str) -> std::path::PathBuf {
+    lane_config_with(dir, workers, extra_workers, "max_batch = 64\nmax_wait_us = 3000\n")
+}
+
+fn lane_config_with(dir: &TestDir, workers: u32, extra_workers: &str, lane: &str) -> std::path::PathBuf {
     dir.write_model();
     let config = dir.write_config_with(&ConfigExtra {
         workers,
@@ -20,7 +24,7 @@ fn lane_config(dir: &TestDir, workers: u32, extra_workers: &str) -> std::path::P
         ..Default::default()
     });
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[lane]\nenabled = true\nmax_batch = 64\nmax_wait_us = 3000\n");
+    text.push_str(&format!("\n[lane]\nenabled = true\n{lane}"));
     std::fs::write(&config, text).unwrap();
     config
 }
@@ -57,6 +61,27 @@ fn one_pass_serves_the_requests_of_several_workers() {
     assert!(lane["served"].as_u64().unwrap() > 0, "{lane}");
     assert!(lane["mean_batch"].as_f64().unwrap() >= 1.0, "{lane}");
     assert_eq!(lane["failed"], 0, "{lane}");
+}
+
+/// `linger_us`: two closed-loop clients on two workers, and passes that never wait for a
+/// first request (`max_wait_us = 0`). Without linger each pass leaves with whatever is queued,
+/// one request or two as it happens; with it a pass that carried both waits for both to come
+/// back, so (almost) every pass carries two.
+#[test]
+fn linger_keeps_closed_loop_clients_in_one_pass() {
+    let dir = TestDir::new();
+    let config = lane_config_with(&dir, 2, "", "max_batch = 8\nmax_wait_us = 0\nlinger_us = 1000000\n");
+    let mut sup = Supervisor::start(&config);
+    let addr = sup.wait_ready();
+    let loads: Vec<Load> = (0..2).map(|i| Load::start(&addr, i)).collect();
+    eventually("400 requests served", || lane_status(&config)["served"].as_u64() >= Some(400));
+    let lane = lane_status(&config);
+    for report in loads.into_iter().map(Load::stop) {
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+    }
+    // A pass of one happens only when a pass runner starts a term (no previous pass), or when a
+    // client took over a second to come back.
+    assert!(lane["mean_batch"].as_f64().unwrap() > 1.9, "passes carry both clients: {lane}");
 }
 
 #[test]

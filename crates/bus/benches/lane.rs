@@ -6,11 +6,15 @@
 //!    a tokio runtime whose tasks submit and await in a closed loop, C connections in all; with
 //!    a pass that costs nothing and with one that sleeps 450 µs (about a batch-32 pass of the
 //!    seed's model on an H200);
-//! 3. takeover: the process holding the lease is SIGKILLed under load; time from the kill to the
+//! 3. cohorts: one lane whose passes cost the same at every batch size (as reading every weight
+//!    does on a GPU), fed by closed-loop clients that take 150 µs to come back with their next
+//!    request (an HTTP round trip): do passes fill up, or split the clients into cohorts?
+//! 4. takeover: the process holding the lease is SIGKILLed under load; time from the kill to the
 //!    next completed pass, seen from outside through the lane's counters.
 //!
 //! Children are this binary again, selected by `LANE_BENCH_ROLE`. Set `LANE_BENCH_SECS` to
-//! change the length of each throughput run (default 1.5).
+//! change the length of each throughput run (default 1.5), `LANE_BENCH_ONLY=cohorts` to run
+//! only the cohorts table.
 
 // Part of the bus crate, where `unsafe` is allowed: the child adopts the lane fd it inherited.
 #![allow(unsafe_code)]
@@ -27,7 +31,13 @@ const ROLE: &str = "LANE_BENCH_ROLE";
 const PAYLOAD: usize = 64;
 
 fn config() -> RunnerConfig {
-    RunnerConfig { max_batch: 32, max_wait: Duration::from_micros(500), ..RunnerConfig::default() }
+    let micros = |name: &str, default| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    RunnerConfig {
+        max_batch: 32,
+        max_wait: Duration::from_micros(micros("LANE_BENCH_WAIT_US", 500)),
+        linger: Duration::from_micros(micros("LANE_BENCH_LINGER_US", 0)),
+        ..RunnerConfig::default()
+    }
 }
 
 fn pass(cost: Duration) -> impl FnMut(&mut Batch<'_>) {
@@ -80,10 +90,29 @@ fn worker() {
         let (lane, stop) = (lane.clone(), stop.clone());
         std::thread::spawn(move || lane.run_passes(&stop, &config(), pass(cost)).unwrap())
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let think = Duration::from_micros(std::env::var("LANE_BENCH_THINK_US").map_or(0, |s| s.parse().unwrap()));
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(secs);
-    let (latencies, full) = rt.block_on(async {
+    let (latencies, full) = if think.is_zero() {
+        closed_loop_tasks(&lane, connections, deadline)
+    } else {
+        closed_loop_threads(&lane, connections, deadline, think)
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    // Keep running passes until the parent has every result: the lease holder must outlive the
+    // other workers' last requests.
+    println!("ELAPSED {elapsed} FULL {full}");
+    println!("LAT {}", latencies.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(" "));
+    use std::io::Read;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    stop.store(true, Ordering::Release);
+    runner.join().unwrap();
+}
+
+/// `connections` tokio tasks that submit again as soon as an answer arrives.
+fn closed_loop_tasks(lane: &Lane, connections: usize, deadline: Instant) -> (Vec<u32>, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
         let tasks: Vec<_> = (0..connections)
             .map(|c| {
                 let lane = lane.clone();
@@ -118,16 +147,45 @@ fn worker() {
             full += f;
         }
         (all, full)
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    // Keep running passes until the parent has every result: the lease holder must outlive the
-    // other workers' last requests.
-    println!("ELAPSED {elapsed} FULL {full}");
-    println!("LAT {}", latencies.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(" "));
-    use std::io::Read;
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
-    stop.store(true, Ordering::Release);
-    runner.join().unwrap();
+    })
+}
+
+/// `connections` threads that, after each answer, spend `think` before submitting again: the
+/// time an HTTP answer takes to reach its client and the client's next request to come back.
+/// Answers of one pass come back spread over that time, which is what splits a closed loop
+/// into cohorts when a pass does not wait for them.
+fn closed_loop_threads(lane: &Lane, connections: usize, deadline: Instant, think: Duration) -> (Vec<u32>, u64) {
+    let threads: Vec<_> = (0..connections)
+        .map(|c| {
+            let lane = lane.clone();
+            std::thread::spawn(move || {
+                let (mut latencies, mut full) = (Vec::new(), 0u64);
+                let input = [c as u8; PAYLOAD];
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let ticket = match lane.submit(&input) {
+                        Ok(ticket) => ticket,
+                        Err(SubmitError::Full { .. }) => {
+                            full += 1;
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        Err(e) => panic!("{e}"),
+                    };
+                    let reply = ticket.wait(Duration::from_secs(10)).unwrap();
+                    assert_eq!(&reply[..], &input[..]);
+                    drop(reply);
+                    std::thread::sleep(think);
+                    latencies.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                }
+                (latencies, full)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).fold((Vec::new(), 0), |(mut all, f), (l, n)| {
+        all.extend(l);
+        (all, f + n)
+    })
 }
 
 /// For the takeover run: a runner with a 200 µs pass, submitting in a loop, until killed.
@@ -167,6 +225,9 @@ fn parent() {
         "# lane benchmark ({} CPUs, {secs} s per throughput run)\n",
         std::thread::available_parallelism().unwrap()
     );
+    if std::env::var("LANE_BENCH_ONLY").as_deref() == Ok("cohorts") {
+        return cohorts(secs);
+    }
     round_trip();
     println!("\n## Throughput: N worker processes, closed loop, payload {PAYLOAD} B, max_batch 32, max_wait 500 µs\n");
     println!(
@@ -176,11 +237,42 @@ fn parent() {
     for cost_us in [0u64, 450] {
         for workers in [1usize, 2, 4] {
             for connections in [16usize, 64] {
-                throughput(cost_us, workers, connections, secs);
+                let load = Load { cost_us, workers, connections, think_us: 0, wait_us: 500, linger_us: 0 };
+                let row = throughput(&load, secs);
+                println!("| {cost_us} µs | {workers} | {connections} | {row} |");
             }
         }
     }
+    cohorts(secs);
     takeover();
+}
+
+/// One lane (one device) under closed-loop clients whose answers take a while to come back, as
+/// HTTP clients' do: a pass that costs the same at every batch size (reading every weight, as on
+/// a GPU), 4 workers, max_batch 32, max_wait 100 µs (the service's defaults), without and with
+/// linger.
+fn cohorts(secs: f64) {
+    println!("\n## Cohorts: 950 µs passes whatever the batch, clients that take 150 µs to come back\n");
+    println!("| linger | connections | req/s | p50 ms | p99 ms | mean batch | processes/pass | lane full |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for linger_us in [0, 300, 1000] {
+        for connections in [8usize, 16, 32, 64] {
+            let load = Load { cost_us: 950, workers: 4, connections, think_us: 150, wait_us: 100, linger_us };
+            let row = throughput(&load, secs);
+            println!("| {linger_us} µs | {connections} | {row} |");
+        }
+    }
+}
+
+/// The closed-loop load of one throughput run.
+#[derive(Clone, Copy)]
+struct Load {
+    cost_us: u64,
+    workers: usize,
+    connections: usize,
+    think_us: u64,
+    wait_us: u64,
+    linger_us: u64,
 }
 
 fn round_trip() {
@@ -222,7 +314,10 @@ fn round_trip() {
     }
 }
 
-fn throughput(cost_us: u64, workers: usize, connections: usize, secs: f64) {
+/// Runs `load` for `secs` and returns its row: req/s, p50, p99, mean batch, processes per pass,
+/// submissions refused because the lane was full.
+fn throughput(load: &Load, secs: f64) -> String {
+    let Load { cost_us, workers, connections, think_us, wait_us, linger_us } = *load;
     let created = Lane::create("bench", LaneLayout::new(256, PAYLOAD as u32, PAYLOAD as u32)).unwrap();
     let inheritable = rustix::io::dup(created.fd()).unwrap();
     let monitor = LaneMonitor::map(created.fd()).unwrap();
@@ -231,6 +326,9 @@ fn throughput(cost_us: u64, workers: usize, connections: usize, secs: f64) {
         ("LANE_BENCH_COST_US", cost_us.to_string()),
         ("LANE_BENCH_SECS", secs.to_string()),
         ("LANE_BENCH_CONNS", per_worker.to_string()),
+        ("LANE_BENCH_THINK_US", think_us.to_string()),
+        ("LANE_BENCH_WAIT_US", wait_us.to_string()),
+        ("LANE_BENCH_LINGER_US", linger_us.to_string()),
     ];
     let mut children: Vec<_> = (0..workers).map(|_| spawn("worker", &inheritable, &env)).collect();
     let mut latencies: Vec<u32> = Vec::new();
@@ -259,15 +357,14 @@ fn throughput(cost_us: u64, workers: usize, connections: usize, secs: f64) {
         child.wait().unwrap();
     }
     latencies.sort_unstable();
-    println!(
-        "| {} µs | {workers} | {connections} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} | {full} |",
-        cost_us,
+    format!(
+        "{:.0} | {:.2} | {:.2} | {:.1} | {:.2} | {full}",
         rps,
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         stats.mean_batch(),
         stats.mean_processes_per_pass(),
-    );
+    )
 }
 
 fn takeover() {

@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use crate::manifest::Manifest;
 
 /// Bump when a message changes shape; peers with another version are refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First bytes of every hello, so a stray client is recognised at once.
 pub const MAGIC: [u8; 8] = *b"FRKLSBUS";
 
@@ -69,6 +69,9 @@ pub struct LaneSettings {
     pub max_batch: u32,
     /// A pass that is not full waits up to this long after its oldest request.
     pub max_wait_us: u64,
+    /// A pass that is not full also waits up to this long after the previous pass, for its
+    /// requests to come back (0: off; see [`crate::lane::batcher`]).
+    pub linger_us: u64,
 }
 
 /// What a child is to the supervisor.

@@ -169,7 +169,7 @@ mod tests {
         for message in [
             Message::Published { request: 1, generation: 1 },
             Message::Commit { generation: 1 },
-            Message::Welcome { version: 2 },
+            Message::Welcome { version: forkless_bus::wire::PROTOCOL_VERSION },
         ] {
             assert!(OwnerProtocol::default().receive(message, vec![]).is_err());
         }

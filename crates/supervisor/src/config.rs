@@ -192,6 +192,10 @@ pub struct LaneConfig {
     pub max_batch: u32,
     /// A pass that is not full waits up to this long after its oldest request (µs).
     pub max_wait_us: u64,
+    /// A pass that is not full also waits up to this long after the previous pass ended, for
+    /// as many requests as it carried to come back (µs; 0, the default: off). For closed-loop
+    /// clients, which otherwise split into two cohorts of half a batch (docs/LANE.md).
+    pub linger_us: u64,
     /// Requests in flight at once across all workers (queued, running, being answered).
     pub slots: u32,
     /// Largest input of one request, in bytes.
@@ -206,6 +210,7 @@ impl Default for LaneConfig {
             enabled: false,
             max_batch: 32,
             max_wait_us: 100,
+            linger_us: 0,
             slots: 256,
             input_bytes: 64 << 10,
             output_bytes: 4 << 10,
@@ -227,8 +232,11 @@ impl LaneConfig {
 
     /// What the workers' pass runners are told, when it is on.
     pub fn settings(&self) -> Option<forkless_bus::wire::LaneSettings> {
-        self.enabled
-            .then_some(forkless_bus::wire::LaneSettings { max_batch: self.max_batch, max_wait_us: self.max_wait_us })
+        self.enabled.then_some(forkless_bus::wire::LaneSettings {
+            max_batch: self.max_batch,
+            max_wait_us: self.max_wait_us,
+            linger_us: self.linger_us,
+        })
     }
 }
 
@@ -626,6 +634,7 @@ impl Config {
         let lane = &self.lane;
         self.check_range("lane.max_batch", lane.max_batch, 1..=1024)?;
         self.check_range("lane.max_wait_us", lane.max_wait_us, 0..=1_000_000)?;
+        self.check_range("lane.linger_us", lane.linger_us, 0..=1_000_000)?;
         self.check_range("lane.slots", lane.slots, 1..=forkless_bus::lane::MAX_SLOTS)?;
         self.check_range("lane.input_bytes", lane.input_bytes, 1..=16 << 20)?;
         self.check_range("lane.output_bytes", lane.output_bytes, 1..=16 << 20)?;
@@ -755,6 +764,7 @@ mod tests {
             ("[restart]", "backoff_max_ms = 99999999999", "restart.backoff_max_ms"),
             ("[restart]", "max_restarts = 4000000000", "restart.max_restarts"),
             ("[cuda]", "device = 100000", "cuda.device"),
+            ("[lane]", "linger_us = 1000001", "lane.linger_us"),
         ] {
             let text = match table {
                 "[workers]" => format!("{GOOD}{line}\n"),

@@ -52,6 +52,7 @@ pub(crate) fn runner_config(settings: LaneSettings) -> RunnerConfig {
     RunnerConfig {
         max_batch: settings.max_batch as usize,
         max_wait: std::time::Duration::from_micros(settings.max_wait_us),
+        linger: std::time::Duration::from_micros(settings.linger_us),
         ..RunnerConfig::default()
     }
 }

@@ -6,20 +6,31 @@
 //! whatever is there. Under load the queue fills while the previous pass runs, so passes start
 //! full without waiting; at low load a lone request waits at most `max_wait`.
 //!
+//! **Linger** (`linger`, off by default) is for closed-loop clients, which send their next
+//! request when the answer to the last one arrives. Without it such clients settle into two
+//! cohorts: the requests queued during a pass have waited long enough when it ends, so the next
+//! pass leaves at once without the answers of the pass that just ended, whose requests come back
+//! a round trip later and wait a whole pass. Each pass then carries half the clients and still
+//! reads every weight (docs/LANE.md, "Cohorts"). With `linger`, a pass that is not full also
+//! waits, up to `linger` after the previous pass ended, until as many requests were submitted
+//! since then as that pass carried. Open-loop traffic pays up to `linger` per pass for nothing,
+//! hence off by default.
+//!
 //! Submission times come from shared memory, so they are untrusted: a time in the future is
-//! read as "now", which bounds every wait by `max_wait` whatever another process wrote.
+//! read as "now", which bounds every wait by `max_wait` (or `linger` after a pass) whatever
+//! another process wrote.
 //!
 //! ```
 //! use forkless_bus::lane::batcher::{plan, Candidate, Plan, Policy};
-//! let policy = Policy { max_batch: 2, max_wait_ns: 1_000 };
+//! let policy = Policy { max_batch: 2, max_wait_ns: 1_000, linger_ns: 0 };
 //! let mut queued = vec![
 //!     Candidate { slot: 7, seq: 12, submitted_ns: 100 },
 //!     Candidate { slot: 3, seq: 10, submitted_ns: 90 },
 //! ];
-//! assert_eq!(plan(&mut queued, 95, &policy), Plan::Take);
+//! assert_eq!(plan(&mut queued, 95, None, &policy), Plan::Take);
 //! assert_eq!(queued.iter().map(|c| c.slot).collect::<Vec<_>>(), [3, 7], "oldest first");
 //! queued.truncate(1);
-//! assert_eq!(plan(&mut queued, 95, &policy), Plan::WaitUntil(1_090));
+//! assert_eq!(plan(&mut queued, 95, None, &policy), Plan::WaitUntil(1_090));
 //! ```
 
 /// How passes are formed.
@@ -29,6 +40,18 @@ pub struct Policy {
     pub max_batch: usize,
     /// A pass that is not full waits until this long after its oldest request was submitted.
     pub max_wait_ns: u64,
+    /// A pass that is not full also waits until this long after the previous pass ended, unless
+    /// as many requests as that pass carried were submitted since (0: off).
+    pub linger_ns: u64,
+}
+
+/// The pass before the one being planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousPass {
+    /// `CLOCK_MONOTONIC` nanoseconds when it ended.
+    pub ended_ns: u64,
+    /// How many requests it carried.
+    pub size: usize,
 }
 
 /// A queued request as the runner saw it while scanning the slots.
@@ -56,9 +79,10 @@ pub enum Plan {
     WaitUntil(u64),
 }
 
-/// Decides the next pass over the `queued` requests at time `now_ns`. On [`Plan::Take`] the
-/// vector holds exactly the requests to take, oldest first; otherwise its order is unspecified.
-pub fn plan(queued: &mut Vec<Candidate>, now_ns: u64, policy: &Policy) -> Plan {
+/// Decides the next pass over the `queued` requests at time `now_ns`, after `previous` (the
+/// runner's last pass in this term, if any). On [`Plan::Take`] the vector holds exactly the
+/// requests to take, oldest first; otherwise its order is unspecified.
+pub fn plan(queued: &mut Vec<Candidate>, now_ns: u64, previous: Option<PreviousPass>, policy: &Policy) -> Plan {
     if queued.is_empty() {
         return Plan::Idle;
     }
@@ -69,7 +93,14 @@ pub fn plan(queued: &mut Vec<Candidate>, now_ns: u64, policy: &Policy) -> Plan {
         return Plan::Take;
     }
     let oldest = queued.iter().map(|c| c.submitted_ns.min(now_ns)).min().unwrap_or(now_ns);
-    let deadline = oldest.saturating_add(policy.max_wait_ns);
+    let mut deadline = oldest.saturating_add(policy.max_wait_ns);
+    if let Some(previous) = previous.filter(|_| policy.linger_ns > 0) {
+        let ended = previous.ended_ns.min(now_ns);
+        let returned = queued.iter().filter(|c| c.submitted_ns.min(now_ns) >= ended).count();
+        if returned < previous.size {
+            deadline = deadline.max(ended.saturating_add(policy.linger_ns));
+        }
+    }
     if now_ns >= deadline {
         Plan::Take
     } else {
@@ -93,29 +124,62 @@ mod tests {
 
     #[test]
     fn empty_queue_is_idle() {
-        assert_eq!(plan(&mut Vec::new(), 5, &Policy { max_batch: 4, max_wait_ns: 10 }), Plan::Idle);
+        assert_eq!(plan(&mut Vec::new(), 5, None, &policy(4, 10, 0)), Plan::Idle);
     }
 
     #[test]
     fn zero_wait_takes_at_once() {
         let mut q = vec![Candidate { slot: 0, seq: 0, submitted_ns: 100 }];
-        assert_eq!(plan(&mut q, 100, &Policy { max_batch: 4, max_wait_ns: 0 }), Plan::Take);
+        assert_eq!(plan(&mut q, 100, None, &policy(4, 0, 0)), Plan::Take);
     }
 
     #[test]
     fn submission_times_in_the_future_cannot_extend_the_wait() {
         let mut q = vec![Candidate { slot: 0, seq: 0, submitted_ns: u64::MAX }];
-        assert_eq!(plan(&mut q, 100, &Policy { max_batch: 4, max_wait_ns: 10 }), Plan::WaitUntil(110));
+        assert_eq!(plan(&mut q, 100, None, &policy(4, 10, 0)), Plan::WaitUntil(110));
+        let future_end = Some(PreviousPass { ended_ns: u64::MAX, size: 4 });
+        assert_eq!(plan(&mut q, 100, future_end, &policy(4, 10, 50)), Plan::WaitUntil(150), "nor a pass end");
+    }
+
+    fn policy(max_batch: usize, max_wait_ns: u64, linger_ns: u64) -> Policy {
+        Policy { max_batch, max_wait_ns, linger_ns }
+    }
+
+    /// Two cohorts of closed-loop clients: B queued during the pass that carried A. Without
+    /// linger B leaves at once; with it B waits for A to come back, and the pass fills.
+    #[test]
+    fn linger_waits_for_the_previous_pass_to_come_back() {
+        let at = |slot: u32, t: u64| Candidate { slot, seq: slot as u64, submitted_ns: t };
+        let cohort_b = vec![at(0, 100), at(1, 200)];
+        let previous = Some(PreviousPass { ended_ns: 1_000, size: 2 });
+        assert_eq!(plan(&mut cohort_b.clone(), 1_000, previous, &policy(4, 100, 0)), Plan::Take, "no linger");
+        let lingering = policy(4, 100, 300);
+        assert_eq!(plan(&mut cohort_b.clone(), 1_000, previous, &lingering), Plan::WaitUntil(1_300));
+        // One of A is back: still short of the two that left.
+        let mut one_back = [cohort_b.clone(), vec![at(2, 1_150)]].concat();
+        assert_eq!(plan(&mut one_back, 1_150, previous, &lingering), Plan::WaitUntil(1_300));
+        // Both are back: go, though not full.
+        let mut both_back = [cohort_b.clone(), vec![at(2, 1_150), at(3, 1_160)]].concat();
+        assert_eq!(plan(&mut both_back, 1_160, previous, &policy(5, 100, 300)), Plan::Take);
+        // They never come back: go at the linger's end.
+        assert_eq!(plan(&mut cohort_b.clone(), 1_300, previous, &lingering), Plan::Take);
+        // The first pass of a term, or a lone request long after the last pass: max_wait only.
+        assert_eq!(plan(&mut vec![at(0, 900)], 950, None, &lingering), Plan::WaitUntil(1_000));
+        let long_ago = Some(PreviousPass { ended_ns: 0, size: 2 });
+        assert_eq!(plan(&mut vec![at(0, 5_000)], 5_000, long_ago, &lingering), Plan::WaitUntil(5_100));
     }
 
     proptest! {
         #[test]
         fn takes_the_oldest_and_never_more_than_max_batch(
             queued in candidates(), now in 0u64..3_000, max_batch in 1usize..10, max_wait in 0u64..1_500,
+            linger in prop_oneof![Just(0u64), 0u64..1_500],
+            previous in proptest::option::of((0u64..4_000, 0usize..40)),
         ) {
-            let policy = Policy { max_batch, max_wait_ns: max_wait };
+            let policy = Policy { max_batch, max_wait_ns: max_wait, linger_ns: linger };
+            let previous = previous.map(|(ended_ns, size)| PreviousPass { ended_ns, size });
             let mut taken = queued.clone();
-            let decision = plan(&mut taken, now, &policy);
+            let decision = plan(&mut taken, now, previous, &policy);
             match decision {
                 Plan::Idle => prop_assert!(queued.is_empty()),
                 Plan::Take => {
@@ -131,11 +195,17 @@ mod tests {
                         prop_assert_eq!(taken.len(), queued.len(), "a pass that is not full takes all");
                         let oldest = queued.iter().map(|c| c.submitted_ns.min(now)).min().unwrap();
                         prop_assert!(now >= oldest.saturating_add(max_wait));
+                        if let Some(p) = previous.filter(|_| linger > 0) {
+                            let ended = p.ended_ns.min(now);
+                            let back = queued.iter().filter(|c| c.submitted_ns.min(now) >= ended).count();
+                            prop_assert!(back >= p.size || now >= ended + linger, "lingered for the returners");
+                        }
                     }
                 }
                 Plan::WaitUntil(deadline) => {
                     prop_assert!(queued.len() < max_batch);
-                    prop_assert!(deadline > now && deadline <= now + max_wait, "waits at most max_wait");
+                    let longest = max_wait.max(if previous.is_some() { linger } else { 0 });
+                    prop_assert!(deadline > now && deadline <= now + longest, "waits at most max_wait or linger");
                 }
             }
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 
-use super::batcher::{self, Candidate, Plan, Policy};
+use super::batcher::{self, Candidate, Plan, Policy, PreviousPass};
 use super::{monotonic_ns, realtime_deadline, Lane, Liveness, Locked, Region, Requester};
 
 /// How a runner forms passes and shares the lease.
@@ -21,6 +21,10 @@ pub struct RunnerConfig {
     /// A pass that is not full waits until this long after its oldest request was submitted
     /// (0: take what is queued at once; under load requests queue while a pass runs anyway).
     pub max_wait: Duration,
+    /// A pass that is not full also waits up to this long after the previous pass ended, for
+    /// as many requests as that pass carried to come back (closed-loop clients; see
+    /// [`batcher`](super::batcher)). Zero, the default, turns it off.
+    pub linger: Duration,
     /// The holder lets go of the lease after this long without work, so another process may
     /// take over, and then leaves it alone for as long unless work arrives.
     pub idle_release: Duration,
@@ -38,6 +42,7 @@ impl Default for RunnerConfig {
         RunnerConfig {
             max_batch: 32,
             max_wait: Duration::from_micros(500),
+            linger: Duration::ZERO,
             idle_release: Duration::from_secs(1),
             poll: Duration::from_millis(50),
             sweep_interval: Duration::from_millis(100),
@@ -197,7 +202,8 @@ impl Lane {
         let region = &self.inner.region;
         let policy = Policy {
             max_batch: config.max_batch.clamp(1, region.slots() as usize),
-            max_wait_ns: config.max_wait.as_nanos().min(u64::MAX as u128) as u64,
+            max_wait_ns: duration_ns(config.max_wait),
+            linger_ns: duration_ns(config.linger),
         };
         let poll_ns = duration_ns(config.poll).max(1);
         let idle_ns = duration_ns(config.idle_release);
@@ -235,6 +241,7 @@ impl Lane {
             sweep(region, epoch, config.max_crashes, &mut live);
             let mut last_sweep = monotonic_ns();
             let mut last_work = last_sweep;
+            let mut previous_pass = None;
             let mut takeover = previous_died;
 
             loop {
@@ -245,7 +252,7 @@ impl Lane {
                 queued.clear();
                 region.queued(&mut queued);
                 let now = monotonic_ns();
-                match batcher::plan(&mut queued, now, &policy) {
+                match batcher::plan(&mut queued, now, previous_pass, &policy) {
                     Plan::Take => {
                         if std::mem::take(&mut takeover) {
                             region.record_takeover_pass();
@@ -257,6 +264,7 @@ impl Lane {
                             report.failed += failed;
                         }
                         last_work = monotonic_ns();
+                        previous_pass = Some(PreviousPass { ended_ns: last_work, size: queued.len() });
                     }
                     Plan::WaitUntil(deadline) => {
                         region.wait_for_work(seen, ns_duration((deadline - now).min(poll_ns)));

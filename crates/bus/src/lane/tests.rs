@@ -728,8 +728,8 @@ impl Actor for RunnerActor {
             RunPhase::Plan => {
                 let mut queued = Vec::new();
                 region.queued(&mut queued);
-                let policy = Policy { max_batch: self.max_batch, max_wait_ns: 0 };
-                match batcher::plan(&mut queued, monotonic_ns(), &policy) {
+                let policy = Policy { max_batch: self.max_batch, max_wait_ns: 0, linger_ns: 0 };
+                match batcher::plan(&mut queued, monotonic_ns(), None, &policy) {
                     Plan::Take => {
                         live.forget();
                         self.taken.clear();
