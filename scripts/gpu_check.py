@@ -726,16 +726,19 @@ def per_device_used_mib():
 
 def section_multigpu(check):
     """[cuda] devices on 1, 2, 4 GPUs: cold start, req/s at 64 connections, GPU memory per device,
-    owner SIGKILL with the weights file gone (issue #14). LINGER_US sets [lane] linger_us."""
+    owner SIGKILL with the weights file gone (issue #14). LINGER_US sets [lane] linger_us,
+    WORKER_VISIBLE=own [cuda] worker_visible_devices."""
     model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
     model_mib = model.stat().st_size / MIB
     per_device = int(os.environ.get("WORKERS_PER_DEVICE", 4))
     # LINGER_US=1000: passes wait for their closed-loop clients to come back (docs/LANE.md).
     linger = int(os.environ.get("LINGER_US", 0))
+    # WORKER_VISIBLE=own: each worker sees its own GPU only ([cuda] worker_visible_devices).
+    visible = os.environ.get("WORKER_VISIBLE", "all")
     rows = []
     for n in [d for d in (1, 2, 4, 8) if d <= gpu_count()]:
         devices = list(range(n))
-        cuda = f"devices = {devices}\nworkers_per_device = {per_device}"
+        cuda = f"devices = {devices}\nworkers_per_device = {per_device}\nworker_visible_devices = \"{visible}\""
         idle = per_device_used_mib()
         settle_gpu(BASELINE)
         colds = []
@@ -789,7 +792,7 @@ def section_multigpu(check):
         if weights_moved:
             moved.rename(model)
         kills = [k for k in kdata.get("kills", []) if k["role"] == "owner"]
-        row = {"devices": n, "cold_start_s": round(statistics.median(c for c in colds if c) / 1e3, 3) if any(colds)
+        row = {"devices": n, "linger_us": linger, "worker_visible_devices": visible, "cold_start_s": round(statistics.median(c for c in colds if c) / 1e3, 3) if any(colds)
                else None, "cold_starts_ms": colds, "rps_64": round(data.get("throughput_rps", 0)),
                "rps_64_per_device": round(more.get("throughput_rps", 0)),
                "p99_ms_64": data.get("latency_ms", {}).get("p99"),

@@ -19,6 +19,7 @@
 //! | `FORKLESS_BACKEND` | [`ChildEnv::backend`] | always: `host` or `cuda` |
 //! | `FORKLESS_CUDA_DEVICE`, `FORKLESS_CUDA_STACK_BYTES`, `FORKLESS_KERNEL_CACHE` | [`CudaEnv`] | backend cuda (a worker: its own device) |
 //! | `FORKLESS_CUDA_REPLICAS` | [`CudaEnv::replicas`] | the owner on several GPUs: the other devices, e.g. `1,2,3` |
+//! | `FORKLESS_CUDA_ORDINAL`, `CUDA_VISIBLE_DEVICES` | [`CudaEnv::narrowed`] | workers with `[cuda] worker_visible_devices = "own"`: `0`, and their one GPU |
 //! | `FORKLESS_HTTP` | [`ChildEnv::http`] | workers: `[workers.http]` (parsed by the worker SDK) |
 //! | `FORKLESS_HEARTBEAT_MS` | [`ChildEnv::heartbeat`] | workers with a hang timeout |
 //! | `FORKLESS_MAX_REQUESTS` | [`ChildEnv::max_requests`] | workers with `max_requests` |
@@ -57,8 +58,9 @@ use std::time::Duration;
 
 use crate::wire::Role;
 use crate::{
-    ENV_BACKEND, ENV_BUS, ENV_BUS_FD, ENV_CUDA_DEVICE, ENV_CUDA_REPLICAS, ENV_CUDA_STACK_BYTES, ENV_HEARTBEAT_MS,
-    ENV_HTTP, ENV_INDEX, ENV_KERNEL_CACHE, ENV_MAX_REQUESTS, ENV_MODEL, ENV_ROLE, ENV_SHARING, ENV_SUPERVISOR_PID,
+    ENV_BACKEND, ENV_BUS, ENV_BUS_FD, ENV_CUDA_DEVICE, ENV_CUDA_ORDINAL, ENV_CUDA_REPLICAS, ENV_CUDA_STACK_BYTES,
+    ENV_CUDA_VISIBLE_DEVICES, ENV_HEARTBEAT_MS, ENV_HTTP, ENV_INDEX, ENV_KERNEL_CACHE, ENV_MAX_REQUESTS, ENV_MODEL,
+    ENV_ROLE, ENV_SHARING, ENV_SUPERVISOR_PID,
 };
 
 /// Prefix of every variable of the contract; the supervisor strips its own from children.
@@ -117,6 +119,17 @@ pub struct CudaEnv {
     pub kernel_cache: Option<PathBuf>,
     /// The owner of a generation on several GPUs: the devices it copies `device`'s arena to.
     pub replicas: Vec<u32>,
+    /// A worker that sees only its own GPU: the `CUDA_VISIBLE_DEVICES` entry that names
+    /// `device` (an index or a UUID, as the supervisor's own list gave it). The worker opens
+    /// it as ordinal 0 and still calls it `device` in manifests and status.
+    pub narrowed: Option<String>,
+}
+
+impl CudaEnv {
+    /// The ordinal that opens `device` in this process: 0 where the view was narrowed to it.
+    pub fn ordinal(&self) -> Option<u32> {
+        self.narrowed.as_ref().map(|_| 0)
+    }
 }
 
 /// Why a child's environment is not what `supervisor run` gives.
@@ -190,6 +203,10 @@ impl ChildEnv {
                     let list: Vec<String> = cuda.replicas.iter().map(ToString::to_string).collect();
                     vars.push((ENV_CUDA_REPLICAS, list.join(",")));
                 }
+                if let Some(visible) = &cuda.narrowed {
+                    vars.push((ENV_CUDA_ORDINAL, "0".into()));
+                    vars.push((ENV_CUDA_VISIBLE_DEVICES, visible.clone()));
+                }
             }
         }
         vars
@@ -254,8 +271,22 @@ fn backend(vars: &Vars<'_>) -> Result<Backend, ChildEnvError> {
             stack_limit_bytes: vars.number(ENV_CUDA_STACK_BYTES)?,
             kernel_cache: (vars.0)(ENV_KERNEL_CACHE).map(PathBuf::from),
             replicas: devices(vars, ENV_CUDA_REPLICAS)?,
+            narrowed: narrowed(vars)?,
         })),
         Some(other) => Err(invalid(ENV_BACKEND, other, "expected host or cuda")),
+    }
+}
+
+/// `FORKLESS_CUDA_ORDINAL=0` marks a view the supervisor narrowed; `CUDA_VISIBLE_DEVICES` alone
+/// may come from the operator's shell and says nothing about the service's numbering.
+fn narrowed(vars: &Vars<'_>) -> Result<Option<String>, ChildEnvError> {
+    match (vars.0)(ENV_CUDA_ORDINAL).as_deref() {
+        None => Ok(None),
+        Some("0") => match (vars.0)(ENV_CUDA_VISIBLE_DEVICES) {
+            Some(visible) if !visible.is_empty() && !visible.contains(',') => Ok(Some(visible)),
+            other => Err(invalid(ENV_CUDA_VISIBLE_DEVICES, &other.unwrap_or_default(), "expected one GPU")),
+        },
+        Some(other) => Err(invalid(ENV_CUDA_ORDINAL, other, "expected 0")),
     }
 }
 
@@ -306,9 +337,10 @@ mod tests {
             proptest::option::of(any::<u64>()),
             proptest::option::of(path()),
             proptest::collection::vec(any::<u32>(), 0..4),
+            proptest::option::of("[0-9]{1,2}|GPU-[0-9a-f-]{8,36}|MIG-[0-9a-f-]{8,36}"),
         )
-            .prop_map(|(device, stack_limit_bytes, kernel_cache, replicas)| {
-                Backend::Cuda(CudaEnv { device, stack_limit_bytes, kernel_cache, replicas })
+            .prop_map(|(device, stack_limit_bytes, kernel_cache, replicas, narrowed)| {
+                Backend::Cuda(CudaEnv { device, stack_limit_bytes, kernel_cache, replicas, narrowed })
             })
     }
 
@@ -340,7 +372,9 @@ mod tests {
         #[test]
         fn round_trips_through_variables(env in child_env()) {
             let vars: HashMap<&str, String> = env.to_vars().into_iter().collect();
-            prop_assert!(vars.keys().all(|k| k.starts_with(PREFIX)));
+            // Ours, and CUDA's own variable only where the supervisor narrowed the view.
+            let narrowed = vars.contains_key(ENV_CUDA_ORDINAL);
+            prop_assert!(vars.keys().all(|k| k.starts_with(PREFIX) || (narrowed && *k == ENV_CUDA_VISIBLE_DEVICES)));
             prop_assert_eq!(ChildEnv::from_vars(|name| vars.get(name).cloned()).unwrap(), env);
         }
     }
@@ -365,7 +399,13 @@ mod tests {
         let env = ChildEnv::from_vars(|name| vars.get(name).cloned()).unwrap();
         assert_eq!(
             env.cuda(),
-            Some(&CudaEnv { device: 0, stack_limit_bytes: None, kernel_cache: None, replicas: Vec::new() })
+            Some(&CudaEnv {
+                device: 0,
+                stack_limit_bytes: None,
+                kernel_cache: None,
+                replicas: Vec::new(),
+                narrowed: None
+            })
         );
     }
 
@@ -391,6 +431,31 @@ mod tests {
         vars.remove(ENV_MODEL);
         let err = ChildEnv::from_vars(|n| vars.get(n).cloned()).unwrap_err();
         assert_eq!(err, ChildEnvError::Missing(ENV_MODEL));
+    }
+
+    #[test]
+    fn a_narrowed_view_names_one_gpu_and_an_inherited_one_is_ignored() {
+        let cuda = |pairs: &[(&'static str, &str)]| {
+            let mut vars = minimal();
+            vars.insert(ENV_BACKEND, "cuda".into());
+            vars.insert(ENV_CUDA_DEVICE, "1".into());
+            for (k, v) in pairs {
+                vars.insert(k, v.to_string());
+            }
+            ChildEnv::from_vars(|n| vars.get(n).cloned()).map(|env| env.cuda().cloned().unwrap())
+        };
+        // The operator's own CUDA_VISIBLE_DEVICES says nothing about the service's numbering.
+        assert_eq!(cuda(&[(ENV_CUDA_VISIBLE_DEVICES, "3,4")]).unwrap().ordinal(), None);
+        let narrowed = cuda(&[(ENV_CUDA_ORDINAL, "0"), (ENV_CUDA_VISIBLE_DEVICES, "GPU-ab")]).unwrap();
+        assert_eq!((narrowed.device, narrowed.ordinal(), narrowed.narrowed.as_deref()), (1, Some(0), Some("GPU-ab")));
+        for (bad, name) in [
+            (&[(ENV_CUDA_ORDINAL, "1"), (ENV_CUDA_VISIBLE_DEVICES, "2")][..], ENV_CUDA_ORDINAL),
+            (&[(ENV_CUDA_ORDINAL, "0")][..], ENV_CUDA_VISIBLE_DEVICES),
+            (&[(ENV_CUDA_ORDINAL, "0"), (ENV_CUDA_VISIBLE_DEVICES, "2,3")][..], ENV_CUDA_VISIBLE_DEVICES),
+        ] {
+            let err = cuda(bad).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     const CHILD_ENV: &str = "FORKLESS_TEST_MARK_CLOEXEC";

@@ -77,6 +77,11 @@ pub const ENV_SHARING: &str = "FORKLESS_SHARING";
 pub const ENV_BACKEND: &str = "FORKLESS_BACKEND";
 /// Environment variable with the CUDA device ordinal the arena lives on (backend `cuda`).
 pub const ENV_CUDA_DEVICE: &str = "FORKLESS_CUDA_DEVICE";
+/// Environment variable with the ordinal a worker opens its device by, where the supervisor
+/// narrowed the worker's `CUDA_VISIBLE_DEVICES` to that one device (`0`).
+pub const ENV_CUDA_ORDINAL: &str = "FORKLESS_CUDA_ORDINAL";
+/// CUDA's own variable: which GPUs a process sees, and in what order.
+pub const ENV_CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 /// Environment variable with the other GPUs a multi-GPU owner copies the arena to (`1,2,3`).
 pub const ENV_CUDA_REPLICAS: &str = "FORKLESS_CUDA_REPLICAS";
 /// Environment variable with the per-thread stack limit in bytes for CUDA contexts

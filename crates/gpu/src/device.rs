@@ -259,6 +259,8 @@ fn device_attribute(dev: sys::CUdevice, attribute: CUdevice_attribute) -> Result
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     info: Arc<DeviceInfo>,
+    /// The number the service knows this GPU by; see [`Gpu::service_device`].
+    service_device: usize,
 }
 
 impl Gpu {
@@ -267,9 +269,16 @@ impl Gpu {
     /// This is the expensive step of a worker's start: about 0.5 GiB of GPU memory and
     /// 0.2–0.4 s with the default limits.
     pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
+        Self::open_as(ordinal, ordinal)
+    }
+
+    /// Like [`Gpu::open`], for a process whose `CUDA_VISIBLE_DEVICES` shows it fewer GPUs than
+    /// the service has: `ordinal` in this process's numbering is the service's device
+    /// `service_device`.
+    pub fn open_as(ordinal: usize, service_device: usize) -> Result<Gpu, GpuError> {
         let info = probe(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
-        Ok(Gpu { ctx, info: Arc::new(info) })
+        Ok(Gpu { ctx, info: Arc::new(info), service_device })
     }
 
     /// What this GPU offers.
@@ -277,9 +286,15 @@ impl Gpu {
         &self.info
     }
 
-    /// The device ordinal.
+    /// The device ordinal in this process's numbering (what torch and DLPack call it here).
     pub fn ordinal(&self) -> usize {
         self.info.ordinal
+    }
+
+    /// The device number in the service's numbering (`[cuda] devices`, manifests, status):
+    /// the ordinal, unless the supervisor narrowed this process's view to its own GPU.
+    pub fn service_device(&self) -> usize {
+        self.service_device
     }
 
     /// The cudarc context, for NVRTC modules, streams and cuBLAS (check

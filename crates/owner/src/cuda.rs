@@ -14,7 +14,7 @@
 //! loads it costs no GPU memory at all.
 //!
 //! ```no_run
-//! let settings = forkless_owner::cuda::CudaSettings { device: 0, stack_limit: Some(256), kernel_cache: None, replicas: vec![1] };
+//! let settings = forkless_owner::cuda::CudaSettings { device: 0, ordinal: None, stack_limit: Some(256), kernel_cache: None, replicas: vec![1] };
 //! let loaded = forkless_owner::cuda::load("model.safetensors".as_ref(), &settings).unwrap();
 //! println!("{} bytes on GPUs {:?}", loaded.manifest.total_bytes(), loaded.manifest.devices());
 //! ```

@@ -313,6 +313,7 @@ mod tests {
         .unwrap();
         let expected = cuda::CudaSettings {
             device: 1,
+            ordinal: None,
             stack_limit: Some(64),
             kernel_cache: Some(PathBuf::from("/run/k")),
             replicas: vec![],
@@ -321,7 +322,13 @@ mod tests {
         let defaults = backend(&[("FORKLESS_BACKEND", "cuda")]).unwrap();
         assert_eq!(
             defaults,
-            Backend::Cuda(cuda::CudaSettings { device: 0, stack_limit: None, kernel_cache: None, replicas: vec![] })
+            Backend::Cuda(cuda::CudaSettings {
+                device: 0,
+                ordinal: None,
+                stack_limit: None,
+                kernel_cache: None,
+                replicas: vec![]
+            })
         );
     }
 

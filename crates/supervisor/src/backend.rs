@@ -27,7 +27,7 @@ use std::time::Duration;
 use forkless_bus::child_env::{Backend as ChildBackend, CudaEnv};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, WorkerVisibility};
 use crate::spawn::{ChildSpec, Spawner};
 
 /// The longest a probe may take. `cuInit` on a GPU without the persistence daemon can take
@@ -112,6 +112,7 @@ impl RunningBackend {
                     forkless_bus::Role::Owner => self.resolved.devices().into_iter().skip(1).collect(),
                     forkless_bus::Role::Worker => Vec::new(),
                 },
+                narrowed: None,
             }),
         }
     }
@@ -308,6 +309,39 @@ async fn probe_report(spawner: &Spawner, exe: &Path, device: u32) -> Result<Prob
     }
 }
 
+/// Puts a worker's CUDA settings on its `device` (multi-GPU placement; `None`: the service's one
+/// device, already set), seen alone as ordinal 0 with `[cuda] worker_visible_devices = "own"`
+/// (`supervisors`: the supervisor's own `CUDA_VISIBLE_DEVICES`).
+pub(crate) fn place_worker(
+    cuda: &mut CudaEnv,
+    device: Option<u32>,
+    visibility: WorkerVisibility,
+    supervisors: Option<&str>,
+) {
+    if let Some(device) = device {
+        cuda.device = device;
+    }
+    cuda.narrowed = match visibility {
+        WorkerVisibility::All => None,
+        WorkerVisibility::Own => visible_entry(supervisors, cuda.device),
+    };
+}
+
+/// The `CUDA_VISIBLE_DEVICES` value that shows a worker only the service's device `device`:
+/// the `device`-th entry of the supervisor's own list where it has one (an index, a UUID or a
+/// MIG instance, as the operator wrote it), else `device` itself. Children inherit the
+/// supervisor's `CUDA_DEVICE_ORDER`, so the entry names the GPU the owner calls `device`.
+/// `None` when the list has no such entry (the worker then keeps the full view).
+pub(crate) fn visible_entry(supervisors: Option<&str>, device: u32) -> Option<String> {
+    match supervisors {
+        None => Some(device.to_string()),
+        Some(list) => {
+            let entry = list.split(',').map(str::trim).nth(device as usize)?;
+            (!entry.is_empty()).then(|| entry.to_string())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +395,7 @@ mod tests {
             stack_limit_bytes: Some(64),
             kernel_cache: Some("/run/forkless-x/kernels".into()),
             replicas: vec![],
+            narrowed: None,
         };
         let config = config("", "[cuda]\ndevice = 1\nstack_limit_bytes = 64\n");
         assert_eq!(cuda.for_children(&config, forkless_bus::Role::Worker), ChildBackend::Cuda(expected));
@@ -396,5 +431,51 @@ mod tests {
         assert_eq!(cuda.env_value(), "cuda");
         assert_eq!(serde_json::to_string(&cuda).unwrap(), r#"{"kind":"cuda","device":0,"name":"NVIDIA H100"}"#);
         assert_eq!(serde_json::to_string(&ResolvedBackend::Host).unwrap(), r#"{"kind":"host"}"#);
+    }
+
+    #[test]
+    fn own_visibility_narrows_each_worker_to_its_device() {
+        let base = CudaEnv { device: 0, ..CudaEnv::default() };
+        let placed = |device, visibility, supervisors| {
+            let mut cuda = base.clone();
+            place_worker(&mut cuda, device, visibility, supervisors);
+            (cuda.device, cuda.narrowed.clone(), cuda.ordinal())
+        };
+        assert_eq!(placed(Some(1), WorkerVisibility::All, None), (1, None, None), "default: the full view");
+        assert_eq!(placed(Some(1), WorkerVisibility::Own, None), (1, Some("1".into()), Some(0)));
+        assert_eq!(placed(Some(1), WorkerVisibility::Own, Some("4,6")), (1, Some("6".into()), Some(0)));
+        assert_eq!(placed(None, WorkerVisibility::Own, Some("5")), (0, Some("5".into()), Some(0)), "one device");
+        assert_eq!(placed(Some(3), WorkerVisibility::Own, Some("4,6")), (3, None, None), "not in the list");
+        // What the worker reads back: ordinal 0, still device 1, and CUDA's variable.
+        let mut cuda = base.clone();
+        place_worker(&mut cuda, Some(1), WorkerVisibility::Own, Some("GPU-aa,GPU-bb"));
+        let env = forkless_bus::child_env::ChildEnv {
+            role: forkless_bus::Role::Worker,
+            index: 1,
+            supervisor_pid: 1,
+            bus_fd: None,
+            bus_path: None,
+            model: "m.safetensors".into(),
+            sharing: forkless_bus::child_env::Sharing::Shared,
+            backend: ChildBackend::Cuda(cuda),
+            heartbeat: None,
+            max_requests: None,
+            http: None,
+        };
+        let vars = env.to_vars();
+        assert!(vars.contains(&("CUDA_VISIBLE_DEVICES", "GPU-bb".into())), "{vars:?}");
+        assert!(vars.contains(&("FORKLESS_CUDA_ORDINAL", "0".into())), "{vars:?}");
+        assert!(vars.contains(&("FORKLESS_CUDA_DEVICE", "1".into())), "{vars:?}");
+    }
+
+    #[test]
+    fn a_worker_sees_the_entry_of_its_device_in_the_supervisors_list() {
+        assert_eq!(visible_entry(None, 3).as_deref(), Some("3"));
+        assert_eq!(visible_entry(Some("2,3"), 1).as_deref(), Some("3"), "device 1 of the supervisor is GPU 3");
+        let uuids = "GPU-8f6a1c2e-0000-0000-0000-000000000001, GPU-8f6a1c2e-0000-0000-0000-000000000002";
+        assert_eq!(visible_entry(Some(uuids), 1).as_deref(), Some("GPU-8f6a1c2e-0000-0000-0000-000000000002"));
+        assert_eq!(visible_entry(Some("MIG-1234"), 0).as_deref(), Some("MIG-1234"));
+        assert_eq!(visible_entry(Some("0,1"), 2), None, "no such entry: keep the full view");
+        assert_eq!(visible_entry(Some(""), 0), None);
     }
 }

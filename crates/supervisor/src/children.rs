@@ -21,9 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::RunningBackend;
+use crate::backend::{place_worker, RunningBackend};
 use crate::bus_server::serve_child;
-use crate::config::{resolve_program, Config, Sharing};
+use crate::config::{resolve_program, Config, Sharing, WorkerVisibility};
 use crate::events::Event;
 pub(crate) use crate::groups::signal_group;
 use crate::groups::ProcessGroups;
@@ -127,10 +127,17 @@ impl Context {
             }
         };
         if label.role == Role::Worker {
-            if let (Some(device), forkless_bus::child_env::Backend::Cuda(cuda)) =
-                (self.bus.device_of(label.index), &mut env.backend)
-            {
-                cuda.device = device;
+            if let forkless_bus::child_env::Backend::Cuda(cuda) = &mut env.backend {
+                let visibility = config.cuda.worker_visible_devices;
+                let ours = std::env::var(forkless_bus::ENV_CUDA_VISIBLE_DEVICES).ok();
+                place_worker(cuda, self.bus.device_of(label.index), visibility, ours.as_deref());
+                if visibility == WorkerVisibility::Own && cuda.narrowed.is_none() {
+                    tracing::warn!(
+                        "worker {}: CUDA_VISIBLE_DEVICES={ours:?} names no device {}: it sees every GPU",
+                        label.index,
+                        cuda.device
+                    );
+                }
             }
             env.http = Some(config.workers.http.env_value());
         }

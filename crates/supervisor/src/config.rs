@@ -129,6 +129,10 @@ pub struct CudaConfig {
     /// e.g. its arena cannot be imported): `stop` the service (default), or `degrade`: stop
     /// that device's workers, report it, and keep serving on the others.
     pub on_device_failure: DeviceFailure,
+    /// Which GPUs a worker sees: `all` (default), or `own`, where the supervisor sets each
+    /// worker's `CUDA_VISIBLE_DEVICES` to its one device, so its `cuInit` and context creation
+    /// touch one GPU instead of all of them (faster cold starts with several devices).
+    pub worker_visible_devices: WorkerVisibility,
     /// Per-thread stack limit (`CU_LIMIT_STACK_SIZE`) of every CUDA context forkless starts:
     /// the driver reserves it for every thread the GPU can hold (1024 B: ~250 MiB of a
     /// context's ~520 MiB on an H100).
@@ -142,6 +146,7 @@ impl Default for CudaConfig {
             devices: None,
             workers_per_device: None,
             on_device_failure: DeviceFailure::Stop,
+            worker_visible_devices: WorkerVisibility::All,
             stack_limit_bytes: DEFAULT_CUDA_STACK_BYTES,
         }
     }
@@ -164,6 +169,18 @@ pub enum DeviceFailure {
     Stop,
     /// Its workers are stopped and it is reported; the other devices keep serving.
     Degrade,
+}
+
+/// `[cuda] worker_visible_devices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerVisibility {
+    /// Workers inherit the supervisor's view of the GPUs and open their device by its number.
+    #[default]
+    All,
+    /// Each worker sees only its own device (as ordinal 0); torch in a Python worker sees
+    /// `cuda:0`. Owners always see every device: they copy between them.
+    Own,
 }
 
 /// Most GPUs one service spreads over (one arena per device travels as one fd each).
@@ -555,6 +572,17 @@ impl Config {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
                 return Err(self.invalid("workers.env", format!("{name:?} is not a valid environment variable")));
             }
+            if name == forkless_bus::ENV_CUDA_VISIBLE_DEVICES
+                && self.cuda.worker_visible_devices == WorkerVisibility::Own
+            {
+                return Err(self.invalid(
+                    "workers.env",
+                    format!(
+                        "{name:?} is set by the supervisor with [cuda] worker_visible_devices = \"own\": \
+                         remove one of the two"
+                    ),
+                ));
+            }
             if name.starts_with("FORKLESS_") || name.starts_with("LISTEN_") {
                 return Err(self.invalid(
                     "workers.env",
@@ -812,6 +840,20 @@ mod tests {
         assert_eq!(c.cuda, CudaConfig { device: 1, stack_limit_bytes: 128, ..CudaConfig::default() });
         let c = parse(&GOOD.replace("[workers]", "backend = \"host\"\n[workers]")).unwrap();
         assert_eq!(c.model.backend, Backend::Host);
+    }
+
+    #[test]
+    fn workers_may_see_only_their_own_gpu() {
+        assert_eq!(parse(GOOD).unwrap().cuda.worker_visible_devices, WorkerVisibility::All);
+        let own = GOOD.to_string() + "[cuda]\ndevices = [0, 1]\nworker_visible_devices = \"own\"\n";
+        assert_eq!(parse(&own).unwrap().cuda.worker_visible_devices, WorkerVisibility::Own);
+        let bad = GOOD.to_string() + "[cuda]\nworker_visible_devices = \"some\"\n";
+        assert!(parse(&bad).unwrap_err().to_string().contains("worker_visible_devices"));
+        // The supervisor sets CUDA_VISIBLE_DEVICES itself then; with "all" the operator may.
+        let env = "env = { CUDA_VISIBLE_DEVICES = \"1\" }\n";
+        let err = parse(&format!("{GOOD}{env}[cuda]\nworker_visible_devices = \"own\"\n")).unwrap_err().to_string();
+        assert!(err.contains("workers.env") && err.contains("worker_visible_devices"), "{err}");
+        parse(&format!("{GOOD}{env}")).unwrap();
     }
 
     #[test]

@@ -23,6 +23,9 @@ use crate::model_file::ModelFile;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CudaSettings {
     pub device: u32,
+    /// The ordinal to open `device` by, where the supervisor narrowed this process's
+    /// `CUDA_VISIBLE_DEVICES` to it (`None`: `device` itself).
+    pub ordinal: Option<u32>,
     /// Per-thread stack limit of the context, in bytes (`None`: the driver's default).
     pub stack_limit: Option<usize>,
     /// Folder of compiled kernels shared with the workers.
@@ -36,6 +39,7 @@ impl From<&forkless_bus::child_env::CudaEnv> for CudaSettings {
     fn from(env: &forkless_bus::child_env::CudaEnv) -> Self {
         CudaSettings {
             device: env.device,
+            ordinal: env.ordinal(),
             stack_limit: env.stack_limit_bytes.and_then(|b| usize::try_from(b).ok()),
             kernel_cache: env.kernel_cache.clone(),
             replicas: env.replicas.clone(),
@@ -72,7 +76,7 @@ pub fn fill_arena(file: &ModelFile, gpu: &forkless_gpu::Gpu) -> Result<FilledAre
         other => FillError::Gpu(other),
     })?;
     desc.size = arena.size();
-    desc.kind = MemoryKind::CudaVmm { device: gpu.ordinal() as u32 };
+    desc.kind = MemoryKind::CudaVmm { device: gpu.service_device() as u32 };
     Ok(FilledArena { desc, tensors, arena, upload })
 }
 
@@ -87,14 +91,19 @@ mod tests {
             stack_limit_bytes: Some(64),
             kernel_cache: Some("/run/k".into()),
             replicas: vec![2, 3],
+            narrowed: None,
         };
         let settings = CudaSettings::from(&env);
         let expected = CudaSettings {
             device: 1,
+            ordinal: None,
             stack_limit: Some(64),
             kernel_cache: Some("/run/k".into()),
             replicas: vec![2, 3],
         };
         assert_eq!(settings, expected);
+        let narrowed = forkless_bus::child_env::CudaEnv { narrowed: Some("GPU-1234".into()), ..env };
+        assert_eq!(CudaSettings::from(&narrowed).ordinal, Some(0), "a narrowed worker opens ordinal 0");
+        assert_eq!(CudaSettings::from(&narrowed).device, 1, "and still calls it device 1");
     }
 }

@@ -470,7 +470,8 @@ pub fn model_path() -> Option<PathBuf> {
 fn open_gpu(env: &ChildEnv) -> Result<Option<Gpu>, AttachError> {
     let Some(settings) = env.cuda().map(CudaSettings::from) else { return Ok(None) };
     let device = settings.device;
-    let gpu = Gpu::open(device as usize).map_err(|source| AttachError::Gpu { device, source })?;
+    let ordinal = settings.ordinal.unwrap_or(device);
+    let gpu = Gpu::open_as(ordinal as usize, device as usize).map_err(|source| AttachError::Gpu { device, source })?;
     if let Some(bytes) = settings.stack_limit {
         gpu.set_stack_limit(bytes).map_err(|source| AttachError::Gpu { device, source })?;
     }
@@ -514,12 +515,13 @@ fn map_arena(
     gpu: Option<&Gpu>,
 ) -> Result<MappedArena, AttachError> {
     use forkless_bus::manifest::MemoryKind;
-    let place = |gpu: Option<&Gpu>| gpu.map_or("the host backend".to_string(), |g| format!("GPU {}", g.ordinal()));
+    let place =
+        |gpu: Option<&Gpu>| gpu.map_or("the host backend".to_string(), |g| format!("GPU {}", g.service_device()));
     match (arena.kind, gpu) {
         (MemoryKind::Host, None) => ArenaMap::map(fd, arena.size)
             .map(MappedArena::Host)
             .map_err(|source| AttachError::Map { arena: arena.id, source }),
-        (MemoryKind::CudaVmm { device }, Some(gpu)) if gpu.ordinal() == device as usize => {
+        (MemoryKind::CudaVmm { device }, Some(gpu)) if gpu.service_device() == device as usize => {
             forkless_gpu::ImportedArena::import(gpu, fd, arena.size, forkless_gpu::Access::ReadOnly)
                 .map(MappedArena::Device)
                 .map_err(|source| AttachError::Gpu { device, source })
@@ -567,7 +569,7 @@ fn load_private_gpu_copy(file: &ModelFile, gpu: &Gpu) -> Result<Generation, Atta
     use forkless_weights::cuda::{fill_arena, FillError};
     let filled = fill_arena(file, gpu).map_err(|e| match e {
         FillError::Read(source) => AttachError::Load(LoadError::Read { path: file.path().into(), source }),
-        FillError::Gpu(source) => AttachError::Gpu { device: gpu.ordinal() as u32, source },
+        FillError::Gpu(source) => AttachError::Gpu { device: gpu.service_device() as u32, source },
     })?;
     let manifest = Manifest::new(file.path().display().to_string(), vec![filled.desc], filled.tensors);
     manifest.validate()?;
