@@ -217,3 +217,17 @@ fn a_reload_of_a_fifo_fails_and_later_reloads_work() {
     assert!(ok, "a later reload failed: {stderr}");
     assert!(stdout.contains("is live"), "{stdout}");
 }
+
+/// `restore-device` travels to the service and back; on the host there is no GPU to restore,
+/// and the answer says so (the degrade/restore cycle itself is a unit test of the service).
+#[test]
+fn restoring_a_device_the_service_does_not_have_is_refused_with_the_reason() {
+    let dir = TestDir::new();
+    dir.write_model();
+    let config = dir.write_config(1, "");
+    let mut sup = Supervisor::start(&config);
+    sup.wait_ready();
+    let (ok, _, stderr) = control(&config, "restore-device", &["1"]);
+    assert!(!ok && stderr.contains("GPU 1 is not one of the service's devices"), "{stderr}");
+    assert_eq!(sup.children("worker").len(), 1, "nothing else changed");
+}

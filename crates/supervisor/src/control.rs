@@ -70,6 +70,10 @@ pub enum Request {
     ReloadModel {
         path: Option<String>,
     },
+    /// Put a GPU taken out of service back (`on_device_failure = "degrade"`).
+    RestoreDevice {
+        device: u32,
+    },
 }
 
 /// What the supervisor answers.
@@ -208,6 +212,7 @@ async fn handle(request: Request, commands: &mpsc::UnboundedSender<Command>, met
         Request::Scale { workers } => ask(commands, |reply| Command::Scale { workers, reply }).await,
         Request::Restart { target } => ask(commands, |reply| Command::Restart { target, reply }).await,
         Request::Reload => ask(commands, |reply| Command::Reload { reply: Some(reply) }).await,
+        Request::RestoreDevice { device } => ask(commands, |reply| Command::RestoreDevice { device, reply }).await,
         Request::Stop { now } => {
             tracing::info!(now, "stop requested through the control socket");
             match commands.send(Command::Stop { now }) {

@@ -104,6 +104,12 @@ pub enum Command {
     Stop {
         now: bool,
     },
+    /// Puts a GPU taken out of service (`on_device_failure = "degrade"`) back: its workers
+    /// start again, with fresh restart budgets.
+    RestoreDevice {
+        device: u32,
+        reply: Reply,
+    },
 }
 
 /// `supervisor status --json`.
@@ -285,7 +291,7 @@ impl Service {
                 let _ = reply.send(self.status());
             }
             Command::Stop { now } => self.stop.request(now),
-            Command::Scale { reply, .. } | Command::Restart { reply, .. } => {
+            Command::Scale { reply, .. } | Command::Restart { reply, .. } | Command::RestoreDevice { reply, .. } => {
                 let _ = reply.send(Err(stopping()));
             }
             Command::Reload { reply } => {
@@ -370,6 +376,9 @@ impl Service {
             Command::Reload { reply } => self.reload(reply),
             Command::ReloadModel { path, reply } => self.reload_model(path, reply),
             Command::Stop { now } => self.stop.request(now),
+            Command::RestoreDevice { device, reply } => {
+                let _ = reply.send(self.restore_device(device));
+            }
         }
     }
 
@@ -442,6 +451,31 @@ impl Service {
             // The workers of the other devices may all be ready already.
             self.announce_if_all_ready();
         }
+    }
+
+    /// The way back from [`Service::take_out`], once the operator repaired the GPU (or wants
+    /// to try it again): `supervisor restore-device N`.
+    fn restore_device(&mut self, device: u32) -> Result<String, String> {
+        let devices = &self.ctx.bus.devices;
+        if !devices.contains(&device) {
+            return Err(format!("GPU {device} is not one of the service's devices {devices:?}"));
+        }
+        let Some(reason) = self.failed_devices.remove(&device) else {
+            return Err(format!("GPU {device} is in service: there is nothing to restore"));
+        };
+        tracing::warn!(device, "GPU {device} is back in service (it was taken out: {reason})");
+        metrics::gauge!("forkless_device_failed", "device" => device.to_string()).set(0.0);
+        let bus = &self.ctx.bus;
+        // Ready only once the new workers say so (the old ones may not have ended yet).
+        self.reported_ready.retain(|&i| bus.device_of(i) != Some(device));
+        let before = self.workers.len();
+        self.announced = false;
+        self.reconcile();
+        let started = self.workers.len() - before;
+        Ok(format!(
+            "GPU {device} is back in service: {started} worker slot{} placed on it",
+            if started == 1 { "" } else { "s" }
+        ))
     }
 
     fn scale(&mut self, workers: u32) -> Result<String, String> {
@@ -708,6 +742,38 @@ mod tests {
             Ok(Event::Fatal(reason)) => assert!(reason.contains("every GPU"), "{reason}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `supervisor restore-device`: the device's slots come back with fresh budgets, "all
+    /// workers ready" waits for them, and only a device that was taken out can be restored.
+    #[test]
+    fn a_restored_device_gets_its_workers_back() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _entered = runtime.enter();
+        let cuda = "[cuda]\ndevices = [0, 1]\nworkers_per_device = 2\non_device_failure = \"degrade\"";
+        let (ctx, _events) = context(cuda, &[0, 1]);
+        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        service.reconcile();
+        let ready = |index| Event::WorkerReady { index, pid: 100 + index, generation: 1, attach: Default::default() };
+        for index in 0..4 {
+            service.on_event(ready(index));
+        }
+        assert!(service.announced);
+        assert!(service.restore_device(1).unwrap_err().contains("in service"));
+        assert!(service.restore_device(7).unwrap_err().contains("not one of the service's devices"));
+
+        service.on_event(Event::DeviceFailed { device: 1, reason: "worker 1 kept dying".into() });
+        assert_eq!(workers(&service), [0, 2]);
+        let message = service.restore_device(1).unwrap();
+        assert!(message.contains("GPU 1 is back in service: 2 worker slots"), "{message}");
+        assert_eq!(workers(&service), [0, 1, 2, 3]);
+        assert!(service.status().devices.iter().all(|d| d.failed.is_none()));
+        assert!(!service.announced, "workers 1 and 3 are new: not ready yet");
+        service.on_event(ready(1));
+        assert!(!service.announced, "worker 3's old readiness does not count");
+        service.on_event(ready(3));
+        assert!(service.announced);
+        assert!(service.restore_device(1).is_err(), "restored once");
     }
 
     /// With a device taken out before its workers were ready, "all workers

@@ -85,6 +85,14 @@ enum Command {
         /// The new weights file (safetensors).
         path: Option<PathBuf>,
     },
+    /// Put GPU DEVICE back in service after `on_device_failure = "degrade"` took it out: its
+    /// workers start again, with fresh restart budgets.
+    RestoreDevice {
+        #[command(flatten)]
+        target: Target,
+        /// The device number, as in `[cuda] devices` and `supervisor status`.
+        device: u32,
+    },
     /// Stop gracefully: workers drain, then the owner stops (like SIGTERM).
     Stop {
         #[command(flatten)]
@@ -128,6 +136,7 @@ fn main() -> ExitCode {
         Command::Restart { target, what } => control(&target, Request::Restart { target: what }, false),
         Command::Reload { target } => control(&target, Request::Reload, false),
         Command::Stop { target, now } => control(&target, Request::Stop { now }, false),
+        Command::RestoreDevice { target, device } => control(&target, Request::RestoreDevice { device }, false),
         Command::ReloadModel { target, path } => {
             // A relative PATH means relative to where this command runs, as for any CLI argument.
             let path = path.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
