@@ -12,7 +12,7 @@
 //! pass leaves at once without the answers of the pass that just ended, whose requests come back
 //! a round trip later and wait a whole pass. Each pass then carries half the clients and still
 //! reads every weight (docs/LANE.md, "Cohorts"). With `linger`, a pass that is not full also
-//! waits, up to `linger` after the previous pass ended, until as many requests were submitted
+//! waits, up to `linger` after the previous pass answered, until as many requests were submitted
 //! since then as that pass carried. Open-loop traffic pays up to `linger` per pass for nothing,
 //! hence off by default.
 //!
@@ -48,8 +48,11 @@ pub struct Policy {
 /// The pass before the one being planned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreviousPass {
-    /// `CLOCK_MONOTONIC` nanoseconds when it ended.
-    pub ended_ns: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds just before its answers were published: requests submitted
+    /// since may be its clients coming back. (Taken after publishing instead, a quick client's
+    /// next request would look older than the pass, and the next pass would wait out `linger`
+    /// for a client that is already queued: seen in CI on a loaded machine.)
+    pub answered_ns: u64,
     /// How many requests it carried.
     pub size: usize,
 }
@@ -95,10 +98,10 @@ pub fn plan(queued: &mut Vec<Candidate>, now_ns: u64, previous: Option<PreviousP
     let oldest = queued.iter().map(|c| c.submitted_ns.min(now_ns)).min().unwrap_or(now_ns);
     let mut deadline = oldest.saturating_add(policy.max_wait_ns);
     if let Some(previous) = previous.filter(|_| policy.linger_ns > 0) {
-        let ended = previous.ended_ns.min(now_ns);
-        let returned = queued.iter().filter(|c| c.submitted_ns.min(now_ns) >= ended).count();
+        let answered = previous.answered_ns.min(now_ns);
+        let returned = queued.iter().filter(|c| c.submitted_ns.min(now_ns) >= answered).count();
         if returned < previous.size {
-            deadline = deadline.max(ended.saturating_add(policy.linger_ns));
+            deadline = deadline.max(answered.saturating_add(policy.linger_ns));
         }
     }
     if now_ns >= deadline {
@@ -137,7 +140,7 @@ mod tests {
     fn submission_times_in_the_future_cannot_extend_the_wait() {
         let mut q = vec![Candidate { slot: 0, seq: 0, submitted_ns: u64::MAX }];
         assert_eq!(plan(&mut q, 100, None, &policy(4, 10, 0)), Plan::WaitUntil(110));
-        let future_end = Some(PreviousPass { ended_ns: u64::MAX, size: 4 });
+        let future_end = Some(PreviousPass { answered_ns: u64::MAX, size: 4 });
         assert_eq!(plan(&mut q, 100, future_end, &policy(4, 10, 50)), Plan::WaitUntil(150), "nor a pass end");
     }
 
@@ -151,7 +154,7 @@ mod tests {
     fn linger_waits_for_the_previous_pass_to_come_back() {
         let at = |slot: u32, t: u64| Candidate { slot, seq: slot as u64, submitted_ns: t };
         let cohort_b = vec![at(0, 100), at(1, 200)];
-        let previous = Some(PreviousPass { ended_ns: 1_000, size: 2 });
+        let previous = Some(PreviousPass { answered_ns: 1_000, size: 2 });
         assert_eq!(plan(&mut cohort_b.clone(), 1_000, previous, &policy(4, 100, 0)), Plan::Take, "no linger");
         let lingering = policy(4, 100, 300);
         assert_eq!(plan(&mut cohort_b.clone(), 1_000, previous, &lingering), Plan::WaitUntil(1_300));
@@ -165,7 +168,7 @@ mod tests {
         assert_eq!(plan(&mut cohort_b.clone(), 1_300, previous, &lingering), Plan::Take);
         // The first pass of a term, or a lone request long after the last pass: max_wait only.
         assert_eq!(plan(&mut vec![at(0, 900)], 950, None, &lingering), Plan::WaitUntil(1_000));
-        let long_ago = Some(PreviousPass { ended_ns: 0, size: 2 });
+        let long_ago = Some(PreviousPass { answered_ns: 0, size: 2 });
         assert_eq!(plan(&mut vec![at(0, 5_000)], 5_000, long_ago, &lingering), Plan::WaitUntil(5_100));
     }
 
@@ -177,7 +180,7 @@ mod tests {
             previous in proptest::option::of((0u64..4_000, 0usize..40)),
         ) {
             let policy = Policy { max_batch, max_wait_ns: max_wait, linger_ns: linger };
-            let previous = previous.map(|(ended_ns, size)| PreviousPass { ended_ns, size });
+            let previous = previous.map(|(answered_ns, size)| PreviousPass { answered_ns, size });
             let mut taken = queued.clone();
             let decision = plan(&mut taken, now, previous, &policy);
             match decision {
@@ -196,7 +199,7 @@ mod tests {
                         let oldest = queued.iter().map(|c| c.submitted_ns.min(now)).min().unwrap();
                         prop_assert!(now >= oldest.saturating_add(max_wait));
                         if let Some(p) = previous.filter(|_| linger > 0) {
-                            let ended = p.ended_ns.min(now);
+                            let ended = p.answered_ns.min(now);
                             let back = queued.iter().filter(|c| c.submitted_ns.min(now) >= ended).count();
                             prop_assert!(back >= p.size || now >= ended + linger, "lingered for the returners");
                         }

@@ -257,14 +257,16 @@ impl Lane {
                         if std::mem::take(&mut takeover) {
                             region.record_takeover_pass();
                         }
-                        let (done, failed) = run_pass(region, epoch, &queued, &mut live, &mut pass);
+                        let PassDone { done, failed, answered_ns } =
+                            run_pass(region, epoch, &queued, &mut live, &mut pass);
                         if done + failed > 0 {
                             report.passes += 1;
                             report.served += done;
                             report.failed += failed;
+                            let size = (done + failed) as usize;
+                            previous_pass = Some(PreviousPass { answered_ns, size });
                         }
                         last_work = monotonic_ns();
-                        previous_pass = Some(PreviousPass { ended_ns: last_work, size: queued.len() });
                     }
                     Plan::WaitUntil(deadline) => {
                         region.wait_for_work(seen, ns_duration((deadline - now).min(poll_ns)));
@@ -298,7 +300,7 @@ fn sweep(region: &Region, epoch: u32, max_crashes: u32, live: &mut Liveness) {
 
 /// Takes the planned requests, runs the pass over them, publishes the answers and wakes their
 /// processes. Returns (done, failed).
-fn run_pass<F>(region: &Region, epoch: u32, planned: &[Candidate], live: &mut Liveness, pass: &mut F) -> (u64, u64)
+fn run_pass<F>(region: &Region, epoch: u32, planned: &[Candidate], live: &mut Liveness, pass: &mut F) -> PassDone
 where
     F: FnMut(&mut Batch<'_>),
 {
@@ -314,11 +316,14 @@ where
         }
     }
     if batch.items.is_empty() {
-        return (0, 0);
+        return PassDone::default();
     }
     let started = std::time::Instant::now();
     pass(&mut batch);
     let took = started.elapsed();
+    // Before the first answer is published: a request submitted after this instant may come
+    // from a client that got its answer, one submitted before it cannot.
+    let answered_ns = monotonic_ns();
 
     let (mut done, mut failed) = (0, 0);
     let mut owners: Vec<u32> = Vec::with_capacity(4);
@@ -345,7 +350,16 @@ where
         region.notify(owner);
     }
     region.record_pass(done, failed, distinct.len(), took);
-    (done, failed)
+    PassDone { done, failed, answered_ns }
+}
+
+/// What [`run_pass`] did.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassDone {
+    done: u64,
+    failed: u64,
+    /// `CLOCK_MONOTONIC` ns just before its answers were published (0: no pass ran).
+    answered_ns: u64,
 }
 
 fn duration_ns(d: Duration) -> u64 {
