@@ -228,6 +228,6 @@ fn restoring_a_device_the_service_does_not_have_is_refused_with_the_reason() {
     let mut sup = Supervisor::start(&config);
     sup.wait_ready();
     let (ok, _, stderr) = control(&config, "restore-device", &["1"]);
-    assert!(!ok && stderr.contains("GPU 1 is not one of the service's devices"), "{stderr}");
+    assert!(!ok && stderr.contains("host memory: it has no GPU to restore"), "{stderr}");
     assert_eq!(sup.children("worker").len(), 1, "nothing else changed");
 }

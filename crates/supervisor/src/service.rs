@@ -457,6 +457,9 @@ impl Service {
     /// to try it again): `supervisor restore-device N`.
     fn restore_device(&mut self, device: u32) -> Result<String, String> {
         let devices = &self.ctx.bus.devices;
+        if devices.is_empty() {
+            return Err("this service holds its weights in host memory: it has no GPU to restore".into());
+        }
         if !devices.contains(&device) {
             return Err(format!("GPU {device} is not one of the service's devices {devices:?}"));
         }
