@@ -712,16 +712,32 @@ mod tests {
         service.workers.keys().copied().collect()
     }
 
+    /// Two GPUs, two workers each, `degrade`.
+    const TWO_DEGRADING: &str = "[cuda]\ndevices = [0, 1]\nworkers_per_device = 2\non_device_failure = \"degrade\"";
+
+    /// The runtime the tests enter: slots are created on it, but never run.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// A service on `devices` with the `[cuda]` table `cuda` (call inside `runtime().enter()`).
+    fn service_on(cuda: &str, devices: &[u32]) -> (Service, mpsc::UnboundedReceiver<Event>) {
+        let (ctx, events) = context(cuda, devices);
+        (Service::new(ctx, Stop::default(), watch::channel(Health::default()).0), events)
+    }
+
+    fn ready(index: u32) -> Event {
+        Event::WorkerReady { index, pid: 100 + index, generation: 1, attach: Default::default() }
+    }
+
     /// Degrading, without processes: the slots the service keeps are checked right after each
     /// step, before the runtime ever runs a slot's task (the worker program does not exist
     /// anyway), so no child is started.
     #[test]
     fn a_failed_device_gets_no_workers_and_the_others_keep_serving() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = runtime();
         let _entered = runtime.enter();
-        let cuda = "[cuda]\ndevices = [0, 1]\nworkers_per_device = 2\non_device_failure = \"degrade\"";
-        let (ctx, mut events) = context(cuda, &[0, 1]);
-        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        let (mut service, mut events) = service_on(TWO_DEGRADING, &[0, 1]);
         assert_eq!(service.workers_wanted, 4, "workers_per_device × devices");
         service.reconcile();
         assert_eq!(workers(&service), [0, 1, 2, 3]);
@@ -751,13 +767,10 @@ mod tests {
     /// workers ready" waits for them, and only a device that was taken out can be restored.
     #[test]
     fn a_restored_device_gets_its_workers_back() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = runtime();
         let _entered = runtime.enter();
-        let cuda = "[cuda]\ndevices = [0, 1]\nworkers_per_device = 2\non_device_failure = \"degrade\"";
-        let (ctx, _events) = context(cuda, &[0, 1]);
-        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        let (mut service, _events) = service_on(TWO_DEGRADING, &[0, 1]);
         service.reconcile();
-        let ready = |index| Event::WorkerReady { index, pid: 100 + index, generation: 1, attach: Default::default() };
         for index in 0..4 {
             service.on_event(ready(index));
         }
@@ -783,13 +796,10 @@ mod tests {
     /// ready" (and systemd's READY=1) must still come once the other devices' workers are.
     #[test]
     fn readiness_is_announced_without_the_workers_of_a_device_taken_out() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = runtime();
         let _entered = runtime.enter();
-        let cuda = "[cuda]\ndevices = [0, 1]\nworkers_per_device = 2\non_device_failure = \"degrade\"";
-        let (ctx, _events) = context(cuda, &[0, 1]);
-        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        let (mut service, _events) = service_on(TWO_DEGRADING, &[0, 1]);
         service.reconcile();
-        let ready = |index| Event::WorkerReady { index, pid: 100 + index, generation: 1, attach: Default::default() };
         service.on_event(ready(0));
         service.on_event(ready(2));
         assert!(!service.announced, "workers 1 and 3 (device 1) are not ready yet");
@@ -797,8 +807,7 @@ mod tests {
         assert!(service.announced, "every worker that can run (0 and 2) is ready");
 
         // Before any device fails, all four are needed.
-        let (ctx, _events) = context(cuda, &[0, 1]);
-        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        let (mut service, _events) = service_on(TWO_DEGRADING, &[0, 1]);
         service.reconcile();
         for index in [0, 1, 2] {
             service.on_event(ready(index));
@@ -811,14 +820,12 @@ mod tests {
     /// On one GPU or on the host, placement does not depend on devices at all.
     #[test]
     fn without_several_devices_every_slot_is_placed() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = runtime();
         let _entered = runtime.enter();
-        let (ctx, _events) = context("[cuda]\nworkers_per_device = 3", &[5]);
-        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        let (mut service, _events) = service_on("[cuda]\nworkers_per_device = 3", &[5]);
         service.reconcile();
         assert_eq!(workers(&service), [0, 1, 2]);
-        let (ctx, _events) = context("", &[]);
-        let mut service = Service::new(ctx, Stop::default(), watch::channel(Health::default()).0);
+        let (mut service, _events) = service_on("", &[]);
         assert_eq!(service.workers_wanted, 1, "[workers] count on the host");
         assert!(!service.workers_may_run(), "host memory: workers wait for a live generation");
         service.reconcile();
