@@ -21,8 +21,8 @@ pub struct RunnerConfig {
     /// A pass that is not full waits until this long after its oldest request was submitted
     /// (0: take what is queued at once; under load requests queue while a pass runs anyway).
     pub max_wait: Duration,
-    /// A pass that is not full also waits up to this long after the previous pass ended, for
-    /// as many requests as that pass carried to come back (closed-loop clients; see
+    /// A pass that is not full also waits up to this long after the previous pass answered,
+    /// for as many requests as that pass carried to come back (closed-loop clients; see
     /// [`batcher`](super::batcher)). Zero, the default, turns it off.
     pub linger: Duration,
     /// The holder lets go of the lease after this long without work, so another process may
@@ -299,7 +299,7 @@ fn sweep(region: &Region, epoch: u32, max_crashes: u32, live: &mut Liveness) {
 }
 
 /// Takes the planned requests, runs the pass over them, publishes the answers and wakes their
-/// processes. Returns (done, failed).
+/// processes.
 fn run_pass<F>(region: &Region, epoch: u32, planned: &[Candidate], live: &mut Liveness, pass: &mut F) -> PassDone
 where
     F: FnMut(&mut Batch<'_>),
