@@ -109,6 +109,24 @@ fn worker() {
     runner.join().unwrap();
 }
 
+/// Submits `input`; a full lane counts in `full` and gives `None` (the caller yields and tries
+/// again), any other refusal ends the benchmark.
+fn submit_counting_full(lane: &Lane, input: &[u8], full: &mut u64) -> Option<forkless_bus::lane::Ticket> {
+    match lane.submit(input) {
+        Ok(ticket) => Some(ticket),
+        Err(SubmitError::Full { .. }) => {
+            *full += 1;
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Nanoseconds since `t0`, as the latency lists store them.
+fn elapsed_ns(t0: Instant) -> u32 {
+    t0.elapsed().as_nanos().min(u32::MAX as u128) as u32
+}
+
 /// `connections` tokio tasks that submit again as soon as an answer arrives.
 fn closed_loop_tasks(lane: &Lane, connections: usize, deadline: Instant) -> (Vec<u32>, u64) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -122,18 +140,13 @@ fn closed_loop_tasks(lane: &Lane, connections: usize, deadline: Instant) -> (Vec
                     let input = [c as u8; PAYLOAD];
                     while Instant::now() < deadline {
                         let t0 = Instant::now();
-                        let ticket = match lane.submit(&input) {
-                            Ok(ticket) => ticket,
-                            Err(SubmitError::Full { .. }) => {
-                                full += 1;
-                                tokio::task::yield_now().await;
-                                continue;
-                            }
-                            Err(e) => panic!("{e}"),
+                        let Some(ticket) = submit_counting_full(&lane, &input, &mut full) else {
+                            tokio::task::yield_now().await;
+                            continue;
                         };
                         let reply = ticket.await.unwrap();
                         assert_eq!(&reply[..], &input[..]);
-                        latencies.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                        latencies.push(elapsed_ns(t0));
                     }
                     (latencies, full)
                 })
@@ -163,20 +176,15 @@ fn closed_loop_threads(lane: &Lane, connections: usize, deadline: Instant, think
                 let input = [c as u8; PAYLOAD];
                 while Instant::now() < deadline {
                     let t0 = Instant::now();
-                    let ticket = match lane.submit(&input) {
-                        Ok(ticket) => ticket,
-                        Err(SubmitError::Full { .. }) => {
-                            full += 1;
-                            std::thread::yield_now();
-                            continue;
-                        }
-                        Err(e) => panic!("{e}"),
+                    let Some(ticket) = submit_counting_full(&lane, &input, &mut full) else {
+                        std::thread::yield_now();
+                        continue;
                     };
                     let reply = ticket.wait(Duration::from_secs(10)).unwrap();
                     assert_eq!(&reply[..], &input[..]);
                     drop(reply);
                     std::thread::sleep(think);
-                    latencies.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                    latencies.push(elapsed_ns(t0));
                 }
                 (latencies, full)
             })
