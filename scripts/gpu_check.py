@@ -584,6 +584,11 @@ def section_soak(check):
 # ---------------------------------------------------------------------------------------------
 # The batch lane (issue #13) and every GPU of the node (issue #14)
 
+def linger_us():
+    # LINGER_US=1000: passes wait for their closed-loop clients to come back (docs/LANE.md).
+    return int(os.environ.get("LINGER_US", 0))
+
+
 def lane_toml(max_batch=32, max_wait_us=100, linger_us=0):
     # max_batch 32: on an H200, cuBLAS's fp32 pass of the seed's layer costs the same from batch
     # 8 to 32 and half again from 48 on (the gemm section); 100 us of waiting fills passes at
@@ -607,7 +612,8 @@ def lane_row(data, workers, connections):
 
 
 def section_lane(check):
-    """The batch lane: 1, 2, 4, 8 workers at 16 and 64 connections, every answer checked (issue #13)."""
+    """The batch lane: 1, 2, 4, 8 workers at 16 and 64 connections, every answer checked (issue #13).
+    LINGER_US sets [lane] linger_us; LANE_BASELINE=0 skips the runs without the lane."""
     model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
     duration = int(os.environ.get("LANE_SECONDS", 10))
     rows, before = [], []
@@ -617,9 +623,10 @@ def section_lane(check):
     for workers in (1, 2, 4, 8):
         for connections in (16, 64):
             settle_gpu(BASELINE)
-            config = write_config(WORK / "lane.toml", model, workers, extra=lane_toml())
+            config = write_config(WORK / "lane.toml", model, workers, extra=lane_toml(linger_us=linger_us()))
             rc, data, _ = chaos(check, f"lane-w{workers}-c{connections}", config, duration, connections=connections)
             row = lane_row(data, workers, connections)
+            row["linger_us"] = linger_us()
             row["ok"] = rc == 0 and data.get("failed") == 0 and data.get("wrong_answers") == 0
             rows.append(row)
             base = {}
@@ -635,7 +642,8 @@ def section_lane(check):
             check.say(f"| {workers} | {connections} | {row['rps']} | {row['p50_ms']} | {row['p99_ms']} | "
                       f"{row['mean_batch']} | {row['workers_per_pass']} | {base.get('rps', '-')} | "
                       f"{base.get('p99_ms', '-')} |")
-    (OUT / "batching-h200.json").write_text(json.dumps(rows, indent=1) + "\n")
+    suffix = f"-linger{linger_us()}" if linger_us() else ""
+    (OUT / f"batching-h200{suffix}.json").write_text(json.dumps(rows, indent=1) + "\n")
     if before:
         (OUT / "batching-h200-without-lane.json").write_text(json.dumps(before, indent=1) + "\n")
     by = {(r["workers"], r["connections"]): r for r in rows}
@@ -651,11 +659,11 @@ def section_lane(check):
 
 def section_lanekill(check):
     """The lane's pass runner SIGKILLed every second under load: 0 wrong, failures only on its own
-    connections, the next pass within 10 ms (p99) of the kill (issue #13)."""
+    connections, the next pass within 10 ms (p99) of the kill (issue #13). LINGER_US as in lane."""
     model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
     settle_gpu(BASELINE)
     config = write_config(WORK / "lanekill.toml", model, 4,
-                          extra=lane_toml() + "\n[restart]\nmax_restarts = 1000\nwithin_s = 60\n")
+                          extra=lane_toml(linger_us=linger_us()) + "\n[restart]\nmax_restarts = 1000\nwithin_s = 60\n")
     rc, data, _ = chaos(check, "lane-leader-kills", config, int(os.environ.get("LANEKILL_SECONDS", 40)),
                         kill="leader@1", connections=64)
     kills = data.get("kills", [])
@@ -668,7 +676,8 @@ def section_lanekill(check):
     (OUT / "lane-kills-h200.json").write_text(json.dumps(
         {"kills": len(kills), "next_pass_ms": gaps, "next_pass_p99_ms": p99, "requests": data.get("requests"),
          "failed": data.get("failed"), "unexplained_failures": data.get("unexplained_failures"),
-         "wrong_answers": data.get("wrong_answers"), "throughput_rps": data.get("throughput_rps")}, indent=1) + "\n")
+         "wrong_answers": data.get("wrong_answers"), "throughput_rps": data.get("throughput_rps"),
+         "linger_us": linger_us()}, indent=1) + "\n")
     check.verdict(data.get("wrong_answers") == 0 and data.get("unexplained_failures") == 0 and len(kills) >= 10,
                   "pass-runner kills: 0 wrong answers, every failure on the killed worker's own connections")
     check.verdict(p99 is not None and len(gaps) == len(kills) and p99 <= 10,
@@ -731,8 +740,7 @@ def section_multigpu(check):
     model = ensure_weights(check, "weights-seed.safetensors", SEED_MODEL)
     model_mib = model.stat().st_size / MIB
     per_device = int(os.environ.get("WORKERS_PER_DEVICE", 4))
-    # LINGER_US=1000: passes wait for their closed-loop clients to come back (docs/LANE.md).
-    linger = int(os.environ.get("LINGER_US", 0))
+    linger = linger_us()
     # WORKER_VISIBLE=own: each worker sees its own GPU only ([cuda] worker_visible_devices).
     visible = os.environ.get("WORKER_VISIBLE", "all")
     rows = []
@@ -882,7 +890,8 @@ def pack(out):
     keep = {"gpu-check.txt", "chaos-gpu.html", "chaos-gpu.json", "results.tar.gz", "batching-h200.json",
             "batching-h200-without-lane.json", "lane-kills-h200.json", "multigpu-h200.json",
             "lane-sweep-h200.json"}
-    loose = [p for p in out.rglob("*") if p.is_file() and p.name not in keep]
+    loose = [p for p in out.rglob("*") if p.is_file() and p.name not in keep
+             and not (p.parent == out and p.name.startswith("batching-h200-linger"))]
     if loose:
         subprocess.run(["tar", "czf", str(out / "results.tar.gz"), "-C", str(out),
                         *[str(p.relative_to(out)) for p in loose]], check=False)
