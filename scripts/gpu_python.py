@@ -20,6 +20,9 @@ Sections (default: all, in this order; each prints PASS/FAIL lines):
   baseline    plain `gunicorn -w 4 baseline_app:app`: GPU memory, time to answer, throughput
   forkless    4 forkless Python workers: GPU memory (<= model + 4 x context + 2 % of the GPU),
               throughput at 16 keep-alive connections side by side with the baseline, profile
+  lane        workers on the batch lane (one torch pass for every worker's requests): 4
+              (LANE_WORKERS="4,8") at 16 and 64 connections (LANE_CONNECTIONS, LANE_WAIT_US), gthread workers with
+              LANE_THREADS (16) threads each, every answer checked
   coldstart   supervisor start to "all 4 workers ready", weights in the page cache (<= 4 s)
   ownerkill   the owner SIGKILLed under load: 0 failed requests; a worker started afterwards
               attaches
@@ -261,9 +264,9 @@ def worker_env():
     return env
 
 
-def python_config(name, workers=4, app="app:app", app_dir=EXAMPLE, extra=""):
+def python_config(name, workers=4, app="app:app", app_dir=EXAMPLE, extra="", gunicorn=()):
     command = [sys.executable, "-m", "forkless.gunicorn", "--chdir", str(app_dir), "--log-level", "warning",
-               *ARGS.gunicorn_args.split(), app]
+               *ARGS.gunicorn_args.split(), *gunicorn, app]
     env = ", ".join(f"{k} = {json.dumps(v)}" for k, v in worker_env().items())
     path = OUT / "configs" / f"{name}.toml"
     path.write_text(f"""[model]
@@ -805,6 +808,49 @@ def section_forkless(check):
         sup.stop()
 
 
+def section_lane(check):
+    """Python workers on the batch lane ([lane]: one torch pass for every worker's requests):
+    LANE_WORKERS="4" at LANE_CONNECTIONS="16,64", every answer checked."""
+    rows = []
+    # LANE_BASELINE=1: each row also without [lane] (same workers, threads and load): every
+    # request thread runs its own batch-1 forward.
+    modes = [True, False] if os.environ.get("LANE_BASELINE") == "1" else [True]
+    runs = [(int(w), int(c), on) for w in os.environ.get("LANE_WORKERS", "4").split(",")
+            for c in os.environ.get("LANE_CONNECTIONS", "16,64").split(",") for on in modes]
+    for workers, connections, on in runs:
+        settle_gpu()
+        lane = f"\n[lane]\nenabled = {str(on).lower()}\nmax_batch = 32\nmax_wait_us = {os.environ.get('LANE_WAIT_US', 200)}\n"
+        # A sync gunicorn worker has one request in flight, so a pass could carry 4 at most:
+        # threads let each worker submit as many as its connections.
+        threads = ("--worker-class", "gthread", "--threads", os.environ.get("LANE_THREADS", "16"))
+        name = f"{'lane' if on else 'nolane'}-w{workers}-c{connections}"
+        sup = Supervisor(name, python_config(name, workers=workers, extra=lane, gunicorn=threads))
+        try:
+            if sup.ready(timeout=180) is None:
+                return check.verdict(False, f"lane: the {workers} Python workers did not start (see {name}.log)")
+            warm = post(PORT, "/", {"seed": 1})
+            check.verdict(warm[0] == 200 and REFERENCE.matches(1, warm[1].get("result")),
+                          f"{name}: the answer for seed 1 matches the float64 reference: {warm[1]}")
+            clients = min(connections, int(os.environ.get("LANE_CLIENTS", 8)))  # client processes
+            result = drive(PORT, ARGS.duration, connections, processes=clients)
+            (stats,) = sup.status().get("lanes") or [{}]
+            row = dict(lane=on, workers=workers, connections=connections, rps=result["rps"], p50_ms=result["p50_ms"],
+                       p99_ms=result["p99_ms"],
+                       failed=result["failed"], wrong=result["wrong"], mean_batch=round(stats.get("mean_batch", 0), 2),
+                       workers_per_pass=round(stats.get("mean_workers_per_pass", 0), 2),
+                       mean_pass_us=round(stats.get("mean_pass_us", 0)))
+            rows.append(row)
+            check.say(f"{'lane' if on else 'no lane'}, {workers} Python workers, {connections} connections: {row}")
+            if result["failures"] or result["wrong_examples"]:
+                check.say(f"  failures: {result['failures']}; wrong: {result['wrong_examples']}")
+            check.verdict(result["failed"] == 0 and result["wrong"] == 0 and result["requests"] > 0,
+                          f"{name}: {result['requests']} answers, "
+                          "0 failed, 0 wrong")
+        finally:
+            sup.stop()
+    RESULTS["lane"] = rows
+
+
 def profile(load):
     """Where the time goes: the serving processes' CPU (Python, Flask, WSGI, launching kernels)
     against the GPU's utilisation."""
@@ -919,6 +965,7 @@ SECTIONS = {
     "readonly": section_readonly,
     "baseline": section_baseline,
     "forkless": section_forkless,
+    "lane": section_lane,
     "coldstart": section_coldstart,
     "ownerkill": section_ownerkill,
 }

@@ -17,6 +17,10 @@ the weights file. Run it with ``python -m forkless.gunicorn app:app`` under ``su
 torch is optional: with it (and always on the GPU) the model is the torch module; without it
 (CI, the host path) numpy computes the same ``W @ x + b`` in float32 over the shared arrays.
 ``FORKLESS_EXAMPLE_ENGINE=numpy`` forces numpy.
+
+With ``[lane] enabled = true`` in the config, requests do not run the model in their own
+worker: they submit x to the batch lane, and one pass (``lane_run``, in whichever worker holds
+the lane) answers the requests of every worker at once (docs/LANE.md, "From Python").
 """
 
 import os
@@ -96,12 +100,39 @@ else:
         forward(np.zeros(IN, dtype=np.float32))
 
 
+LANE = generation.has_lane
+if LANE:
+    # One pass for the requests of every worker. Each answer is Σ y then y[:HEAD], as float64.
+    # The pass gets its generation each time and keeps none of it (a hot swap moves on).
+    @forkless.lane_pass
+    def lane_run(g, inputs):
+        sizes = inputs.sizes()
+        if sizes != [4 * IN] * len(sizes):  # the handlers check x; this is for any other caller
+            return [ValueError(f"x must hold {IN} float32 values, not {n} bytes") if n != 4 * IN
+                    else RuntimeError("another request of this pass was malformed: retry") for n in sizes]
+        # All of them as one array, without a copy.
+        x = np.frombuffer(inputs.joined(), dtype=np.float32).reshape(len(sizes), IN)
+        if ENGINE == "torch":
+            with torch.inference_mode():
+                y = torch.nn.functional.linear(torch.from_numpy(x).to(device), g.torch("weight"), g.torch("bias"))
+                rows = torch.cat([y.sum(dim=1, dtype=torch.float64)[:, None], y[:, :HEAD].double()], 1)
+                rows = rows.cpu().numpy()
+        else:
+            y = x @ g.numpy("weight").T + g.numpy("bias")
+            rows = np.concatenate([y.sum(axis=1, dtype=np.float64)[:, None], y[:, :HEAD]], axis=1)
+        return [row.tobytes() for row in rows]
+
+    def forward(x):  # noqa: F811 - the lane replaces the per-worker forward
+        answer = np.frombuffer(forkless.generation().submit(x.tobytes()), dtype=np.float64)
+        return float(answer[0]), answer[1:].tolist()
+
 # A hot swap to weights this model cannot use (other names or sizes) is refused, not served.
 forkless.attach(accept={"weight": ("float32", (OUT, IN)), "bias": ("float32", (OUT,))})
 bound = time.monotonic()
-warm_up()
+if not LANE:  # with the lane, the first pass warms up (it needs ready(), after this import)
+    warm_up()
 del generation
-print(f"app: {ENGINE} engine, W [{OUT}, {IN}] on {BACKEND}: imports {1e3 * (imported - started):.0f} ms, then "
+print(f"app: {ENGINE} engine{' on the batch lane' if LANE else ''}, W [{OUT}, {IN}] on {BACKEND}: imports {1e3 * (imported - started):.0f} ms, then "
       f"attach {1e3 * (attached - imported):.0f} ms more, model bound {1e3 * (bound - attached):.0f} ms, warm-up "
       f"{1e3 * (time.monotonic() - bound):.0f} ms", file=sys.stderr)
 
@@ -115,6 +146,16 @@ class BadRequest(ValueError):
 @app.errorhandler(BadRequest)
 def bad_request(error):
     return jsonify(error=str(error)), 400
+
+
+@app.errorhandler(forkless.LaneFull)
+def lane_full(error):
+    return jsonify(error=str(error)), 503
+
+
+@app.errorhandler(forkless.LaneError)
+def lane_failed(error):
+    return jsonify(error=str(error)), 500
 
 
 def input_vector():

@@ -21,6 +21,10 @@ bound (``LISTEN_FDS``), count requests and report the worker ready::
     python -m forkless.gunicorn app:app      # WSGI (Flask): gunicorn, one worker process
     python -m forkless.uvicorn app:app       # ASGI: uvicorn, one process
 
+With ``[lane] enabled = true`` in the config, requests of every worker share GPU passes:
+declare the pass with ``forkless.lane_pass(run)`` and submit with ``generation.submit(bytes)``
+(docs/LANE.md, "From Python").
+
 Tensors are zero-copy and read-only: numpy arrays with ``writeable=False`` and torch tensors on
 the host path, torch tensors on ``cuda:N`` on the GPU path (through DLPack).
 """
@@ -30,6 +34,8 @@ from ._core import (
     BindError,
     Candidate,
     Generation,
+    LaneError,
+    LaneFull,
     Refused,
     TensorInfo,
     attach,
@@ -38,6 +44,7 @@ from ._core import (
     generation,
     info,
     is_attached,
+    lane_pass,
     load,
     on_generation,
     ready,
@@ -49,6 +56,8 @@ __all__ = [
     "BindError",
     "Candidate",
     "Generation",
+    "LaneError",
+    "LaneFull",
     "Refused",
     "TensorInfo",
     "attach",
@@ -59,6 +68,7 @@ __all__ = [
     "generation",
     "info",
     "is_attached",
+    "lane_pass",
     "load",
     "on_generation",
     "ready",

@@ -153,6 +153,22 @@ class Generation(_Described):
         """``numpy(name)`` on the host backend, ``torch(name)`` on the cuda backend."""
         return self.numpy(name) if self.backend == "host" else self.torch(name)
 
+    @property
+    def has_lane(self):
+        """True when the service runs a batch lane (``[lane] enabled = true``): see ``submit``."""
+        return self._native.has_lane
+
+    def submit(self, data, timeout=30.0):
+        """Queues ``data`` (bytes) on this generation's batch lane and waits, without the GIL, at
+        most ``timeout`` seconds for the answer (bytes). One pass of whichever worker holds the
+        lane's lease answers the requests of every worker (see ``lane_pass``).
+
+        Raises LaneError (the pass failed this request: the message says why), LaneFull (every
+        slot is in use: answer 503), TimeoutError (no pass answered: is one declared?), or
+        ValueError (``data`` exceeds ``[lane] input_bytes``).
+        """
+        return self._native.submit(data, timeout)
+
     def same_as(self, other):
         return isinstance(other, Generation) and self._native.same_as(other._native)
 
@@ -379,7 +395,7 @@ def attach(accept=None, *, wait=True, timeout=None, exit_on_error=True, on_shutd
         with _checks_lock:
             _checks.append(check)
     try:
-        _native.start(parent, on_shutdown, _run_checks)
+        _native.start(parent, on_shutdown, _run_checks, _lane_pass)
     except _native.AttachFailed as e:
         return _fail(_native_failure(e), exit_on_error)
     if not wait:
@@ -407,6 +423,48 @@ def attach(accept=None, *, wait=True, timeout=None, exit_on_error=True, on_shutd
                  f"({_state.current.backend}, {len(_state.current)} tensors) in {details['attach_ms']:.0f} ms")
             _start_watcher()
         return _state.current
+
+
+LaneError = _native.LaneError
+LaneFull = _native.LaneFull
+_lane = {"run": None}
+
+
+def lane_pass(run):
+    """Declares this worker's pass of the batch lane (``[lane] enabled = true``, docs/LANE.md).
+
+    ``run(generation, inputs)`` gets the lane's Generation and a list of inputs (bytes, from
+    the requests of every worker, oldest first) and returns a list of the same length: for each
+    input its answer (bytes) or an exception (that request alone fails with it). An exception
+    raised by ``run`` fails the whole batch. It runs on forkless's pass-runner thread, after
+    ``ready()``, in whichever worker holds the lane's lease; request handlers call
+    ``generation.submit(bytes)`` and wait for their answer.
+
+    Use only the generation it is given, and keep neither it nor an array of it past the call
+    (make the views in each pass: it costs microseconds): the lane belongs to that generation,
+    and a hot swap moves on to another lane. Declare it while the app is imported, before
+    ``ready()``. Usable as a decorator; returns ``run``.
+    """
+    if not callable(run):
+        raise TypeError(f"lane_pass needs a callable(generation, inputs) -> outputs, not {type(run).__name__}")
+    if _native.is_ready():
+        raise RuntimeError("declare the lane pass while the app is imported, before forkless.ready()")
+    if _lane["run"] is not None and _lane["run"] is not run:
+        raise RuntimeError(f"a lane pass is already declared ({_lane['run']!r}): one per process")
+    _lane["run"] = run
+    return run
+
+
+def _lane_pass():
+    """For the pass-runner thread of each generation with a lane: the pass, or None."""
+    run = _lane["run"]
+    if run is None:
+        return None
+
+    def dispatch(native, inputs):
+        return run(Generation(native), inputs)
+
+    return dispatch
 
 
 def _fail(error, exit_on_error):

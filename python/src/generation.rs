@@ -130,6 +130,26 @@ impl PyGeneration {
         self.inner.manifest().tensors.len()
     }
 
+    /// True when the service runs a batch lane (`[lane] enabled = true`): see `submit`.
+    #[getter]
+    fn has_lane(&self) -> bool {
+        self.inner.lane().is_some()
+    }
+
+    /// Queues `data` (bytes) on this generation's batch lane and waits, without the GIL, at most
+    /// `timeout` seconds for its answer (bytes), computed by whichever worker runs the next pass
+    /// (`forkless.lane_pass`). Raises LaneError (the pass failed it: the message says why),
+    /// LaneFull (every slot in use: shed load), TimeoutError or ValueError (too large).
+    #[pyo3(signature = (data, timeout=30.0))]
+    fn submit<'py>(
+        &self,
+        py: Python<'py>,
+        data: pyo3::pybacked::PyBackedBytes,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        crate::lane::submit(py, &self.inner, &data, timeout)
+    }
+
     /// True when both objects refer to the same mapped generation.
     fn same_as(&self, other: &PyGeneration) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)

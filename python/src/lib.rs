@@ -5,6 +5,7 @@
 //!   request counting, the end of the worker;
 //! - [`accept`]: the Python acceptance check, run in the worker crate's hook (at attach and on
 //!   every hot swap's offer), so a refusal reaches the supervisor;
+//! - [`lane`]: the batch lane: `Generation.submit` and the pass a service declares;
 //! - [`generation`]: the `Generation` and `Tensor` classes, zero-copy through DLPack
 //!   ([`dlpack`], the crate's only `unsafe`: C structs and capsules), and `Candidate`, what a
 //!   check sees.
@@ -19,6 +20,7 @@ mod accept;
 #[allow(unsafe_code)] // C structs and capsules: every block says why it holds
 mod dlpack;
 mod generation;
+mod lane;
 mod link;
 
 use std::path::PathBuf;
@@ -96,9 +98,17 @@ fn parent(mode: &str) -> Result<Parent, Failure> {
 /// generation a hot swap offers, with a `Candidate` (metadata only). None accepts; a string
 /// refuses with that reason: at attach the attach fails (exit code 78), at a swap the supervisor
 /// aborts it and `reload-model` fails with the reason. Only the first call's check is used.
+///
+/// `lane() -> run | None`, if given, is asked for the service's lane pass once per generation
+/// that has a lane, on that generation's pass-runner thread, after `ready()` (see [`lane`]).
 #[pyfunction]
-#[pyo3(signature = (parent="auto", on_shutdown="sigterm", check=None))]
-fn start(parent: &str, on_shutdown: &str, check: Option<Bound<'_, PyAny>>) -> PyResult<()> {
+#[pyo3(signature = (parent="auto", on_shutdown="sigterm", check=None, lane=None))]
+fn start(
+    parent: &str,
+    on_shutdown: &str,
+    check: Option<Bound<'_, PyAny>>,
+    lane: Option<Bound<'_, PyAny>>,
+) -> PyResult<()> {
     let on_shutdown = match on_shutdown {
         "sigterm" => OnShutdown::Terminate,
         "none" => OnShutdown::Nothing,
@@ -113,11 +123,18 @@ fn start(parent: &str, on_shutdown: &str, check: Option<Bound<'_, PyAny>>) -> Py
             check.get_type().name()?
         )));
     }
+    if let Some(lane) = lane.as_ref().filter(|l| !l.is_callable()) {
+        return Err(PyTypeError::new_err(format!(
+            "lane must be a callable() -> run | None, not {}",
+            lane.get_type().name()?
+        )));
+    }
     if link::get().is_none() {
         init_logging();
     }
     let check = check.map(|c| PythonCheck::new(c.unbind()));
-    link::start(StartOptions { parent, on_shutdown, check }).map_err(failed)?;
+    let lane = lane.map(|l| lane::PythonPass::new(l.unbind()));
+    link::start(StartOptions { parent, on_shutdown, check, lane }).map_err(failed)?;
     Ok(())
 }
 
@@ -276,11 +293,14 @@ fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyGeneration> {
 #[pyo3(name = "_native")]
 fn forkless_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AttachFailed", m.py().get_type::<AttachFailed>())?;
+    m.add("LaneError", m.py().get_type::<lane::LaneError>())?;
+    m.add("LaneFull", m.py().get_type::<lane::LaneFull>())?;
     m.add("ENV_LAUNCHER_PID", forkless_bus::child::ENV_LAUNCHER_PID)?;
     m.add("EXIT_FATAL", forkless_worker::EXIT_FATAL)?;
     m.add_class::<PyCandidate>()?;
     m.add_class::<PyGeneration>()?;
     m.add_class::<PyTensor>()?;
+    m.add_class::<lane::Inputs>()?;
     for function in [
         wrap_pyfunction!(start, m)?,
         wrap_pyfunction!(wait, m)?,

@@ -38,6 +38,8 @@ pub struct StartOptions {
     pub on_shutdown: OnShutdown,
     /// The service's acceptance check, run at attach and on every offer.
     pub check: Option<PythonCheck>,
+    /// Where the lane's pass comes from, if the service may declare one.
+    pub lane: Option<crate::lane::PythonPass>,
 }
 
 /// An attach that did not work: the message, and the exit status that tells the supervisor
@@ -82,6 +84,8 @@ pub struct Link {
     changed: Condvar,
     commands: UnboundedSender<Command>,
     ready: Mutex<bool>,
+    /// Signalled once `ready` turns true (the lane's pass runners wait for the app to be loaded).
+    became_ready: Condvar,
 }
 
 static LINK: OnceLock<Link> = OnceLock::new();
@@ -100,6 +104,7 @@ pub fn start(options: StartOptions) -> Result<&'static Link, Failure> {
             changed: Condvar::new(),
             commands,
             ready: Mutex::new(false),
+            became_ready: Condvar::new(),
         }
     });
     if let Some(inbox) = receiver {
@@ -206,11 +211,20 @@ impl Link {
             .map_err(|_| failed("the forkless link thread is gone".into()))?
             .map_err(|e| failed(format!("cannot report ready to the supervisor: {e}")))?;
         *ready = true;
+        self.became_ready.notify_all();
         Ok(())
     }
 
     pub fn is_ready(&self) -> bool {
         *self.ready.lock().expect("link ready flag poisoned")
+    }
+
+    /// Waits at most `timeout` for the worker to be ready; true if it is.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        let ready = self.ready.lock().expect("link ready flag poisoned");
+        let (ready, _) =
+            self.became_ready.wait_timeout_while(ready, timeout, |ready| !*ready).expect("link ready flag poisoned");
+        *ready
     }
 }
 
@@ -231,6 +245,9 @@ fn run(options: StartOptions, mut inbox: UnboundedReceiver<Command>) {
         let mut attach = Worker::builder().parent(options.parent).signal_handlers(false);
         if let Some(check) = options.check {
             attach = attach.accept(check);
+        }
+        if let Some(lane) = options.lane {
+            attach = attach.lane_pass_shared(move |generation| lane.make(generation));
         }
         let mut worker = match attach.attach().await {
             Ok(worker) => worker,

@@ -280,3 +280,34 @@ def test_bind_with_torch(model):
     tied = Tied()
     forkless.bind(tied.a, g)
     assert tied.a.weight.data_ptr() == g.dlpack("weight").data_ptr
+
+
+def test_a_private_generation_has_no_lane_and_says_how_to_get_one(model):
+    g = forkless.load(model)
+    assert g.has_lane is False
+    with pytest.raises(forkless.LaneError, match=r"\[lane\] enabled = true"):
+        g.submit(b"x")
+    with pytest.raises(ValueError, match="timeout"):
+        g.submit(b"x", timeout=0)
+    assert issubclass(forkless.LaneFull, forkless.LaneError)
+
+
+def test_one_lane_pass_per_process_and_only_a_callable(model, monkeypatch):
+    monkeypatch.setitem(_core._lane, "run", None)
+    assert _core._lane_pass() is None, "no pass declared: this worker only submits"
+    with pytest.raises(TypeError, match="callable"):
+        forkless.lane_pass(42)
+
+    @forkless.lane_pass
+    def run(generation, inputs):
+        return [bytes(reversed(data)) for data in inputs]
+
+    assert forkless.lane_pass(run) is run, "declaring the same pass again is harmless"
+    with pytest.raises(RuntimeError, match="already declared"):
+        forkless.lane_pass(lambda generation, inputs: [])
+    # What the runner thread calls: the native generation wrapped for the pass.
+    native, seen = forkless.load(model)._native, []
+    assert _core._lane_pass()(native, [b"ab"]) == [b"ba"]
+    monkeypatch.setitem(_core._lane, "run", lambda generation, inputs: seen.append(generation) or [])
+    _core._lane_pass()(native, [])
+    assert isinstance(seen[0], forkless.Generation) and seen[0].number == 0

@@ -2,15 +2,18 @@
 (examples/python-flask/app.py, numpy engine) as Python workers under `python -m forkless.gunicorn`.
 """
 
+import http.client
+import json
 import os
 import shutil
 import signal
 import sys
+import threading
 
 import numpy as np
 import pytest
 
-from conftest import (APPS, IN, OUT, Load, Reference, alive, children_of, close, eventually, get, post,
+from conftest import (APPS, IN, OUT, PATIENCE, Load, Reference, alive, children_of, close, eventually, get, post,
                       python_config, rust_config)
 
 SEEDS = list(range(24))
@@ -305,3 +308,87 @@ def test_asgi_worker_under_uvicorn(supervisors, weights, tmp_path):
         code, answer = post(addr, "/", {"seed": seed})
         assert code == 200 and close(answer["result"], reference.y_sum(seed)), answer
     eventually("requests counted", lambda: counted_now(sup) == 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch lane from Python (forkless.lane_pass, Generation.submit)
+
+LANE = "\n[lane]\nenabled = true\nmax_batch = 16\nmax_wait_us = 2000\n"
+
+
+def lane_status(sup):
+    (lane,) = sup.status()["lanes"]
+    return lane
+
+
+def test_the_flask_example_on_the_lane_answers_every_request_like_the_reference(supervisors, weights, tmp_path):
+    references = {1: Reference(weights[42]), 2: Reference(weights[43])}
+    sup = supervisors(python_config(tmp_path, weights[42], workers=3, extra=LANE))
+    addr = sup.wait_ready()
+    load = Load(addr, SEEDS, threads=9)
+    # One pass serves the requests of several workers (the lane's own count).
+    eventually("a pass that served more than one worker", lambda: any(lane_status(sup)["workers_per_pass"][1:]))
+    load.wait_answers(load.count() + 100)
+    swap = sup.control("reload-model", str(weights[43]))
+    assert swap.returncode == 0, swap.stderr
+    eventually("answers from generation 2", lambda: any(a["generation"] == 2 for _, a in load.answers[-50:]))
+    load.wait_answers(load.count() + 100)
+    answers, failures = load.stop()
+    assert not failures, failures[:5]
+    check_answers(answers, references)  # each answer from its own generation's pass
+    lane = lane_status(sup)
+    assert lane["generation"] == 2 and lane["failed"] == 0, lane
+    # The pass kept no part of generation 1: every worker let go of it and it was freed.
+    eventually("generation 1 retired", lambda: sup.status().get("retiring_generation") is None)
+    assert post(addr, "/", {"x": [1.0, 2.0]})[0] == 400
+
+
+def lane_echo(addr, body):
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/", body)
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read())
+    finally:
+        conn.close()
+
+
+def test_a_python_pass_answers_other_workers_and_fails_only_what_it_refuses(supervisors, weights, tmp_path):
+    sup = supervisors(python_config(tmp_path, weights[42], workers=2, app="lane_echo:app", app_dir=APPS,
+                                    extra=LANE))
+    addr = sup.wait_ready()
+    served, wrong, lock = set(), [], threading.Lock()
+    crossed = threading.Event()
+
+    def client(index):
+        for i in range(10_000):
+            if crossed.is_set():
+                return
+            body = f"request-{index}-{i}"
+            status, reply = lane_echo(addr, body.encode())
+            with lock:
+                if status != 200 or reply["answer"].split("|")[0] != body[::-1]:
+                    wrong.append(reply)
+                    return crossed.set()
+                served.add((reply["worker"], int(reply["answer"].split("|")[1])))
+                if any(worker != runner for worker, runner in served):
+                    crossed.set()
+
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(PATIENCE)
+    assert not wrong, wrong[:3]
+    # Some request was answered by a pass that another worker's process ran.
+    assert any(worker != runner for worker, runner in served), served
+    status, reply = lane_echo(addr, b"fail-7")
+    assert status == 500 and "ValueError: refused fail-7" in reply["error"], reply
+    status, reply = lane_echo(addr, b"text-3")
+    assert status == 500 and "answered with a str" in reply["error"], reply
+    status, reply = lane_echo(addr, b"raise")
+    assert status == 500 and "the pass was told to raise" in reply["error"], reply
+    # The lane goes on serving after each of those.
+    status, reply = lane_echo(addr, b"after")
+    assert status == 200 and reply["answer"].startswith("retfa|"), reply

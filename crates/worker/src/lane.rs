@@ -37,9 +37,21 @@ pub type PassFn = Box<dyn FnMut(&Generation, &mut Batch<'_>) + Send>;
 /// cannot run passes (the other workers still can).
 pub type MakePass = dyn Fn(&Generation) -> Result<PassFn, String> + Send + Sync;
 
-/// A service's [`MakePass`], shared by every runner this worker starts.
+/// Like [`MakePass`], for a binding that hands the generation to another runtime on each pass
+/// (Python): it gets the runner's `Arc`, to keep only as a `Weak` ([`std::sync::Arc::downgrade`];
+/// a strong clone kept past a pass would keep the runner, and the generation, alive for good).
+/// `Ok(None)`: this worker declared no pass for it and only submits (no error logged).
+pub type MakeSharedPass = dyn Fn(&Arc<Generation>) -> Result<Option<PassFn>, String> + Send + Sync;
+
+/// A service's pass factory, shared by every runner this worker starts.
 #[derive(Clone)]
-pub(crate) struct PassFactory(pub(crate) Arc<MakePass>);
+pub(crate) struct PassFactory(pub(crate) Arc<MakeSharedPass>);
+
+impl PassFactory {
+    pub(crate) fn new(make: impl Fn(&Generation) -> Result<PassFn, String> + Send + Sync + 'static) -> Self {
+        PassFactory(Arc::new(move |generation: &Arc<Generation>| make(generation).map(Some)))
+    }
+}
 
 impl std::fmt::Debug for PassFactory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,7 +78,11 @@ pub(crate) fn spawn_runner(generation: &Arc<Generation>, factory: Option<&PassFa
     let number = generation.number();
     let spawned = std::thread::Builder::new().name(format!("lane-{number}")).spawn(move || {
         let mut pass = match (factory.0)(&generation) {
-            Ok(pass) => pass,
+            Ok(Some(pass)) => pass,
+            Ok(None) => {
+                tracing::debug!(generation = number, "no lane pass declared here: this worker only submits");
+                return;
+            }
             Err(reason) => {
                 tracing::error!(generation = number, "cannot run lane passes here: {reason}; other workers will");
                 return;

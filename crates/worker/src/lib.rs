@@ -245,6 +245,15 @@ impl WorkerBuilder {
         mut self,
         make: impl Fn(&Generation) -> Result<lane::PassFn, String> + Send + Sync + 'static,
     ) -> Self {
+        self.lane_pass = Some(lane::PassFactory::new(make));
+        self
+    }
+
+    /// [`WorkerBuilder::lane_pass`] for a language binding: see [`lane::MakeSharedPass`].
+    pub fn lane_pass_shared(
+        mut self,
+        make: impl Fn(&Arc<Generation>) -> Result<Option<lane::PassFn>, String> + Send + Sync + 'static,
+    ) -> Self {
         self.lane_pass = Some(lane::PassFactory(Arc::new(make)));
         self
     }

@@ -1,0 +1,49 @@
+"""A WSGI app on the batch lane, for the tests: the body is submitted as-is, and the pass
+answers each input by what it says.
+
+- ``fail...``: that request alone fails (the pass returns a ValueError for it);
+- ``text...``: the pass answers with a str, which is not an answer;
+- ``raise``: the pass raises, which fails its whole batch;
+- anything else: the input reversed, then ``|`` and the pid of the process that ran the pass.
+
+The reply is JSON: ``{"ok": bool, "answer" | "error": str, "worker": pid}``.
+"""
+
+import json
+import os
+
+import forkless
+
+forkless.attach()
+
+
+@forkless.lane_pass
+def run(generation, inputs):
+    items = list(inputs)
+    if inputs.joined() != b"".join(items) or inputs.sizes() != [len(d) for d in items] or inputs[-1] != items[-1]:
+        raise AssertionError(f"the pass's inputs disagree with themselves: {inputs!r}")
+    if b"raise" in inputs:
+        raise RuntimeError("the pass was told to raise")
+    answers = []
+    for data in inputs:
+        if data.startswith(b"fail"):
+            answers.append(ValueError(f"refused {data.decode()}"))
+        elif data.startswith(b"text"):
+            answers.append(data.decode())
+        else:
+            answers.append(data[::-1] + f"|{os.getpid()}|{generation.number}".encode())
+    return answers
+
+
+def app(environ, start_response):
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    reply = {"worker": os.getpid()}
+    try:
+        reply.update(ok=True, answer=forkless.generation().submit(body, timeout=20).decode())
+        status = "200 OK"
+    except forkless.LaneError as e:
+        reply.update(ok=False, error=str(e), kind=type(e).__name__)
+        status = "500 Internal Server Error"
+    data = json.dumps(reply).encode()
+    start_response(status, [("content-type", "application/json"), ("content-length", str(len(data)))])
+    return [data]
