@@ -147,7 +147,7 @@ impl PyGeneration {
         data: pyo3::pybacked::PyBackedBytes,
         timeout: f64,
     ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
-        crate::lane::submit(py, &self.inner, &data, timeout)
+        crate::submit::submit(py, &self.inner, &data, timeout)
     }
 
     /// True when both objects refer to the same mapped generation.

@@ -1,5 +1,5 @@
-//! The batch lane from Python (`[lane] enabled = true`, docs/LANE.md): a request submits its
-//! input with `Generation.submit(bytes)` and waits, without the GIL, for its output; the
+//! The batch lane from Python (`[lane] enabled = true`, docs/LANE.md), the pass's side: a
+//! request submits its input with `Generation.submit(bytes)` ([`crate::submit`]); the
 //! service's pass, declared with `forkless.lane_pass(run)`, answers a batch of requests from
 //! every worker at once: `run(generation, inputs: Inputs) -> list[bytes | Exception]`, where
 //! [`Inputs`] is a sequence of bytes that also gives all of them as one (`joined()`).
@@ -18,50 +18,37 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use forkless_worker::lane::{Batch, PassFn, SubmitError, WaitError};
+use forkless_worker::lane::{Batch, PassFn};
 use forkless_worker::Generation;
-use pyo3::create_exception;
-use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::PyBaseException;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyList};
 
 use crate::generation::PyGeneration;
 
-create_exception!(
-    _native,
-    LaneError,
-    PyRuntimeError,
-    "A request on the batch lane has no answer: the pass failed it (the message says why), or the lane is unusable."
-);
-create_exception!(
-    _native,
-    LaneFull,
-    LaneError,
-    "Every slot of the batch lane is in use: shed load (answer 503), or raise [lane] slots."
-);
-
-/// The longest `submit` may be told to wait.
-const MAX_TIMEOUT_S: f64 = 86_400.0;
-
 /// How often a runner waiting for the app checks whether its generation is still wanted.
 const READY_POLL: Duration = Duration::from_millis(200);
 
-/// The package's `forkless._core._lane_pass`: `() -> run | None`, the pass the app declared.
+/// Waits at most the given time for the worker to be ready; true if it is.
+pub type WaitReady = Box<dyn Fn(Duration) -> bool + Send + Sync>;
+
+/// The package's `forkless._core._lane_pass` (`() -> run | None`, the pass the app declared),
+/// and how to wait for the worker to be ready.
 pub struct PythonPass {
     declared: Py<PyAny>,
+    wait_ready: WaitReady,
 }
 
 impl PythonPass {
-    pub fn new(declared: Py<PyAny>) -> Self {
-        PythonPass { declared }
+    pub fn new(declared: Py<PyAny>, wait_ready: WaitReady) -> Self {
+        PythonPass { declared, wait_ready }
     }
 
     /// The worker crate's pass factory ([`forkless_worker::lane::MakeSharedPass`]), on the
     /// runner thread of `generation`.
     pub fn make(&self, generation: &Arc<Generation>) -> Result<Option<PassFn>, String> {
-        let link = crate::link::get().ok_or("the forkless link is gone")?;
-        while !link.wait_ready(READY_POLL) {
+        while !(self.wait_ready)(READY_POLL) {
             if Arc::strong_count(generation) == 1 {
                 return Ok(None); // swapped out before the app was loaded
             }
@@ -84,31 +71,45 @@ fn run_pass(run: &Py<PyAny>, generation: &Weak<Generation>, batch: &mut Batch<'_
     };
     let number = generation.number();
     let outcome = Python::try_attach(|py| call(py, run, generation, batch))
-        .unwrap_or_else(|| Err("the Python interpreter is shutting down".into()));
-    if let Err(reason) = outcome {
-        tracing::error!(generation = number, "lane pass of {} requests failed: {reason}", batch.len());
+        .unwrap_or_else(|| Err("the Python interpreter is shutting down".to_string().into()));
+    if let Err(PassFailure { reason, detail }) = outcome {
+        tracing::error!(generation = number, "lane pass of {} requests failed: {reason}\n{detail}", batch.len());
         fail_all(batch, &reason);
     }
 }
 
+/// Why a whole pass failed: `reason` goes to every request of it (the lane keeps its first 64
+/// bytes, so it starts with what went wrong), `detail` (a traceback) to this worker's log.
+struct PassFailure {
+    reason: String,
+    detail: String,
+}
+
+impl From<String> for PassFailure {
+    fn from(reason: String) -> Self {
+        PassFailure { reason, detail: String::new() }
+    }
+}
+
 /// One pass in Python: every request answered, or `Err` for the whole batch.
-fn call(py: Python<'_>, run: &Py<PyAny>, generation: Arc<Generation>, batch: &mut Batch<'_>) -> Result<(), String> {
-    let python = |e: PyErr| {
-        let traceback = e.traceback(py).and_then(|t| t.format().ok()).unwrap_or_default();
-        format!("the lane pass raised {e}\n{traceback}")
+fn call(
+    py: Python<'_>,
+    run: &Py<PyAny>,
+    generation: Arc<Generation>,
+    batch: &mut Batch<'_>,
+) -> Result<(), PassFailure> {
+    let python = |e: PyErr| PassFailure {
+        detail: e.traceback(py).and_then(|t| t.format().ok()).unwrap_or_default(),
+        reason: e.to_string(),
     };
     let inputs = Py::new(py, Inputs::of(py, batch).map_err(python)?).map_err(python)?;
     let generation = Py::new(py, PyGeneration { inner: generation }).map_err(python)?;
     let outputs = run.bind(py).call1((generation, inputs)).map_err(python)?;
-    let outputs: Vec<Bound<'_, PyAny>> = outputs.extract().map_err(|_| {
-        format!("the lane pass returned a {}: return a list, one output per input", type_name(&outputs))
-    })?;
+    let outputs: Vec<Bound<'_, PyAny>> = outputs
+        .extract()
+        .map_err(|_| format!("pass returned a {}, not a list, one output per input", type_name(&outputs)))?;
     if outputs.len() != batch.len() {
-        return Err(format!(
-            "the lane pass returned {} outputs for {} inputs: return one per input, in order",
-            outputs.len(),
-            batch.len()
-        ));
+        return Err(format!("pass returned {} outputs for {} inputs", outputs.len(), batch.len()).into());
     }
     for (i, output) in outputs.iter().enumerate() {
         answer(batch, i, output);
@@ -190,19 +191,14 @@ impl Inputs {
 fn answer(batch: &mut Batch<'_>, i: usize, output: &Bound<'_, PyAny>) {
     if let Ok(bytes) = output.extract::<PyBackedBytes>() {
         if let Err(too_large) = batch.set_output(i, &bytes) {
-            batch.fail(i, &format!("{too_large} (raise [lane] output_bytes)"));
+            let (len, capacity) = (too_large.len, too_large.capacity);
+            batch.fail(i, &format!("answer of {len} bytes > [lane] output_bytes = {capacity}"));
         }
     } else if output.is_instance_of::<PyBaseException>() {
         let reason = output.str().map(|s| s.to_string()).unwrap_or_else(|_| type_name(output));
         batch.fail(i, &format!("{}: {reason}", type_name(output)));
     } else {
-        batch.fail(
-            i,
-            &format!(
-                "the lane pass answered with a {}: answer bytes (e.g. array.tobytes()) or an exception",
-                type_name(output)
-            ),
-        );
+        batch.fail(i, &format!("pass answered with a {}, not bytes or an exception", type_name(output)));
     }
 }
 
@@ -214,35 +210,4 @@ fn fail_all(batch: &mut Batch<'_>, reason: &str) {
     for i in 0..batch.len() {
         batch.fail(i, reason);
     }
-}
-
-/// `Generation.submit`: queues `data` on the generation's lane and waits for the answer.
-pub fn submit<'py>(
-    py: Python<'py>,
-    generation: &Generation,
-    data: &[u8],
-    timeout_s: f64,
-) -> PyResult<Bound<'py, PyBytes>> {
-    if !(timeout_s > 0.0 && timeout_s <= MAX_TIMEOUT_S) {
-        return Err(PyValueError::new_err(format!("timeout must be in (0, {MAX_TIMEOUT_S}] seconds, not {timeout_s}")));
-    }
-    let lane = generation.lane().ok_or_else(|| {
-        LaneError::new_err(format!(
-            "generation {} has no batch lane: set [lane] enabled = true in the supervisor's config",
-            generation.number()
-        ))
-    })?;
-    let ticket = lane.submit(data).map_err(|e| match e {
-        SubmitError::Full { .. } => LaneFull::new_err(e.to_string()),
-        SubmitError::TooLarge { .. } => PyValueError::new_err(format!("{e} ([lane] input_bytes)")),
-        other => LaneError::new_err(other.to_string()),
-    })?;
-    let timeout = Duration::from_secs_f64(timeout_s);
-    let reply = py.detach(|| ticket.wait(timeout)).map_err(|e| match e {
-        WaitError::TimedOut(_) => PyTimeoutError::new_err(format!(
-            "{e}: is a lane pass declared (forkless.lane_pass) in the service's workers?"
-        )),
-        other => LaneError::new_err(other.to_string()),
-    })?;
-    Ok(PyBytes::new(py, &reply))
 }

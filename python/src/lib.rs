@@ -5,7 +5,8 @@
 //!   request counting, the end of the worker;
 //! - [`accept`]: the Python acceptance check, run in the worker crate's hook (at attach and on
 //!   every hot swap's offer), so a refusal reaches the supervisor;
-//! - [`lane`]: the batch lane: `Generation.submit` and the pass a service declares;
+//! - [`lane`] and [`submit`]: the batch lane, the pass a service declares and
+//!   `Generation.submit`;
 //! - [`generation`]: the `Generation` and `Tensor` classes, zero-copy through DLPack
 //!   ([`dlpack`], the crate's only `unsafe`: C structs and capsules), and `Candidate`, what a
 //!   check sees.
@@ -22,6 +23,7 @@ mod dlpack;
 mod generation;
 mod lane;
 mod link;
+mod submit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -133,7 +135,12 @@ fn start(
         init_logging();
     }
     let check = check.map(|c| PythonCheck::new(c.unbind()));
-    let lane = lane.map(|l| lane::PythonPass::new(l.unbind()));
+    let lane = lane.map(|declared| {
+        let ready: lane::WaitReady = Box::new(|timeout| link::get().is_some_and(|l| l.wait_ready(timeout)));
+        let pass = lane::PythonPass::new(declared.unbind(), ready);
+        Box::new(move |generation: &Arc<forkless_worker::Generation>| pass.make(generation))
+            as Box<forkless_worker::lane::MakeSharedPass>
+    });
     link::start(StartOptions { parent, on_shutdown, check, lane }).map_err(failed)?;
     Ok(())
 }
@@ -293,8 +300,8 @@ fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyGeneration> {
 #[pyo3(name = "_native")]
 fn forkless_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AttachFailed", m.py().get_type::<AttachFailed>())?;
-    m.add("LaneError", m.py().get_type::<lane::LaneError>())?;
-    m.add("LaneFull", m.py().get_type::<lane::LaneFull>())?;
+    m.add("LaneError", m.py().get_type::<submit::LaneError>())?;
+    m.add("LaneFull", m.py().get_type::<submit::LaneFull>())?;
     m.add("ENV_LAUNCHER_PID", forkless_bus::child::ENV_LAUNCHER_PID)?;
     m.add("EXIT_FATAL", forkless_worker::EXIT_FATAL)?;
     m.add_class::<PyCandidate>()?;

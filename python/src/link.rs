@@ -38,8 +38,9 @@ pub struct StartOptions {
     pub on_shutdown: OnShutdown,
     /// The service's acceptance check, run at attach and on every offer.
     pub check: Option<PythonCheck>,
-    /// Where the lane's pass comes from, if the service may declare one.
-    pub lane: Option<crate::lane::PythonPass>,
+    /// The batch lane's pass factory, if the service may declare a pass (the Python one is
+    /// `lane::PythonPass::make`).
+    pub lane: Option<Box<forkless_worker::lane::MakeSharedPass>>,
 }
 
 /// An attach that did not work: the message, and the exit status that tells the supervisor
@@ -246,8 +247,8 @@ fn run(options: StartOptions, mut inbox: UnboundedReceiver<Command>) {
         if let Some(check) = options.check {
             attach = attach.accept(check);
         }
-        if let Some(lane) = options.lane {
-            attach = attach.lane_pass_shared(move |generation| lane.make(generation));
+        if let Some(make) = options.lane {
+            attach = attach.lane_pass_shared(move |generation| make(generation));
         }
         let mut worker = match attach.attach().await {
             Ok(worker) => worker,

@@ -388,7 +388,11 @@ def test_a_python_pass_answers_other_workers_and_fails_only_what_it_refuses(supe
     status, reply = lane_echo(addr, b"text-3")
     assert status == 500 and "answered with a str" in reply["error"], reply
     status, reply = lane_echo(addr, b"raise")
-    assert status == 500 and "the pass was told to raise" in reply["error"], reply
+    assert status == 500 and "RuntimeError: the pass was told to raise" in reply["error"], reply
+    status, reply = lane_echo(addr, b"short")
+    assert status == 500 and "pass returned 0 outputs for 1 inputs" in reply["error"], reply
+    status, reply = lane_echo(addr, b"big")
+    assert status == 500 and "answer of 5000 bytes > [lane] output_bytes = 4096" in reply["error"], reply
     # The lane goes on serving after each of those.
     status, reply = lane_echo(addr, b"after")
     assert status == 200 and reply["answer"].startswith("retfa|"), reply

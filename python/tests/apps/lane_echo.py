@@ -3,7 +3,9 @@ answers each input by what it says.
 
 - ``fail...``: that request alone fails (the pass returns a ValueError for it);
 - ``text...``: the pass answers with a str, which is not an answer;
-- ``raise``: the pass raises, which fails its whole batch;
+- ``big...``: a 5,000-byte answer, over the lane's 4 KiB;
+- ``raise``: the pass raises, which fails its whole batch; ``short``: the pass returns no
+  answer at all, which fails it too;
 - anything else: the input reversed, then ``|`` and the pid of the process that ran the pass.
 
 The reply is JSON: ``{"ok": bool, "answer" | "error": str, "worker": pid}``.
@@ -24,12 +26,16 @@ def run(generation, inputs):
         raise AssertionError(f"the pass's inputs disagree with themselves: {inputs!r}")
     if b"raise" in inputs:
         raise RuntimeError("the pass was told to raise")
+    if b"short" in inputs:
+        return []
     answers = []
     for data in inputs:
         if data.startswith(b"fail"):
             answers.append(ValueError(f"refused {data.decode()}"))
         elif data.startswith(b"text"):
             answers.append(data.decode())
+        elif data.startswith(b"big"):
+            answers.append(b"x" * 5000)
         else:
             answers.append(data[::-1] + f"|{os.getpid()}|{generation.number}".encode())
     return answers
