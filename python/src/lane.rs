@@ -70,8 +70,12 @@ fn run_pass(run: &Py<PyAny>, generation: &Weak<Generation>, batch: &mut Batch<'_
         return fail_all(batch, "the generation was unmapped before its pass");
     };
     let number = generation.number();
-    let outcome = Python::try_attach(|py| call(py, run, generation, batch))
-        .unwrap_or_else(|| Err("the Python interpreter is shutting down".to_string().into()));
+    let Some(outcome) = Python::try_attach(|py| call(py, run, generation, batch)) else {
+        // The process is exiting (a drain, a recycle). These requests are other workers' too:
+        // unwinding lets go of the lease, and the next holder puts this batch back in the
+        // queue, as after a crash, instead of failing it. This runner thread ends here.
+        panic!("lane pass of generation {number}: the Python interpreter is shutting down; the batch goes back to the queue");
+    };
     if let Err(PassFailure { reason, detail }) = outcome {
         tracing::error!(generation = number, "lane pass of {} requests failed: {reason}\n{detail}", batch.len());
         fail_all(batch, &reason);
