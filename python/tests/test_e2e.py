@@ -367,6 +367,22 @@ def test_killing_the_python_worker_that_runs_the_passes_fails_no_pass_and_no_ans
     assert lane["failed"] == 0, lane
 
 
+def test_python_workers_on_the_lane_recycle_without_failures(supervisors, weights, tmp_path):
+    # max_requests drains each worker in turn, whether or not it is running the passes.
+    sup = supervisors(python_config(tmp_path, weights[42], workers=3, extra_workers="max_requests = 40", extra=LANE))
+    addr = sup.wait_ready()
+    mark = sup.mark()
+    load = Load(addr, SEEDS, threads=6)
+    sup.wait_for(r"worker \d+ ready", start=mark, count=4)  # successors, the passes' runner among them
+    load.wait_answers(load.count() + 50)
+    answers, failures = load.stop()
+    assert not failures, failures[:5]
+    check_answers(answers, {1: Reference(weights[42])})
+    lane = lane_status(sup)
+    assert lane["failed"] == 0, lane
+    assert all(p["restarts"] == 0 for p in sup.status()["processes"] if p["role"] == "worker")
+
+
 def lane_echo(addr, body):
     host, port = addr.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
