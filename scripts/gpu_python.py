@@ -22,7 +22,8 @@ Sections (default: all, in this order; each prints PASS/FAIL lines):
               throughput at 16 keep-alive connections side by side with the baseline, profile
   lane        workers on the batch lane (one torch pass for every worker's requests): 4
               (LANE_WORKERS="4,8") at 16 and 64 connections (LANE_CONNECTIONS, LANE_WAIT_US), gthread workers with
-              LANE_THREADS (16) threads each, every answer checked
+              LANE_THREADS (16) threads each, every answer checked; LANE_KILL=1 SIGKILLs
+              the worker running the passes every 2 s
   coldstart   supervisor start to "all 4 workers ready", weights in the page cache (<= 4 s)
   ownerkill   the owner SIGKILLed under load: 0 failed requests; a worker started afterwards
               attaches
@@ -367,6 +368,7 @@ def drive(port, duration, connections=16, path="/", processes=None):
                 p99_ms=pct(0.99), max_ms=round(latencies[-1] * 1e3, 2) if latencies else None,
                 mean_ms=round(statistics.mean(latencies) * 1e3, 2) if latencies else None,
                 failed=len(failed), wrong=len(wrong), failures=failed[:5], wrong_examples=wrong[:5],
+                http_failed=sum(1 for f in failed if "HTTP" in f[2]),
                 started=start_at, ended=start_at + duration)
 
 
@@ -808,6 +810,34 @@ def section_forkless(check):
         sup.stop()
 
 
+class LeaderKiller:
+    """SIGKILLs the worker process that holds the lane (status `leader_pid`) every 2 s."""
+
+    def __init__(self, sup, every=2.0):
+        self.sup, self.every, self.kills = sup, every, []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        time.sleep(2.0 + self.every)  # drive() starts its clients 2 s from now
+        while not self.done.is_set():
+            (lane,) = self.sup.status().get("lanes") or [{}]
+            leader = lane.get("leader_pid")
+            if leader:
+                try:
+                    os.kill(leader, signal.SIGKILL)
+                    self.kills.append((time.time(), leader))
+                except ProcessLookupError:
+                    pass
+            self.done.wait(self.every)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(10)
+        return self.kills
+
+
 def section_lane(check):
     """Python workers on the batch lane ([lane]: one torch pass for every worker's requests):
     LANE_WORKERS="4" at LANE_CONNECTIONS="16,64", every answer checked."""
@@ -820,6 +850,8 @@ def section_lane(check):
     for workers, connections, on in runs:
         settle_gpu()
         lane = f"\n[lane]\nenabled = {str(on).lower()}\nmax_batch = 32\nmax_wait_us = {os.environ.get('LANE_WAIT_US', 200)}\n"
+        if os.environ.get("LANE_KILL") == "1":
+            lane += "\n[restart]\nmax_restarts = 1000\nwithin_s = 60\n"
         # A sync gunicorn worker has one request in flight, so a pass could carry 4 at most:
         # threads let each worker submit as many as its connections.
         threads = ("--worker-class", "gthread", "--threads", os.environ.get("LANE_THREADS", "16"))
@@ -832,20 +864,34 @@ def section_lane(check):
             check.verdict(warm[0] == 200 and REFERENCE.matches(1, warm[1].get("result")),
                           f"{name}: the answer for seed 1 matches the float64 reference: {warm[1]}")
             clients = min(connections, int(os.environ.get("LANE_CLIENTS", 8)))  # client processes
+            killer = LeaderKiller(sup) if on and os.environ.get("LANE_KILL") == "1" else None
             result = drive(PORT, ARGS.duration, connections, processes=clients)
+            kills = killer.stop() if killer else []
             (stats,) = sup.status().get("lanes") or [{}]
             row = dict(lane=on, workers=workers, connections=connections, rps=result["rps"], p50_ms=result["p50_ms"],
                        p99_ms=result["p99_ms"],
                        failed=result["failed"], wrong=result["wrong"], mean_batch=round(stats.get("mean_batch", 0), 2),
                        workers_per_pass=round(stats.get("mean_workers_per_pass", 0), 2),
                        mean_pass_us=round(stats.get("mean_pass_us", 0)))
+            if killer:
+                # Only the killed processes' own connections may fail (HTTP 500 would be a
+                # request failed in the lane; the client sees a killed worker as a broken
+                # connection, once per connection at most).
+                in_lane = result["http_failed"]
+                row.update(leader_kills=len(kills), recoveries=stats.get("recoveries"),
+                           requeued=stats.get("requeued"))
+                check.verdict(len(kills) >= 2 and not in_lane and result["failed"] <= len(kills) * connections
+                              and result["wrong"] == 0,
+                              f"{name}: {len(kills)} SIGKILLs of the worker running the passes, "
+                              f"{result['failed']} broken connections (at most {len(kills)} x {connections}), "
+                              f"{in_lane} failed in the lane, {result['wrong']} wrong")
             rows.append(row)
             check.say(f"{'lane' if on else 'no lane'}, {workers} Python workers, {connections} connections: {row}")
             if result["failures"] or result["wrong_examples"]:
                 check.say(f"  failures: {result['failures']}; wrong: {result['wrong_examples']}")
-            check.verdict(result["failed"] == 0 and result["wrong"] == 0 and result["requests"] > 0,
-                          f"{name}: {result['requests']} answers, "
-                          "0 failed, 0 wrong")
+            if not killer:
+                check.verdict(result["failed"] == 0 and result["wrong"] == 0 and result["requests"] > 0,
+                              f"{name}: {result['requests']} answers, 0 failed, 0 wrong")
         finally:
             sup.stop()
     RESULTS["lane"] = rows
