@@ -169,6 +169,13 @@ class Generation(_Described):
         """
         return self._native.submit(data, timeout)
 
+    async def submit_async(self, data, timeout=30.0):
+        """``submit`` for asyncio (ASGI): waits on a thread of forkless's own pool, so the event
+        loop goes on serving other requests, which join the same pass."""
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(_waiters(), self._native.submit, data, timeout)
+
     def same_as(self, other):
         return isinstance(other, Generation) and self._native.same_as(other._native)
 
@@ -423,6 +430,22 @@ def attach(accept=None, *, wait=True, timeout=None, exit_on_error=True, on_shutd
                  f"({_state.current.backend}, {len(_state.current)} tensors) in {details['attach_ms']:.0f} ms")
             _start_watcher()
         return _state.current
+
+
+_waiter_pool = {"pid": None, "pool": None}
+_waiter_lock = threading.Lock()
+
+
+def _waiters():
+    """Threads for ``submit_async``: they only wait (without the GIL), so there are enough of
+    them for every request a process may have in flight, not asyncio's default few per core."""
+    with _waiter_lock:
+        if _waiter_pool["pid"] != os.getpid():  # a pool does not survive fork()
+            import concurrent.futures
+
+            _waiter_pool.update(pid=os.getpid(), pool=concurrent.futures.ThreadPoolExecutor(
+                max_workers=256, thread_name_prefix="forkless-lane-wait"))
+        return _waiter_pool["pool"]
 
 
 LaneError = _native.LaneError

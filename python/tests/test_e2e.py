@@ -383,6 +383,25 @@ def test_python_workers_on_the_lane_recycle_without_failures(supervisors, weight
     assert all(p["restarts"] == 0 for p in sup.status()["processes"] if p["role"] == "worker")
 
 
+def test_an_asgi_worker_awaits_the_lane_and_its_requests_share_passes(supervisors, weights, tmp_path):
+    pytest.importorskip("uvicorn")
+    command = [sys.executable, "-m", "forkless.uvicorn", "--app-dir", str(APPS), "--log-level", "warning",
+               "probe_asgi:app"]
+    from conftest import write_config
+
+    # One process: passes larger than one request can only come from requests that were in
+    # flight together in it, i.e. submit_async did not block the event loop.
+    sup = supervisors(write_config(tmp_path, weights[42], command, 1, extra=LANE))
+    addr = sup.wait_ready()
+    load = Load(addr, SEEDS, threads=8)
+    eventually("a pass of more than one request",
+               lambda: any(n for size, n in lane_status(sup)["batch_sizes"] if size != "1"))
+    load.wait_answers(load.count() + 50)
+    answers, failures = load.stop()
+    assert not failures, failures[:5]
+    check_answers(answers, {1: Reference(weights[42])})
+
+
 def lane_echo(addr, body):
     host, port = addr.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
