@@ -456,9 +456,11 @@ _lane = {"run": None}
 def lane_pass(run):
     """Declares this worker's pass of the batch lane (``[lane] enabled = true``, docs/LANE.md).
 
-    ``run(generation, inputs)`` gets the lane's Generation and a list of inputs (bytes, from
-    the requests of every worker, oldest first) and returns a list of the same length: for each
-    input its answer (bytes) or an exception (that request alone fails with it). An exception
+    ``run(generation, inputs)`` gets the lane's Generation and the inputs of the requests of
+    every worker, oldest first: a sequence of bytes (``len``, ``[i]``, iteration) whose
+    ``joined()`` is all of them in one bytes object (``np.frombuffer(inputs.joined(),
+    np.float32).reshape(len(inputs), -1)``: the batch, no copy). It returns a list of the same
+    length: for each input its answer (bytes) or an exception (that request alone fails with it). An exception
     raised by ``run`` fails the whole batch. It runs on forkless's pass-runner thread, after
     ``ready()``, in whichever worker holds the lane's lease; request handlers call
     ``generation.submit(bytes)`` and wait for their answer.

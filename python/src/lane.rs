@@ -18,7 +18,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use forkless_worker::lane::{Batch, PassFn};
+use forkless_worker::lane::{Batch, MakeSharedPass, PassFn};
 use forkless_worker::Generation;
 use pyo3::exceptions::PyBaseException;
 use pyo3::prelude::*;
@@ -45,9 +45,14 @@ impl PythonPass {
         PythonPass { declared, wait_ready }
     }
 
-    /// The worker crate's pass factory ([`forkless_worker::lane::MakeSharedPass`]), on the
-    /// runner thread of `generation`.
-    pub fn make(&self, generation: &Arc<Generation>) -> Result<Option<PassFn>, String> {
+    /// As the worker crate's pass factory.
+    pub fn into_factory(self) -> Box<MakeSharedPass> {
+        Box::new(move |generation| self.make(generation))
+    }
+
+    /// The worker crate's pass factory ([`MakeSharedPass`]), on the runner thread of
+    /// `generation`.
+    fn make(&self, generation: &Arc<Generation>) -> Result<Option<PassFn>, String> {
         while !(self.wait_ready)(READY_POLL) {
             if Arc::strong_count(generation) == 1 {
                 return Ok(None); // swapped out before the app was loaded

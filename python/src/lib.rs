@@ -137,9 +137,7 @@ fn start(
     let check = check.map(|c| PythonCheck::new(c.unbind()));
     let lane = lane.map(|declared| {
         let ready: lane::WaitReady = Box::new(|timeout| link::get().is_some_and(|l| l.wait_ready(timeout)));
-        let pass = lane::PythonPass::new(declared.unbind(), ready);
-        Box::new(move |generation: &Arc<forkless_worker::Generation>| pass.make(generation))
-            as Box<forkless_worker::lane::MakeSharedPass>
+        lane::PythonPass::new(declared.unbind(), ready).into_factory()
     });
     link::start(StartOptions { parent, on_shutdown, check, lane }).map_err(failed)?;
     Ok(())
