@@ -402,6 +402,30 @@ def test_an_asgi_worker_awaits_the_lane_and_its_requests_share_passes(supervisor
     check_answers(answers, {1: Reference(weights[42])})
 
 
+def test_workers_that_declare_no_pass_only_submit(supervisors, weights, tmp_path):
+    # Only worker 0 declares a pass: the other two only submit, and worker 0 answers for all.
+    sup = supervisors(python_config(tmp_path, weights[42], workers=3, app="lane_echo:app", app_dir=APPS,
+                                    extra_workers='env = { LANE_ECHO_PASS_IN = "0" }', extra=LANE))
+    addr = sup.wait_ready()
+    runners = set()
+    for i in range(60):
+        status, reply = lane_echo(addr, f"only-{i}".encode())
+        assert status == 200 and reply["answer"].split("|")[0] == f"only-{i}"[::-1], reply
+        runners.add(int(reply["answer"].split("|")[1]))
+    assert len(runners) == 1, runners
+    assert lane_status(sup)["leader_pid"] in runners
+
+
+def test_with_no_pass_declared_anywhere_a_request_times_out_and_says_why(supervisors, weights, tmp_path):
+    sup = supervisors(python_config(tmp_path, weights[42], workers=2, app="lane_echo:app", app_dir=APPS,
+                                    extra_workers='env = { LANE_ECHO_PASS_IN = "none" }', extra=LANE))
+    addr = sup.wait_ready()
+    status, reply = lane_echo(addr, b"anyone?")
+    assert status == 500 and reply["kind"] == "TimeoutError", reply
+    assert "is a lane pass declared (forkless.lane_pass)" in reply["error"], reply
+    assert lane_status(sup)["served"] == 0
+
+
 def lane_echo(addr, body):
     host, port = addr.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)

@@ -17,9 +17,12 @@ import os
 import forkless
 
 forkless.attach()
+# LANE_ECHO_PASS_IN: "all" (the default) declares the pass in every worker, "none" in none, or
+# a worker index: only that worker runs passes, the others only submit.
+WHERE = os.environ.get("LANE_ECHO_PASS_IN", "all")
+DECLARES = WHERE == "all" or (WHERE != "none" and int(WHERE) == forkless.info()["index"])
 
 
-@forkless.lane_pass
 def run(generation, inputs):
     items = list(inputs)
     if inputs.joined() != b"".join(items) or inputs.sizes() != [len(d) for d in items] or inputs[-1] != items[-1]:
@@ -41,13 +44,17 @@ def run(generation, inputs):
     return answers
 
 
+if DECLARES:
+    forkless.lane_pass(run)
+
+
 def app(environ, start_response):
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     reply = {"worker": os.getpid()}
     try:
-        reply.update(ok=True, answer=forkless.generation().submit(body, timeout=20).decode())
+        reply.update(ok=True, answer=forkless.generation().submit(body, timeout=5).decode())
         status = "200 OK"
-    except forkless.LaneError as e:
+    except (forkless.LaneError, TimeoutError) as e:
         reply.update(ok=False, error=str(e), kind=type(e).__name__)
         status = "500 Internal Server Error"
     data = json.dumps(reply).encode()
