@@ -280,12 +280,14 @@ def supervisors(bins):
 
 
 def post(addr, path, body, conn=None, timeout=30):
-    """POST JSON; returns (status, parsed body). Reuses `conn` (keep-alive) when given."""
+    """POST `body` as JSON (bytes: as they are); returns (status, parsed body). Reuses `conn`
+    (keep-alive) when given."""
     host, port = addr.rsplit(":", 1)
     own = conn is None
     conn = conn or http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
-        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        data = body if isinstance(body, bytes) else json.dumps(body)
+        conn.request("POST", path, data, {"content-type": "application/json"})
         reply = conn.getresponse()
         data = reply.read()
         return reply.status, (json.loads(data) if data else None)

@@ -2,8 +2,6 @@
 (examples/python-flask/app.py, numpy engine) as Python workers under `python -m forkless.gunicorn`.
 """
 
-import http.client
-import json
 import os
 import shutil
 import signal
@@ -427,14 +425,7 @@ def test_with_no_pass_declared_anywhere_a_request_times_out_and_says_why(supervi
 
 
 def lane_echo(addr, body):
-    host, port = addr.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request("POST", "/", body)
-        reply = conn.getresponse()
-        return reply.status, json.loads(reply.read())
-    finally:
-        conn.close()
+    return post(addr, "/", body)  # the body as it is: the app submits it to the lane
 
 
 def test_a_python_pass_answers_other_workers_and_fails_only_what_it_refuses(supervisors, weights, tmp_path):
